@@ -1,0 +1,362 @@
+"""Official weight files -> MiniGPT4 modules, strictly.
+
+Every key of a file is either mapped onto a parameter of ours or matched by a declared ignorable
+pattern; every parameter of the part being loaded must be provided; shapes must agree. Anything
+else raises `WeightsError` naming the file, the key and both shapes. There is no `strict=False`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mgpt4.model.llm import llm_config_mismatches
+from mgpt4.model.minigpt4 import DTYPES, MiniGPT4
+from mgpt4.model.vision import interpolate_pos_embed
+
+# Keys of the BLIP-2 stage-1 checkpoint that MiniGPT-4 does not use.
+BLIP2_IGNORED = (
+    r"Qformer\.cls\..*",  # masked-LM head
+    r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\..*",  # text embeddings
+    r"Qformer\.bert\.embeddings\.position_ids",  # buffer of the text embeddings
+    r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*",  # text FFN (queries use *_query)
+    r"(vision_proj|text_proj|itm_head|t5_proj|opt_proj)\..*",  # LAVIS heads
+    r"temp",  # contrastive temperature
+    r"visual_encoder\..*",  # mgpt4 takes the ViT from eva_vit_g.pth
+)
+
+# Keys of a Hugging Face BLIP-2 folder that MiniGPT-4 does not use.
+BLIP2_HF_IGNORED = (
+    r"language_model\..*",
+    r"language_projection\..*",
+    r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..*",
+    r"qformer\.embeddings\..*",
+    r"(vision_projection|text_projection|itm_head)\..*",
+)
+
+# Buffers a MiniGPT-4 checkpoint's "model" may hold besides llama_proj.
+PROJ_IGNORED = (
+    r".*position_ids",
+    r".*rotary_emb\.inv_freq",
+    r".*attn\.k_bias",
+)
+
+# LLM size by hidden width, to say which model a projection was made for.
+LLM_SIZES = {4096: "LLaMA/Vicuna-7B", 5120: "LLaMA/Vicuna-13B", 6656: "LLaMA-33B", 8192: "LLaMA-65B/70B"}
+
+
+class WeightsError(ValueError):
+    """A weight file does not fit the model; the message lists every problem found."""
+
+
+def _describe_width(width: int) -> str:
+    name = LLM_SIZES.get(width)
+    return f"hidden size {width} ({name})" if name else f"hidden size {width}"
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load on CPU; tensors-only files load with weights_only, full training checkpoints fall back."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError):
+        # Official MiniGPT-4 checkpoints also pickle their OmegaConf config and optimizer state.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unwrap_model(sd: dict, path: str) -> dict:
+    if "model" not in sd or not isinstance(sd["model"], dict):
+        raise WeightsError(
+            f"{path}: expected a checkpoint of the form {{'model': {{...}}}}, found keys {sorted(sd)[:8]}"
+        )
+    return sd["model"]
+
+
+def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def plan_mapped(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    path: str,
+    rename: Callable[[str], str | None],
+    ignored: tuple[str, ...] = (),
+    convert: Callable[[str, torch.Tensor, torch.Size], torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Match file keys to the model keys in `own` (full names) through `rename` (None = unexpected).
+
+    Returns ({model key: tensor}, ignored file keys). `convert` may resize a tensor whose shape
+    legitimately differs (pos_embed interpolation). Raises WeightsError listing every problem:
+    unexpected keys, missing keys and shape mismatches, each with the file's key and both shapes.
+    """
+    ignore_re = _compile(ignored)
+    problems: list[str] = []
+    skipped: list[str] = []
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if ignore_re is not None and ignore_re.fullmatch(key):
+            skipped.append(key)
+            continue
+        target = rename(key)
+        if target is None or target not in own:
+            problems.append(f"unexpected key {key!r} (no parameter {target or key} in the model)")
+            continue
+        expected = own[target].shape
+        if convert is not None and tuple(tensor.shape) != tuple(expected):
+            tensor = convert(target, tensor, expected)
+        if tuple(tensor.shape) != tuple(expected):
+            problems.append(
+                f"key {key!r}: expected shape {list(expected)} for {target}, found {list(tensor.shape)}"
+            )
+            continue
+        mapped[target] = tensor
+    for k in own:
+        if k not in mapped:
+            problems.append(f"missing key for {k} (shape {list(own[k].shape)})")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise WeightsError(f"{path}: {len(problems)} problem(s):\n  {shown}{more}")
+    return mapped, skipped
+
+
+def model_keys(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The model's state-dict entries (parameters and persistent buffers) under the given prefixes."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k.startswith(prefixes)}
+
+
+def load_mapped(
+    model: nn.Module,
+    prefixes: tuple[str, ...],
+    state: dict[str, torch.Tensor],
+    path: str,
+    rename: Callable[[str], str | None],
+    ignored: tuple[str, ...] = (),
+    convert: Callable[[str, torch.Tensor, torch.Size], torch.Tensor] | None = None,
+) -> list[str]:
+    """Strictly load `state` into the part of `model` under `prefixes`; returns the ignored file keys."""
+    own = model_keys(model, prefixes)
+    mapped, skipped = plan_mapped(own, state, path, rename, ignored, convert)
+    with torch.no_grad():
+        for name, tensor in mapped.items():
+            target = own[name]
+            if target.is_meta:
+                raise WeightsError(f"{path}: {name} is on the meta device; build the model on a real device")
+            target.copy_(tensor.to(target.dtype))
+    return skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# eva_vit_g.pth
+
+VIT_PREFIXES = ("visual_encoder.",)
+QFORMER_PREFIXES = ("ln_vision.", "qformer.", "query_tokens")
+PROJ_PREFIXES = ("llama_proj.",)
+
+
+def vit_ignored(depth: int) -> tuple[str, ...]:
+    """Blocks past the configured depth: the released file has 40, MiniGPT-4 uses 39."""
+    return tuple(rf"blocks\.{i}\..*" for i in range(depth, depth + 64))
+
+
+def rename_eva_vit(key: str) -> str:
+    return "visual_encoder." + key
+
+
+def load_eva_vit(model: MiniGPT4, path: str) -> list[str]:
+    sd = read_checkpoint(path)
+    if "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+
+    def convert(target: str, tensor: torch.Tensor, expected: torch.Size) -> torch.Tensor:
+        if target == "visual_encoder.pos_embed" and tensor.shape[-1] == expected[-1]:
+            return interpolate_pos_embed(tensor, expected[1] - 1)
+        return tensor
+
+    return load_mapped(
+        model, VIT_PREFIXES, sd, path, rename_eva_vit, vit_ignored(model.cfg.vision.depth), convert=convert
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP-2 (LAVIS) checkpoint
+
+
+def rename_blip2(key: str) -> str | None:
+    """LAVIS names -> ours: `Qformer.bert.*` becomes transformers' `Blip2QFormerModel` naming."""
+    if key == "query_tokens" or key.startswith("ln_vision."):
+        return key
+    if not key.startswith("Qformer.bert."):
+        return None
+    k = key[len("Qformer.bert.") :]
+    k = k.replace("embeddings.LayerNorm.", "layernorm.")
+    k = k.replace(".attention.self.", ".attention.attention.")
+    k = k.replace(".crossattention.self.", ".crossattention.attention.")
+    return "qformer." + k
+
+
+def load_blip2(model: MiniGPT4, path: str) -> list[str]:
+    """ln_vision, the Q-Former and the query tokens from `blip2_pretrained_flant5xxl.pth`."""
+    sd = _unwrap_model(read_checkpoint(path), path)
+    return load_mapped(model, QFORMER_PREFIXES, sd, path, rename_blip2, BLIP2_IGNORED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face BLIP-2 folder (Blip2ForConditionalGeneration / Blip2Model save_pretrained)
+
+_HF_VIT_RENAMES = (
+    ("embeddings.class_embedding", "cls_token"),
+    ("embeddings.position_embedding", "pos_embed"),
+    ("embeddings.patch_embedding.", "patch_embed.proj."),
+    ("encoder.layers.", "blocks."),
+    (".layer_norm1.", ".norm1."),
+    (".layer_norm2.", ".norm2."),
+    (".self_attn.projection.", ".attn.proj."),
+    (".self_attn.qkv.weight", ".attn.qkv.weight"),
+    (".self_attn.q_bias", ".attn.q_bias"),
+    (".self_attn.v_bias", ".attn.v_bias"),
+)
+
+
+def rename_blip2_hf(key: str) -> str | None:
+    if key == "query_tokens":
+        return key
+    if key.startswith("qformer."):
+        return key
+    if key.startswith("vision_model.post_layernorm."):
+        return "ln_vision." + key[len("vision_model.post_layernorm.") :]
+    if key.startswith("vision_model."):
+        k = key[len("vision_model.") :]
+        for old, new in _HF_VIT_RENAMES:
+            k = k.replace(old, new)
+        return "visual_encoder." + k
+    return None
+
+
+def split_hf_qkv_bias(sd: dict[str, torch.Tensor], width: int, path: str) -> dict[str, torch.Tensor]:
+    """Some transformers versions save cat(q_bias, 0, v_bias) as one qkv bias; the EVA ViT keeps q and v apart."""
+    out = {}
+    for key, v in sd.items():
+        if key.startswith("vision_model.") and key.endswith(".self_attn.qkv.bias"):
+            if v[width : 2 * width].abs().max() > 0:
+                raise WeightsError(f"{path}: key {key!r} has a non-zero key bias; the EVA ViT has none")
+            base = key[: -len("qkv.bias")]
+            out[base + "q_bias"] = v[:width]
+            out[base + "v_bias"] = v[2 * width :]
+        else:
+            out[key] = v
+    return out
+
+
+def read_hf_state(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with one of `prefixes` from a Hugging Face folder (safetensors or .bin)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Hugging Face folder {folder!r} does not exist")
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    out: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if k.startswith(prefixes):
+                        out[k] = st.get_tensor(k)
+        return out
+    bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+    if not bins:
+        raise WeightsError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files found")
+    for f in bins:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        out.update({k: v for k, v in sd.items() if k.startswith(prefixes)})
+    return out
+
+
+def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
+    """ViT, ln_vision, Q-Former and query tokens from a Hugging Face BLIP-2 folder."""
+    sd = read_hf_state(folder, ("vision_model.", "qformer.", "query_tokens"))
+    sd = split_hf_qkv_bias(sd, model.cfg.vision.width, folder)
+    depth = model.cfg.vision.depth
+    ignored = BLIP2_HF_IGNORED + tuple(
+        rf"vision_model\.encoder\.layers\.{i}\..*" for i in range(depth, depth + 64)
+    )
+    return load_mapped(model, VIT_PREFIXES + QFORMER_PREFIXES, sd, folder, rename_blip2_hf, ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniGPT-4 checkpoint: llama_proj
+
+
+def load_proj(model: MiniGPT4, path: str) -> list[str]:
+    """`llama_proj.*` from a MiniGPT-4 checkpoint (`{"model": {...}}`); known buffers are tolerated."""
+    sd = _unwrap_model(read_checkpoint(path), path)
+    w = sd.get("llama_proj.weight")
+    expected = model.llama_proj.weight.shape
+    if w is not None and w.ndim == 2 and w.shape[0] != expected[0]:
+        raise WeightsError(
+            f"{path}: key 'llama_proj.weight' has shape {list(w.shape)}, made for an LLM with "
+            f"{_describe_width(w.shape[0])}, but this model's LLM has {_describe_width(expected[0])} "
+            f"and expects {list(expected)}. Use the projection checkpoint made for this LLM "
+            f"(or set model.llm to the LLM the checkpoint was trained with)."
+        )
+    rename = lambda k: k if k.startswith("llama_proj.") else None  # noqa: E731
+    return load_mapped(model, PROJ_PREFIXES, sd, path, rename, PROJ_IGNORED)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM folder
+
+
+def load_llm(model: MiniGPT4, folder: str) -> None:
+    """Replace the (meta) LLM with the Hugging Face folder's weights; sizes must match the config."""
+    from transformers import LlamaForCausalLM
+
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"LLM folder {folder!r} has no config.json (expected a Hugging Face LLaMA folder)"
+        )
+    with open(cfg_path, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    problems = llm_config_mismatches(model.cfg.llm, hf_config)
+    if problems:
+        raise WeightsError(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
+    llm, info = LlamaForCausalLM.from_pretrained(
+        folder,
+        dtype=DTYPES[model.cfg.precision.llm],
+        attn_implementation=model.cfg.attn_implementation,
+        local_files_only=True,
+        output_loading_info=True,
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise WeightsError(f"{folder}: LLM weights do not fit LlamaForCausalLM: {bad}")
+    model.llm = llm
+
+
+def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
+    """Load every file named in `model.cfg.weights`; returns the ignored keys per file."""
+    w = model.cfg.weights
+    if w.blip2_hf and (w.eva_vit or w.blip2):
+        raise WeightsError("model.weights: give either blip2_hf or eva_vit + blip2, not both")
+    ignored: dict[str, list[str]] = {}
+    if w.eva_vit:
+        ignored[w.eva_vit] = load_eva_vit(model, w.eva_vit)
+    if w.blip2:
+        ignored[w.blip2] = load_blip2(model, w.blip2)
+    if w.blip2_hf:
+        ignored[w.blip2_hf] = load_blip2_hf(model, w.blip2_hf)
+    if w.llm:
+        load_llm(model, w.llm)
+    if w.proj:
+        ignored[w.proj] = load_proj(model, w.proj)
+    return ignored

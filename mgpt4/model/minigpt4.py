@@ -1,0 +1,296 @@
+"""MiniGPT-4: frozen EVA ViT -> ln_vision -> frozen Q-Former -> trainable llama_proj -> frozen LLaMA.
+
+Single-device model code: no DeepSpeed, no ranks. The forward pass follows the official
+MiniGPT-4 (see shared/reference/README.md, "The forward pass"):
+`[BOS] [prompt before <ImageHere>] [32 image embeddings] [prompt after] [answer + end_sym] [pad]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mgpt4.config import ModelConfig
+from mgpt4.model.llm import build_llm
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, SEP, clean_reply
+from mgpt4.model.qformer import build_qformer
+from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
+from mgpt4.tokenizer import encode_answers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IGNORE_INDEX = -100
+
+
+class MiniGPT4(nn.Module):
+    """Build with random weights from a config; `mgpt4.model.loading` fills in the official weights.
+
+    `device="meta"` builds every part without memory (for shape checks and partitioned loading).
+    When `cfg.weights.llm` names a folder, the LLM is built on the meta device: its weights come
+    from that folder in the load step, so a 13B model is never initialised twice.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer=None, device: str | torch.device | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+        with ctx:
+            self.visual_encoder = build_eva_vit(cfg.vision)
+            self.ln_vision = FP32LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
+            self.qformer = build_qformer(cfg.qformer, encoder_width=cfg.vision.width)
+            self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
+            nn.init.normal_(self.query_tokens, std=0.02)
+            self.llama_proj = nn.Linear(cfg.qformer.width, cfg.llm.hidden_size)
+        llm_ctx = torch.device("meta") if cfg.weights.llm is not None and device is None else ctx
+        with llm_ctx:
+            self.llm = build_llm(cfg.llm, cfg.attn_implementation)
+        p = cfg.precision
+        self.visual_encoder.to(DTYPES[p.vit])
+        self.qformer.to(DTYPES[p.qformer])
+        self.query_tokens.data = self.query_tokens.data.to(DTYPES[p.qformer])
+        self.llama_proj.to(DTYPES[p.proj])
+        self.llm.to(DTYPES[p.llm])
+        self._segment_cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # Modes
+
+    def train(self, mode: bool = True) -> MiniGPT4:
+        """Frozen children stay in eval mode (no dropout, no drop-path) whatever mode is asked."""
+        super().train(mode)
+        for child in self.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                child.train(False)
+        return self
+
+    def _vision_needs_grad(self) -> bool:
+        return self.query_tokens.requires_grad or any(
+            p.requires_grad
+            for m in (self.visual_encoder, self.ln_vision, self.qformer)
+            for p in m.parameters()
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Images
+
+    def encode_img(self, image: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B,3,S,S] -> LLM input embeddings [B, num_query_tokens, llm hidden]."""
+        # The frozen vision path runs without autograd: no activations are kept for it.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
+            vit_dtype = self.visual_encoder.patch_embed.proj.weight.dtype
+            feats = self.ln_vision(self.visual_encoder.forward_features(image.to(vit_dtype)))
+            q_dtype = self.query_tokens.dtype
+            queries = self.query_tokens.expand(feats.shape[0], -1, -1)
+            feats = feats.to(q_dtype)
+            atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=feats.device)
+            out = self.qformer(
+                query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=atts
+            ).last_hidden_state
+        img = self.llama_proj(out.to(self.llama_proj.weight.dtype))
+        return img.to(self.llm.get_input_embeddings().weight.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # Text
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise RuntimeError("this MiniGPT4 has no tokenizer: pass tokenizer= when building it")
+        return self.tokenizer
+
+    def _segment_ids(self, text: str) -> list[int]:
+        # Prompt segments repeat every step; tokenizing them once keeps the tokenizer off the hot path.
+        if text not in self._segment_cache:
+            self._segment_cache[text] = self._tok()(text, add_special_tokens=False)["input_ids"]
+        return self._segment_cache[text]
+
+    def sample_prompt(self) -> str | None:
+        """One wrapped instruction for the whole batch (stage 2), or None (stage 1)."""
+        t = self.cfg.text
+        if not t.instructions:
+            return None
+        return t.prompt_template.format(random.choice(t.instructions))
+
+    def wrap_instruction(self, instruction: str) -> str:
+        """An instruction such as `<Img><ImageHere></Img> What is this?` wrapped in the template."""
+        if instruction.count(IMAGE_PLACEHOLDER) != 1:
+            raise ValueError(f"instruction must contain {IMAGE_PLACEHOLDER!r} once, got {instruction!r}")
+        return self.cfg.text.prompt_template.format(instruction)
+
+    def build_inputs(
+        self,
+        img_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        prompt: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splice image embeddings into the prompt and append the answer: (inputs_embeds, attention_mask, labels)."""
+        bsz, n_img, _ = img_embeds.shape
+        device = img_embeds.device
+        before, after = prompt.split(IMAGE_PLACEHOLDER) if prompt else ("", "")
+        prefix = [self.cfg.llm.bos_token_id] + (self._segment_ids(before) if before else [])
+        suffix = self._segment_ids(after) if after else []
+        ctx_ids = torch.tensor(prefix + suffix, dtype=torch.long, device=device).expand(bsz, -1)
+        text_ids = text_ids.to(device)
+        # One embedding call: under ZeRO-3 each call gathers the embedding table.
+        embeds = self.llm.get_input_embeddings()(torch.cat([ctx_ids, text_ids], dim=1))
+        n_pre, n_suf = len(prefix), len(suffix)
+        inputs = torch.cat(
+            [embeds[:, :n_pre], img_embeds, embeds[:, n_pre : n_pre + n_suf], embeds[:, n_pre + n_suf :]],
+            dim=1,
+        )
+        n_ctx = n_pre + n_img + n_suf
+        text_mask = text_mask.to(device=device, dtype=torch.long)
+        attention_mask = torch.cat(
+            [torch.ones(bsz, n_ctx, dtype=torch.long, device=device), text_mask], dim=1
+        )
+        labels = torch.cat(
+            [
+                torch.full((bsz, n_ctx), IGNORE_INDEX, dtype=torch.long, device=device),
+                text_ids.masked_fill(text_mask == 0, IGNORE_INDEX),
+            ],
+            dim=1,
+        )
+        return inputs, attention_mask, labels
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        prompt: str | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Loss on a batch of normalised images and answer ids (from `mgpt4.tokenizer.encode_answers`).
+
+        `prompt` is a wrapped instruction containing `<ImageHere>`; None draws one from the config's
+        instruction list (stage 2) or uses none (stage 1).
+        """
+        img_embeds = self.encode_img(image)
+        if prompt is None:
+            prompt = self.sample_prompt()
+        inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
+        return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def loss(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        instruction: str | None = None,
+        pad_to_max_len: bool | None = None,
+    ) -> torch.Tensor:
+        """Mean token loss for (images, captions, optional instruction) as the official training computes it.
+
+        `instruction` is unwrapped (`<Img><ImageHere></Img> Describe this image in detail.`); it is
+        put into the config's prompt template. Without one, the config decides (stage 1: none).
+        """
+        t = self.cfg.text
+        pad = t.pad_to_max_len if pad_to_max_len is None else pad_to_max_len
+        ids, mask = encode_answers(self._tok(), list(captions), t.end_sym, t.max_txt_len, pad)
+        prompt = self.wrap_instruction(instruction) if instruction is not None else None
+        return self.forward(images, ids, mask, prompt).loss
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    def context_embeds(self, prompt: str, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Embed a prompt whose `<ImageHere>` placeholders take `images` ([B, n, H] each), BOS on the first segment."""
+        segments = prompt.split(IMAGE_PLACEHOLDER)
+        if len(segments) != len(images) + 1:
+            raise ValueError(
+                f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images were given"
+            )
+        bsz = images[0].shape[0] if images else 1
+        device = self.llm.get_input_embeddings().weight.device if not images else images[0].device
+        embed = self.llm.get_input_embeddings()
+        parts: list[torch.Tensor] = []
+        for i, seg in enumerate(segments):
+            ids = ([self.cfg.llm.bos_token_id] if i == 0 else []) + (self._segment_ids(seg) if seg else [])
+            if ids:
+                parts.append(embed(torch.tensor(ids, device=device)).unsqueeze(0).expand(bsz, -1, -1))
+            if i < len(images):
+                parts.append(images[i])
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        prompt: str,
+        max_new_tokens: int = 300,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        max_context: int = 2000,
+        streamer=None,
+        synced_gpus: bool = False,
+    ) -> list[str]:
+        """Replies (text before the first `###`) for a prompt with `<ImageHere>` placeholders.
+
+        `images` are normalised image batches [B,3,S,S], one per placeholder; every row of the batch
+        gets the same prompt. The context is cut from the left to `max_context - max_new_tokens`.
+        """
+        if isinstance(images, torch.Tensor):
+            images = [images]
+        img_embeds = [self.encode_img(im) for im in images]
+        embs = self.context_embeds(prompt, img_embeds)
+        begin = max(0, embs.shape[1] + max_new_tokens - max_context)
+        embs = embs[:, begin:]
+        tok = self._tok()
+        sampling = dict(temperature=float(temperature), top_p=top_p) if do_sample else {}
+        out = self.llm.generate(
+            inputs_embeds=embs,
+            attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=do_sample,
+            repetition_penalty=repetition_penalty,
+            min_length=1,
+            stopping_criteria=StoppingCriteriaList([StopOnSequences(stop_sequences(tok))]),
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            streamer=streamer,
+            synced_gpus=synced_gpus,
+            **sampling,
+        )
+        return [clean_reply(tok.decode(row, skip_special_tokens=True)) for row in out]
+
+
+def stop_sequences(tokenizer) -> list[list[int]]:
+    """Token sequences of `###` that end a reply: `▁###` and `##` `#` for LLaMA ([835], [2277, 29937])."""
+    seqs = [tokenizer(SEP, add_special_tokens=False)["input_ids"]]
+    unk = tokenizer.unk_token_id
+    pair = tokenizer.convert_tokens_to_ids(["##", "#"])
+    if unk not in pair and None not in pair:
+        seqs.append(pair)
+    unique: list[list[int]] = []
+    for s in seqs:
+        if s and s not in unique:
+            unique.append(s)
+    return unique
+
+
+class StopOnSequences(StoppingCriteria):
+    """Stop each row once its output ends with one of the stop sequences."""
+
+    def __init__(self, stops: list[list[int]]):
+        super().__init__()
+        self.stops = stops
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for stop in self.stops:
+            if input_ids.shape[1] >= len(stop):
+                tail = torch.tensor(stop, device=input_ids.device)
+                done |= (input_ids[:, -len(stop) :] == tail).all(dim=1)
+        return done

@@ -1,0 +1,88 @@
+"""Tokenizer loading, tiny tokenizers for tests and demos, and answer encoding shared by data and model.
+
+The data workers and the model both turn `caption + end_sym` into ids; both call `encode_answers`
+so that a batch made by the loader and a batch made by `MiniGPT4.loss` are the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def load_tokenizer(path: str):
+    """Load a LLaMA sentencepiece tokenizer from a local folder; pad is eos, as in the official code."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (expected a Hugging Face folder)")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer in {path!r} has no bos/eos token; expected a LLaMA sentencepiece tokenizer"
+        )
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def train_tiny_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 400):
+    """Train a LLaMA-style sentencepiece BPE model (unk 0, bos 1, eos 2, byte fallback) and load it.
+
+    Identity normalisation and a dummy prefix mirror LLaMA's tokenizer, so newlines become the
+    `<0x0A>` byte piece and `###` splits the way the real tokenizer splits it.
+    """
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(t.replace("\n", " ") + "\n")
+        spm.SentencePieceTrainer.train(
+            input=corpus,
+            model_prefix=os.path.join(tmp, "tokenizer"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+        shutil.copy(os.path.join(tmp, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
+    return load_tokenizer(out_dir)
+
+
+def encode_answers(
+    tokenizer,
+    texts: Sequence[str],
+    end_sym: str,
+    max_len: int,
+    pad_to_max_len: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize `text + end_sym` without special tokens, cut to `max_len`, right-pad with eos.
+
+    Returns (ids, mask), both int64 [B, L]; L is `max_len` when `pad_to_max_len`, else the longest.
+    Truncation can cut `end_sym` off, exactly as the official `max_txt_len` does.
+    """
+    encoded = tokenizer([t + end_sym for t in texts], add_special_tokens=False)["input_ids"]
+    encoded = [ids[:max_len] for ids in encoded]
+    length = max_len if pad_to_max_len else max((len(ids) for ids in encoded), default=0)
+    ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mgpt4",
+    version="0.1.0",
+    description="Train MiniGPT-4 vision-language models on DeepSpeed, from a CPU smoke run to SLURM clusters.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mgpt4", "mgpt4.*"]),
+    install_requires=[
+        "torch>=2.4,<2.16",
+        "torchvision>=0.19,<0.31",
+        "deepspeed>=0.19.3,<0.20",
+        "transformers>=5.0,<6",
+        "accelerate>=1.1,<2",
+        "timm>=1.0.15,<2",
+        "webdataset>=1.0,<2",
+        "tensorboard>=2.15,<3",
+        "sentencepiece>=0.2,<0.3",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "simplejpeg>=1.7,<2",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1,<5"],
+        "dev": ["pytest>=8,<10", "ruff>=0.6", "mpi4py>=3.1,<5"],
+    },
+)
