@@ -236,3 +236,17 @@ def test_hf_blip2_folder_matches_transformers_outputs(tmp_path, tiny_cfg):
             query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=ours_vis
         )
         assert torch.allclose(ours_q.last_hidden_state, ref_q.last_hidden_state, atol=1e-5)
+
+
+def test_official_export_round_trips_through_the_strict_loaders(tmp_path, tiny_cfg, tokenizer):
+    from mgpt4.model.export import save_official_files, save_projection
+
+    torch.manual_seed(5)
+    source = build_model(tiny_cfg, tokenizer)
+    weights = save_official_files(source, str(tmp_path / "official"))
+    weights.proj = str(tmp_path / "proj.pth")
+    save_projection({k: v for k, v in source.state_dict().items() if k.startswith("llama_proj.")}, weights.proj)
+    loaded = from_config(dataclasses.replace(tiny_cfg, weights=weights))
+    ref = source.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ref[k]), k
