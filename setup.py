@@ -22,6 +22,7 @@ setup(
         "pillow>=10",
         "simplejpeg>=1.7,<2",
         "numpy>=1.24",
+        "tqdm>=4.60",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1,<5"],

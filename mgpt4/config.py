@@ -251,20 +251,120 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: T, overrides: list[str]) -> T:
-    """Return a copy of `cfg` with `a.b.c=value` overrides applied (values parsed as JSON when they can be)."""
-    data = to_dict(cfg)
+def _override_dict(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.text.max_txt_len=64")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
+        node: Any = data
+        for i, part in enumerate(parts):
+            # Lists are indexed by number: data.sources.0.shards=...
+            index: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+            known = index in node if isinstance(node, dict) else isinstance(index, int) and index < len(node)
+            if not isinstance(node, (dict, list)) or not known:
                 raise ConfigError(f"override {key!r}: unknown key {'.'.join(parts[: i + 1])!r}")
-            node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"override {key!r}: unknown key {key!r}")
-        node[parts[-1]] = _parse_scalar(raw)
-    return from_dict(type(cfg), data)
+            if i == len(parts) - 1:
+                node[index] = _parse_scalar(raw)
+            else:
+                node = node[index]
+    return data
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """Return a copy of `cfg` with `a.b.c=value` overrides applied (values parsed as JSON when they can be)."""
+    return from_dict(type(cfg), _override_dict(to_dict(cfg), overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on the trainable set; linear warmup from warmup_lr, then cosine from lr to min_lr over the run."""
+
+    lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 5000
+    weight_decay: float = 0.05  # on weights only; biases and norms get none, as the official
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0: no clipping (the official recipe clips nothing)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000  # optimizer steps
+    # The batch over all ranks and accumulation steps. When set, the per-rank micro batch
+    # (data.batch_size) is derived from it and the world size; None keeps data.batch_size.
+    global_batch_size: int | None = None
+    grad_accum: int = 1
+    precision: str = "bf16"  # the engine's mixed precision: bf16, fp16 (GPU only) or fp32
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    save_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a newer one is complete
+    log_every: int = 10
+    sample_every: int = 0  # steps between generated captions in TensorBoard; 0 = only at the end
+    num_sample_images: int = 4
+    # A device's dense peak TFLOP/s for MFU; None looks the device up (or measures the CPU).
+    peak_tflops: float | None = None
+    # Minutes before a hung collective becomes an error (DEEPSPEED_TIMEOUT).
+    comm_timeout_min: int = 30
+    # End this run after this step with a checkpoint; the schedule still spans `steps` (for tests
+    # and planned interruptions). None runs to `steps`.
+    stop_at: int | None = None
+    # Generate the tiny weights and the synthetic data into the cache when missing (the demo recipes).
+    demo_assets: bool = False
+
+
+def _data_config_type():
+    from mgpt4.data.config import DataConfig
+
+    return DataConfig
+
+
+@dataclass
+class Config:
+    """The whole tree: what a recipe returns, what --dry-run prints and what a checkpoint stores."""
+
+    recipe: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = field(default_factory=lambda: _data_config_type()())
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate("data")
+        t = self.train
+        if t.precision not in DTYPES:
+            raise ConfigError(f"train.precision: expected one of {DTYPES}, got {t.precision!r}")
+        for name in ("steps", "grad_accum", "save_every", "log_every", "keep_last"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
+        if self.data.image_size != self.model.vision.image_size:
+            raise ConfigError(
+                f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "
+                f"({self.model.vision.image_size})"
+            )
+        o = self.optim
+        if not 0 <= o.min_lr <= o.lr:
+            raise ConfigError(f"optim.min_lr: expected 0 <= min_lr <= lr ({o.lr}), got {o.min_lr}")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Strictly build the whole tree (the data part is typed by mgpt4.data.config.DataConfig)."""
+    data = dict(data)
+    raw_data = data.pop("data", None)
+    cfg = from_dict(Config, data)
+    if raw_data is not None:
+        cfg.data = from_dict(_data_config_type(), raw_data, "data")
+    return cfg
+
+
+def apply_config_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`a.b.c=value` overrides on the whole tree; unknown keys fail with their dotted path."""
+    return config_from_dict(_override_dict(to_dict(cfg), overrides)) if overrides else cfg

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from mgpt4.model.presets import tiny
 from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, VICUNA_V0_SYSTEM
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from threads, and on a small shared machine threads only contend.
+torch.set_num_threads(1)
 
 TOKENIZER_CORPUS = [
     "a red circle on a blue background",

@@ -30,12 +30,19 @@ IGNORE_INDEX = -100
 class MiniGPT4(nn.Module):
     """Build with random weights from a config; `mgpt4.model.loading` fills in the official weights.
 
-    `device="meta"` builds every part without memory (for shape checks and partitioned loading).
+    `device="meta"` builds every part without memory (for shape checks and partitioned loading);
+    `llm_context` wraps the construction of a random LLM (e.g. a partitioning context).
     When `cfg.weights.llm` names a folder, the LLM is built on the meta device: its weights come
     from that folder in the load step, so a 13B model is never initialised twice.
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer=None, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        llm_context: contextlib.AbstractContextManager | None = None,
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -48,7 +55,11 @@ class MiniGPT4(nn.Module):
             self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
             nn.init.normal_(self.query_tokens, std=0.02)
             self.llama_proj = nn.Linear(cfg.qformer.width, cfg.llm.hidden_size)
-        llm_ctx = torch.device("meta") if cfg.weights.llm is not None and device is None else ctx
+        if cfg.weights.llm is not None and device is None:
+            llm_ctx = torch.device("meta")
+        else:
+            # A caller may build a random LLM already sharded (DeepSpeed's zero.Init under ZeRO-3).
+            llm_ctx = llm_context or ctx
         with llm_ctx:
             self.llm = build_llm(cfg.llm, cfg.attn_implementation)
         p = cfg.precision
@@ -76,6 +87,10 @@ class MiniGPT4(nn.Module):
             for m in (self.visual_encoder, self.ln_vision, self.qformer)
             for p in m.parameters()
         )
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute LLM activations in the backward pass; the projection's output carries the grad."""
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ------------------------------------------------------------------------------------------
     # Images

@@ -1,0 +1,282 @@
+"""One person's conversation about one image, shared by the terminal chat and the web demo.
+
+The upload is checked (a readable image within size limits), preprocessed as the official eval
+transform does, and encoded once; each reply then streams from the LLM token by token over the
+Vicuna v0 conversation, with the context cut from the left to `max_context` as in `generate`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from mgpt4.model.minigpt4 import MiniGPT4, StopOnSequences, stop_sequences
+from mgpt4.model.prompts import SEP, Conversation, clean_reply
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageRejected(ValueError):
+    """An upload that cannot be used as the image; the message says why, in words for a person."""
+
+
+class ChatError(RuntimeError):
+    """A question the session cannot answer yet (no image, empty question, bad settings)."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    # 20 MB holds any camera photo; 40 megapixels is above phone cameras and far below the
+    # decompression bombs (tiny files that decode to gigabytes) that the pixel check stops.
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1024 or unit == "MB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def load_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Open an uploaded file as an RGB image, or raise ImageRejected saying why it cannot be used."""
+    name = os.path.basename(os.fspath(path))
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ImageRejected(f"{name}: cannot read the file ({e.strerror or e})") from None
+    if size == 0:
+        raise ImageRejected(f"{name} is empty, not an image")
+    if size > limits.max_bytes:
+        raise ImageRejected(f"{name} is {_size(size)}; images up to {_size(limits.max_bytes)} are accepted")
+    try:
+        with Image.open(path) as img:
+            # The header gives the size before any pixel is decoded.
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise ImageRejected(
+                    f"{name} is {w}x{h} pixels; images up to {limits.max_pixels / 1e6:g} megapixels are accepted"
+                )
+            # Phones store the rotation in EXIF: the model should see the image as the person does.
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageRejected(f"{name} decodes to too many pixels to be a photo") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            f"{name} is not an image that can be read (PNG, JPEG, WebP, GIF, BMP and TIFF are)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageRejected(f"{name}: the image is damaged or truncated ({e})") from None
+
+
+def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """The official eval transform: bicubic resize to size x size, to [0,1], CLIP normalisation -> [1,3,S,S]."""
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return ((x - mean) / std).unsqueeze(0)
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding controls; the defaults are the official demo's (it samples at temperature 1, top_p 0.9)."""
+
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    max_context: int = 2000
+
+    @property
+    def do_sample(self) -> bool:
+        # Temperature 0 is how people say "no randomness": it means greedy, not a division by zero.
+        return self.sample and self.temperature > 0
+
+    def validate(self) -> None:
+        problems = []
+        if not 1 <= self.max_new_tokens < self.max_context:
+            problems.append(f"max_new_tokens must be between 1 and max_context-1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ChatError("; ".join(problems))
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation early when the reader has gone (Ctrl-C, a closed browser tab)."""
+
+    def __init__(self, event: threading.Event):
+        super().__init__()
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def visible_reply(text: str) -> str:
+    """What to show of a reply still being written: as `clean_reply`, minus a `#` that may start `###`."""
+    return clean_reply(text.split(SEP)[0].rstrip("#"))
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class ChatSession:
+    """The conversation and the encoded image of one person; not shared between people."""
+
+    def __init__(self, model: MiniGPT4, limits: ImageLimits = ImageLimits()):
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer; build it with one to chat")
+        self.model = model
+        self.limits = limits
+        self.img_embeds: torch.Tensor | None = None
+        self.conversation = Conversation()
+        self._stop = threading.Event()
+
+    @property
+    def has_image(self) -> bool:
+        return self.img_embeds is not None
+
+    def set_image(self, source: str | os.PathLike | Image.Image) -> Image.Image:
+        """Check, preprocess and encode an image (a path or a PIL image); starts a new conversation."""
+        img = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, self.limits)
+        pixels = preprocess(img, self.model.cfg.vision.image_size)
+        with torch.no_grad():
+            self.img_embeds = self.model.encode_img(pixels.to(_device_of(self.model.visual_encoder)))
+        self.reset()
+        return img
+
+    def clear_image(self) -> None:
+        self.img_embeds = None
+        self.reset()
+
+    def cancel(self) -> None:
+        """Stop the reply being written, if any (from another thread: a reset button, a new upload)."""
+        self._stop.set()
+
+    def reset(self) -> None:
+        """Forget the conversation, keep the image; a reply being written stops."""
+        self.cancel()
+        self.conversation = Conversation()
+        if self.has_image:
+            self.conversation.add_image()
+
+    def reply(self, question: str, settings: GenerationSettings | None = None) -> str:
+        """The whole reply at once (the last of `stream_reply`'s texts)."""
+        *_, last = self.stream_reply(question, settings)
+        return last
+
+    def stream_reply(self, question: str, settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Ask `question`; yields the reply so far each time it grows, the final reply last.
+
+        Closing the iterator early stops generation; the conversation keeps what was said so far.
+        Beam search cannot stream in transformers: with num_beams > 1 the reply comes whole.
+        """
+        settings = settings or GenerationSettings()
+        settings.validate()
+        question = question.strip()
+        if not question:
+            raise ChatError("the question is empty")
+        if not self.has_image:
+            raise ChatError("there is no image yet: give one first")
+        conv = self.conversation
+        before = [list(m) for m in conv.messages]
+        conv.ask(question)
+        prompt = conv.prompt_for_reply()
+        stop = self._stop = threading.Event()
+        streamer = None
+        if settings.num_beams == 1:
+            streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                result["reply"] = self._generate(prompt, settings, streamer, stop)
+            except BaseException as e:  # handed to the reader, who re-raises it
+                result["error"] = e
+                if streamer is not None:
+                    streamer.end()
+
+        thread = threading.Thread(target=work, name="mgpt4-generate", daemon=True)
+        thread.start()
+        text = shown = ""
+        try:
+            for piece in streamer or ():
+                text += piece
+                partial = visible_reply(text)
+                if partial and partial != shown:
+                    shown = partial
+                    yield partial
+        finally:
+            # A no-op once generation has ended; otherwise the reader went away and it stops now.
+            stop.set()
+            thread.join()
+            if "error" in result:
+                conv.messages = before
+            else:
+                # After a reset this is the forgotten conversation: the new one stays clean.
+                conv.add_reply(result.get("reply", visible_reply(text)))
+        if "error" in result:
+            raise result["error"]
+        if result["reply"] != shown or not shown:
+            yield result["reply"]
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompt: str,
+        settings: GenerationSettings,
+        streamer: TextIteratorStreamer | None,
+        stop: threading.Event,
+    ) -> str:
+        # As MiniGPT4.generate, but on the image embeddings computed once per image.
+        model = self.model
+        tok = model.tokenizer
+        llm_device = model.llm.get_input_embeddings().weight.device
+        embs = model.context_embeds(prompt, [self.img_embeds.to(llm_device)])
+        begin = max(0, embs.shape[1] + settings.max_new_tokens - settings.max_context)
+        embs = embs[:, begin:]
+        sampling = (
+            dict(temperature=float(settings.temperature), top_p=settings.top_p) if settings.do_sample else {}
+        )
+        out = model.llm.generate(
+            inputs_embeds=embs,
+            attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
+            max_new_tokens=settings.max_new_tokens,
+            num_beams=settings.num_beams,
+            do_sample=settings.do_sample,
+            repetition_penalty=settings.repetition_penalty,
+            min_length=1,
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnSequences(stop_sequences(tok)), _StopWhenSet(stop)]
+            ),
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+        return clean_reply(tok.decode(out[0], skip_special_tokens=True))

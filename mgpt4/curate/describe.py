@@ -1,0 +1,293 @@
+"""Step 1, describe: a stage-1 (or stage-2) model writes a detailed description of every image.
+
+Batched over images, shared out over ranks, resumable through the item store. A first answer under
+`continue_below_tokens` tokens gets the paper's "Continue" turn, and the two answers are joined.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from transformers import StoppingCriteriaList
+
+from mgpt4.config import ConfigError
+from mgpt4.curate import ranks
+from mgpt4.curate.images import decode_rgb, eval_tensor
+from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
+from mgpt4.curate.sources import ImageItem, list_images
+from mgpt4.curate.store import DONE, FAILED, PartWriter, open_store, pending_ids, read_store, record
+from mgpt4.model.minigpt4 import MiniGPT4, StopOnSequences, stop_sequences
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, clean_reply
+
+STEP = "describe"
+
+
+@dataclass
+class DescribeConfig:
+    images: list[str]  # folders, .tar shards (brace ranges and globs work) or list files
+    out: str  # the item store folder
+    prompt: str = DESCRIBE_PROMPT
+    continue_prompt: str = CONTINUE_PROMPT
+    # 0 turns the "Continue" turn off.
+    continue_below_tokens: int = 80
+    batch_size: int = 8
+    num_workers: int = 2
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    max_context: int = 2000
+    # Describe a seeded random subset of this many images (the paper took 5,000 random CC images).
+    sample: int | None = None
+    seed: int = 0
+    retry_failed: bool = True
+    progress: bool = True
+    # Stop after this many batches in a row fail to generate: that is a broken setup, not bad images.
+    max_failed_batches: int = 3
+
+    def validate(self) -> None:
+        if not self.images:
+            raise ConfigError("describe: give at least one image folder, shard or list file")
+        if self.prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise ConfigError(f"describe prompt must contain {IMAGE_PLACEHOLDER!r} once, got {self.prompt!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("describe: batch_size and max_new_tokens must be at least 1")
+        if self.sample is not None and self.sample < 1:
+            raise ConfigError("describe: sample must be at least 1")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides a description (kept in meta.json to notice a changed re-run)."""
+        keep = ("prompt", "continue_prompt", "continue_below_tokens", "max_new_tokens", "num_beams")
+        keep += ("do_sample", "temperature", "top_p", "repetition_penalty", "max_context", "sample", "seed")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class DescribeReport:
+    total: int = 0  # items in the input (or the sample)
+    already_done: int = 0  # done before this run started (all ranks)
+    mine: int = 0  # this rank's share of the pending items
+    done: int = 0  # done by this rank in this run
+    failed: int = 0
+    continued: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class _ImageDataset(Dataset):
+    """Decodes in DataLoader workers; a bad image becomes an error string, never an exception."""
+
+    def __init__(self, items: list[ImageItem], size: int):
+        self.items = items
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        try:
+            return i, eval_tensor(decode_rgb(item.read_bytes()), self.size), None
+        except Exception as e:  # any decoder failure is this item's, not the run's
+            return i, None, f"unreadable image {item.describe()}: {type(e).__name__}: {e}"
+
+
+def _collate(batch: list) -> list:
+    return batch
+
+
+def _gen_kwargs(cfg: DescribeConfig) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=cfg.max_new_tokens,
+        num_beams=cfg.num_beams,
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty,
+        max_context=cfg.max_context,
+    )
+
+
+@torch.no_grad()
+def generate_rows(
+    model: MiniGPT4,
+    images: torch.Tensor,
+    prompts: list[str],
+    max_new_tokens: int = 300,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
+    max_context: int = 2000,
+) -> list[str]:
+    """Like `MiniGPT4.generate`, but every row has its own prompt (left-padded into one batch).
+
+    The "Continue" turn repeats each row's first answer, so its prompts differ row by row.
+    """
+    if len(prompts) != images.shape[0]:
+        raise ConfigError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    img = model.encode_img(images)
+    rows = [model.context_embeds(p, [img[i : i + 1]]) for i, p in enumerate(prompts)]
+    keep = max_context - max_new_tokens
+    rows = [r[:, max(0, r.shape[1] - keep) :] for r in rows]
+    length = max(r.shape[1] for r in rows)
+    embs = rows[0].new_zeros(len(rows), length, rows[0].shape[2])
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=embs.device)
+    for i, r in enumerate(rows):
+        embs[i, length - r.shape[1] :] = r[0]
+        mask[i, length - r.shape[1] :] = 1
+    tok = model.tokenizer
+    sampling = dict(temperature=float(temperature), top_p=top_p) if do_sample else {}
+    out = model.llm.generate(
+        inputs_embeds=embs,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=do_sample,
+        repetition_penalty=repetition_penalty,
+        min_length=1,
+        stopping_criteria=StoppingCriteriaList([StopOnSequences(stop_sequences(tok))]),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **sampling,
+    )
+    return [clean_reply(tok.decode(row, skip_special_tokens=True)) for row in out]
+
+
+def describe_images(model: MiniGPT4, images: torch.Tensor, cfg: DescribeConfig) -> list[dict[str, Any]]:
+    """Descriptions of a batch of normalised images: [{"text", "answers", "tokens"}] per row."""
+    gen = _gen_kwargs(cfg)
+    first = model.generate(images, cfg.prompt, **gen)
+    tok = model.tokenizer
+    counts = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in first]
+    results = [{"text": a, "answers": [a], "tokens": n} for a, n in zip(first, counts)]
+    short = [i for i, n in enumerate(counts) if n < cfg.continue_below_tokens]
+    if short:
+        prompts = [cfg.prompt + first[i] + cfg.continue_prompt for i in short]
+        more = generate_rows(model, images[short], prompts, **gen)
+        for i, extra in zip(short, more):
+            results[i]["answers"].append(extra)
+            results[i]["text"] = " ".join(a.strip() for a in results[i]["answers"] if a.strip())
+    return results
+
+
+def _select(items: list[ImageItem], cfg: DescribeConfig) -> list[ImageItem]:
+    if cfg.sample is None or cfg.sample >= len(items):
+        return items
+    picked = sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.sample))
+    return [items[i] for i in picked]
+
+
+def run_describe(
+    model: MiniGPT4 | Callable[[], MiniGPT4], cfg: DescribeConfig, info: ranks.RankInfo | None = None
+) -> DescribeReport:
+    """Describe every pending image of this rank's share; every item ends done or failed in the store.
+
+    `model` may be a function that builds it: it is then called only once the inputs are listed and
+    only if this rank has work, so a bad path fails in seconds and a finished run loads nothing.
+    """
+    cfg.validate()
+    info = info or ranks.rank_info()
+    report = DescribeReport()
+    created = ranks.init_group(info)
+    try:
+        items = _select(list_images(cfg.images, report.problems), cfg)
+        for p in report.problems:
+            print(f"warning: {p}", file=sys.stderr)
+        by_id = {it.id: it for it in items}
+        open_store(cfg.out, STEP, cfg.settings(), None, info.rank)
+        state = read_store(cfg.out)
+        report.total = len(items)
+        done = state.done()
+        report.already_done = sum(1 for i in by_id if i in done)
+        todo = pending_ids(list(by_id), state, cfg.retry_failed)
+        # Every rank has read the store before any rank writes: they all split the same list.
+        ranks.barrier()
+        mine = [by_id[i] for i in ranks.share(todo, info)]
+        report.mine = len(mine)
+        if mine:
+            if not isinstance(model, MiniGPT4):
+                model = model()
+            _describe_items(model, mine, cfg, info, report)
+    finally:
+        ranks.close_group(created)
+    print(
+        f"describe rank {info.rank}/{info.world_size}: {report.done} done, {report.failed} failed "
+        f"({report.continued} continued) of {report.mine} pending here; {report.already_done} of "
+        f"{report.total} were done before this run; store {cfg.out}",
+        file=sys.stderr,
+    )
+    return report
+
+
+def _describe_batch(
+    model: MiniGPT4, items: list[ImageItem], batch: list, cfg: DescribeConfig, device: torch.device
+) -> list[dict[str, Any]]:
+    """Records for one loader batch; raises only when generation itself fails."""
+    recs = [record(items[i].id, FAILED, source=items[i].to_dict(), error=err) for i, _, err in batch if err]
+    good = [(i, t) for i, t, err in batch if err is None]
+    if not good:
+        return recs
+    t0 = time.perf_counter()
+    results = describe_images(model, torch.stack([t for _, t in good]).to(device), cfg)
+    secs = round((time.perf_counter() - t0) / len(good), 3)
+    for (i, _), res in zip(good, results):
+        src = items[i].to_dict()
+        if res["text"].strip():
+            recs.append(record(items[i].id, DONE, source=src, seconds=secs, **res))
+        else:
+            recs.append(record(items[i].id, FAILED, source=src, error="empty answer", answers=res["answers"]))
+    return recs
+
+
+def _describe_items(
+    model: MiniGPT4, items: list[ImageItem], cfg: DescribeConfig, info: ranks.RankInfo, report: DescribeReport
+) -> None:
+    if cfg.do_sample:
+        torch.manual_seed(cfg.seed + info.rank)
+    device = next(model.llama_proj.parameters()).device
+    loader = DataLoader(
+        _ImageDataset(items, model.cfg.vision.image_size),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+    )
+    bar = tqdm(total=len(items), desc=f"describe r{info.rank}", unit="img", disable=not cfg.progress)
+    failed_batches = 0
+    with PartWriter(cfg.out, info.rank) as writer:
+        for batch in loader:
+            try:
+                recs = _describe_batch(model, items, batch, cfg, device)
+                failed_batches = 0
+            except Exception as e:  # this batch's items fail; several batches in a row stop the step
+                failed_batches += 1
+                msg = f"generation failed: {type(e).__name__}: {e}"
+                recs = [
+                    record(items[i].id, FAILED, source=items[i].to_dict(), error=err or msg)
+                    for i, _, err in batch
+                ]
+                if failed_batches >= cfg.max_failed_batches:
+                    writer.write(recs)
+                    raise RuntimeError(
+                        f"describe: {failed_batches} batches in a row failed to generate; last error: {msg}"
+                    ) from e
+            writer.write(recs)
+            for rec in recs:
+                if rec["status"] == DONE:
+                    report.done += 1
+                    report.continued += len(rec["answers"]) > 1
+                else:
+                    report.failed += 1
+            bar.update(len(batch))
+            bar.set_postfix(done=report.done, failed=report.failed)
+    bar.close()

@@ -1,0 +1,185 @@
+"""Stage 2: the cc_sbu_align folder (`filter_cap.json` + `image/{image_id}.jpg`) as static-shape batches.
+
+The order is a distributed sampler over an endless run of epochs: epoch e is a permutation drawn from
+(seed, e); rank r takes every world_size-th pair of it, cut to the same length on every rank, and
+cuts that into full batches (the partial one is dropped, as the official drop_last does). Global
+batch g of a rank is batch g % per_epoch of epoch g // per_epoch, and worker w makes the batches
+with g % W == w, so the sequence the trainer sees does not depend on the number of workers and the
+position is just the next g of each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mgpt4.data.collate import SkipCounter, image_buffer, make_batch
+from mgpt4.data.config import DataConfig
+from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
+from mgpt4.data.workers import WorkerDataset
+
+_TAG_EPOCH, _TAG_CROP = 21, 22
+# How many missing file names the error lists before it just gives the count.
+_LIST_MISSING = 20
+
+
+@dataclass
+class AlignPair:
+    image_id: str
+    caption: str
+    path: str
+
+
+def load_align(root: str) -> list[AlignPair]:
+    """Read and check `root/filter_cap.json`; every referenced image must exist under `root/image/`.
+
+    All problems of one kind are reported together, so a broken copy of the data fails before the
+    first step instead of in the middle of an epoch.
+    """
+    ann_path = os.path.join(root, "filter_cap.json")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"cc_sbu_align folder {root!r} does not exist")
+    try:
+        with open(ann_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{ann_path}: missing; expected the cc_sbu_align annotation file") from e
+    except ValueError as e:
+        raise ValueError(f"{ann_path}: not valid JSON: {e}") from e
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list) or not anns:
+        raise ValueError(
+            f'{ann_path}: expected {{"annotations": [{{"image_id": ..., "caption": ...}}, ...]}}'
+        )
+    pairs, missing = [], []
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{ann_path}: annotations[{i}] is {ann!r}, expected an object")
+        image_id, caption = ann.get("image_id"), ann.get("caption")
+        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or str(image_id) == "":
+            raise ValueError(f"{ann_path}: annotations[{i}].image_id: expected a string, got {image_id!r}")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(
+                f"{ann_path}: annotations[{i}].caption: expected a non-empty string, got {caption!r}"
+            )
+        path = os.path.join(root, "image", f"{image_id}.jpg")
+        if not os.path.isfile(path):
+            missing.append(f"{image_id}.jpg")
+        pairs.append(AlignPair(str(image_id), caption, path))
+    if missing:
+        shown = ", ".join(missing[:_LIST_MISSING])
+        more = f" and {len(missing) - _LIST_MISSING} more" if len(missing) > _LIST_MISSING else ""
+        raise FileNotFoundError(
+            f"cc_sbu_align at {root!r}: {len(missing)} of {len(pairs)} images listed in filter_cap.json "
+            f"are missing from {os.path.join(root, 'image')}: {shown}{more}"
+        )
+    return pairs
+
+
+class AlignOrder:
+    """Which pairs global batch g of a rank holds."""
+
+    def __init__(self, count: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.count = count
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.per_rank = count // world_size
+        self.per_epoch = self.per_rank // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"cc_sbu_align has {count} pairs: {world_size} rank(s) x batch {batch_size} leaves no full "
+                f"batch per epoch; lower data.batch_size"
+            )
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def epoch_of(self, g: int) -> int:
+        return g // self.per_epoch
+
+    def indices(self, g: int) -> np.ndarray:
+        epoch, b = divmod(g, self.per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            perm = np.random.default_rng([self.seed, _TAG_EPOCH, epoch]).permutation(self.count)
+            self._cache = (epoch, perm[self.rank :: self.world_size][: self.per_rank])
+        return self._cache[1][b * self.batch_size : (b + 1) * self.batch_size]
+
+
+class AlignDataset(WorkerDataset):
+    """The IterableDataset a DataLoader runs for stage 2 (one rank)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        max_txt_len: int,
+        end_sym: str,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(cfg.num_workers)
+        self.cfg = cfg
+        self.pairs = load_align(cfg.align_root or "")
+        self.order = AlignOrder(len(self.pairs), cfg.batch_size, rank, world_size, cfg.seed)
+        self.tokenizer = tokenizer
+        self.max_txt_len = max_txt_len
+        self.end_sym = end_sym
+        self.rank = rank
+
+    def worker_batches(self, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[dict, dict]]:
+        cfg = self.cfg
+        state = state or {}
+        g = int(state.get("next", worker))
+        if g % self.num_workers != worker:
+            raise ValueError(f"align position {g} does not belong to worker {worker} of {self.num_workers}")
+        skips = SkipCounter(state.get("counts"))
+        transform = image_transform(cfg)
+        clean = cfg.cleans_captions()
+        while True:
+            idx = self.order.indices(g)
+            u = np.random.default_rng([cfg.seed, _TAG_CROP, self.rank, g]).random((len(idx), CROP_UNIFORMS))
+            images = image_buffer(cfg.batch_size, cfg.image_size)
+            good: list[int] = []
+            bad: list[int] = []
+            for slot, i in enumerate(idx):
+                pair = self.pairs[int(i)]
+                try:
+                    with open(pair.path, "rb") as f:
+                        data = f.read()
+                    transform(data, u[slot], images[slot])
+                    good.append(slot)
+                except (OSError, ImageError) as e:
+                    # OSError: the file went away after the check at start-up.
+                    skips.add(e.reason if isinstance(e, ImageError) else "no_image", pair.path, str(e))
+                    bad.append(slot)
+            g_done, g = g, g + self.num_workers
+            if not good:
+                skips.add("empty_batch", f"batch {g_done}", "no image of the batch could be read")
+                continue
+            # A static shape needs B samples: a damaged pair is replaced by a good one of the same batch.
+            slots = list(range(len(idx)))
+            for n, slot in enumerate(bad):
+                src = good[n % len(good)]
+                images[slot].copy_(images[src])
+                slots[slot] = src
+            captions = [self.pairs[int(idx[s])].caption for s in slots]
+            if clean:
+                captions = [clean_caption(c, cfg.caption_max_words) for c in captions]
+            batch = make_batch(
+                images,
+                captions,
+                self.tokenizer,
+                self.max_txt_len,
+                self.end_sym,
+                {
+                    "epoch": torch.full((cfg.batch_size,), self.order.epoch_of(g_done), dtype=torch.int64),
+                    "sample_id": torch.tensor([int(idx[s]) for s in slots], dtype=torch.int64),
+                },
+            )
+            yield batch, {"next": g, "counts": dict(skips.counts)}

@@ -1,0 +1,222 @@
+"""The trainer-facing loader: a DataLoader over a resumable dataset, with the consumed position.
+
+    loader = build_loader(cfg.data, tokenizer, max_txt_len, end_sym, rank, world_size)
+    loader.load_state_dict(saved)        # optional, before iterating
+    for batch in loader: ...             # or through DeviceFeeder(loader, device)
+    ckpt["data"] = loader.state_dict()   # the position after the last batch the trainer took
+
+Workers run ahead of the trainer (prefetch, pinning, the feeder's next batch), so the position is not
+what the workers have made but what the trainer has taken: every batch carries its worker's state
+after it, and the loader keeps the snapshot that belongs to each batch until that batch is consumed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mgpt4.data.align import AlignDataset
+from mgpt4.data.collate import SKIP_REASONS
+from mgpt4.data.config import DataConfig
+from mgpt4.data.webdataset import ShardDataset
+from mgpt4.data.workers import STATE_KEY, WORKER_KEY, WorkerDataset
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Position:
+    batches: int = 0
+    next_worker: int = 0
+    workers: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class Loader:
+    """Static-shape batches for one rank, with `state_dict` / `load_state_dict` and skip `stats`."""
+
+    def __init__(
+        self,
+        dataset: WorkerDataset,
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        worker_init_fn: Callable[[int], None] | None = None,
+    ):
+        self.dataset = dataset
+        self.worker_init_fn = worker_init_fn
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = max(1, cfg.num_workers)
+        self._consumed = _Position()
+        self._produced = _Position()
+        self._pending: collections.deque[_Position] = collections.deque()
+        self._external_ack = False
+        self._generation = 0
+        self._dl_iter = None
+
+    # -- iteration -----------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def _start(self):
+        self.close()
+        start = self._consumed
+        self.dataset.resume(start.next_worker, start.workers)
+        self._produced = _Position(start.batches, start.next_worker, dict(start.workers))
+        self._pending.clear()
+        workers = self.cfg.num_workers
+        dl = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.cfg.prefetch if workers > 0 else None,
+            persistent_workers=False,
+            worker_init_fn=self.worker_init_fn,
+        )
+        self._dl_iter = iter(dl)
+        return self._dl_iter
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dl_iter = self._start()  # ends any earlier iteration of this loader
+        generation = self._generation
+        while generation == self._generation:
+            try:
+                batch = next(dl_iter)
+            except StopIteration:
+                return
+            worker = batch.pop(WORKER_KEY)
+            state = batch.pop(STATE_KEY)
+            prev = self._produced
+            workers = dict(prev.workers)
+            workers[int(worker)] = state
+            self._produced = _Position(prev.batches + 1, (int(worker) + 1) % self.num_workers, workers)
+            if self._external_ack:
+                self._pending.append(self._produced)
+            else:
+                self._consumed = self._produced
+            yield batch
+
+    def hold_until_ack(self) -> None:
+        """Called by a consumer that prefetches (DeviceFeeder): a batch counts as consumed only when it
+        calls `ack()` for it, not when it is taken from the loader."""
+        self._external_ack = True
+
+    def ack(self) -> None:
+        """The oldest batch taken from the loader and not yet acknowledged is now consumed."""
+        if self._pending:
+            self._consumed = self._pending.popleft()
+
+    def close(self) -> None:
+        """Stop the worker processes; a running iteration ends, a new one starts again from the consumed
+        position."""
+        self._generation += 1
+        it, self._dl_iter = self._dl_iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    # -- position and statistics ---------------------------------------------------------------
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The settings that define the sample stream; a position only means something under them."""
+        cfg = self.cfg
+        setup: dict[str, Any] = {
+            "kind": cfg.kind,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": cfg.num_workers,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+        }
+        if cfg.kind == "webdataset":
+            setup.update(
+                resampled=cfg.resampled,
+                shuffle_buffer=cfg.shuffle_buffer,
+                mix=cfg.mix,
+                sources=cfg.source_names(),
+            )
+        return setup
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last consumed batch (plain ints, strings, lists and dicts)."""
+        pos = self._consumed
+        return {
+            "version": STATE_VERSION,
+            "setup": self._fingerprint(),
+            "batches": pos.batches,
+            "next_worker": pos.next_worker,
+            "workers": {str(w): s for w, s in sorted(pos.workers.items())},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from a saved position; the data settings that define the stream must be unchanged."""
+        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"data state: expected a dict with version {STATE_VERSION}, got {type(sd).__name__}"
+            )
+        saved, now = sd.get("setup", {}), self._fingerprint()
+        changed = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(
+                "data state was saved with other data settings, so the position cannot be continued: "
+                + "; ".join(changed)
+            )
+        self._consumed = _Position(
+            int(sd["batches"]), int(sd["next_worker"]), {int(w): s for w, s in sd["workers"].items()}
+        )
+        self._pending.clear()
+        self.close()  # a running iteration stops; the next one starts at the loaded position
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed.batches
+
+    def stats(self) -> dict[str, int]:
+        """Skipped samples and shards by reason, summed over workers, up to the consumed position."""
+        total = dict.fromkeys(SKIP_REASONS, 0)
+        for state in self._consumed.workers.values():
+            for reason, n in state.get("counts", {}).items():
+                total[reason] = total.get(reason, 0) + int(n)
+        return total
+
+    def failed_shards(self) -> list[str]:
+        """Names of shards that could not be opened or were cut short (most recent last)."""
+        names: list[str] = []
+        for state in self._consumed.workers.values():
+            names.extend(n for n in state.get("failed_shards", []) if n not in names)
+        return names
+
+
+def build_loader(
+    cfg: DataConfig,
+    tokenizer,
+    max_txt_len: int,
+    end_sym: str,
+    rank: int = 0,
+    world_size: int = 1,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> Loader:
+    """The loader of one rank. `max_txt_len` and `end_sym` come from the model's TextConfig."""
+    cfg.validate()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if max_txt_len < 1:
+        raise ValueError(f"max_txt_len must be positive, got {max_txt_len}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; load it with mgpt4.tokenizer.load_tokenizer")
+    if cfg.num_workers > 0:
+        # The tokenizer's thread pool must not be used in the parent before workers fork.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dataset_cls = ShardDataset if cfg.kind == "webdataset" else AlignDataset
+    dataset = dataset_cls(cfg, tokenizer, max_txt_len, end_sym, rank, world_size)
+    return Loader(dataset, cfg, rank, world_size, worker_init_fn)

@@ -1,0 +1,241 @@
+"""Image decoding and the official train/eval transforms, producing uint8 [3, S, S] in the worker.
+
+The official pipeline decodes the full JPEG with PIL, crops with torchvision's RandomResizedCrop and
+resizes with PIL bicubic. Here the crop box is drawn with the same distribution in original-image
+coordinates, the JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale when the scaled crop is
+still at least the output size (a DCT-domain downscale, so no extra aliasing), the box is mapped into
+the decoded image, and torch's uint8 antialiased bicubic resize (PIL's kernel, a = -0.5) makes the
+output. Normalisation happens on the device (see feeder.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# RandomResizedCrop makes up to 10 attempts of 2 uniforms each, then 2 for the position.
+CROP_UNIFORMS = 22
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+# PIL refuses images above twice its MAX_IMAGE_PIXELS (decompression bombs); use the same bound.
+MAX_PIXELS = 2 * 89_478_485
+
+_DCT_SCALES = (8, 4, 2)
+
+
+class ImageError(Exception):
+    """A sample's image cannot be used; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def crop_box(
+    height: int,
+    width: int,
+    u: Sequence[float],
+    scale: Sequence[float] = (0.5, 1.0),
+    ratio: Sequence[float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w), drawn from the uniforms `u` (CROP_UNIFORMS of them).
+
+    Same distribution as torchvision: area fraction uniform in `scale`, log aspect ratio uniform,
+    10 attempts, then a centre crop clamped to `ratio`.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[2 * attempt])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[2 * attempt + 1])
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[20] * (height - h + 1)), height - h)
+            left = min(int(u[21] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        h = height
+        w = round(h * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def dct_factor(box_h: int, box_w: int, size: int, margin: float = 1.0) -> int:
+    """The largest JPEG DCT downscale (8, 4, 2 or 1) that keeps the box at least `margin * size` on
+    both sides, so the final resize still only shrinks (or keeps) the decoded crop."""
+    for k in _DCT_SCALES:
+        if box_h >= k * size * margin and box_w >= k * size * margin:
+            return k
+    return 1
+
+
+def _scaled_box(
+    top: int, left: int, h: int, w: int, k: int, dec_h: int, dec_w: int
+) -> tuple[int, int, int, int]:
+    """Map a box in original pixels onto an image decoded at 1/k (pixel x there covers [k x, k x + k))."""
+    if k == 1:
+        return top, left, top + h, left + w
+    r0, c0 = round(top / k), round(left / k)
+    r1 = min(max(round((top + h) / k), r0 + 1), dec_h)
+    c1 = min(max(round((left + w) / k), c0 + 1), dec_w)
+    return r0, c0, r1, c1
+
+
+def _pil_decode(data: bytes, k: int) -> np.ndarray:
+    """Fallback for what libjpeg-turbo's RGB path refuses: PNG, WebP, CMYK JPEGs, recoverable damage."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if k > 1 and img.format == "JPEG":
+            img.draft("RGB", (img.size[0] // k, img.size[1] // k))
+        return np.array(img.convert("RGB"))  # writable, for torch.from_numpy
+    except Exception as e:
+        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
+        raise ImageError(reason, f"{type(e).__name__}: {e}") from e
+
+
+def _image_size(data: bytes) -> tuple[int, int, bool]:
+    """(height, width, is_rgb_jpeg) read from the header only."""
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        return h, w, colorspace in ("YCbCr", "Gray", "RGB")
+    except ValueError:
+        pass
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        return img.size[1], img.size[0], False
+    except Exception as e:
+        # Without a readable header there is no image to speak of, cut short or not.
+        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from e
+
+
+class ImageTransform:
+    """Bytes -> uint8 [3, S, S] written into a caller's tensor; train (random crop) or eval (resize)."""
+
+    def __init__(
+        self,
+        size: int,
+        train: bool = True,
+        scale: Sequence[float] = (0.5, 1.0),
+        fast: bool = False,
+        dct_margin: float = 1.0,
+    ):
+        self.size = size
+        self.train = train
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.fast = fast
+        self.dct_margin = dct_margin
+
+    def __call__(self, data: bytes, u: Sequence[float] | None, out: torch.Tensor) -> None:
+        """Decode `data`, crop (train: the box drawn from uniforms `u`) and resize into `out` [3, S, S]."""
+        if not data:
+            raise ImageError("corrupt_image", "empty image file")
+        height, width, turbo = _image_size(data)
+        if height * width > MAX_PIXELS:
+            raise ImageError("too_large", f"{width}x{height} pixels is above the {MAX_PIXELS} pixel limit")
+        if self.train:
+            if u is None:
+                raise ValueError("the train transform needs the crop uniforms")
+            box = crop_box(height, width, u, self.scale)
+        else:
+            box = (0, 0, height, width)
+        self.render(data, box, out, (height, width, turbo))
+
+    def render(
+        self,
+        data: bytes,
+        box: tuple[int, int, int, int],
+        out: torch.Tensor,
+        header: tuple[int, int, bool] | None = None,
+    ) -> None:
+        """Resize the box (top, left, h, w) of the image in original pixels into `out`."""
+        height, width, turbo = header or _image_size(data)
+        top, left, h, w = box
+        k = dct_factor(h, w, self.size, self.dct_margin)
+        pixels = None
+        if turbo:
+            try:
+                pixels = simplejpeg.decode_jpeg(
+                    data,
+                    colorspace="RGB",
+                    fastdct=self.fast,
+                    fastupsample=self.fast,
+                    min_height=-(-height // k) if k > 1 else 0,
+                    min_width=-(-width // k) if k > 1 else 0,
+                )
+            except ValueError as e:
+                if "premature end" in str(e).lower():
+                    raise ImageError("truncated_image", str(e)) from e
+                # Recoverable damage: PIL decodes what it can, as the official pipeline does.
+                pixels = None
+        if pixels is None:
+            pixels = _pil_decode(data, k)
+        dec_h, dec_w = pixels.shape[:2]
+        k_eff = max(1, round(height / dec_h))
+        r0, c0, r1, c1 = _scaled_box(top, left, h, w, k_eff, dec_h, dec_w)
+        # A channels-last contiguous crop takes torch's vectorised uint8 resampler (about 2x faster).
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, r0:r1, c0:c1]
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
+        out.copy_(y[0])
+
+
+def image_transform(cfg) -> ImageTransform:
+    """The transform a DataConfig asks for."""
+    return ImageTransform(
+        cfg.image_size, cfg.transform == "train", cfg.crop_scale, cfg.fast_decode, cfg.dct_margin
+    )
+
+
+_CLEAN_PUNCT = re.compile(r"([.!\"()*#:;~])")
+_MULTI_SPACE = re.compile(r"\s{2,}")
+
+
+def clean_caption(caption: str, max_words: int = 50) -> str:
+    """The official stage-1 caption cleaning (BLIP's pre_caption)."""
+    caption = _CLEAN_PUNCT.sub(" ", caption.lower())
+    caption = _MULTI_SPACE.sub(" ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them per batch would be a synchronous host-to-device copy.
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255.0)
+    return mean, inv_std
+
+
+def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> CLIP-normalised `dtype`, contiguous, computed in fp32 on the images' device.
+
+    Equal to the official ToTensor + Normalize: (x / 255 - mean) / std = (x - 255 mean) / (255 std).
+    """
+    mean, inv_std = _clip_constants(images.device)
+    x = images.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    x.sub_(mean).mul_(inv_std)
+    return x if dtype == torch.float32 else x.to(dtype)

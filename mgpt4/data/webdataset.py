@@ -1,0 +1,325 @@
+"""Stage 1: img2dataset webdataset shards, mixed by ratio, as static-shape batches.
+
+Each reader (one per rank x worker) walks a shard stream that is a pure function of its position:
+shard draw k is chosen from (seed, source, reader, k), with replacement ("resampled", as the official
+ResampledShards) or from the reader's own share of the shards in a fresh order every epoch ("split").
+Samples are read in blocks of `shuffle_buffer` raw samples and each block is permuted by
+(seed, source, reader, block). The position of a source is therefore four numbers (block start:
+shard draw and byte offset; block index; index inside the block), and resuming re-reads at most one
+block of raw bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mgpt4.data.collate import SkipCounter, image_buffer, make_batch, sample_caption, sample_image
+from mgpt4.data.config import DataConfig
+from mgpt4.data.shards import ShardError, TarReader, check_url, expand_shards
+from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
+from mgpt4.data.workers import WorkerDataset
+
+log = logging.getLogger("mgpt4.data")
+
+# Stream tags keep the random streams of different purposes apart under one seed.
+_TAG_RESAMPLE, _TAG_EPOCH, _TAG_BLOCK, _TAG_MIX = 11, 12, 13, 14
+# A run of this many shards without one sample means the source is unusable, not unlucky.
+_MAX_BAD_RUN = 100
+
+
+def source_urls(cfg: DataConfig, rank_count: int, workers: int) -> list[list[str]]:
+    """Expanded URL lists per source; checks that split mode has a shard for every reader."""
+    out = []
+    readers = rank_count * max(1, workers)
+    for i, src in enumerate(cfg.sources):
+        where = f"data.sources[{i}].shards"
+        urls = expand_shards(src.shards, where)
+        for url in urls:
+            check_url(url, where)
+        if not cfg.resampled and len(urls) < readers:
+            raise ValueError(
+                f"{where}: source {cfg.source_names()[i]!r} has {len(urls)} shard(s), fewer than "
+                f"{rank_count} rank(s) x {max(1, workers)} worker(s) = {readers} readers in split mode "
+                f"(data.resampled: false); give at least {readers} shards, use fewer workers, "
+                f"or set data.resampled: true"
+            )
+        out.append(urls)
+    return out
+
+
+def sample_id(url: str, key: str) -> int:
+    """A stable 63-bit id of a sample (shard URL and key), e.g. to check coverage or find duplicates."""
+    return zlib.crc32(url.encode()) << 31 | zlib.crc32(key.encode()) >> 1
+
+
+class ShardStream:
+    """One source as seen by one reader: an endless sequence of (sample or error, crop uniforms)."""
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        urls: Sequence[str],
+        resampled: bool,
+        block_size: int,
+        seed: int,
+        reader: int,
+        readers: int,
+        state: dict[str, int] | None = None,
+    ):
+        self.name = name
+        self.index = index
+        self.resampled = resampled
+        self.block_size = block_size
+        self.seed = seed
+        self.reader = reader
+        self.urls = list(urls) if resampled else list(urls)[reader::readers]
+        if not self.urls:
+            raise ValueError(f"source {name!r}: reader {reader} of {readers} has no shards")
+        state = state or {"k": 0, "offset": 0, "j": 0, "p": 0}
+        self.k, self.offset, self.j, self.p = state["k"], state["offset"], state["j"], state["p"]
+        self._block: list[tuple] | None = None
+        self._uniforms: np.ndarray | None = None
+        self._next_cursor = (0, 0)
+        self._tar: TarReader | None = None
+        self._tar_k = -1
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def url(self, k: int) -> str:
+        n = len(self.urls)
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, _TAG_RESAMPLE, self.index, self.reader, k])
+            return self.urls[int(rng.integers(n))]
+        epoch = k // n
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            rng = np.random.default_rng([self.seed, _TAG_EPOCH, self.index, self.reader, epoch])
+            self._epoch_order = (epoch, rng.permutation(n))
+        return self.urls[int(self._epoch_order[1][k % n])]
+
+    def state(self) -> dict[str, int]:
+        if self._block is not None and self.p >= len(self._block):
+            k, offset = self._next_cursor
+            return {"k": k, "offset": offset, "j": self.j + 1, "p": 0}
+        return {"k": self.k, "offset": self.offset, "j": self.j, "p": self.p}
+
+    def _close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._tar, self._tar_k = None, -1
+
+    def _fill(self) -> None:
+        k, offset = self.k, self.offset
+        entries: list[tuple] = []
+        bad_run: list[str] = []
+        while len(entries) < self.block_size:
+            if self._tar is None or self._tar_k != k:
+                self._close()
+                url = self.url(k)
+                try:
+                    self._tar, self._tar_k = TarReader(url, offset), k
+                except ShardError as e:
+                    entries.append((e.reason, url, str(e)))
+                    bad_run.append(url)
+                    self._check_bad_run(bad_run, str(e))
+                    k, offset = k + 1, 0
+                    continue
+            tar = self._tar
+            try:
+                sample = tar.next_sample()
+            except ShardError as e:
+                entries.append((e.reason, tar.url, str(e)))
+                if tar.samples_read == 0:
+                    bad_run.append(tar.url)
+                    self._check_bad_run(bad_run, str(e))
+                self._close()
+                k, offset = k + 1, 0
+                continue
+            if sample is None:
+                if tar.samples_read == 0 and offset == 0:
+                    bad_run.append(tar.url)
+                    self._check_bad_run(bad_run, "no samples in the shard")
+                self._close()
+                k, offset = k + 1, 0
+                continue
+            bad_run.clear()
+            offset = tar.next_offset
+            entries.append(("ok", tar.url, sample[0], sample[1]))
+        self._next_cursor = (k, offset)
+        rng = np.random.default_rng([self.seed, _TAG_BLOCK, self.index, self.reader, self.j])
+        order = rng.permutation(len(entries))
+        self._uniforms = rng.random((len(entries), CROP_UNIFORMS))
+        self._block = [entries[i] for i in order]
+
+    def _check_bad_run(self, bad_run: list[str], last_error: str) -> None:
+        if len(set(bad_run)) >= len(self.urls) or len(bad_run) >= _MAX_BAD_RUN:
+            names = ", ".join(sorted(set(bad_run))[:5])
+            raise RuntimeError(
+                f"source {self.name!r}: {len(bad_run)} shard(s) in a row gave no samples ({names}); "
+                f"last error: {last_error}"
+            )
+
+    def next(self) -> tuple[tuple, np.ndarray]:
+        if self._block is not None and self.p >= len(self._block):
+            self.k, self.offset = self._next_cursor
+            self.j, self.p = self.j + 1, 0
+            self._block = None
+        if self._block is None:
+            self._fill()
+        entry, u = self._block[self.p], self._uniforms[self.p]
+        self.p += 1
+        return entry, u
+
+    def close(self) -> None:
+        self._close()
+
+
+class ShardBatches:
+    """The batches of one reader (rank, worker): sources drawn by ratio per batch or per sample."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: Sequence[Sequence[str]],
+        tokenizer,
+        max_txt_len: int,
+        end_sym: str,
+        rank: int,
+        world_size: int,
+        worker: int,
+        num_workers: int,
+        state: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_txt_len = max_txt_len
+        self.end_sym = end_sym
+        workers = max(1, num_workers)
+        self.reader = rank * workers + worker
+        readers = world_size * workers
+        ratios = np.array([s.ratio for s in cfg.sources], dtype=np.float64)
+        self.ratios = ratios / ratios.sum()
+        state = state or {}
+        src_states = state.get("sources") or [None] * len(urls)
+        self.streams = [
+            ShardStream(
+                name, i, u, cfg.resampled, cfg.shuffle_buffer, cfg.seed, self.reader, readers, src_states[i]
+            )
+            for i, (name, u) in enumerate(zip(cfg.source_names(), urls))
+        ]
+        self.batches = int(state.get("batches", 0))
+        self.skips = SkipCounter(state.get("counts"), state.get("failed_shards", ()))
+        self.transform = image_transform(cfg)
+        self.clean = cfg.cleans_captions()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "sources": [s.state() for s in self.streams],
+            "counts": dict(self.skips.counts),
+            "failed_shards": list(self.skips.failed_shards),
+        }
+
+    def _sources(self) -> np.ndarray:
+        rng = np.random.default_rng([self.cfg.seed, _TAG_MIX, self.reader, self.batches])
+        n, size = len(self.streams), self.cfg.batch_size
+        if n == 1:
+            return np.zeros(size, dtype=np.int64)
+        if self.cfg.mix == "batch":
+            return np.full(size, rng.choice(n, p=self.ratios), dtype=np.int64)
+        return rng.choice(n, size=size, p=self.ratios).astype(np.int64)
+
+    def _fill_slot(self, stream: ShardStream, out: torch.Tensor) -> tuple[str, int]:
+        """Decode the next usable sample of `stream` into `out`; returns its caption and sample id."""
+        while True:
+            entry, u = stream.next()
+            if entry[0] != "ok":
+                self.skips.add(entry[0], entry[1], entry[2])
+                continue
+            _, url, key, files = entry
+            where = f"{key} in {url}"
+            try:
+                caption = sample_caption(files)
+            except ValueError as e:
+                self.skips.add("bad_json", where, str(e))
+                continue
+            if caption is None:
+                self.skips.add("no_caption", where, "no .json caption and no .txt")
+                continue
+            data = sample_image(files)
+            if data is None:
+                self.skips.add("no_image", where, f"no image file among {sorted(files)}")
+                continue
+            try:
+                self.transform(data, u, out)
+            except ImageError as e:
+                self.skips.add(e.reason, where, str(e))
+                continue
+            if self.clean:
+                caption = clean_caption(caption, self.cfg.caption_max_words)
+            return caption, sample_id(url, key)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        sources = self._sources()
+        images = image_buffer(self.cfg.batch_size, self.cfg.image_size)
+        filled = [self._fill_slot(self.streams[s], images[i]) for i, s in enumerate(sources)]
+        self.batches += 1
+        extra = {
+            "source": torch.from_numpy(sources),
+            "sample_id": torch.tensor([f[1] for f in filled], dtype=torch.int64),
+        }
+        return make_batch(
+            images, [f[0] for f in filled], self.tokenizer, self.max_txt_len, self.end_sym, extra
+        )
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        try:
+            while True:
+                batch = self.next_batch()
+                yield batch, self.state()
+        finally:
+            for s in self.streams:
+                s.close()
+
+
+class ShardDataset(WorkerDataset):
+    """The IterableDataset a DataLoader runs for stage 1 (one rank)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        max_txt_len: int,
+        end_sym: str,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(cfg.num_workers)
+        self.cfg = cfg
+        self.urls = source_urls(cfg, world_size, cfg.num_workers)
+        self.tokenizer = tokenizer
+        self.max_txt_len = max_txt_len
+        self.end_sym = end_sym
+        self.rank = rank
+        self.world_size = world_size
+
+    def worker_batches(self, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[dict, dict]]:
+        return iter(
+            ShardBatches(
+                self.cfg,
+                self.urls,
+                self.tokenizer,
+                self.max_txt_len,
+                self.end_sym,
+                self.rank,
+                self.world_size,
+                worker,
+                self.cfg.num_workers,
+                state,
+            )
+        )

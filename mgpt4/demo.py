@@ -1,0 +1,218 @@
+"""A web page to chat with a trained MiniGPT-4 about an uploaded image (Gradio), served on localhost.
+
+    python -m mgpt4.demo --checkpoint runs/stage2 [--host 127.0.0.1 --port 7860 --concurrency 1]
+
+Every browser tab has its own conversation; requests wait in one queue, and at most
+`--concurrency` of them use the model at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from mgpt4.chat import add_generation_args, limits_from_args, settings_from_args
+from mgpt4.chat_session import ChatError, ChatSession, GenerationSettings, ImageLimits, ImageRejected
+from mgpt4.model.cli import add_model_args, model_from_args
+from mgpt4.model.minigpt4 import MiniGPT4
+
+log = logging.getLogger("mgpt4.demo")
+
+# Element ids: stable handles for the browser test and for anyone styling the page.
+IDS = {
+    "upload": "mgpt4-upload",
+    "preview": "mgpt4-preview",
+    "chatbot": "mgpt4-chatbot",
+    "question": "mgpt4-question",
+    "send": "mgpt4-send",
+    "reset": "mgpt4-reset",
+}
+INTRO = (
+    "Upload an image, then ask about it. The model sees one image at a time; "
+    "a new upload starts a new conversation."
+)
+
+
+def _import_gradio():
+    # Gradio calls home on launch unless told not to; a local demo has no reason to.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError:
+        raise SystemExit("the web demo needs Gradio: pip install 'gradio>=6,<7'") from None
+    return gr
+
+
+def _note(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def build_demo(
+    model: MiniGPT4, defaults: GenerationSettings | None = None, limits: ImageLimits | None = None
+):
+    """The page as a `gr.Blocks` (not launched): upload, preview, chat, sampling controls, reset."""
+    gr = _import_gradio()
+    d = defaults or GenerationSettings()
+    limits = limits or ImageLimits()
+
+    def session_of(session: ChatSession | None) -> ChatSession:
+        # Created on first use: gr.State deep-copies its initial value, and the model must not be copied.
+        return session if session is not None else ChatSession(model, limits)
+
+    def on_upload(path: str | None, session: ChatSession | None):
+        # The upload box empties itself each time (the preview shows the image), so the next
+        # upload is one click away and a rejected file does not look accepted.
+        session = session_of(session)
+        if path is None:
+            return session, gr.skip(), gr.skip(), None
+        try:
+            img = session.set_image(path)
+        except ImageRejected as e:
+            session.clear_image()
+            return session, [_note(f"⚠️ This upload cannot be used: {e}.")], None, None
+        return session, [_note(f"Got the image ({img.width}×{img.height}). Ask me about it.")], img, None
+
+    def on_send(
+        question, history, session, max_new_tokens, num_beams, sample, temperature, top_p, rep_penalty
+    ):
+        session = session_of(session)
+        history = list(history or [])
+        question = (question or "").strip()
+        if not question:
+            yield history, "", session
+            return
+        history.append({"role": "user", "content": question})
+        if not session.has_image:
+            history.append(_note("⚠️ Upload an image first, then ask about it."))
+            yield history, "", session
+            return
+        settings = GenerationSettings(
+            max_new_tokens=int(max_new_tokens),
+            num_beams=int(num_beams),
+            sample=bool(sample),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=float(rep_penalty),
+            max_context=d.max_context,
+        )
+        history.append(_note(""))
+        yield history, "", session
+        try:
+            reply = ""
+            for reply in session.stream_reply(question, settings):
+                history[-1] = _note(reply)
+                yield history, "", session
+            if not reply:
+                history[-1] = _note("_(the model gave an empty reply)_")
+        except ChatError as e:
+            history[-1] = _note(f"⚠️ {e}.")
+        except Exception as e:  # one failed reply (out of memory, say) must not take the page down
+            log.exception("generation failed")
+            history[-1] = _note(f"⚠️ Generation failed: {type(e).__name__}: {e}")
+        yield history, "", session
+
+    def on_reset(session: ChatSession | None):
+        if session is not None:
+            session.reset()
+        return session, []
+
+    with gr.Blocks(title="MiniGPT-4 (mgpt4)") as demo:
+        gr.Markdown(f"## MiniGPT-4\n{INTRO}")
+        session = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(
+                    label="Upload an image (PNG, JPEG, WebP, …)", type="filepath", elem_id=IDS["upload"]
+                )
+                preview = gr.Image(
+                    label="What the model sees",
+                    type="pil",
+                    interactive=False,
+                    height=220,
+                    elem_id=IDS["preview"],
+                )
+                with gr.Accordion("Generation", open=True):
+                    max_new = gr.Slider(1, 1000, value=d.max_new_tokens, step=1, label="Max new tokens")
+                    beams = gr.Slider(1, 10, value=d.num_beams, step=1, label="Beams (no streaming above 1)")
+                    sample = gr.Checkbox(value=d.sample, label="Sample (off: greedy, deterministic)")
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0: greedy)"
+                    )
+                    top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p")
+                    rep = gr.Slider(
+                        1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty"
+                    )
+                reset = gr.Button("Reset conversation", elem_id=IDS["reset"])
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(
+                    label="Conversation", height=520, buttons=["copy", "copy_all"], elem_id=IDS["chatbot"]
+                )
+                with gr.Row():
+                    question = gr.Textbox(
+                        placeholder="Ask about the image and press Enter",
+                        show_label=False,
+                        scale=5,
+                        elem_id=IDS["question"],
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id=IDS["send"])
+
+        upload.upload(on_upload, [upload, session], [session, chatbot, preview, upload])
+        ask_inputs = [question, chatbot, session, max_new, beams, sample, temperature, top_p, rep]
+        asked = [
+            send.click(on_send, ask_inputs, [chatbot, question, session]),
+            question.submit(on_send, ask_inputs, [chatbot, question, session]),
+        ]
+        # No model work in a reset: it skips the queue's limit and stops a reply being written.
+        reset.click(on_reset, [session], [session, chatbot], cancels=asked, concurrency_limit=None)
+        # The chat box's own bin icon must forget the conversation too, not only hide it.
+        chatbot.clear(on_reset, [session], [session, chatbot], cancels=asked, concurrency_limit=None)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mgpt4.demo",
+        description="Serve a web page to chat with a MiniGPT-4 model about an uploaded image.",
+    )
+    add_model_args(parser)
+    add_generation_args(parser)
+    s = parser.add_argument_group("server")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 opens it to the network)"
+    )
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests using the model at once; the rest wait in the queue",
+    )
+    s.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more are turned away")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.concurrency < 1:
+        raise SystemExit(f"--concurrency must be at least 1, got {args.concurrency}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up checks, one line each
+    settings = settings_from_args(args)
+    limits = limits_from_args(args)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    _import_gradio()  # fail on a missing Gradio before minutes of model loading
+    print("Loading the model ...", flush=True)
+    demo = build_demo(model_from_args(args), settings, limits)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    # Gradio's own cap sits above ours, so a file somewhat too large still gets our message in the chat.
+    demo.launch(
+        server_name=args.host, server_port=args.port, max_file_size=2 * limits.max_bytes, show_error=True
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Model FLOPs per training sample, counted from the config, and device peaks for MFU.
+
+Counted: the forward of every part; the backward of the LLM, which computes activation gradients
+only (its weights are frozen, so no weight gradients), to carry the gradient back to the
+projection; and the projection's weight gradient. Recomputation from gradient checkpointing is not
+counted (model FLOPs, not hardware FLOPs). A matmul of [m,k]x[k,n] is 2mkn FLOPs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mgpt4.config import ModelConfig
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
+DEVICE_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def vit_flops(m: ModelConfig) -> float:
+    v = m.vision
+    n, w, f = v.num_tokens, v.width, v.resolved_mlp_dim()
+    patch = 2 * (n - 1) * w * 3 * v.patch_size**2
+    per_layer = 2 * n * (4 * w * w + 2 * w * f) + 4 * n * n * w
+    return patch + v.depth * per_layer
+
+
+def qformer_flops(m: ModelConfig) -> float:
+    q, v = m.qformer, m.vision
+    nq, w, n = q.num_query_tokens, q.width, v.num_tokens
+    total = 0.0
+    for layer in range(q.depth):
+        total += 2 * nq * 4 * w * w + 4 * nq * nq * w  # self-attention
+        if layer % q.cross_attention_freq == 0:
+            total += 2 * nq * 2 * w * w + 2 * n * 2 * v.width * w + 4 * nq * n * w  # cross-attention
+        total += 2 * nq * 2 * w * q.ffn_dim  # query FFN
+    return total
+
+
+def llm_forward_flops(m: ModelConfig, seq_len: int) -> float:
+    c = m.llm
+    h, kv = c.hidden_size, (c.num_kv_heads or c.num_heads) * (c.hidden_size // c.num_heads)
+    per_token_layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size)
+    attn = 4 * seq_len * seq_len * h  # QK^T and AV over the full (unmasked-count) square
+    return c.num_layers * (seq_len * per_token_layer + attn) + 2 * seq_len * h * c.vocab_size
+
+
+def train_flops_per_sample(m: ModelConfig, seq_len: int) -> float:
+    proj = 2 * m.qformer.num_query_tokens * m.qformer.width * m.llm.hidden_size
+    return vit_flops(m) + qformer_flops(m) + 2 * proj + 2 * llm_forward_flops(m, seq_len)
+
+
+def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The table's peak for a CUDA device; for the CPU, a measured matmul peak; None if unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in DEVICE_PEAK_TFLOPS.items():
+            if key in name:
+                return peak if dtype != torch.float32 else peak / 2  # TF32 runs at half the bf16 rate
+        return None
+    return measure_matmul_tflops(dtype)
+
+
+def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """Sustained square-matmul TFLOP/s of this CPU with torch's threads (the MFU denominator on CPU)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12

@@ -1,0 +1,137 @@
+"""The one metrics component: TensorBoard (rank 0 writes), a metrics.jsonl and the console progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from mgpt4.data.transforms import CLIP_MEAN, CLIP_STD
+
+
+def device_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Metrics:
+    """Accumulates a log window of steps and writes its means; only rank 0 writes anything."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        rank: int,
+        world_size: int,
+        total_steps: int,
+        flops_per_sample: float,
+        tokens_per_sample: int,
+        peak_tflops: float | None,
+    ):
+        self.rank = rank
+        self.world_size = world_size
+        self.total_steps = total_steps
+        self.flops_per_sample = flops_per_sample
+        self.tokens_per_sample = tokens_per_sample
+        self.peak_tflops = peak_tflops
+        self.writer = None
+        self.jsonl = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        self._window_start = time.perf_counter()
+        self._window_samples = 0
+        self._window_wait = 0.0
+        self._window_steps = 0
+        self._run_start = time.perf_counter()
+        self._run_steps = 0
+
+    def add_step(self, samples: int, data_wait_s: float) -> None:
+        """Count one optimizer step of `samples` (global) samples; called on every rank."""
+        self._window_samples += samples
+        self._window_wait += data_wait_s
+        self._window_steps += 1
+        self._run_steps += 1
+
+    def write(self, step: int, scalars: dict[str, float], memory_gb: float, skipped: dict[str, int]) -> dict[str, float]:
+        """Close the window: throughput figures, TensorBoard scalars, a JSON line and the console line."""
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        samples_s = self._window_samples / elapsed
+        tflops = self.flops_per_sample * samples_s / self.world_size / 1e12
+        row = dict(scalars)
+        row.update(
+            {
+                "perf/samples_per_s": samples_s,
+                "perf/tokens_per_s": samples_s * self.tokens_per_sample,
+                "perf/tflops_per_device": tflops,
+                "perf/data_wait_s": self._window_wait / max(self._window_steps, 1),
+                "perf/step_time_s": elapsed / max(self._window_steps, 1),
+                "memory/device_gb": memory_gb,
+            }
+        )
+        if self.peak_tflops:
+            row["perf/mfu"] = tflops / self.peak_tflops
+        for reason, count in skipped.items():
+            row[f"data/skipped_{reason}"] = float(count)
+        if self.rank == 0:
+            for key, value in row.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+            self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+            self.jsonl.flush()
+            rate = (time.perf_counter() - self._run_start) / max(self._run_steps, 1)
+            mfu = f" | MFU {100 * row['perf/mfu']:.2f}%" if "perf/mfu" in row else ""
+            print(
+                f"step {step}/{self.total_steps} | loss {row['train/loss']:.4f} | lr {row['train/lr']:.2e}"
+                f" | gnorm {row.get('train/grad_norm', float('nan')):.3f} | {samples_s:.1f} samples/s"
+                f" | {row['perf/tokens_per_s']:.0f} tok/s | {tflops:.3f} TFLOP/s{mfu}"
+                f" | wait {1000 * row['perf/data_wait_s']:.0f} ms | mem {memory_gb:.2f} GB"
+                f" | skipped {sum(skipped.values())} | eta {_fmt_eta(rate * (self.total_steps - step))}",
+                flush=True,
+            )
+        self._window_start = time.perf_counter()
+        self._window_samples = 0
+        self._window_wait = 0.0
+        self._window_steps = 0
+        return row
+
+    def write_samples(self, step: int, images: torch.Tensor, captions: list[str]) -> None:
+        """Generated captions for the fixed sample images, as text and as an image grid."""
+        if self.rank != 0:
+            return
+        from torchvision.utils import make_grid
+
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1)
+        self.writer.add_image("samples/images", make_grid(pixels, nrow=len(captions)), step)
+        table = "\n".join(f"| {i} | {c.replace('|', '/') or '(empty)'} |" for i, c in enumerate(captions))
+        self.writer.add_text("samples/captions", "| image | caption |\n|---|---|\n" + table, step)
+        self.writer.flush()
+        for i, c in enumerate(captions):
+            print(f"  sample {i}: {c}", flush=True)
+
+    def write_text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.rank == 0:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def summary(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))

@@ -1,0 +1,129 @@
+"""Named recipes: the official stage-1 / stage-2 hyper-parameters for Vicuna 7B and 13B, and tiny CPU ones.
+
+A recipe is a function returning the whole typed config tree. Paths to weights and data follow the
+official download layout under `weights/` and `data/`; override them from the command line, e.g.
+`--set model.weights.llm=/models/vicuna-13b --set data.sources.0.shards='/laion/{00000..10488}.tar'`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
+from mgpt4.data.config import DataConfig, SourceConfig
+from mgpt4.model.presets import stage1_text, stage2_text, tiny, vicuna7b, vicuna13b
+
+
+def _official_weights(llm: str) -> WeightsConfig:
+    return WeightsConfig(
+        eva_vit="weights/eva_vit_g.pth",
+        blip2="weights/blip2_pretrained_flant5xxl.pth",
+        llm=f"weights/{llm}",
+    )
+
+
+def _stage1(model_fn, llm: str, name: str) -> Config:
+    model = model_fn()
+    model.text = stage1_text()
+    model.weights = _official_weights(llm)
+    return Config(
+        recipe=name,
+        model=model,
+        data=DataConfig(
+            kind="webdataset",
+            sources=[
+                SourceConfig(name="laion", shards="data/laion/{00000..10488}.tar", ratio=115.0),
+                SourceConfig(name="cc_sbu", shards="data/cc_sbu/{00000..01255}.tar", ratio=14.0),
+            ],
+            mix="batch",
+            resampled=True,
+        ),
+        optim=OptimConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000, weight_decay=0.05),
+        train=TrainConfig(steps=20000, global_batch_size=256, save_every=1000, sample_every=1000),
+    )
+
+
+def _stage2(model_fn, llm: str, name: str) -> Config:
+    model = model_fn()
+    model.text = stage2_text()
+    model.weights = _official_weights(llm)
+    # Stage 2 starts from a stage-1 projection: an mgpt4 export or the official checkpoint.
+    model.weights.proj = "weights/stage1_llama_proj.pth"
+    return Config(
+        recipe=name,
+        model=model,
+        data=DataConfig(kind="align", align_root="data/cc_sbu_align", num_workers=4),
+        optim=OptimConfig(lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=200, weight_decay=0.05),
+        train=TrainConfig(steps=1000, global_batch_size=12, save_every=200, sample_every=200),
+    )
+
+
+def stage1_vicuna13b() -> Config:
+    return _stage1(vicuna13b, "vicuna-13b", "stage1_vicuna13b")
+
+
+def stage1_vicuna7b() -> Config:
+    return _stage1(vicuna7b, "vicuna-7b", "stage1_vicuna7b")
+
+
+def stage2_vicuna13b() -> Config:
+    return _stage2(vicuna13b, "vicuna-13b", "stage2_vicuna13b")
+
+
+def stage2_vicuna7b() -> Config:
+    return _stage2(vicuna7b, "vicuna-7b", "stage2_vicuna7b")
+
+
+def _tiny_train(steps: int) -> TrainConfig:
+    return TrainConfig(
+        steps=steps,
+        precision="fp32",
+        save_every=20,
+        log_every=5,
+        sample_every=0,
+        num_sample_images=4,
+        output_dir="outputs/tiny",
+        demo_assets=True,
+    )
+
+
+def tiny_stage1() -> Config:
+    """The tiny model on synthetic shards; weights and data are generated into the cache on first use."""
+    model = tiny()
+    model.text = stage1_text()
+    return Config(
+        recipe="tiny_stage1",
+        model=model,
+        data=DataConfig(kind="webdataset", batch_size=8, num_workers=1, image_size=56, shuffle_buffer=64),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
+        train=_tiny_train(40),
+    )
+
+
+def tiny_stage2() -> Config:
+    model = tiny()
+    model.text = stage2_text()
+    model.text.max_txt_len = 48
+    return Config(
+        recipe="tiny_stage2",
+        model=model,
+        data=DataConfig(kind="align", batch_size=4, num_workers=1, image_size=56),
+        optim=OptimConfig(lr=3e-4, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
+        train=_tiny_train(20),
+    )
+
+
+RECIPES: dict[str, Callable[[], Config]] = {
+    "tiny_stage1": tiny_stage1,
+    "tiny_stage2": tiny_stage2,
+    "stage1_vicuna13b": stage1_vicuna13b,
+    "stage1_vicuna7b": stage1_vicuna7b,
+    "stage2_vicuna13b": stage2_vicuna13b,
+    "stage2_vicuna7b": stage2_vicuna7b,
+}
+
+
+def get_recipe(name: str) -> Config:
+    if name not in RECIPES:
+        raise SystemExit(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]()

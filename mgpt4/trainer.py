@@ -1,0 +1,230 @@
+"""The trainer: an explicit build order, then a training loop that fits on a screen.
+
+Build order: dist -> resolve config -> seed -> model (build, load, freeze) -> engine -> data ->
+checkpoint (resume) -> metrics -> loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mgpt4 import engine as eng_mod
+from mgpt4.config import Config, to_dict
+from mgpt4.data.feeder import DeviceFeeder
+from mgpt4.data.loader import build_loader
+from mgpt4.ds_config import build_ds_config, resolve_batch
+from mgpt4.flops import device_peak_tflops, train_flops_per_sample
+from mgpt4.metrics import Metrics, device_memory_gb
+from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
+from mgpt4.model.minigpt4 import DTYPES
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER
+from mgpt4.paths import CONFIG_FILE, PROJ_FILE, find_checkpoint
+
+
+def resolve_config(cfg: Config, ds_path: str, world_size: int, rank: int = 0) -> tuple[Config, dict[str, Any]]:
+    """Fill in what depends on the machine (demo assets, batch split) and validate; returns (cfg, ds config)."""
+    if cfg.train.demo_assets:
+        from mgpt4.assets import prepare_demo_assets
+
+        # Rank 0 generates; the others wait and then find the cached files.
+        if rank == 0:
+            prepare_demo_assets(cfg)
+        eng_mod.barrier()
+        if rank != 0:
+            prepare_demo_assets(cfg)
+    proj = cfg.model.weights.proj
+    if proj and os.path.isdir(proj):
+        # Stage 2 may start from an mgpt4 run: its newest checkpoint's official-format export.
+        found = find_checkpoint(proj)
+        if found is None:
+            raise SystemExit(f"model.weights.proj={proj}: a folder without an mgpt4 checkpoint")
+        cfg.model.weights.proj = os.path.join(found, PROJ_FILE)
+    resolve_batch(cfg, world_size)
+    cfg.validate()
+    return cfg, build_ds_config(ds_path, cfg, world_size)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sequence_length(model: MiniGPT4) -> int:
+    """Tokens per sample the LLM sees: BOS, the (longest) wrapped instruction, the queries, the answer."""
+    t = model.cfg.text
+    prompts = [t.prompt_template.format(i) for i in t.instructions] or [IMAGE_PLACEHOLDER]
+    text = max(len(model._segment_ids(p.replace(IMAGE_PLACEHOLDER, ""))) for p in prompts) if t.instructions else 0
+    return 1 + text + model.cfg.qformer.num_query_tokens + t.max_txt_len
+
+
+@dataclass
+class Run:
+    """What the loop needs, in the order it was built."""
+
+    cfg: Config
+    dist: eng_mod.DistInfo
+    model: MiniGPT4
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    feeder: DeviceFeeder
+    metrics: Metrics
+    step: int = 0
+    samples_seen: int = 0
+    sample_images: torch.Tensor | None = None
+    reported: bool = False
+
+
+def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
+    """Everything after the process group (step 1), in the declared order."""
+    cfg, ds_config = resolve_config(cfg, ds_path, d.world_size, d.rank)
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    if d.rank == 0:
+        with open(os.path.join(cfg.train.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump({"config": to_dict(cfg), "deepspeed": ds_config}, f, indent=2)
+    seed_all(cfg.train.seed)  # 2. seed: the same on every rank, so random parts start equal
+    zero = eng_mod.ZeroSetup(cfg, ds_config)
+    model = build_model(cfg.model, llm_context=zero.llm_context(cfg))  # 3. model: build, load
+    load_weights(model)
+    apply_freeze(model)  # 4. freeze
+    zero.cast_for_engine(model)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    engine, optimizer, scheduler = eng_mod.create_engine(model, cfg, ds_config)  # 5. engine
+    engine.zero_setup = zero  # keeps HfDeepSpeedConfig alive as long as the engine
+    seed_all(cfg.train.seed + d.rank)  # from here on each rank draws its own instructions
+    text = cfg.model.text
+    loader = build_loader(cfg.data, model.tokenizer, text.max_txt_len, text.end_sym, d.rank, d.world_size)  # 6. data
+    restored = eng_mod.load_checkpoint(engine, cfg) if resume else None  # 7. checkpoint
+    step, samples_seen, sample_images = 0, 0, None
+    if restored is not None:
+        client, rank_state = restored
+        step, samples_seen, sample_images = client["step"], client["samples_seen"], rank_state["sample_images"]
+        loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        if d.rank == 0:
+            print(f"resumed from step {step} ({samples_seen} samples seen)", flush=True)
+    feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
+    seq = sequence_length(model)  # 8. metrics
+    peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])
+    metrics = Metrics(
+        cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, train_flops_per_sample(cfg.model, seq), seq, peak
+    )
+    run = Run(cfg, d, model, engine, optimizer, scheduler, feeder, metrics, step, samples_seen, sample_images)
+    return run
+
+
+def save(run: Run) -> None:
+    rank_state = {"data": run.feeder.state_dict(), "rng": rng_state(), "sample_images": run.sample_images}
+    client = {"step": run.step, "samples_seen": run.samples_seen}
+    folder = eng_mod.save_checkpoint(run.engine, run.model, run.cfg, run.step, client, rank_state)
+    if run.dist.rank == 0:
+        print(f"saved {folder}", flush=True)
+
+
+def write_samples(run: Run) -> None:
+    """Captions for the fixed sample images; every rank generates (ZeRO-3 needs all of them)."""
+    text = run.cfg.model.text
+    prompt = text.prompt_template.format(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
+    run.model.eval()
+    captions = run.model.generate(
+        run.sample_images, prompt, max_new_tokens=text.max_txt_len, synced_gpus=eng_mod.is_zero3(run.engine)
+    )
+    run.model.train()
+    run.metrics.write_samples(run.step, run.sample_images, [c.split("\n")[0].strip() for c in captions])
+
+
+def log(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
+    loss = eng_mod.all_mean(float(loss_sum.item()) / max(steps, 1), run.dist.device)
+    grad_norm = run.engine.get_global_grad_norm()
+    scalars = {"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], "train/samples_seen": run.samples_seen}
+    if grad_norm is not None:
+        scalars["train/grad_norm"] = float(grad_norm)
+    counts: list[dict[str, int]] = [{}] * run.dist.world_size
+    dist.all_gather_object(counts, run.feeder.stats())
+    skipped: dict[str, int] = {}
+    for c in counts:
+        for reason, n in c.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    run.metrics.write(run.step, scalars, device_memory_gb(run.dist.device), skipped)
+    if not run.reported:
+        # Adam's state exists only after the first step, so where memory lives is reported here.
+        report = eng_mod.memory_report(run.engine, run.optimizer, run.model)
+        run.reported = True
+        if run.dist.rank == 0:
+            with open(os.path.join(run.cfg.train.output_dir, "engine.json"), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+            print(f"engine: {json.dumps(report)}", flush=True)
+
+
+def train_loop(run: Run) -> None:
+    t, cfg = run.cfg.train, run.cfg
+    end = min(t.stop_at or t.steps, t.steps)
+    global_batch = cfg.data.batch_size * t.grad_accum * run.dist.world_size
+    batches = iter(run.feeder)
+    run.model.train()
+    loss_sum, window = torch.zeros((), device=run.dist.device), 0
+    while run.step < end:
+        waited = 0.0
+        for _ in range(t.grad_accum):
+            batch = next(batches)
+            waited += run.feeder.last_wait_s
+            if run.sample_images is None:
+                run.sample_images = batch["image"][: t.num_sample_images].detach().clone().cpu()
+            loss = run.engine(batch["image"], batch["text_ids"], batch["text_mask"]).loss
+            run.engine.backward(loss)
+            run.engine.step()
+            loss_sum += loss.detach().float() / t.grad_accum
+        run.step += 1
+        window += 1
+        run.samples_seen += global_batch
+        run.metrics.add_step(global_batch, waited)
+        last = run.step == end
+        if run.step % t.log_every == 0 or last:
+            log(run, loss_sum, window)
+            loss_sum, window = torch.zeros((), device=run.dist.device), 0
+        if (t.sample_every and run.step % t.sample_every == 0) or run.step == t.steps:
+            write_samples(run)
+        if run.step % t.save_every == 0 or last:
+            save(run)
+
+
+def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
+    d = eng_mod.init_distributed(cfg.train.comm_timeout_min)  # 1. dist
+    try:
+        run = build(cfg, ds_path, resume, d)
+        try:
+            if run.step >= min(run.cfg.train.stop_at or run.cfg.train.steps, run.cfg.train.steps):
+                if d.rank == 0:
+                    print(f"nothing to do: the run is already at step {run.step}", flush=True)
+            else:
+                train_loop(run)
+        finally:
+            run.metrics.close()
+            run.feeder.source.close()
+    finally:
+        eng_mod.shutdown()

@@ -1,0 +1,104 @@
+"""Stage-2 cc_sbu_align: checks up front, distributed epoch order, damaged images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from data_fixtures import make_align, tiny_tokenizer
+
+from mgpt4.data import DataConfig, build_loader
+from mgpt4.tokenizer import encode_answers
+
+SIZE = 16
+L = 24
+
+
+def _cfg(root, **kw) -> DataConfig:
+    base = {"kind": "align", "align_root": root, "batch_size": 3, "num_workers": 0, "image_size": SIZE}
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_missing_images_are_listed_in_one_error(tmp_path):
+    root = make_align(tmp_path / "cc_sbu_align", 6)
+    os.remove(os.path.join(root, "image", "1.jpg"))
+    os.remove(os.path.join(root, "image", "4.jpg"))
+    with pytest.raises(FileNotFoundError) as e:
+        build_loader(_cfg(root), tiny_tokenizer(), L, "###")
+    msg = str(e.value)
+    assert "2 of 6 images" in msg and "1.jpg" in msg and "4.jpg" in msg
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"images": []}', 'expected {"annotations"'),
+        ('{"annotations": [{"image_id": "0"}]}', r"annotations\[0\].caption"),
+        ('{"annotations": [{"caption": "x"}]}', r"annotations\[0\].image_id"),
+    ],
+)
+def test_bad_annotation_files_are_named(tmp_path, content, match):
+    root = make_align(tmp_path / "a", 2)
+    with open(os.path.join(root, "filter_cap.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=match):
+        build_loader(_cfg(root), tiny_tokenizer(), L, "###")
+
+
+def test_no_annotation_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"filter_cap\.json: missing"):
+        build_loader(_cfg(str(tmp_path)), tiny_tokenizer(), L, "###")
+
+
+def test_epochs_cover_every_pair_once_with_the_partial_batch_dropped(tmp_path):
+    root = make_align(tmp_path / "a", 10)
+    loader = build_loader(_cfg(root), tiny_tokenizer(), L, "###")
+    it = iter(loader)
+    batches = [next(it) for _ in range(6)]  # 10 pairs, batches of 3: 3 full batches per epoch
+    for epoch in range(2):
+        chunk = batches[3 * epoch : 3 * epoch + 3]
+        assert all(b["epoch"].tolist() == [epoch] * 3 for b in chunk)
+        ids = [i for b in chunk for i in b["sample_id"].tolist()]
+        assert len(set(ids)) == 9
+    first = [i for b in batches[:3] for i in b["sample_id"].tolist()]
+    second = [i for b in batches[3:] for i in b["sample_id"].tolist()]
+    assert first != second  # a new order every epoch
+
+
+def test_captions_are_raw_in_stage_2(tmp_path):
+    root = make_align(tmp_path / "a", 3)
+    batch = next(iter(build_loader(_cfg(root), tiny_tokenizer(), L, "###")))
+    texts = [f"Sample number {i}. It shows a red circle!" for i in batch["sample_id"].tolist()]
+    ids, mask = encode_answers(tiny_tokenizer(), texts, "###", L)
+    assert torch.equal(batch["text_ids"], ids) and torch.equal(batch["text_mask"], mask)
+
+
+def test_ranks_get_disjoint_shares(tmp_path):
+    root = make_align(tmp_path / "a", 13)
+    shares = []
+    for rank in range(2):
+        loader = build_loader(_cfg(root), tiny_tokenizer(), L, "###", rank=rank, world_size=2)
+        it = iter(loader)
+        shares.append({i for _ in range(2) for i in next(it)["sample_id"].tolist()})  # 6 per rank
+    assert len(shares[0]) == len(shares[1]) == 6
+    assert shares[0].isdisjoint(shares[1])
+
+
+def test_too_few_pairs_for_one_batch(tmp_path):
+    root = make_align(tmp_path / "a", 5)
+    with pytest.raises(ValueError, match="no full batch per epoch"):
+        build_loader(_cfg(root), tiny_tokenizer(), L, "###", rank=0, world_size=2)
+
+
+def test_damaged_image_is_counted_and_replaced_within_the_batch(tmp_path):
+    root = make_align(tmp_path / "a", 3)
+    with open(os.path.join(root, "image", "2.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    loader = build_loader(_cfg(root), tiny_tokenizer(), L, "###")
+    batch = next(iter(loader))
+    assert batch["image"].shape == (3, 3, SIZE, SIZE)
+    assert 2 not in batch["sample_id"].tolist()
+    assert loader.stats()["corrupt_image"] == 1

@@ -1,0 +1,197 @@
+"""Stage-1 shards: batch contract, mixing ratios, split coverage, resampling, bad samples and shards."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import bad_shard, numbered_shards, sample_files, tiny_tokenizer, write_tar
+
+from mgpt4.data import DataConfig, SourceConfig, build_loader
+from mgpt4.data.shards import TarReader
+from mgpt4.data.transforms import clean_caption
+from mgpt4.data.webdataset import ShardBatches, sample_id, source_urls
+from mgpt4.tokenizer import encode_answers
+
+SIZE = 16
+L = 12
+
+
+def _cfg(sources, **kw) -> DataConfig:
+    base = {"batch_size": 4, "num_workers": 0, "image_size": SIZE, "shuffle_buffer": 8}
+    base.update(kw)
+    return DataConfig(sources=sources, **base)
+
+
+def _reader(cfg, rank=0, world=1, worker=0, workers=None) -> ShardBatches:
+    workers = cfg.num_workers if workers is None else workers
+    urls = source_urls(cfg, world, workers)
+    return ShardBatches(cfg, urls, tiny_tokenizer(), L, "\n", rank, world, worker, workers)
+
+
+def _captions(paths) -> dict[int, str]:
+    out = {}
+    for path in paths:
+        reader = TarReader(path)
+        while (s := reader.next_sample()) is not None:
+            out[sample_id(path, s[0])] = s[1]["txt"].decode()
+    return out
+
+
+def test_batches_follow_the_contract(tmp_path):
+    paths = numbered_shards(str(tmp_path), 2, 5)
+    captions = _captions(paths)
+    loader = build_loader(_cfg([SourceConfig(name="laion", shards=paths)]), tiny_tokenizer(), L, "\n")
+    it = iter(loader)
+    for _ in range(4):
+        batch = next(it)
+        assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.uint8
+        assert batch["text_ids"].shape == (4, L) and batch["text_ids"].dtype == torch.int64
+        assert batch["text_mask"].shape == (4, L) and batch["text_mask"].dtype == torch.int64
+        assert batch["source"].tolist() == [0, 0, 0, 0]
+        # Tokens are exactly what the model's encode_answers makes of the cleaned captions.
+        texts = [clean_caption(captions[i]) for i in batch["sample_id"].tolist()]
+        ids, mask = encode_answers(tiny_tokenizer(), texts, "\n", L)
+        assert torch.equal(batch["text_ids"], ids) and torch.equal(batch["text_mask"], mask)
+        assert batch["image"].float().std() > 5  # real pixels, not an empty buffer
+
+
+def test_captions_are_kept_raw_when_cleaning_is_off(tmp_path):
+    path = write_tar(
+        str(tmp_path / "a.tar"), [(f"k{i}", sample_files(f"k{i}", "Hello, World!")) for i in range(4)]
+    )
+    cfg = _cfg([SourceConfig(shards=path)], clean_captions=False)
+    batch = _reader(cfg).next_batch()
+    ids, _ = encode_answers(tiny_tokenizer(), ["Hello, World!"] * 4, "\n", L)
+    assert torch.equal(batch["text_ids"], ids)
+
+
+@pytest.mark.parametrize("mix", ["batch", "sample"])
+def test_mixing_ratios_hold(tmp_path, mix):
+    a = numbered_shards(str(tmp_path / "a"), 2, 4)
+    b = numbered_shards(str(tmp_path / "b"), 2, 4)
+    cfg = _cfg(
+        [SourceConfig(name="laion", shards=a, ratio=115), SourceConfig(name="ccsbu", shards=b, ratio=38.3)],
+        mix=mix,
+        batch_size=2,
+    )
+    expected = 115 / (115 + 38.3)  # 0.75
+    counts = []
+    for worker in range(2):  # two readers, as two DataLoader workers would be
+        reader = _reader(cfg, worker=worker, workers=2)
+        for _ in range(200):
+            src = reader.next_batch()["source"]
+            if mix == "batch":
+                assert src[0] == src[1], "batch mode draws one source per batch"
+                counts.append(int(src[0] == 0))
+            else:
+                counts.extend((src == 0).int().tolist())
+    frac = np.mean(counts)
+    assert abs(frac - expected) < 4 * np.sqrt(expected * (1 - expected) / len(counts)), frac
+
+
+def test_split_mode_gives_disjoint_complete_coverage(tmp_path):
+    paths = numbered_shards(str(tmp_path), 8, 3)
+    everything = set(_captions(paths))
+    cfg = _cfg([SourceConfig(shards=paths)], resampled=False, batch_size=3, shuffle_buffer=6, num_workers=2)
+    seen = {}
+    for rank in range(2):
+        for worker in range(2):
+            reader = _reader(cfg, rank, 2, worker)
+            ids = [
+                i for _ in range(2) for i in reader.next_batch()["sample_id"].tolist()
+            ]  # one epoch: 2 shards
+            assert len(set(ids)) == 6
+            seen[(rank, worker)] = set(ids)
+    readers = list(seen.values())
+    assert set().union(*readers) == everything
+    assert sum(len(r) for r in readers) == len(everything)  # pairwise disjoint
+
+
+def test_split_mode_through_real_workers(tmp_path):
+    paths = numbered_shards(str(tmp_path), 4, 2)
+    cfg = _cfg([SourceConfig(shards=paths)], resampled=False, batch_size=2, num_workers=2, shuffle_buffer=2)
+    per_rank = []
+    for rank in range(2):
+        loader = build_loader(cfg, tiny_tokenizer(), L, "\n", rank=rank, world_size=2)
+        it = iter(loader)
+        per_rank.append([i for _ in range(2) for i in next(it)["sample_id"].tolist()])
+        loader.close()
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) == set(_captions(paths))
+
+
+def test_split_mode_needs_a_shard_per_reader(tmp_path):
+    paths = numbered_shards(str(tmp_path), 3, 1)
+    cfg = _cfg([SourceConfig(name="ccsbu", shards=paths)], resampled=False, num_workers=2)
+    with pytest.raises(
+        ValueError, match=r"'ccsbu' has 3 shard\(s\), fewer than 2 rank\(s\) x 2 worker\(s\) = 4"
+    ):
+        build_loader(cfg, tiny_tokenizer(), L, "\n", rank=0, world_size=2)
+
+
+def test_resampled_streams_are_seeded_per_rank_and_worker(tmp_path):
+    paths = numbered_shards(str(tmp_path), 6, 2)
+    cfg = _cfg([SourceConfig(shards=paths)], batch_size=6)
+
+    def ids(rank, worker, seed=0):
+        reader = _reader(DataConfig(**{**cfg.__dict__, "seed": seed}), rank, 2, worker, 2)
+        return [reader.next_batch()["sample_id"].tolist() for _ in range(3)]
+
+    assert ids(0, 0) == ids(0, 0)
+    assert ids(0, 0) != ids(0, 1) and ids(0, 0) != ids(1, 0) and ids(0, 1) != ids(1, 0)
+    assert ids(0, 0) != ids(0, 0, seed=1)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
+    path = bad_shard(str(tmp_path / "damaged.tar"))
+    cfg = _cfg([SourceConfig(shards=[path])], resampled=False, shuffle_buffer=1)
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    it = iter(loader)
+    with caplog.at_level(logging.WARNING, logger="mgpt4.data"):
+        next(it)
+        next(it)  # exactly the 8 good samples of the first pass
+    stats = loader.stats()
+    expected = {"corrupt_image": 1, "truncated_image": 1, "no_caption": 1, "bad_json": 1, "no_image": 1}
+    assert {k: v for k, v in stats.items() if v} == expected
+    assert "truncated in " in caplog.text and "damaged.tar" in caplog.text
+    next(it)
+    next(it)
+    assert {k: v for k, v in loader.stats().items() if v} == {k: 2 for k in expected}
+
+
+def test_unusable_shards_are_reported_by_name(tmp_path, caplog):
+    good = numbered_shards(str(tmp_path), 2, 4)
+    missing = str(tmp_path / "laion-missing-00007.tar")
+    cut = str(tmp_path / "cut-00003.tar")
+    with open(good[1], "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(os.path.getsize(good[1]) // 3))
+    cfg = _cfg(
+        [SourceConfig(name="laion", shards=[good[0], missing, cut])], resampled=False, shuffle_buffer=1
+    )
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    it = iter(loader)
+    with caplog.at_level(logging.WARNING, logger="mgpt4.data"):
+        for _ in range(4):
+            next(it)
+    stats = loader.stats()
+    assert stats["shard_open_failed"] >= 1 and stats["truncated_shard"] >= 1
+    assert missing in loader.failed_shards() and cut in loader.failed_shards()
+    assert "laion-missing-00007.tar" in caplog.text and "cannot open" in caplog.text
+
+
+def test_a_source_without_any_readable_shard_fails_clearly(tmp_path):
+    cfg = _cfg([SourceConfig(name="ccsbu", shards=[str(tmp_path / "a.tar"), str(tmp_path / "b.tar")])])
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    with pytest.raises(RuntimeError, match=r"source 'ccsbu': .* gave no samples .*a\.tar"):
+        next(iter(loader))
+
+
+def test_pipe_sources_work(tmp_path):
+    paths = numbered_shards(str(tmp_path), 2, 4)
+    cfg = _cfg([SourceConfig(shards=[f"pipe:cat {p}" for p in paths])])
+    batch = next(iter(build_loader(cfg, tiny_tokenizer(), L, "\n")))
+    assert batch["image"].shape == (4, 3, SIZE, SIZE)

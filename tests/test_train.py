@@ -1,0 +1,175 @@
+"""Training through the real launchers on CPU: quickstart, 2 ranks under ZeRO-2/3, exact resume, bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from tests.launch import REPO, deepspeed_cmd, read_jsonl, run
+
+pytestmark = pytest.mark.slow
+
+SCALARS = {
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "perf/samples_per_s",
+    "perf/tokens_per_s",
+    "perf/tflops_per_device",
+    "perf/mfu",
+    "perf/data_wait_s",
+    "memory/device_gb",
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mgpt4-cache"))
+
+
+def readme_quickstart() -> list[str]:
+    """The shell lines of the README's quickstart block that start a training run."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"<!-- quickstart -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no quickstart block"
+    return [line for line in block.group(1).splitlines() if line.startswith("deepspeed ")]
+
+
+def tensorboard_tags(folder: str) -> tuple[set[str], set[str], set[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(folder, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return set(tags["scalars"]), set(tags["images"]), set(tags["tensors"])
+
+
+def test_readme_quickstart_trains_end_to_end(tmp_path, cache):
+    """The README's command, as written, in a fresh folder: checkpoint, export and TensorBoard."""
+    for folder in ("launchers", "ds_configs"):
+        shutil.copytree(os.path.join(REPO, folder), tmp_path / folder)
+    commands = readme_quickstart()
+    assert commands == ["deepspeed launchers/pretrain.py --deepspeed ds_configs/z2.json"]
+    proc = run(commands[0], cache, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    out = tmp_path / "outputs" / "tiny"
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    ckpt = out / "checkpoints" / latest
+    assert latest == "step_00000040" and (ckpt / "config.json").is_file()
+    # The export is in the official format and loads through the strict loader.
+    exported = torch.load(ckpt / "llama_proj.pth", weights_only=True)
+    assert set(exported) == {"model"} and set(exported["model"]) == {"llama_proj.weight", "llama_proj.bias"}
+    from mgpt4.config import ModelConfig, from_dict
+    from mgpt4.model import build_model
+    from mgpt4.model.loading import load_proj
+
+    cfg = from_dict(ModelConfig, json.loads((ckpt / "config.json").read_text())["model"], "model")
+    model = build_model(cfg)
+    load_proj(model, str(ckpt / "llama_proj.pth"))
+    assert torch.equal(model.llama_proj.weight, exported["model"]["llama_proj.weight"])
+    # No frozen weights in the checkpoint: everything in it is small.
+    assert sum(os.path.getsize(f) for f in glob.glob(str(ckpt / "*"))) < 2_000_000
+    scalars, images, texts = tensorboard_tags(str(out / "tensorboard"))
+    assert scalars >= SCALARS, SCALARS - scalars
+    assert "samples/images" in images and any("samples/captions" in t for t in texts)
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    assert "eta" in proc.stdout and "MFU" in proc.stdout
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ds_json", ["z2.json", "z3.json"])
+def test_two_ranks(tmp_path, cache, ds_json):
+    out = tmp_path / "run"
+    proc = run(
+        deepspeed_cmd(
+            "launchers/pretrain.py",
+            2,
+            "--deepspeed",
+            f"ds_configs/{ds_json}",
+            "--set", f"train.output_dir={out}",
+            "--set", "train.steps=3",
+            "--set", "train.log_every=1",
+        ),
+        cache,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = json.loads((out / "engine.json").read_text())
+    proj_numel = 64 * 64 + 64
+    assert report["world_size"] == 2 and report["trainable_params"] == proj_numel
+    # Adam's state covers exactly the projection, split over the ranks.
+    assert sum(report["optimizer_state_numel_per_rank"]) == proj_numel
+    per_rank = report["llm_params_per_rank"]
+    if ds_json == "z3.json":
+        assert report["zero_stage"] == 3
+        assert all(abs(n - report["llm_params"] / 2) <= 0.02 * report["llm_params"] for n in per_rank), per_rank
+    else:
+        assert report["zero_stage"] == 2 and per_rank == [report["llm_params"]] * 2
+    assert [r["step"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
+
+
+@pytest.mark.multirank
+def test_resume_continues_the_same_loss_curve(tmp_path, cache):
+    common = ["--deepspeed", "ds_configs/z2.json", "--set", "train.steps=6", "--set", "train.log_every=1",
+              "--set", "train.save_every=3", "--set", "data.num_workers=2"]  # fmt: skip
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    proc = run(deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={full}"), cache)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    first = run(
+        deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={parts}", "--set", "train.stop_at=3"),
+        cache,
+    )
+    assert first.returncode == 0, first.stdout[-4000:]
+    assert (parts / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    second = run(deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={parts}"), cache)
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert "resumed from step 3" in second.stdout
+    a = read_jsonl(str(full / "metrics.jsonl"))
+    b = read_jsonl(str(parts / "metrics.jsonl"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["train/loss"] == rb["train/loss"], (ra["step"], ra["train/loss"], rb["train/loss"])
+        assert ra["train/lr"] == rb["train/lr"]
+    pa = torch.load(full / "checkpoints" / "step_00000006" / "llama_proj.pth")["model"]
+    pb = torch.load(parts / "checkpoints" / "step_00000006" / "llama_proj.pth")["model"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def _fails_before_training(tmp_path, cache, *overrides: str) -> str:
+    proc = run(
+        ["python", "launchers/pretrain.py", "--set", f"train.output_dir={tmp_path / 'bad'}", *overrides], cache
+    )
+    assert proc.returncode != 0
+    assert "step 1/" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    return proc.stdout
+
+
+def test_missing_weight_file_is_named(tmp_path, cache):
+    out = _fails_before_training(tmp_path, cache, "--set", "model.weights.eva_vit=/nonexistent/eva_vit_g.pth")
+    assert "/nonexistent/eva_vit_g.pth" in out and "does not exist" in out
+
+
+def test_wrong_size_projection_says_which_llm(tmp_path, cache):
+    path = tmp_path / "pretrained_minigpt4_7b.pth"
+    torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 64), "llama_proj.bias": torch.zeros(4096)}}, path)
+    out = _fails_before_training(tmp_path, cache, "--set", f"model.weights.proj={path}")
+    assert "LLaMA/Vicuna-7B" in out and "[4096, 64]" in out and "[64, 64]" in out
+
+
+def test_data_path_without_shards(tmp_path, cache):
+    sources = json.dumps([{"name": "laion", "shards": "/nonexistent/laion/{00000..00003}.tar"}])
+    out = _fails_before_training(tmp_path, cache, "--set", f"data.sources={sources}")
+    assert "/nonexistent/laion" in out
+
+
+def test_global_batch_not_divisible(tmp_path, cache):
+    out = _fails_before_training(tmp_path, cache, "--set", "train.global_batch_size=5", "--set", "train.grad_accum=2")
+    assert "train.global_batch_size=5 is not divisible" in out
