@@ -22,6 +22,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
+from mgpt4 import launch_env
 from mgpt4.config import Config, OptimConfig, to_dict
 from mgpt4.ds_config import zero_stage
 from mgpt4.model import MiniGPT4
@@ -41,18 +42,10 @@ class DistInfo:
 
 
 def init_distributed(timeout_min: int) -> DistInfo:
-    """Join the process group from the launcher's variables (or mpi4py discovery when they are missing)."""
+    """Join the process group: deepspeed/torchrun variables, srun's, mpirun (mpi4py) or a world of one."""
     # DeepSpeed reads the timeout in minutes; a hung collective then fails instead of waiting forever.
     os.environ.setdefault("DEEPSPEED_TIMEOUT", str(timeout_min))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-            # A plain `python launchers/pretrain.py` is a world of one.
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
-            break
+    launch_env.wire(os.environ)
     deepspeed.init_distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc = get_accelerator()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 from mgpt4.paths import CONFIG_FILE, PROJ_FILE, find_checkpoint
+from mgpt4.preemption import Preemption
 
 
 def resolve_config(cfg: Config, ds_path: str, world_size: int, rank: int = 0) -> tuple[Config, dict[str, Any]]:
@@ -97,6 +98,7 @@ class Run:
     samples_seen: int = 0
     sample_images: torch.Tensor | None = None
     reported: bool = False
+    preemption: Preemption = field(default_factory=Preemption)
 
 
 def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
@@ -211,6 +213,11 @@ def train_loop(run: Run) -> None:
             write_samples(run)
         if run.step % t.save_every == 0 or last:
             save(run)
+        elif run.preemption.requested(run.dist.device):
+            save(run)
+            if run.dist.rank == 0:
+                print(f"preempted at step {run.step}: {run.preemption.requeue()}", flush=True)
+            return
 
 
 def train(cfg: Config, ds_path: str, resume: bool = True) -> None:

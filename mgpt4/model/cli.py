@@ -2,7 +2,7 @@
 
 Besides the files, three low-memory options decide where the parts live: the LLM in bf16/fp16,
 the LLM in 8-bit (bitsandbytes, CUDA only), and the vision path on the CPU while the LLM is on
-the GPU (a 13B LLM in 8-bit then fits on a ~16 GB card, as in the official low-resource mode).
+the GPU (8-bit LLM plus CPU vision is the official low-resource mode).
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--llm", help="a Hugging Face LLaMA/Vicuna folder")
     g.add_argument("--proj", help="a MiniGPT-4 checkpoint holding llama_proj (e.g. pretrained_minigpt4.pth)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device of the model (default: cuda when a GPU is visible, else cpu)",
+    )
     low = parser.add_argument_group("low memory")
     low.add_argument(
         "--llm-dtype",
