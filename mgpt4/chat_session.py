@@ -12,16 +12,13 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, TextIteratorStreamer
 
-from mgpt4.model.minigpt4 import MiniGPT4, StopOnSequences, stop_sequences
+from mgpt4.images import eval_transform
+from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.prompts import SEP, Conversation, clean_reply
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageRejected(ValueError):
@@ -79,15 +76,6 @@ def load_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> 
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageRejected(f"{name}: the image is damaged or truncated ({e})") from None
-
-
-def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """The official eval transform: bicubic resize to size x size, to [0,1], CLIP normalisation -> [1,3,S,S]."""
-    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
 
 
 @dataclass
@@ -164,7 +152,7 @@ class ChatSession:
     def set_image(self, source: str | os.PathLike | Image.Image) -> Image.Image:
         """Check, preprocess and encode an image (a path or a PIL image); starts a new conversation."""
         img = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, self.limits)
-        pixels = preprocess(img, self.model.cfg.vision.image_size)
+        pixels = eval_transform(img, self.model.cfg.vision.image_size).unsqueeze(0)
         with torch.no_grad():
             self.img_embeds = self.model.encode_img(pixels.to(_device_of(self.model.visual_encoder)))
         self.reset()
@@ -245,7 +233,6 @@ class ChatSession:
         if result["reply"] != shown or not shown:
             yield result["reply"]
 
-    @torch.no_grad()
     def _generate(
         self,
         prompt: str,
@@ -253,30 +240,17 @@ class ChatSession:
         streamer: TextIteratorStreamer | None,
         stop: threading.Event,
     ) -> str:
-        # As MiniGPT4.generate, but on the image embeddings computed once per image.
-        model = self.model
-        tok = model.tokenizer
-        llm_device = model.llm.get_input_embeddings().weight.device
-        embs = model.context_embeds(prompt, [self.img_embeds.to(llm_device)])
-        begin = max(0, embs.shape[1] + settings.max_new_tokens - settings.max_context)
-        embs = embs[:, begin:]
-        sampling = (
-            dict(temperature=float(settings.temperature), top_p=settings.top_p) if settings.do_sample else {}
-        )
-        out = model.llm.generate(
-            inputs_embeds=embs,
-            attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
+        [reply] = self.model.generate_from_embeds(
+            [self.img_embeds],
+            prompt,
             max_new_tokens=settings.max_new_tokens,
             num_beams=settings.num_beams,
             do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
             repetition_penalty=settings.repetition_penalty,
-            min_length=1,
-            stopping_criteria=StoppingCriteriaList(
-                [StopOnSequences(stop_sequences(tok)), _StopWhenSet(stop)]
-            ),
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            max_context=settings.max_context,
             streamer=streamer,
-            **sampling,
+            stopping_criteria=[_StopWhenSet(stop)],
         )
-        return clean_reply(tok.decode(out[0], skip_special_tokens=True))
+        return reply

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mgpt4.data.transforms import CLIP_MEAN, CLIP_STD
+from mgpt4.images import CLIP_MEAN, CLIP_STD
 
 
 def device_memory_gb(device: torch.device) -> float:

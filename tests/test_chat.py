@@ -15,17 +15,15 @@ from PIL import Image
 
 from mgpt4 import chat
 from mgpt4.chat_session import (
-    CLIP_MEAN,
-    CLIP_STD,
     ChatError,
     ChatSession,
     GenerationSettings,
     ImageLimits,
     ImageRejected,
     load_image,
-    preprocess,
     visible_reply,
 )
+from mgpt4.images import CLIP_MEAN, CLIP_STD, eval_transform
 from mgpt4.model.cli import add_model_args, model_from_args, place_vision
 from mgpt4.model.prompts import Conversation
 from tests.chat_fixtures import Terminal, python_module, readable_tiny_model, write_checkpoint, write_image
@@ -69,7 +67,7 @@ def test_preprocess_is_the_official_eval_transform(image):
         ]
     )
     img = load_image(image)
-    ours = preprocess(img, 56)
+    ours = eval_transform(img, 56).unsqueeze(0)
     assert ours.shape == (1, 3, 56, 56)
     torch.testing.assert_close(ours, official(img).unsqueeze(0))
 
@@ -123,7 +121,7 @@ def test_reply_streams_and_equals_generate(model, image):
     conv = Conversation()
     conv.add_image()
     conv.ask("What is in the picture?")
-    pixels = preprocess(load_image(image), 56)
+    pixels = eval_transform(load_image(image), 56).unsqueeze(0)
     [expected] = model.generate(pixels, conv.prompt_for_reply(), max_new_tokens=12)
     assert parts[-1] == expected and re.search(r"[A-Za-z]{2}", expected)
     conv.add_reply(expected)

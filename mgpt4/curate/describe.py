@@ -20,10 +20,11 @@ from transformers import StoppingCriteriaList
 
 from mgpt4.config import ConfigError
 from mgpt4.curate import ranks
-from mgpt4.curate.images import decode_rgb, eval_tensor
+from mgpt4.curate.images import decode_rgb
 from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import DONE, FAILED, PartWriter, open_store, pending_ids, read_store, record
+from mgpt4.images import eval_transform
 from mgpt4.model.minigpt4 import MiniGPT4, StopOnSequences, stop_sequences
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER, clean_reply
 
@@ -96,7 +97,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         item = self.items[i]
         try:
-            return i, eval_tensor(decode_rgb(item.read_bytes()), self.size), None
+            return i, eval_transform(decode_rgb(item.read_bytes()), self.size), None
         except Exception as e:  # any decoder failure is this item's, not the run's
             return i, None, f"unreadable image {item.describe()}: {type(e).__name__}: {e}"
 

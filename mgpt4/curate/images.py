@@ -10,12 +10,8 @@ import io
 import os
 import warnings
 
-import numpy as np
-import torch
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -27,15 +23,6 @@ def decode_rgb(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
     return img.convert("RGB")
-
-
-def eval_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """The reference's eval transform: SxS bicubic, [0,1], CLIP mean/std -> float32 [3,S,S]."""
-    arr = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (t - mean) / std
 
 
 def write_jpeg(data: bytes, dst: str, src_path: str | None = None, quality: int = 95) -> None:

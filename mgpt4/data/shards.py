@@ -9,6 +9,7 @@ seek to that offset; `pipe:` streams read up to it.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import tempfile
@@ -59,6 +60,23 @@ def check_url(url: str, where: str) -> None:
     if m and m.group(1) not in ("file", "http", "https"):
         raise ValueError(
             f"{where}: cannot open {url!r} directly; wrap it in a command, e.g. 'pipe:aws s3 cp {url} -'"
+        )
+
+
+def local_path(url: str) -> str | None:
+    """The file behind a local URL (a plain path or file://), None for pipe: and http(s)."""
+    if url.startswith("pipe:") or re.match(r"^https?://", url):
+        return None
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def check_local_shards(urls: Sequence[str], where: str, name: str) -> None:
+    """A source whose local shards are all missing is a wrong path, not bad luck: stop before training."""
+    local = [p for p in (local_path(u) for u in urls) if p is not None]
+    if local and len(local) == len(urls) and not any(os.path.exists(p) for p in local):
+        raise ValueError(
+            f"{where}: none of the {len(local)} shard(s) of source {name!r} exist (first: {local[0]!r}); "
+            f"check the path or brace pattern, e.g. --set 'data.sources.0.shards=/data/laion/{{00000..10488}}.tar'"
         )
 
 

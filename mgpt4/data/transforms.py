@@ -21,8 +21,7 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mgpt4.images import CLIP_MEAN, CLIP_STD
 
 # RandomResizedCrop makes up to 10 attempts of 2 uniforms each, then 2 for the position.
 CROP_UNIFORMS = 22

@@ -21,7 +21,7 @@ import torch
 
 from mgpt4.data.collate import SkipCounter, image_buffer, make_batch, sample_caption, sample_image
 from mgpt4.data.config import DataConfig
-from mgpt4.data.shards import ShardError, TarReader, check_url, expand_shards
+from mgpt4.data.shards import ShardError, TarReader, check_local_shards, check_url, expand_shards
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
 from mgpt4.data.workers import WorkerDataset
 
@@ -42,6 +42,7 @@ def source_urls(cfg: DataConfig, rank_count: int, workers: int) -> list[list[str
         urls = expand_shards(src.shards, where)
         for url in urls:
             check_url(url, where)
+        check_local_shards(urls, where, cfg.source_names()[i])
         if not cfg.resampled and len(urls) < readers:
             raise ValueError(
                 f"{where}: source {cfg.source_names()[i]!r} has {len(urls)} shard(s), fewer than "

@@ -127,18 +127,11 @@ def place_vision(model: MiniGPT4, device: str | torch.device) -> None:
 
     encode_img runs as one block on one device, so the whole path moves, not only the ViT. On the
     CPU it runs in fp32: bf16 kernels are slow on most CPUs, and the official low-resource mode
-    does the same. The instance's encode_img is wrapped so that images go to the vision device and
-    embeddings come back on the LLM's device.
+    does the same. `MiniGPT4.encode_img` takes images to the vision path's device and returns the
+    embeddings on the LLM's.
     """
     device = torch.device(device)
     _move_vision(model, device, torch.float32 if device.type == "cpu" else None)
-    encode = model.encode_img
-    llm_device = model.llm.get_input_embeddings().weight.device
-
-    def encode_img(image: torch.Tensor) -> torch.Tensor:
-        return encode(image.to(device)).to(llm_device)
-
-    model.encode_img = encode_img
 
 
 def _from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:

@@ -99,8 +99,9 @@ class MiniGPT4(nn.Module):
         """Normalised images [B,3,S,S] -> LLM input embeddings [B, num_query_tokens, llm hidden]."""
         # The frozen vision path runs without autograd: no activations are kept for it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
-            vit_dtype = self.visual_encoder.patch_embed.proj.weight.dtype
-            feats = self.ln_vision(self.visual_encoder.forward_features(image.to(vit_dtype)))
+            # The vision path may sit on another device than the LLM (chat's --vision-device cpu).
+            w = self.visual_encoder.patch_embed.proj.weight
+            feats = self.ln_vision(self.visual_encoder.forward_features(image.to(device=w.device, dtype=w.dtype)))
             q_dtype = self.query_tokens.dtype
             queries = self.query_tokens.expand(feats.shape[0], -1, -1)
             feats = feats.to(q_dtype)
@@ -109,7 +110,8 @@ class MiniGPT4(nn.Module):
                 query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=atts
             ).last_hidden_state
         img = self.llama_proj(out.to(self.llama_proj.weight.dtype))
-        return img.to(self.llm.get_input_embeddings().weight.dtype)
+        table = self.llm.get_input_embeddings().weight
+        return img.to(device=table.device, dtype=table.dtype)
 
     # ------------------------------------------------------------------------------------------
     # Text
@@ -240,6 +242,22 @@ class MiniGPT4(nn.Module):
         self,
         images: torch.Tensor | Sequence[torch.Tensor],
         prompt: str,
+        **kwargs,
+    ) -> list[str]:
+        """Replies (text before the first `###`) for a prompt with `<ImageHere>` placeholders.
+
+        `images` are normalised image batches [B,3,S,S], one per placeholder; every row of the batch
+        gets the same prompt. Keyword arguments are those of `generate_from_embeds`.
+        """
+        if isinstance(images, torch.Tensor):
+            images = [images]
+        return self.generate_from_embeds([self.encode_img(im) for im in images], prompt, **kwargs)
+
+    @torch.no_grad()
+    def generate_from_embeds(
+        self,
+        img_embeds: Sequence[torch.Tensor],
+        prompt: str,
         max_new_tokens: int = 300,
         num_beams: int = 1,
         do_sample: bool = False,
@@ -249,16 +267,15 @@ class MiniGPT4(nn.Module):
         max_context: int = 2000,
         streamer=None,
         synced_gpus: bool = False,
+        stopping_criteria: Sequence[StoppingCriteria] = (),
     ) -> list[str]:
-        """Replies (text before the first `###`) for a prompt with `<ImageHere>` placeholders.
+        """As `generate`, on image embeddings already computed (chat encodes an image once).
 
-        `images` are normalised image batches [B,3,S,S], one per placeholder; every row of the batch
-        gets the same prompt. The context is cut from the left to `max_context - max_new_tokens`.
+        The context is cut from the left to `max_context - max_new_tokens`; `stopping_criteria` are
+        added to the stop on `###`.
         """
-        if isinstance(images, torch.Tensor):
-            images = [images]
-        img_embeds = [self.encode_img(im) for im in images]
-        embs = self.context_embeds(prompt, img_embeds)
+        llm_device = self.llm.get_input_embeddings().weight.device
+        embs = self.context_embeds(prompt, [e.to(llm_device) for e in img_embeds])
         begin = max(0, embs.shape[1] + max_new_tokens - max_context)
         embs = embs[:, begin:]
         tok = self._tok()
@@ -271,7 +288,7 @@ class MiniGPT4(nn.Module):
             do_sample=do_sample,
             repetition_penalty=repetition_penalty,
             min_length=1,
-            stopping_criteria=StoppingCriteriaList([StopOnSequences(stop_sequences(tok))]),
+            stopping_criteria=StoppingCriteriaList([StopOnSequences(stop_sequences(tok)), *stopping_criteria]),
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             streamer=streamer,
