@@ -17,9 +17,13 @@ def parse_args(argv: list[str] | None, default_recipe: str, description: str) ->
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set train.steps=100"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed config, then exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and DeepSpeed config, then exit"
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the output folder")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # the deepspeed launcher adds it
     return p.parse_args(argv)
 
 
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
     try:
         cfg = apply_config_overrides(get_recipe(args.recipe), args.set)
         if args.dry_run:
-            from mgpt4.trainer import resolve_config
+            from mgpt4.resolve import resolve_config
 
             world = int(os.environ.get("WORLD_SIZE", "1"))
             cfg, ds = resolve_config(cfg, args.deepspeed, world)

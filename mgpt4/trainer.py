@@ -20,37 +20,14 @@ from mgpt4 import engine as eng_mod
 from mgpt4.config import Config, to_dict
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
-from mgpt4.ds_config import build_ds_config, resolve_batch
 from mgpt4.flops import device_peak_tflops, train_flops_per_sample
 from mgpt4.metrics import Metrics, device_memory_gb
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
-from mgpt4.paths import CONFIG_FILE, PROJ_FILE, find_checkpoint
+from mgpt4.paths import CONFIG_FILE
 from mgpt4.preemption import Preemption
-
-
-def resolve_config(cfg: Config, ds_path: str, world_size: int, rank: int = 0) -> tuple[Config, dict[str, Any]]:
-    """Fill in what depends on the machine (demo assets, batch split) and validate; returns (cfg, ds config)."""
-    if cfg.train.demo_assets:
-        from mgpt4.assets import prepare_demo_assets
-
-        # Rank 0 generates; the others wait and then find the cached files.
-        if rank == 0:
-            prepare_demo_assets(cfg)
-        eng_mod.barrier()
-        if rank != 0:
-            prepare_demo_assets(cfg)
-    proj = cfg.model.weights.proj
-    if proj and os.path.isdir(proj):
-        # Stage 2 may start from an mgpt4 run: its newest checkpoint's official-format export.
-        found = find_checkpoint(proj)
-        if found is None:
-            raise SystemExit(f"model.weights.proj={proj}: a folder without an mgpt4 checkpoint")
-        cfg.model.weights.proj = os.path.join(found, PROJ_FILE)
-    resolve_batch(cfg, world_size)
-    cfg.validate()
-    return cfg, build_ds_config(ds_path, cfg, world_size)
+from mgpt4.resolve import resolve_config
 
 
 def seed_all(seed: int) -> None:
@@ -78,7 +55,11 @@ def sequence_length(model: MiniGPT4) -> int:
     """Tokens per sample the LLM sees: BOS, the (longest) wrapped instruction, the queries, the answer."""
     t = model.cfg.text
     prompts = [t.prompt_template.format(i) for i in t.instructions] or [IMAGE_PLACEHOLDER]
-    text = max(len(model._segment_ids(p.replace(IMAGE_PLACEHOLDER, ""))) for p in prompts) if t.instructions else 0
+    text = (
+        max(len(model._segment_ids(p.replace(IMAGE_PLACEHOLDER, ""))) for p in prompts)
+        if t.instructions
+        else 0
+    )
     return 1 + text + model.cfg.qformer.num_query_tokens + t.max_txt_len
 
 
@@ -103,7 +84,7 @@ class Run:
 
 def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
-    cfg, ds_config = resolve_config(cfg, ds_path, d.world_size, d.rank)
+    cfg, ds_config = resolve_config(cfg, ds_path, d.world_size, d.rank, barrier=eng_mod.barrier)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     if d.rank == 0:
         with open(os.path.join(cfg.train.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -120,12 +101,18 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     engine.zero_setup = zero  # keeps HfDeepSpeedConfig alive as long as the engine
     seed_all(cfg.train.seed + d.rank)  # from here on each rank draws its own instructions
     text = cfg.model.text
-    loader = build_loader(cfg.data, model.tokenizer, text.max_txt_len, text.end_sym, d.rank, d.world_size)  # 6. data
+    loader = build_loader(
+        cfg.data, model.tokenizer, text.max_txt_len, text.end_sym, d.rank, d.world_size
+    )  # 6. data
     restored = eng_mod.load_checkpoint(engine, cfg) if resume else None  # 7. checkpoint
     step, samples_seen, sample_images = 0, 0, None
     if restored is not None:
         client, rank_state = restored
-        step, samples_seen, sample_images = client["step"], client["samples_seen"], rank_state["sample_images"]
+        step, samples_seen, sample_images = (
+            client["step"],
+            client["samples_seen"],
+            rank_state["sample_images"],
+        )
         loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
         if d.rank == 0:
@@ -134,7 +121,13 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     seq = sequence_length(model)  # 8. metrics
     peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])
     metrics = Metrics(
-        cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, train_flops_per_sample(cfg.model, seq), seq, peak
+        cfg.train.output_dir,
+        d.rank,
+        d.world_size,
+        cfg.train.steps,
+        train_flops_per_sample(cfg.model, seq),
+        seq,
+        peak,
     )
     run = Run(cfg, d, model, engine, optimizer, scheduler, feeder, metrics, step, samples_seen, sample_images)
     return run
@@ -163,7 +156,11 @@ def write_samples(run: Run) -> None:
 def log(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
     loss = eng_mod.all_mean(float(loss_sum.item()) / max(steps, 1), run.dist.device)
     grad_norm = run.engine.get_global_grad_norm()
-    scalars = {"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], "train/samples_seen": run.samples_seen}
+    scalars = {
+        "train/loss": loss,
+        "train/lr": run.scheduler.get_last_lr()[0],
+        "train/samples_seen": run.samples_seen,
+    }
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
     counts: list[dict[str, int]] = [{}] * run.dist.world_size

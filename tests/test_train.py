@@ -111,7 +111,9 @@ def test_two_ranks(tmp_path, cache, ds_json):
     per_rank = report["llm_params_per_rank"]
     if ds_json == "z3.json":
         assert report["zero_stage"] == 3
-        assert all(abs(n - report["llm_params"] / 2) <= 0.02 * report["llm_params"] for n in per_rank), per_rank
+        assert all(abs(n - report["llm_params"] / 2) <= 0.02 * report["llm_params"] for n in per_rank), (
+            per_rank
+        )
     else:
         assert report["zero_stage"] == 2 and per_rank == [report["llm_params"]] * 2
     assert [r["step"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
@@ -125,12 +127,22 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
     proc = run(deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={full}"), cache)
     assert proc.returncode == 0, proc.stdout[-4000:]
     first = run(
-        deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={parts}", "--set", "train.stop_at=3"),
+        deepspeed_cmd(
+            "launchers/pretrain.py",
+            2,
+            *common,
+            "--set",
+            f"train.output_dir={parts}",
+            "--set",
+            "train.stop_at=3",
+        ),
         cache,
     )
     assert first.returncode == 0, first.stdout[-4000:]
     assert (parts / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    second = run(deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={parts}"), cache)
+    second = run(
+        deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={parts}"), cache
+    )
     assert second.returncode == 0, second.stdout[-4000:]
     assert "resumed from step 3" in second.stdout
     a = read_jsonl(str(full / "metrics.jsonl"))
@@ -146,7 +158,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
 
 def _fails_before_training(tmp_path, cache, *overrides: str) -> str:
     proc = run(
-        ["python", "launchers/pretrain.py", "--set", f"train.output_dir={tmp_path / 'bad'}", *overrides], cache
+        ["python", "launchers/pretrain.py", "--set", f"train.output_dir={tmp_path / 'bad'}", *overrides],
+        cache,
     )
     assert proc.returncode != 0
     assert "step 1/" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-3000:]
@@ -160,7 +173,9 @@ def test_missing_weight_file_is_named(tmp_path, cache):
 
 def test_wrong_size_projection_says_which_llm(tmp_path, cache):
     path = tmp_path / "pretrained_minigpt4_7b.pth"
-    torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 64), "llama_proj.bias": torch.zeros(4096)}}, path)
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(4096, 64), "llama_proj.bias": torch.zeros(4096)}}, path
+    )
     out = _fails_before_training(tmp_path, cache, "--set", f"model.weights.proj={path}")
     assert "LLaMA/Vicuna-7B" in out and "[4096, 64]" in out and "[64, 64]" in out
 
@@ -172,5 +187,26 @@ def test_data_path_without_shards(tmp_path, cache):
 
 
 def test_global_batch_not_divisible(tmp_path, cache):
-    out = _fails_before_training(tmp_path, cache, "--set", "train.global_batch_size=5", "--set", "train.grad_accum=2")
+    out = _fails_before_training(
+        tmp_path, cache, "--set", "train.global_batch_size=5", "--set", "train.grad_accum=2"
+    )
     assert "train.global_batch_size=5 is not divisible" in out
+
+
+def test_stage2_starts_from_a_stage1_run(tmp_path, cache):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    first = run(
+        ["python", "launchers/pretrain.py", "--set", f"train.output_dir={stage1}", "--set", "train.steps=4"],
+        cache,
+    )
+    assert first.returncode == 0, first.stdout[-3000:]
+    second = run(
+        ["python", "launchers/finetune.py", "--set", f"train.output_dir={stage2}", "--set", "train.steps=4",
+         "--set", f"model.weights.proj={stage1}"],
+        cache,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stdout[-3000:]
+    cfg = json.loads((stage2 / "config.json").read_text())["config"]
+    assert cfg["recipe"] == "tiny_stage2" and cfg["model"]["text"]["end_sym"] == "###"
+    assert cfg["model"]["weights"]["proj"] == str(stage1 / "checkpoints" / "step_00000004" / "llama_proj.pth")
+    assert (stage2 / "checkpoints" / "step_00000004" / "llama_proj.pth").is_file()

@@ -23,7 +23,7 @@ from mgpt4.flops import device_peak_tflops, measure_matmul_tflops, train_flops_p
 from mgpt4.model import apply_freeze, build_model, load_weights
 from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.recipes import RECIPES, get_recipe
-from mgpt4.trainer import resolve_config, seed_all, sequence_length
+from mgpt4.resolve import resolve_config, seed_all, sequence_length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--random-weights", action="store_true", help="no weight files: random weights at full size")
+    p.add_argument(
+        "--random-weights", action="store_true", help="no weight files: random weights at full size"
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv=None) -> None:
             from mgpt4.data.config import SourceConfig
 
             cfg.data.sources = [SourceConfig(name="random", shards="unused.tar")]  # batches are random here
-        cfg, ds_config = resolve_config(cfg, args.deepspeed, d.world_size, d.rank)
+        cfg, ds_config = resolve_config(cfg, args.deepspeed, d.world_size, d.rank, barrier=eng_mod.barrier)
         seed_all(cfg.train.seed)
         zero = eng_mod.ZeroSetup(cfg, ds_config)
         built_on = None if cfg.model.weights.llm or zero.zero3 else d.device
@@ -111,7 +113,9 @@ def run(args, cfg, d, model, engine) -> None:
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
     params = sum(p.numel() for p in model.parameters())
     print(f"recipe: {cfg.recipe}  device: {device_name} x {d.world_size}  precision: {cfg.train.precision}")
-    print(f"params: {params / 1e6:.1f}M (trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,})")
+    print(
+        f"params: {params / 1e6:.1f}M (trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,})"
+    )
     print(f"micro batch: {micro}  grad accum: {cfg.train.grad_accum}  sequence: {seq} tokens")
     print(f"model FLOPs per sample: {flops / 1e9:.2f} GFLOP")
     print(f"step time: {elapsed / args.steps * 1000:.1f} ms")

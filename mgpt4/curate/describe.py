@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-from transformers import StoppingCriteriaList
 
 from mgpt4.config import ConfigError
 from mgpt4.curate import ranks
@@ -25,8 +24,8 @@ from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import DONE, FAILED, PartWriter, open_store, pending_ids, read_store, record
 from mgpt4.images import eval_transform
-from mgpt4.model.minigpt4 import MiniGPT4, StopOnSequences, stop_sequences
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER, clean_reply
+from mgpt4.model.minigpt4 import MiniGPT4
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 
 STEP = "describe"
 
@@ -118,51 +117,13 @@ def _gen_kwargs(cfg: DescribeConfig) -> dict[str, Any]:
     )
 
 
-@torch.no_grad()
-def generate_rows(
-    model: MiniGPT4,
-    images: torch.Tensor,
-    prompts: list[str],
-    max_new_tokens: int = 300,
-    num_beams: int = 1,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 0.9,
-    repetition_penalty: float = 1.0,
-    max_context: int = 2000,
-) -> list[str]:
-    """Like `MiniGPT4.generate`, but every row has its own prompt (left-padded into one batch).
-
-    The "Continue" turn repeats each row's first answer, so its prompts differ row by row.
-    """
+def generate_rows(model: MiniGPT4, images: torch.Tensor, prompts: list[str], **gen) -> list[str]:
+    """Like `MiniGPT4.generate`, but every row has its own prompt (the "Continue" turn repeats each
+    row's first answer, so its prompts differ row by row)."""
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    img = model.encode_img(images)
-    rows = [model.context_embeds(p, [img[i : i + 1]]) for i, p in enumerate(prompts)]
-    keep = max_context - max_new_tokens
-    rows = [r[:, max(0, r.shape[1] - keep) :] for r in rows]
-    length = max(r.shape[1] for r in rows)
-    embs = rows[0].new_zeros(len(rows), length, rows[0].shape[2])
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=embs.device)
-    for i, r in enumerate(rows):
-        embs[i, length - r.shape[1] :] = r[0]
-        mask[i, length - r.shape[1] :] = 1
-    tok = model.tokenizer
-    sampling = dict(temperature=float(temperature), top_p=top_p) if do_sample else {}
-    out = model.llm.generate(
-        inputs_embeds=embs,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        do_sample=do_sample,
-        repetition_penalty=repetition_penalty,
-        min_length=1,
-        stopping_criteria=StoppingCriteriaList([StopOnSequences(stop_sequences(tok))]),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **sampling,
-    )
-    return [clean_reply(tok.decode(row, skip_special_tokens=True)) for row in out]
+    with torch.no_grad():
+        return model.generate_from_embeds([model.encode_img(images)], prompts, **gen)
 
 
 def describe_images(model: MiniGPT4, images: torch.Tensor, cfg: DescribeConfig) -> list[dict[str, Any]]:

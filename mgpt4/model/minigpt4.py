@@ -257,7 +257,7 @@ class MiniGPT4(nn.Module):
     def generate_from_embeds(
         self,
         img_embeds: Sequence[torch.Tensor],
-        prompt: str,
+        prompt: str | Sequence[str],
         max_new_tokens: int = 300,
         num_beams: int = 1,
         do_sample: bool = False,
@@ -271,18 +271,28 @@ class MiniGPT4(nn.Module):
     ) -> list[str]:
         """As `generate`, on image embeddings already computed (chat encodes an image once).
 
-        The context is cut from the left to `max_context - max_new_tokens`; `stopping_criteria` are
-        added to the stop on `###`.
+        `prompt` may also be a list, one per row (left-padded into one batch; curation's "Continue"
+        turn repeats each row's own answer). Each context is cut from the left to
+        `max_context - max_new_tokens`; `stopping_criteria` are added to the stop on `###`.
         """
         llm_device = self.llm.get_input_embeddings().weight.device
-        embs = self.context_embeds(prompt, [e.to(llm_device) for e in img_embeds])
-        begin = max(0, embs.shape[1] + max_new_tokens - max_context)
-        embs = embs[:, begin:]
+        img_embeds = [e.to(llm_device) for e in img_embeds]
+        keep = max_context - max_new_tokens
+        if isinstance(prompt, str):
+            rows = [self.context_embeds(prompt, img_embeds)]
+        else:
+            rows = [self.context_embeds(p, [e[i : i + 1] for e in img_embeds]) for i, p in enumerate(prompt)]
+        rows = [r[:, max(0, r.shape[1] - keep) :] for r in rows]
+        length = max(r.shape[1] for r in rows)
+        embs = torch.cat([torch.nn.functional.pad(r, (0, 0, length - r.shape[1], 0)) for r in rows])
+        mask = torch.cat(
+            [torch.arange(length, device=llm_device).ge(length - r.shape[1]).long().expand(r.shape[0], -1) for r in rows]
+        )
         tok = self._tok()
         sampling = dict(temperature=float(temperature), top_p=top_p) if do_sample else {}
         out = self.llm.generate(
             inputs_embeds=embs,
-            attention_mask=torch.ones(embs.shape[:2], dtype=torch.long, device=embs.device),
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=do_sample,

@@ -1,0 +1,81 @@
+"""The launchers' command line: recipes, overrides, --dry-run and the DeepSpeed JSON filled from the recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mgpt4.cli import main
+from mgpt4.config import ConfigError
+from mgpt4.ds_config import build_ds_config
+from mgpt4.recipes import RECIPES, get_recipe
+
+
+def dry_run(capsys, monkeypatch, world: int, *args: str) -> dict:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    main(["--dry-run", *args])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_dry_run_prints_resolved_config_and_deepspeed_config(capsys, monkeypatch):
+    out = dry_run(capsys, monkeypatch, 4, "--recipe", "stage1_vicuna13b", "--deepspeed", "ds_configs/z3.json")
+    cfg, ds = out["config"], out["deepspeed"]
+    assert cfg["recipe"] == "stage1_vicuna13b" and cfg["model"]["llm"]["hidden_size"] == 5120
+    assert cfg["data"]["batch_size"] == 64  # 256 global over 4 ranks, as the official 64 x 4 GPUs
+    assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 64
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.0 and "optimizer" not in ds
+
+
+def test_official_hyper_parameters():
+    s1, s2 = get_recipe("stage1_vicuna7b"), get_recipe("stage2_vicuna7b")
+    assert (s1.optim.lr, s1.optim.min_lr, s1.optim.warmup_lr, s1.optim.warmup_steps) == (
+        1e-4,
+        8e-5,
+        1e-6,
+        5000,
+    )
+    assert (s1.train.steps, s1.train.global_batch_size, s1.model.text.max_txt_len) == (20000, 256, 32)
+    assert [s.ratio for s in s1.data.sources] == [115.0, 14.0] and s1.data.mix == "batch"
+    assert (s2.optim.lr, s2.optim.min_lr, s2.optim.warmup_steps) == (3e-5, 1e-5, 200)
+    assert (s2.train.global_batch_size, s2.model.text.max_txt_len, s2.model.text.end_sym) == (12, 160, "###")
+    assert len(s2.model.text.instructions) == 4 and s2.data.kind == "align"
+    assert set(RECIPES) >= {"tiny_stage1", "tiny_stage2", "stage1_vicuna13b", "stage2_vicuna13b"}
+
+
+def test_unknown_key_fails(capsys, monkeypatch):
+    with pytest.raises(SystemExit, match=r"unknown key 'train\.stepz'"):
+        dry_run(capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "train.stepz=10")
+
+
+def test_list_overrides_by_index(capsys, monkeypatch):
+    out = dry_run(
+        capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "data.sources.1.shards=/cc/{0..3}.tar"
+    )
+    assert out["config"]["data"]["sources"][1]["shards"] == "/cc/{0..3}.tar"
+
+
+def test_deepspeed_json_that_disagrees_with_the_recipe_is_an_error(tmp_path):
+    cfg = get_recipe("stage1_vicuna7b")
+    cfg.data.batch_size = 8
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 disagrees with the recipe"):
+        build_ds_config(str(bad), cfg, 1)
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        build_ds_config(str(bad), cfg, 1)
+    auto = tmp_path / "auto.json"
+    auto.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}))
+    assert build_ds_config(str(auto), cfg, 2)["train_batch_size"] == 16
+
+
+def test_schedule_is_linear_warmup_then_cosine_over_the_run():
+    from mgpt4.engine import lr_at
+
+    o = get_recipe("stage1_vicuna7b").optim
+    assert lr_at(0, 20000, o) == pytest.approx(1e-6)
+    assert lr_at(2500, 20000, o) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
+    assert lr_at(10000, 20000, o) == pytest.approx(8e-5 + (1e-4 - 8e-5) * 0.5)
+    assert lr_at(20000, 20000, o) == pytest.approx(8e-5)
