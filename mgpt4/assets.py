@@ -50,7 +50,9 @@ def ensure_tiny_weights(cfg: ModelConfig, captions: list[str], seed: int = 0) ->
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(final))
     try:
         corpus = [*captions, VICUNA_V0_SYSTEM, *(STAGE2_TEMPLATE.format(i) for i in STAGE2_INSTRUCTIONS)] * 4
-        tokenizer = train_tiny_tokenizer(corpus, os.path.join(tmp, "tokenizer"), vocab_size=cfg.llm.vocab_size)
+        tokenizer = train_tiny_tokenizer(
+            corpus, os.path.join(tmp, "tokenizer"), vocab_size=cfg.llm.vocab_size
+        )
         torch.manual_seed(seed)
         bare = ModelConfig(vision=cfg.vision, qformer=cfg.qformer, llm=cfg.llm)
         save_official_files(MiniGPT4(bare, tokenizer=tokenizer), tmp)

@@ -14,7 +14,12 @@ from typing import Any
 from mgpt4.config import Config, ConfigError
 
 # Keys the recipe owns; a JSON may leave them out or write "auto".
-OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 # The optimizer and schedule are mgpt4's (AdamW on the trainable set, warmup + cosine).
 FORBIDDEN = ("optimizer", "scheduler")
 
@@ -53,7 +58,9 @@ def build_ds_config(path: str, cfg: Config, world_size: int) -> dict[str, Any]:
     ds = copy.deepcopy(read_ds_json(path))
     for key in FORBIDDEN:
         if key in ds:
-            raise ConfigError(f"{path}: remove {key!r}; mgpt4 sets the optimizer and schedule from the recipe (optim.*)")
+            raise ConfigError(
+                f"{path}: remove {key!r}; mgpt4 sets the optimizer and schedule from the recipe (optim.*)"
+            )
     t = cfg.train
     micro = cfg.data.batch_size
     values = {
@@ -65,13 +72,15 @@ def build_ds_config(path: str, cfg: Config, world_size: int) -> dict[str, Any]:
     for key, value in values.items():
         if key in ds and ds[key] != "auto" and ds[key] != value:
             raise ConfigError(
-                f"{path}: {key}={ds[key]} disagrees with the recipe ({value}); remove it or write \"auto\" "
+                f'{path}: {key}={ds[key]} disagrees with the recipe ({value}); remove it or write "auto" '
                 f"and set it through the recipe (train.global_batch_size, data.batch_size, train.grad_accum, optim.grad_clip)"
             )
         ds[key] = value
     for key in ("bf16", "fp16"):
         if ds.get(key, {}).get("enabled") not in (None, "auto", t.precision == key):
-            raise ConfigError(f"{path}: {key}.enabled disagrees with train.precision={t.precision}; remove the {key} block")
+            raise ConfigError(
+                f"{path}: {key}.enabled disagrees with train.precision={t.precision}; remove the {key} block"
+            )
     ds["bf16"] = {"enabled": t.precision == "bf16"}
     ds["fp16"] = {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000}
     if t.precision == "fp16":

@@ -74,12 +74,6 @@ def all_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def all_sum_ints(values: list[int], device: torch.device) -> list[int]:
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
-
-
 # ---------------------------------------------------------------------------------------------
 # Model under ZeRO
 
@@ -136,7 +130,9 @@ def lr_at(step: int, total: int, o: OptimConfig) -> float:
 def create_engine(model: MiniGPT4, cfg: Config, ds_config: dict[str, Any]):
     """deepspeed.initialize with AdamW over the trainable set and the official schedule."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+    )
     total = cfg.train.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, o) / o.lr)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -172,7 +168,9 @@ def memory_report(engine, optimizer, model: MiniGPT4) -> dict[str, Any]:
     return {
         "zero_stage": engine.zero_optimization_stage(),
         "world_size": dist.get_world_size(),
-        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
+        "trainable_params": sum(
+            getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
+        ),
         "llm_params": full_param_numel(model.llm),
         "optimizer_state_numel_per_rank": [g[0] for g in gathered],
         "llm_params_per_rank": [g[1] for g in gathered],
@@ -185,7 +183,10 @@ def memory_report(engine, optimizer, model: MiniGPT4) -> dict[str, Any]:
 
 def projection_state(model: MiniGPT4) -> dict[str, torch.Tensor]:
     """The projection's full fp32 (master) weights, gathered on every rank; a collective call."""
-    return {f"llama_proj.{n}": safe_get_full_fp32_param(p).detach().cpu() for n, p in model.llama_proj.named_parameters()}
+    return {
+        f"llama_proj.{n}": safe_get_full_fp32_param(p).detach().cpu()
+        for n, p in model.llama_proj.named_parameters()
+    }
 
 
 def checkpoint_root(cfg: Config) -> str:
@@ -217,7 +218,9 @@ def save_checkpoint(
     root = checkpoint_root(cfg)
     tag = step_dir_name(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        root, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
     folder = os.path.join(root, tag)
     torch.save(rank_state, os.path.join(folder, RANK_STATE.format(rank=rank)))
     proj = projection_state(model)
@@ -233,7 +236,9 @@ def save_checkpoint(
 
 
 def _rotate(root: str, keep: int, newest: str) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+    steps = sorted(
+        d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d))
+    )
     # Partial folders newer than `latest` (a crash mid-save) are left for the next save to overwrite.
     complete = [d for d in steps if d <= newest]
     for old in complete[:-keep]:

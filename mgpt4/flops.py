@@ -78,7 +78,9 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None
     return measure_matmul_tflops(dtype)
 
 
-def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+def measure_matmul_tflops(
+    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5
+) -> float:
     """Sustained square-matmul TFLOP/s of this CPU with torch's threads (the MFU denominator on CPU)."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)

@@ -22,7 +22,11 @@ def first_node(nodelist: str) -> str:
     """The first host of a SLURM node list such as `gpu[03-05,07],cpu1` (via scontrol when present)."""
     try:
         out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.split()
         if out:
             return out[0]
@@ -46,7 +50,9 @@ def wire(env: MutableMapping[str, str]) -> str:
         env.setdefault("RANK", env["SLURM_PROCID"])
         env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        env.setdefault("MASTER_ADDR", first_node(env.get("SLURM_JOB_NODELIST", env.get("SLURMD_NODENAME", "127.0.0.1"))))
+        env.setdefault(
+            "MASTER_ADDR", first_node(env.get("SLURM_JOB_NODELIST", env.get("SLURMD_NODENAME", "127.0.0.1")))
+        )
         # A port per job, so that two jobs sharing a first node do not collide.
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         return "srun"

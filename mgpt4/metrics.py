@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import torch
 
@@ -65,7 +64,9 @@ class Metrics:
         self._window_steps += 1
         self._run_steps += 1
 
-    def write(self, step: int, scalars: dict[str, float], memory_gb: float, skipped: dict[str, int]) -> dict[str, float]:
+    def write(
+        self, step: int, scalars: dict[str, float], memory_gb: float, skipped: dict[str, int]
+    ) -> dict[str, float]:
         """Close the window: throughput figures, TensorBoard scalars, a JSON line and the console line."""
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         samples_s = self._window_samples / elapsed
@@ -96,7 +97,7 @@ class Metrics:
             print(
                 f"step {step}/{self.total_steps} | loss {row['train/loss']:.4f} | lr {row['train/lr']:.2e}"
                 f" | gnorm {row.get('train/grad_norm', float('nan')):.3f} | {samples_s:.1f} samples/s"
-                f" | {row['perf/tokens_per_s']:.0f} tok/s | {tflops:.3f} TFLOP/s{mfu}"
+                f" | {row['perf/tokens_per_s']:.0f} tok/s | {tflops:.3g} TFLOP/s{mfu}"
                 f" | wait {1000 * row['perf/data_wait_s']:.0f} ms | mem {memory_gb:.2f} GB"
                 f" | skipped {sum(skipped.values())} | eta {_fmt_eta(rate * (self.total_steps - step))}",
                 flush=True,
@@ -123,15 +124,7 @@ class Metrics:
         for i, c in enumerate(captions):
             print(f"  sample {i}: {c}", flush=True)
 
-    def write_text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.rank == 0:
-            self.writer.add_text(tag, text, step)
-
     def close(self) -> None:
         if self.rank == 0:
             self.writer.close()
             self.jsonl.close()
-
-
-def summary(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))

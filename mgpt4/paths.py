@@ -1,10 +1,10 @@
 """Names inside mgpt4 checkpoint folders, shared by the trainer (writer) and chat/curation (readers).
 
-    <output>/checkpoints/latest              name of the newest complete checkpoint folder
-    <output>/checkpoints/step_00000100/      one checkpoint
-        config.json                          the resolved config tree (its "model" part rebuilds the model)
-        llama_proj.pth                       the projection in the official MiniGPT-4 format
-        ...                                  DeepSpeed's own files (optimizer, scheduler, RNG, data position)
+<output>/checkpoints/latest              name of the newest complete checkpoint folder
+<output>/checkpoints/step_00000100/      one checkpoint
+    config.json                          the resolved config tree (its "model" part rebuilds the model)
+    llama_proj.pth                       the projection in the official MiniGPT-4 format
+    ...                                  DeepSpeed's own files (optimizer, scheduler, RNG, data position)
 """
 
 from __future__ import annotations

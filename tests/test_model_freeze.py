@@ -59,3 +59,19 @@ def test_unknown_pattern_is_an_error(tiny_cfg):
     model = build_model(tiny_cfg)
     with pytest.raises(ValueError, match="match no parameter"):
         apply_freeze(model, ("llama_projector",))
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_cfg, tokenizer):
+    images = torch.randn(2, 3, 56, 56)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg, tokenizer)
+        apply_freeze(model)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        model.loss(images, ["a red circle", "a blue square"]).backward()
+        grads.append(model.llama_proj.weight.grad.clone())
+    assert getattr(model.llm, "is_activation_checkpointing", None) or model.llm.is_gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])

@@ -32,7 +32,3 @@ def apply_freeze(model: nn.Module, patterns: tuple[str, ...] = TRAINABLE_MODULES
     # MiniGPT4.train keeps frozen children in eval; calling it re-applies that after the change above.
     model.train(model.training)
     return trainable
-
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

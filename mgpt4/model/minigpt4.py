@@ -90,7 +90,12 @@ class MiniGPT4(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute LLM activations in the backward pass; the projection's output carries the grad."""
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers renamed the call; non-reentrant checkpointing works with frozen weights.
+        enable = getattr(self.llm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ------------------------------------------------------------------------------------------
     # Images
@@ -101,7 +106,9 @@ class MiniGPT4(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
             # The vision path may sit on another device than the LLM (chat's --vision-device cpu).
             w = self.visual_encoder.patch_embed.proj.weight
-            feats = self.ln_vision(self.visual_encoder.forward_features(image.to(device=w.device, dtype=w.dtype)))
+            feats = self.ln_vision(
+                self.visual_encoder.forward_features(image.to(device=w.device, dtype=w.dtype))
+            )
             q_dtype = self.query_tokens.dtype
             queries = self.query_tokens.expand(feats.shape[0], -1, -1)
             feats = feats.to(q_dtype)
@@ -286,7 +293,10 @@ class MiniGPT4(nn.Module):
         length = max(r.shape[1] for r in rows)
         embs = torch.cat([torch.nn.functional.pad(r, (0, 0, length - r.shape[1], 0)) for r in rows])
         mask = torch.cat(
-            [torch.arange(length, device=llm_device).ge(length - r.shape[1]).long().expand(r.shape[0], -1) for r in rows]
+            [
+                torch.arange(length, device=llm_device).ge(length - r.shape[1]).long().expand(r.shape[0], -1)
+                for r in rows
+            ]
         )
         tok = self._tok()
         sampling = dict(temperature=float(temperature), top_p=top_p) if do_sample else {}
@@ -298,7 +308,9 @@ class MiniGPT4(nn.Module):
             do_sample=do_sample,
             repetition_penalty=repetition_penalty,
             min_length=1,
-            stopping_criteria=StoppingCriteriaList([StopOnSequences(stop_sequences(tok)), *stopping_criteria]),
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnSequences(stop_sequences(tok)), *stopping_criteria]
+            ),
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             streamer=streamer,
