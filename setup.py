@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="mgpt4",
     version="0.1.0",
     description="Train MiniGPT-4 vision-language models on DeepSpeed, from a CPU smoke run to SLURM clusters.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mgpt4", "mgpt4.*"]),

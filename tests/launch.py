@@ -25,7 +25,8 @@ def test_env(cache: str) -> dict[str, str]:
             "MGPT4_CACHE": cache,
             # The JIT-built comm op is reused across runs and sessions (30-80 s to build once).
             "TORCH_EXTENSIONS_DIR": os.environ.get(
-                "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mgpt4", "torch_extensions")
+                "TORCH_EXTENSIONS_DIR",
+                os.path.join(os.path.expanduser("~"), ".cache", "mgpt4", "torch_extensions"),
             ),
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",

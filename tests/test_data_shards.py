@@ -128,7 +128,9 @@ def test_a_source_whose_shards_all_miss_is_refused_by_name(tmp_path):
     from mgpt4.data.shards import check_local_shards
 
     with pytest.raises(ValueError, match=r"none of the 2 shard\(s\) of source 'laion' exist"):
-        check_local_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], "data.sources[0].shards", "laion")
+        check_local_shards(
+            [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], "data.sources[0].shards", "laion"
+        )
     (tmp_path / "a.tar").write_bytes(b"")
     check_local_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], "data.sources[0].shards", "laion")
     check_local_shards(["pipe:cat /nowhere.tar"], "data.sources[0].shards", "laion")  # not checked locally

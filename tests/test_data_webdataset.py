@@ -189,7 +189,13 @@ def test_a_source_without_any_readable_shard_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"none of the 2 shard\(s\) of source 'ccsbu' exist"):
         build_loader(cfg, tiny_tokenizer(), L, "\n")
     # ...and sources that cannot be checked up front stop the first batch with their names.
-    cfg = _cfg([SourceConfig(name="ccsbu", shards=[f"pipe:cat {tmp_path / 'a.tar'}", f"pipe:cat {tmp_path / 'b.tar'}"])])
+    cfg = _cfg(
+        [
+            SourceConfig(
+                name="ccsbu", shards=[f"pipe:cat {tmp_path / 'a.tar'}", f"pipe:cat {tmp_path / 'b.tar'}"]
+            )
+        ]
+    )
     loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
     with pytest.raises(RuntimeError, match=r"source 'ccsbu': .* gave no samples .*a\.tar"):
         next(iter(loader))

@@ -245,7 +245,9 @@ def test_official_export_round_trips_through_the_strict_loaders(tmp_path, tiny_c
     source = build_model(tiny_cfg, tokenizer)
     weights = save_official_files(source, str(tmp_path / "official"))
     weights.proj = str(tmp_path / "proj.pth")
-    save_projection({k: v for k, v in source.state_dict().items() if k.startswith("llama_proj.")}, weights.proj)
+    save_projection(
+        {k: v for k, v in source.state_dict().items() if k.startswith("llama_proj.")}, weights.proj
+    )
     loaded = from_config(dataclasses.replace(tiny_cfg, weights=weights))
     ref = source.state_dict()
     for k, v in loaded.state_dict().items():

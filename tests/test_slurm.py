@@ -47,7 +47,9 @@ def submit(env: dict[str, str], tmp_path, script: str = "slurm/stage1.sh") -> st
 
 
 def job_field(env: dict[str, str], job: str, name: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True
+    ).stdout
     m = re.search(rf"\b{name}=(\S*)", out)
     return m.group(1) if m else ""
 
@@ -102,7 +104,9 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path, tmp_path_factory
     end = time.time() + 240
     while time.time() < end and not (log_file.is_file() and "step 10/" in log_file.read_text()):
         time.sleep(0.5)
-    assert log_file.is_file() and "step 10/" in log_file.read_text(), (tmp_path / f"slurm-{job}.out").read_text()
+    assert log_file.is_file() and "step 10/" in log_file.read_text(), (
+        tmp_path / f"slurm-{job}.out"
+    ).read_text()
     # What SLURM sends `--signal=USR1@180` ahead of the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
     assert wait(env, job) == "COMPLETED"
