@@ -52,13 +52,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def sequence_length(model: MiniGPT4) -> int:
-    """Tokens per sample the LLM sees: BOS, the (longest) wrapped instruction, the queries, the answer."""
+    """Tokens per sample the LLM sees: BOS, the longest wrapped instruction, the queries, the answer."""
     t = model.cfg.text
-    prompts = [t.prompt_template.format(i) for i in t.instructions] or [IMAGE_PLACEHOLDER]
-    text = (
-        max(len(model._segment_ids(p.replace(IMAGE_PLACEHOLDER, ""))) for p in prompts)
-        if t.instructions
-        else 0
+    prompts = [t.prompt_template.format(i) for i in t.instructions]
+    text = max(
+        (sum(len(model._segment_ids(seg)) for seg in p.split(IMAGE_PLACEHOLDER) if seg) for p in prompts),
+        default=0,
     )
     return 1 + text + model.cfg.qformer.num_query_tokens + t.max_txt_len
 
