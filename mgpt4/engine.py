@@ -8,7 +8,6 @@ so a crash during a save leaves the previous checkpoint loadable.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -83,7 +82,7 @@ class ZeroSetup:
 
     Keeps the `HfDeepSpeedConfig` alive for as long as the engine lives: transformers checks it to
     load the LLM shard by shard (`from_pretrained` under zero.Init), so no rank ever holds the whole
-    LLM. A random LLM (benchmarks) is built under `zero.Init` for the same reason.
+    LLM; a random LLM (benchmarks) is created partitioned by `from_config` for the same reason.
     """
 
     def __init__(self, cfg: Config, ds_config: dict[str, Any]):
@@ -95,11 +94,6 @@ class ZeroSetup:
             from transformers.integrations import HfDeepSpeedConfig
 
             self.hf_ds_config = HfDeepSpeedConfig(ds_config)
-
-    def llm_context(self, cfg: Config) -> contextlib.AbstractContextManager | None:
-        if self.zero3 and cfg.model.weights.llm is None:
-            return deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=self.dtype)
-        return None
 
     def cast_for_engine(self, model: MiniGPT4) -> None:
         """With a pre-partitioned LLM the engine skips its own dtype cast, so the other parts are cast here."""

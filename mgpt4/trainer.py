@@ -90,7 +90,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
             json.dump({"config": to_dict(cfg), "deepspeed": ds_config}, f, indent=2)
     seed_all(cfg.train.seed)  # 2. seed: the same on every rank, so random parts start equal
     zero = eng_mod.ZeroSetup(cfg, ds_config)
-    model = build_model(cfg.model, llm_context=zero.llm_context(cfg))  # 3. model: build, load
+    model = build_model(cfg.model)  # 3. model: build, load
     load_weights(model)
     apply_freeze(model)  # 4. freeze
     zero.cast_for_engine(model)

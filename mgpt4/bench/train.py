@@ -23,7 +23,8 @@ from mgpt4.flops import device_peak_tflops, measure_matmul_tflops, train_flops_p
 from mgpt4.model import apply_freeze, build_model, load_weights
 from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.recipes import RECIPES, get_recipe
-from mgpt4.resolve import resolve_config, seed_all, sequence_length
+from mgpt4.resolve import resolve_config
+from mgpt4.trainer import seed_all, sequence_length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
         seed_all(cfg.train.seed)
         zero = eng_mod.ZeroSetup(cfg, ds_config)
         built_on = None if cfg.model.weights.llm or zero.zero3 else d.device
-        model = build_model(cfg.model, device=built_on, llm_context=zero.llm_context(cfg))
+        model = build_model(cfg.model, device=built_on)
         load_weights(model)
         apply_freeze(model)
         zero.cast_for_engine(model)
@@ -111,11 +112,10 @@ def run(args, cfg, d, model, engine) -> None:
     if d.rank != 0:
         return
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full sizes under ZeRO-3
     print(f"recipe: {cfg.recipe}  device: {device_name} x {d.world_size}  precision: {cfg.train.precision}")
-    print(
-        f"params: {params / 1e6:.1f}M (trainable {sum(p.numel() for p in model.parameters() if p.requires_grad):,})"
-    )
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    print(f"params: {params / 1e6:.1f}M (trainable {trainable:,})")
     print(f"micro batch: {micro}  grad accum: {cfg.train.grad_accum}  sequence: {seq} tokens")
     print(f"model FLOPs per sample: {flops / 1e9:.2f} GFLOP")
     print(f"step time: {elapsed / args.steps * 1000:.1f} ms")

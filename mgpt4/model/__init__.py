@@ -23,11 +23,11 @@ __all__ = [
 ]
 
 
-def build_model(cfg: ModelConfig, tokenizer=None, device: str | None = None, llm_context=None) -> MiniGPT4:
+def build_model(cfg: ModelConfig, tokenizer=None, device: str | None = None) -> MiniGPT4:
     """Step 1: every part from the config with random weights (no file or network access)."""
     if tokenizer is None and (cfg.weights.tokenizer or cfg.weights.llm):
         tokenizer = load_tokenizer(cfg.weights.tokenizer or cfg.weights.llm)
-    return MiniGPT4(cfg, tokenizer=tokenizer, device=device, llm_context=llm_context)
+    return MiniGPT4(cfg, tokenizer=tokenizer, device=device)
 
 
 def from_config(cfg: ModelConfig, tokenizer=None) -> MiniGPT4:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlamaForCausalLM
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mgpt4.config import LLMConfig
 
@@ -36,8 +37,12 @@ def llama_config(cfg: LLMConfig, attn_implementation: str = "sdpa") -> LlamaConf
     return hf
 
 
-def build_llm(cfg: LLMConfig, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    return LlamaForCausalLM(llama_config(cfg, attn_implementation))
+def build_llm(
+    cfg: LLMConfig, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
+) -> LlamaForCausalLM:
+    """A random LLM. Through `from_config`, so that under an active `HfDeepSpeedConfig` (ZeRO-3)
+    transformers creates it already partitioned and initialises it shard by shard."""
+    return AutoModelForCausalLM.from_config(llama_config(cfg, attn_implementation), dtype=dtype)
 
 
 def llm_config_mismatches(cfg: LLMConfig, hf_config: dict) -> list[str]:

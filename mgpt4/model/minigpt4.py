@@ -30,8 +30,7 @@ IGNORE_INDEX = -100
 class MiniGPT4(nn.Module):
     """Build with random weights from a config; `mgpt4.model.loading` fills in the official weights.
 
-    `device="meta"` builds every part without memory (for shape checks and partitioned loading);
-    `llm_context` wraps the construction of a random LLM (e.g. a partitioning context).
+    `device="meta"` builds every part without memory (for shape checks and partitioned loading).
     When `cfg.weights.llm` names a folder, the LLM is built on the meta device: its weights come
     from that folder in the load step, so a 13B model is never initialised twice.
     """
@@ -41,7 +40,6 @@ class MiniGPT4(nn.Module):
         cfg: ModelConfig,
         tokenizer=None,
         device: str | torch.device | None = None,
-        llm_context: contextlib.AbstractContextManager | None = None,
     ):
         super().__init__()
         cfg.validate()
@@ -55,19 +53,14 @@ class MiniGPT4(nn.Module):
             self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
             nn.init.normal_(self.query_tokens, std=0.02)
             self.llama_proj = nn.Linear(cfg.qformer.width, cfg.llm.hidden_size)
-        if cfg.weights.llm is not None and device is None:
-            llm_ctx = torch.device("meta")
-        else:
-            # A caller may build a random LLM already sharded (DeepSpeed's zero.Init under ZeRO-3).
-            llm_ctx = llm_context or ctx
+        llm_ctx = torch.device("meta") if cfg.weights.llm is not None and device is None else ctx
         with llm_ctx:
-            self.llm = build_llm(cfg.llm, cfg.attn_implementation)
+            self.llm = build_llm(cfg.llm, cfg.attn_implementation, DTYPES[cfg.precision.llm])
         p = cfg.precision
         self.visual_encoder.to(DTYPES[p.vit])
         self.qformer.to(DTYPES[p.qformer])
         self.query_tokens.data = self.query_tokens.data.to(DTYPES[p.qformer])
         self.llama_proj.to(DTYPES[p.proj])
-        self.llm.to(DTYPES[p.llm])
         self._segment_cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------------------------------
