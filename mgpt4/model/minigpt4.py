@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mgpt4.config import ModelConfig
-from mgpt4.model.llm import build_llm
+from mgpt4.model.llm import build_llm, llama_config
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER, SEP, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
@@ -53,9 +53,13 @@ class MiniGPT4(nn.Module):
             self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
             nn.init.normal_(self.query_tokens, std=0.02)
             self.llama_proj = nn.Linear(cfg.qformer.width, cfg.llm.hidden_size)
-        llm_ctx = torch.device("meta") if cfg.weights.llm is not None and device is None else ctx
-        with llm_ctx:
-            self.llm = build_llm(cfg.llm, cfg.attn_implementation, DTYPES[cfg.precision.llm])
+        if cfg.weights.llm is not None and device is None:
+            # Only a skeleton: the load step replaces it with the folder's weights.
+            with torch.device("meta"):
+                self.llm = LlamaForCausalLM(llama_config(cfg.llm, cfg.attn_implementation))
+        else:
+            with ctx:
+                self.llm = build_llm(cfg.llm, cfg.attn_implementation, DTYPES[cfg.precision.llm])
         p = cfg.precision
         self.visual_encoder.to(DTYPES[p.vit])
         self.qformer.to(DTYPES[p.qformer])
