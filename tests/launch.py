@@ -17,11 +17,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(cache: str) -> dict[str, str]:
+def launcher_env(cache: str, cpu: bool = True) -> dict[str, str]:
     env = dict(os.environ)
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
     env.update(
         {
-            "DS_ACCELERATOR": "cpu",
             "MGPT4_CACHE": cache,
             # The JIT-built comm op is reused across runs and sessions (30-80 s to build once).
             "TORCH_EXTENSIONS_DIR": os.environ.get(
@@ -43,11 +44,13 @@ def deepspeed_cmd(script: str, ranks: int, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(cmd: list[str] | str, cache: str, cwd: str = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str] | str, cache: str, cwd: str = REPO, timeout: int = 600, cpu: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         cmd,
         cwd=cwd,
-        env=test_env(cache),
+        env=launcher_env(cache, cpu),
         shell=isinstance(cmd, str),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

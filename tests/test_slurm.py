@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.launch import REPO, read_jsonl, test_env
+from tests.launch import REPO, launcher_env, read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -33,7 +33,7 @@ def slurm(tmp_path_factory):
 
 
 def job_env(slurm_conf: str, cache: str, **extra: str) -> dict[str, str]:
-    env = test_env(cache)
+    env = launcher_env(cache)
     env.update(SLURM_CONF=slurm_conf, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **extra)
     return env
 

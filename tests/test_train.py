@@ -215,3 +215,24 @@ def test_stage2_starts_from_a_stage1_run(tmp_path, cache):
     assert cfg["recipe"] == "tiny_stage2" and cfg["model"]["text"]["end_sym"] == "###"
     assert cfg["model"]["weights"]["proj"] == str(stage1 / "checkpoints" / "step_00000004" / "llama_proj.pth")
     assert (stage2 / "checkpoints" / "step_00000004" / "llama_proj.pth").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (gpu marker)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_one_gpu_mixed_precision(tmp_path, cache, precision):
+    """On the lent GPU machine: the quickstart recipe under bf16, and fp16 with loss scaling."""
+    out = tmp_path / "run"
+    proc = run(
+        deepspeed_cmd(
+            "launchers/pretrain.py", 1, "--deepspeed", "ds_configs/z2.json",
+            "--set", f"train.output_dir={out}", "--set", "train.steps=6", "--set", "train.log_every=2",
+            "--set", f"train.precision={precision}", "--set", f"model.precision.llm={precision}",
+        ),
+        cache,
+        cpu=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(r["train/loss"] == r["train/loss"] for r in rows)
+    assert rows[-1]["memory/device_gb"] > 0
