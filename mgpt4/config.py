@@ -13,9 +13,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
-DTYPES = ("fp32", "bf16", "fp16")
+# Precision names used across the config, and the torch dtypes they stand for.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The official EVA ViT-g builder hard-codes this ratio and takes int(width * ratio) as the MLP width.
 OFFICIAL_VIT_MLP_RATIO = 4.3637
@@ -132,7 +135,7 @@ class ModelConfig:
         for name in ("vit", "qformer", "proj", "llm"):
             value = getattr(self.precision, name)
             if value not in DTYPES:
-                raise ConfigError(f"model.precision.{name}: expected one of {DTYPES}, got {value!r}")
+                raise ConfigError(f"model.precision.{name}: expected one of {tuple(DTYPES)}, got {value!r}")
         v = self.vision
         if v.image_size % v.patch_size:
             raise ConfigError(
@@ -341,7 +344,7 @@ class Config:
         self.data.validate("data")
         t = self.train
         if t.precision not in DTYPES:
-            raise ConfigError(f"train.precision: expected one of {DTYPES}, got {t.precision!r}")
+            raise ConfigError(f"train.precision: expected one of {tuple(DTYPES)}, got {t.precision!r}")
         for name in ("steps", "grad_accum", "save_every", "log_every", "keep_last"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")

@@ -22,11 +22,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
 from mgpt4 import launch_env
-from mgpt4.config import Config, OptimConfig, to_dict
+from mgpt4.config import DTYPES, Config, OptimConfig, to_dict
 from mgpt4.ds_config import zero_stage
 from mgpt4.model import MiniGPT4
 from mgpt4.model.export import save_projection
-from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.paths import CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, PROJ_FILE, step_dir_name
 
 RANK_STATE = "trainer_state_rank{rank}.pt"
@@ -87,7 +86,6 @@ class ZeroSetup:
 
     def __init__(self, cfg: Config, ds_config: dict[str, Any]):
         self.zero3 = zero_stage(ds_config) == 3
-        self.ds_config = ds_config
         self.dtype = DTYPES[cfg.train.precision]
         self.hf_ds_config = None
         if self.zero3:

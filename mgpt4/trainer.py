@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,13 +17,12 @@ import torch
 import torch.distributed as dist
 
 from mgpt4 import engine as eng_mod
-from mgpt4.config import Config, to_dict
+from mgpt4.config import DTYPES, Config, to_dict
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
 from mgpt4.flops import device_peak_tflops, train_flops_per_sample
 from mgpt4.metrics import Metrics, device_memory_gb
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
-from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 from mgpt4.paths import CONFIG_FILE
 from mgpt4.preemption import Preemption
@@ -72,13 +71,27 @@ class Run:
     engine: Any
     optimizer: Any
     scheduler: Any
+    zero: eng_mod.ZeroSetup  # holds HfDeepSpeedConfig alive as long as the engine
     feeder: DeviceFeeder
     metrics: Metrics
+    preemption: Preemption
     step: int = 0
     samples_seen: int = 0
     sample_images: torch.Tensor | None = None
     reported: bool = False
-    preemption: Preemption = field(default_factory=Preemption)
+
+
+def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch.device | None = None):
+    """Steps 3-5 of the build order, shared with the benchmark: (zero setup, model, engine, optimizer, scheduler)."""
+    zero = eng_mod.ZeroSetup(cfg, ds_config)
+    model = build_model(cfg.model, device=device)  # 3. model: build, load
+    load_weights(model)
+    apply_freeze(model)  # 4. freeze
+    zero.cast_for_engine(model)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    engine, optimizer, scheduler = eng_mod.create_engine(model, cfg, ds_config)  # 5. engine
+    return zero, model, engine, optimizer, scheduler
 
 
 def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
@@ -89,15 +102,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         with open(os.path.join(cfg.train.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"config": to_dict(cfg), "deepspeed": ds_config}, f, indent=2)
     seed_all(cfg.train.seed)  # 2. seed: the same on every rank, so random parts start equal
-    zero = eng_mod.ZeroSetup(cfg, ds_config)
-    model = build_model(cfg.model)  # 3. model: build, load
-    load_weights(model)
-    apply_freeze(model)  # 4. freeze
-    zero.cast_for_engine(model)
-    if cfg.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    engine, optimizer, scheduler = eng_mod.create_engine(model, cfg, ds_config)  # 5. engine
-    engine.zero_setup = zero  # keeps HfDeepSpeedConfig alive as long as the engine
+    zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
     seed_all(cfg.train.seed + d.rank)  # from here on each rank draws its own instructions
     text = cfg.model.text
     loader = build_loader(
@@ -128,8 +133,22 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         seq,
         peak,
     )
-    run = Run(cfg, d, model, engine, optimizer, scheduler, feeder, metrics, step, samples_seen, sample_images)
-    return run
+    preemption = Preemption()  # SIGUSR1 -> save and requeue at the next step boundary
+    return Run(
+        cfg,
+        d,
+        model,
+        engine,
+        optimizer,
+        scheduler,
+        zero,
+        feeder,
+        metrics,
+        preemption,
+        step,
+        samples_seen,
+        sample_images,
+    )
 
 
 def save(run: Run) -> None:

@@ -18,13 +18,12 @@ import time
 import torch
 
 from mgpt4 import engine as eng_mod
-from mgpt4.config import WeightsConfig, apply_config_overrides
+from mgpt4.config import DTYPES, WeightsConfig, apply_config_overrides
+from mgpt4.ds_config import zero_stage
 from mgpt4.flops import device_peak_tflops, measure_matmul_tflops, train_flops_per_sample
-from mgpt4.model import apply_freeze, build_model, load_weights
-from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.recipes import RECIPES, get_recipe
 from mgpt4.resolve import resolve_config
-from mgpt4.trainer import seed_all, sequence_length
+from mgpt4.trainer import build_model_and_engine, seed_all, sequence_length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,16 +59,9 @@ def main(argv=None) -> None:
             cfg.data.sources = [SourceConfig(name="random", shards="unused.tar")]  # batches are random here
         cfg, ds_config = resolve_config(cfg, args.deepspeed, d.world_size, d.rank, barrier=eng_mod.barrier)
         seed_all(cfg.train.seed)
-        zero = eng_mod.ZeroSetup(cfg, ds_config)
-        built_on = None if cfg.model.weights.llm or zero.zero3 else d.device
-        model = build_model(cfg.model, device=built_on)
-        load_weights(model)
-        apply_freeze(model)
-        zero.cast_for_engine(model)
-        if cfg.model.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        engine, _, _ = eng_mod.create_engine(model, cfg, ds_config)
-        engine.zero_setup = zero
+        # Random weights are made on the device directly; under ZeRO-3 transformers partitions them.
+        built_on = None if cfg.model.weights.llm or zero_stage(ds_config) == 3 else d.device
+        _zero, model, engine, _, _ = build_model_and_engine(cfg, ds_config, built_on)
         run(args, cfg, d, model, engine)
     finally:
         eng_mod.shutdown()

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mgpt4.config import ConfigError
+from mgpt4.config import DTYPES, ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A base model has no chat turn to end its answer: this cue starts the answer, a blank line ends it.
 PLAIN_TEMPLATE = "{message}\n\nFixed paragraph:\n"
 PLAIN_STOP = "\n\n"

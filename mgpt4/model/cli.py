@@ -13,11 +13,10 @@ import os
 
 import torch
 
-from mgpt4.config import ModelConfig, apply_overrides, from_dict
+from mgpt4.config import DTYPES, ModelConfig, apply_overrides, from_dict
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, from_config, load_weights
 from mgpt4.model.llm import llm_config_mismatches
 from mgpt4.model.loading import WeightsError
-from mgpt4.model.minigpt4 import DTYPES
 from mgpt4.model.presets import MODEL_PRESETS, model_preset
 from mgpt4.paths import PROJ_FILE, find_checkpoint, read_checkpoint_config
 

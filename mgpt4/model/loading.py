@@ -17,8 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mgpt4.config import DTYPES
 from mgpt4.model.llm import llm_config_mismatches
-from mgpt4.model.minigpt4 import DTYPES, MiniGPT4
+from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import interpolate_pos_embed
 
 # Keys of the BLIP-2 stage-1 checkpoint that MiniGPT-4 does not use.

@@ -16,14 +16,13 @@ from torch import nn
 from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mgpt4.config import ModelConfig
+from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.model.llm import build_llm, llama_config
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER, SEP, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
 from mgpt4.tokenizer import encode_answers
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
 
 
