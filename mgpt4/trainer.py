@@ -55,7 +55,7 @@ def sequence_length(model: MiniGPT4) -> int:
     t = model.cfg.text
     prompts = [t.prompt_template.format(i) for i in t.instructions]
     text = max(
-        (sum(len(model._segment_ids(seg)) for seg in p.split(IMAGE_PLACEHOLDER) if seg) for p in prompts),
+        (sum(len(model.segment_ids(seg)) for seg in p.split(IMAGE_PLACEHOLDER) if seg) for p in prompts),
         default=0,
     )
     return 1 + text + model.cfg.qformer.num_query_tokens + t.max_txt_len

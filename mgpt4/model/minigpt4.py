@@ -124,7 +124,7 @@ class MiniGPT4(nn.Module):
             raise RuntimeError("this MiniGPT4 has no tokenizer: pass tokenizer= when building it")
         return self.tokenizer
 
-    def _segment_ids(self, text: str) -> list[int]:
+    def segment_ids(self, text: str) -> list[int]:
         # Prompt segments repeat every step; tokenizing them once keeps the tokenizer off the hot path.
         if text not in self._segment_cache:
             self._segment_cache[text] = self._tok()(text, add_special_tokens=False)["input_ids"]
@@ -154,8 +154,8 @@ class MiniGPT4(nn.Module):
         bsz, n_img, _ = img_embeds.shape
         device = img_embeds.device
         before, after = prompt.split(IMAGE_PLACEHOLDER) if prompt else ("", "")
-        prefix = [self.cfg.llm.bos_token_id] + (self._segment_ids(before) if before else [])
-        suffix = self._segment_ids(after) if after else []
+        prefix = [self.cfg.llm.bos_token_id] + (self.segment_ids(before) if before else [])
+        suffix = self.segment_ids(after) if after else []
         ctx_ids = torch.tensor(prefix + suffix, dtype=torch.long, device=device).expand(bsz, -1)
         text_ids = text_ids.to(device)
         # One embedding call: under ZeRO-3 each call gathers the embedding table.
@@ -233,7 +233,7 @@ class MiniGPT4(nn.Module):
         embed = self.llm.get_input_embeddings()
         parts: list[torch.Tensor] = []
         for i, seg in enumerate(segments):
-            ids = ([self.cfg.llm.bos_token_id] if i == 0 else []) + (self._segment_ids(seg) if seg else [])
+            ids = ([self.cfg.llm.bos_token_id] if i == 0 else []) + (self.segment_ids(seg) if seg else [])
             if ids:
                 parts.append(embed(torch.tensor(ids, device=device)).unsqueeze(0).expand(bsz, -1, -1))
             if i < len(images):
