@@ -1,31 +1,24 @@
-"""The typed config tree: the single source of truth for sizes, files, precision and text handling.
+"""The typed config tree: the single source of truth for sizes, files, precision, data and training.
 
-Configs are plain dataclasses. `from_dict` builds one from nested dicts and fails on any unknown or
-mistyped key with the dotted path of the field, so a typo in a recipe or an override never passes
-silently.
+Configs are plain dataclasses, one per component; `Config` nests them all (the data part is
+`mgpt4.data.config.DataConfig`). They are built from dicts and overridden with `--set a.b.c=value` by
+`mgpt4.strict_config`, which fails on any unknown or mistyped key with its dotted path.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import torch
 
-T = TypeVar("T")
+from mgpt4.data.config import DataConfig
+from mgpt4.strict_config import ConfigError
 
 # Precision names used across the config, and the torch dtypes they stand for.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The official EVA ViT-g builder hard-codes this ratio and takes int(width * ratio) as the MLP width.
 OFFICIAL_VIT_MLP_RATIO = 4.3637
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the dotted field path."""
 
 
 @dataclass
@@ -165,121 +158,6 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Strict construction from dicts and dotted overrides.
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{path}: unexpected value {value!r}")
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, path)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = path or cls.__name__
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def _parse_scalar(text: str) -> Any:
-    import json
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        lowered = text.lower()
-        if lowered in ("none", "null"):
-            return None
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return text
-
-
-def _override_dict(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, part in enumerate(parts):
-            # Lists are indexed by number: data.sources.0.shards=...
-            index: Any = int(part) if isinstance(node, list) and part.isdigit() else part
-            known = index in node if isinstance(node, dict) else isinstance(index, int) and index < len(node)
-            if not isinstance(node, (dict, list)) or not known:
-                raise ConfigError(f"override {key!r}: unknown key {'.'.join(parts[: i + 1])!r}")
-            if i == len(parts) - 1:
-                node[index] = _parse_scalar(raw)
-            else:
-                node = node[index]
-    return data
-
-
-def apply_overrides(cfg: T, overrides: list[str]) -> T:
-    """Return a copy of `cfg` with `a.b.c=value` overrides applied (values parsed as JSON when they can be)."""
-    return from_dict(type(cfg), _override_dict(to_dict(cfg), overrides))
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -323,19 +201,13 @@ class TrainConfig:
     demo_assets: bool = False
 
 
-def _data_config_type():
-    from mgpt4.data.config import DataConfig
-
-    return DataConfig
-
-
 @dataclass
 class Config:
     """The whole tree: what a recipe returns, what --dry-run prints and what a checkpoint stores."""
 
     recipe: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: Any = field(default_factory=lambda: _data_config_type()())
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -356,18 +228,3 @@ class Config:
         o = self.optim
         if not 0 <= o.min_lr <= o.lr:
             raise ConfigError(f"optim.min_lr: expected 0 <= min_lr <= lr ({o.lr}), got {o.min_lr}")
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Strictly build the whole tree (the data part is typed by mgpt4.data.config.DataConfig)."""
-    data = dict(data)
-    raw_data = data.pop("data", None)
-    cfg = from_dict(Config, data)
-    if raw_data is not None:
-        cfg.data = from_dict(_data_config_type(), raw_data, "data")
-    return cfg
-
-
-def apply_config_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """`a.b.c=value` overrides on the whole tree; unknown keys fail with their dotted path."""
-    return config_from_dict(_override_dict(to_dict(cfg), overrides)) if overrides else cfg

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mgpt4 import chat
-from mgpt4.chat_session import (
+from mgpt4.chat import terminal as chat
+from mgpt4.chat.flags import add_model_args
+from mgpt4.chat.placement import model_from_args, place_vision
+from mgpt4.chat.session import (
     ChatError,
     ChatSession,
     GenerationSettings,
@@ -24,7 +26,6 @@ from mgpt4.chat_session import (
     visible_reply,
 )
 from mgpt4.images import CLIP_MEAN, CLIP_STD, eval_transform
-from mgpt4.model.cli import add_model_args, model_from_args, place_vision
 from mgpt4.model.prompts import Conversation
 from tests.chat_fixtures import Terminal, python_module, readable_tiny_model, write_checkpoint, write_image
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mgpt4.cli import main
-from mgpt4.config import ConfigError
-from mgpt4.ds_config import build_ds_config
-from mgpt4.recipes import RECIPES, get_recipe
+from mgpt4.strict_config import ConfigError
+from mgpt4.train.cli import main
+from mgpt4.train.ds_config import build_ds_config
+from mgpt4.train.recipes import RECIPES, get_recipe
 
 
 def dry_run(capsys, monkeypatch, world: int, *args: str) -> dict:
@@ -72,7 +72,7 @@ def test_deepspeed_json_that_disagrees_with_the_recipe_is_an_error(tmp_path):
 
 
 def test_schedule_is_linear_warmup_then_cosine_over_the_run():
-    from mgpt4.engine import lr_at
+    from mgpt4.train.optim import lr_at
 
     o = get_recipe("stage1_vicuna7b").optim
     assert lr_at(0, 20000, o) == pytest.approx(1e-6)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mgpt4.config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+from mgpt4.config import ModelConfig
 from mgpt4.model.presets import model_preset, tiny, vicuna7b
+from mgpt4.strict_config import ConfigError, apply_overrides, from_dict, to_dict
 
 
 def test_round_trip():

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mgpt4.chat.placement import model_from_args
 from mgpt4.curate.__main__ import build_parser
 from mgpt4.curate.describe import DescribeConfig, describe_images, generate_rows, run_describe
 from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.ranks import RankInfo
 from mgpt4.curate.store import DONE, PartWriter, open_store, part_path, read_store, record
-from mgpt4.model.cli import model_from_args
+from mgpt4.model.generation import GREEDY
 from tests.curate_fixtures import draw_images, make_stage1_checkpoint, one_torch_thread
 
 
@@ -57,7 +58,7 @@ def _cfg(sources, out, **kw) -> DescribeConfig:
     base = dict(
         images=sources if isinstance(sources, list) else [sources],
         out=str(out),
-        max_new_tokens=6,
+        decoding=GREEDY.replace(max_new_tokens=6),
         batch_size=2,
         num_workers=0,
         progress=False,
@@ -91,7 +92,9 @@ def test_rows_with_their_own_prompts_match_one_by_one_generation(model):
 def test_short_answers_get_the_continue_turn(model):
     torch.manual_seed(1)
     imgs = torch.randn(2, 3, 56, 56)
-    cfg = DescribeConfig(images=["x"], out="y", max_new_tokens=6, continue_below_tokens=0)
+    cfg = DescribeConfig(
+        images=["x"], out="y", decoding=GREEDY.replace(max_new_tokens=6), continue_below_tokens=0
+    )
     plain = describe_images(model, imgs, cfg)
     first = model.generate(imgs, DESCRIBE_PROMPT, max_new_tokens=6)
     assert [r["answers"] for r in plain] == [[a] for a in first]

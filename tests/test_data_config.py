@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mgpt4.config import ConfigError, from_dict
 from mgpt4.data import DataConfig
+from mgpt4.strict_config import ConfigError, from_dict
 
 
 def test_from_dict_builds_sources():

@@ -1,4 +1,4 @@
-"""The web demo in a real headless browser: `python -m mgpt4.demo` on 127.0.0.1, driven by Chromium.
+"""The web demo in a real headless browser: `python -m mgpt4.chat.web` on 127.0.0.1, driven by Chromium.
 
 Needs Gradio, Selenium and Debian's `chromium` + `chromium-driver`; when one is missing the
 tests fail and say what to install (CI installs them), they never skip.
@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 from PIL import Image, ImageDraw
 
-from mgpt4.demo import IDS
+from mgpt4.chat.web import IDS
 from tests.chat_fixtures import (
     python_module,
     readable_tiny_model,
@@ -57,7 +57,7 @@ def server(tokenizer, tmp_path_factory):
     port = free_port()
     log_path = root / "server.log"
     argv = python_module(
-        "mgpt4.demo",
+        "mgpt4.chat.web",
         *("--checkpoint", checkpoint, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)),
         *("--greedy", "--max-new-tokens", "16", "--repetition-penalty", "1.3"),
         # 0.1 megapixels: the 320x240 scene passes, a 640x480 upload is "too large".

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mgpt4.launch_env import first_node, wire
+from mgpt4.train.launch_env import first_node, wire
 
 
 def test_launcher_variables_are_kept():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mgpt4.model import apply_freeze, build_model
-from mgpt4.model.minigpt4 import StopOnSequences, stop_sequences
+from mgpt4.model.generation import StopOnSequences, stop_sequences
 from mgpt4.model.prompts import VICUNA_V0_SYSTEM, Conversation, clean_reply
 
 
@@ -80,7 +80,7 @@ def test_sampling_runs_and_differs_from_greedy_sometimes(tiny_cfg, tokenizer):
     prompt = "###Human: <Img><ImageHere></Img> Describe.###Assistant: "
     greedy = model.generate(image, prompt, max_new_tokens=8)
     samples = {
-        model.generate(image, prompt, max_new_tokens=8, do_sample=True, temperature=2.0, top_p=1.0)[0]
+        model.generate(image, prompt, max_new_tokens=8, sample=True, temperature=2.0, top_p=1.0)[0]
         for _ in range(5)
     }
     assert len(samples - set(greedy)) >= 1

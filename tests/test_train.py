@@ -67,9 +67,10 @@ def test_readme_quickstart_trains_end_to_end(tmp_path, cache):
     # The export is in the official format and loads through the strict loader.
     exported = torch.load(ckpt / "llama_proj.pth", weights_only=True)
     assert set(exported) == {"model"} and set(exported["model"]) == {"llama_proj.weight", "llama_proj.bias"}
-    from mgpt4.config import ModelConfig, from_dict
+    from mgpt4.config import ModelConfig
     from mgpt4.model import build_model
     from mgpt4.model.loading import load_proj
+    from mgpt4.strict_config import from_dict
 
     cfg = from_dict(ModelConfig, json.loads((ckpt / "config.json").read_text())["model"], "model")
     model = build_model(cfg)

@@ -124,7 +124,7 @@ def decode_only_rate(urls: list[str]) -> float:
     """Full-size libjpeg-turbo decodes per second on this core: the floor both pipelines stand on."""
     import simplejpeg
 
-    from mgpt4.data.shards import TarReader
+    from mgpt4.data.tar_reader import TarReader
 
     blobs = []
     for url in urls:
@@ -162,7 +162,7 @@ def gpu_decode_rate(urls: list[str]) -> float | None:
         return None
     import torchvision.io as tio
 
-    from mgpt4.data.shards import TarReader
+    from mgpt4.data.tar_reader import TarReader
 
     blobs = []
     for url in urls:

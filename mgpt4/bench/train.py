@@ -17,13 +17,14 @@ import time
 
 import torch
 
-from mgpt4 import engine as eng_mod
-from mgpt4.config import DTYPES, WeightsConfig, apply_config_overrides
-from mgpt4.ds_config import zero_stage
-from mgpt4.flops import device_peak_tflops, measure_matmul_tflops, train_flops_per_sample
-from mgpt4.recipes import RECIPES, get_recipe
-from mgpt4.resolve import resolve_config
-from mgpt4.trainer import build_model_and_engine, seed_all, sequence_length
+from mgpt4.config import DTYPES, WeightsConfig
+from mgpt4.strict_config import apply_overrides
+from mgpt4.train import engine as eng_mod
+from mgpt4.train.ds_config import zero_stage
+from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops, train_flops_per_sample
+from mgpt4.train.recipes import RECIPES, get_recipe
+from mgpt4.train.resolve import resolve_config
+from mgpt4.train.trainer import build_model_and_engine, seed_all, sequence_length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def _sync(device: torch.device) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = apply_config_overrides(get_recipe(args.recipe), args.set)
+    cfg = apply_overrides(get_recipe(args.recipe), args.set)
     if args.random_weights:
         cfg.model.weights = WeightsConfig()
         cfg.train.demo_assets = False

@@ -11,7 +11,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from mgpt4.config import ConfigError, apply_overrides, from_dict, to_dict
 from mgpt4.curate.chat_api import ChatAPIConfig, FatalAPIError
 from mgpt4.curate.describe import DescribeConfig
 from mgpt4.curate.filter import FilterConfig
@@ -20,6 +19,7 @@ from mgpt4.curate.prompts import FIX_PROMPT
 from mgpt4.curate.rules import RULE_ORDER, RulesConfig
 from mgpt4.curate.sources import SourceError
 from mgpt4.curate.store import StoreError
+from mgpt4.strict_config import ConfigError, apply_overrides, from_dict, to_dict
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mgpt4.model.cli import add_model_args
+    from mgpt4.chat.flags import add_decoding_args, add_model_args
 
     parser = argparse.ArgumentParser(
         prog="python -m mgpt4.curate",
@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     dd = DescribeConfig(images=[], out="")
     d.add_argument("--batch-size", type=int, default=dd.batch_size)
     d.add_argument("--num-workers", type=int, default=dd.num_workers, help="image decoding workers")
-    d.add_argument("--max-new-tokens", type=int, default=dd.max_new_tokens)
     d.add_argument(
         "--continue-below",
         type=int,
@@ -65,17 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="answers under this many tokens get the 'Continue' turn (0: never)",
     )
     d.add_argument("--prompt", default=dd.prompt, help="describe prompt with one <ImageHere>")
-    d.add_argument("--num-beams", type=int, default=dd.num_beams)
-    d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    d.add_argument("--temperature", type=float, default=dd.temperature)
-    d.add_argument("--top-p", type=float, default=dd.top_p)
-    d.add_argument("--repetition-penalty", type=float, default=dd.repetition_penalty)
-    d.add_argument("--max-context", type=int, default=dd.max_context)
     d.add_argument(
         "--sample", type=int, default=None, help="describe a seeded random subset of this many images"
     )
     d.add_argument("--seed", type=int, default=dd.seed)
     add_model_args(d)
+    add_decoding_args(d, dd.decoding, "decoding (greedy by default, so a re-run gives the same text)")
     _common(d)
 
     f = sub.add_parser("fix", help="an LLM rewrites every description (API endpoint or local HF model)")
@@ -139,9 +133,10 @@ def rules_from_args(args: argparse.Namespace) -> RulesConfig:
 
 
 def _describe(args: argparse.Namespace) -> None:
+    from mgpt4.chat.flags import settings_from_args
+    from mgpt4.chat.placement import model_from_args
     from mgpt4.curate import ranks
     from mgpt4.curate.describe import run_describe
-    from mgpt4.model.cli import model_from_args
 
     cfg = DescribeConfig(
         images=args.images,
@@ -150,13 +145,7 @@ def _describe(args: argparse.Namespace) -> None:
         continue_below_tokens=args.continue_below,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        max_context=args.max_context,
+        decoding=settings_from_args(args),
         sample=args.sample,
         seed=args.seed,
         retry_failed=not args.no_retry_failed,

@@ -17,15 +17,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mgpt4.config import ConfigError
 from mgpt4.curate import ranks
 from mgpt4.curate.images import decode_rgb
 from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import DONE, FAILED, PartWriter, open_store, pending_ids, read_store, record
 from mgpt4.images import eval_transform
+from mgpt4.model.generation import GREEDY, GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
+from mgpt4.strict_config import ConfigError
 
 STEP = "describe"
 
@@ -40,13 +41,8 @@ class DescribeConfig:
     continue_below_tokens: int = 80
     batch_size: int = 8
     num_workers: int = 2
-    max_new_tokens: int = 300
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    max_context: int = 2000
+    # Greedy by default, so that a re-run describes an image the same way.
+    decoding: GenerationSettings = GREEDY
     # Describe a seeded random subset of this many images (the paper took 5,000 random CC images).
     sample: int | None = None
     seed: int = 0
@@ -60,15 +56,18 @@ class DescribeConfig:
             raise ConfigError("describe: give at least one image folder, shard or list file")
         if self.prompt.count(IMAGE_PLACEHOLDER) != 1:
             raise ConfigError(f"describe prompt must contain {IMAGE_PLACEHOLDER!r} once, got {self.prompt!r}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError("describe: batch_size and max_new_tokens must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError("describe: batch_size must be at least 1")
+        try:
+            self.decoding.validate()
+        except GenerationError as e:
+            raise ConfigError(f"describe decoding: {e}") from None
         if self.sample is not None and self.sample < 1:
             raise ConfigError("describe: sample must be at least 1")
 
     def settings(self) -> dict[str, Any]:
         """What decides a description (kept in meta.json to notice a changed re-run)."""
-        keep = ("prompt", "continue_prompt", "continue_below_tokens", "max_new_tokens", "num_beams")
-        keep += ("do_sample", "temperature", "top_p", "repetition_penalty", "max_context", "sample", "seed")
+        keep = ("prompt", "continue_prompt", "continue_below_tokens", "decoding", "sample", "seed")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -105,38 +104,31 @@ def _collate(batch: list) -> list:
     return batch
 
 
-def _gen_kwargs(cfg: DescribeConfig) -> dict[str, Any]:
-    return dict(
-        max_new_tokens=cfg.max_new_tokens,
-        num_beams=cfg.num_beams,
-        do_sample=cfg.do_sample,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty,
-        max_context=cfg.max_context,
-    )
-
-
-def generate_rows(model: MiniGPT4, images: torch.Tensor, prompts: list[str], **gen) -> list[str]:
+def generate_rows(
+    model: MiniGPT4,
+    images: torch.Tensor,
+    prompts: list[str],
+    settings: GenerationSettings = GREEDY,
+    **fields,
+) -> list[str]:
     """Like `MiniGPT4.generate`, but every row has its own prompt (the "Continue" turn repeats each
     row's first answer, so its prompts differ row by row)."""
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"{images.shape[0]} images but {len(prompts)} prompts")
     with torch.no_grad():
-        return model.generate_from_embeds([model.encode_img(images)], prompts, **gen)
+        return model.generate_from_embeds([model.encode_img(images)], prompts, settings, **fields)
 
 
 def describe_images(model: MiniGPT4, images: torch.Tensor, cfg: DescribeConfig) -> list[dict[str, Any]]:
     """Descriptions of a batch of normalised images: [{"text", "answers", "tokens"}] per row."""
-    gen = _gen_kwargs(cfg)
-    first = model.generate(images, cfg.prompt, **gen)
+    first = model.generate(images, cfg.prompt, cfg.decoding)
     tok = model.tokenizer
     counts = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in first]
     results = [{"text": a, "answers": [a], "tokens": n} for a, n in zip(first, counts)]
     short = [i for i, n in enumerate(counts) if n < cfg.continue_below_tokens]
     if short:
         prompts = [cfg.prompt + first[i] + cfg.continue_prompt for i in short]
-        more = generate_rows(model, images[short], prompts, **gen)
+        more = generate_rows(model, images[short], prompts, cfg.decoding)
         for i, extra in zip(short, more):
             results[i]["answers"].append(extra)
             results[i]["text"] = " ".join(a.strip() for a in results[i]["answers"] if a.strip())
@@ -215,7 +207,7 @@ def _describe_batch(
 def _describe_items(
     model: MiniGPT4, items: list[ImageItem], cfg: DescribeConfig, info: ranks.RankInfo, report: DescribeReport
 ) -> None:
-    if cfg.do_sample:
+    if cfg.decoding.do_sample:
         torch.manual_seed(cfg.seed + info.rank)
     device = next(model.llama_proj.parameters()).device
     loader = DataLoader(

@@ -18,7 +18,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mgpt4.config import ConfigError
 from mgpt4.curate import ranks
 from mgpt4.curate.chat_api import ChatAPIConfig, ChatClient, FatalAPIError, ItemError
 from mgpt4.curate.hf_rewriter import HFRewriter, HFRewriterConfig
@@ -34,6 +33,7 @@ from mgpt4.curate.store import (
     read_store,
     record,
 )
+from mgpt4.strict_config import ConfigError
 
 STEP = "fix"
 

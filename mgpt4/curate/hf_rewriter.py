@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mgpt4.config import DTYPES, ConfigError
+from mgpt4.config import DTYPES
+from mgpt4.strict_config import ConfigError
 
 # A base model has no chat turn to end its answer: this cue starts the answer, a blank line ends it.
 PLAIN_TEMPLATE = "{message}\n\nFixed paragraph:\n"

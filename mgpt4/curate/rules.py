@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mgpt4.config import ConfigError
+from mgpt4.strict_config import ConfigError
 
 # Apologies and refusals: the fixing LLM (or the describing model) talking about itself.
 REFUSAL_PATTERNS = [

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mgpt4.data.collate import SkipCounter, image_buffer, make_batch
+from mgpt4.data.batches import image_buffer, make_batch
 from mgpt4.data.config import DataConfig
+from mgpt4.data.samples import SkipCounter
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
 from mgpt4.data.workers import WorkerDataset
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mgpt4.config import ConfigError
+from mgpt4.strict_config import ConfigError
 
 KINDS = ("webdataset", "align")
 MIX_MODES = ("batch", "sample")

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mgpt4.data.align import AlignDataset
-from mgpt4.data.collate import SKIP_REASONS
 from mgpt4.data.config import DataConfig
-from mgpt4.data.webdataset import ShardDataset
+from mgpt4.data.samples import SKIP_REASONS
+from mgpt4.data.shard_stream import ShardDataset
 from mgpt4.data.workers import STATE_KEY, WORKER_KEY, WorkerDataset
 
 STATE_VERSION = 1

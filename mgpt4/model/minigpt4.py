@@ -17,8 +17,9 @@ from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaLis
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mgpt4.config import DTYPES, ModelConfig
+from mgpt4.model.generation import GREEDY, GenerationSettings, StopOnSequences, stop_sequences
 from mgpt4.model.llm import build_llm, llama_config
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER, SEP, clean_reply
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
 from mgpt4.tokenizer import encode_answers
@@ -245,42 +246,43 @@ class MiniGPT4(nn.Module):
         self,
         images: torch.Tensor | Sequence[torch.Tensor],
         prompt: str,
+        settings: GenerationSettings | None = None,
         **kwargs,
     ) -> list[str]:
         """Replies (text before the first `###`) for a prompt with `<ImageHere>` placeholders.
 
         `images` are normalised image batches [B,3,S,S], one per placeholder; every row of the batch
-        gets the same prompt. Keyword arguments are those of `generate_from_embeds`.
+        gets the same prompt. `settings` defaults to greedy decoding (`GREEDY`); keyword arguments
+        are its fields (`max_new_tokens=20, sample=True`) or those of `generate_from_embeds`.
         """
         if isinstance(images, torch.Tensor):
             images = [images]
-        return self.generate_from_embeds([self.encode_img(im) for im in images], prompt, **kwargs)
+        return self.generate_from_embeds([self.encode_img(im) for im in images], prompt, settings, **kwargs)
 
     @torch.no_grad()
     def generate_from_embeds(
         self,
         img_embeds: Sequence[torch.Tensor],
         prompt: str | Sequence[str],
-        max_new_tokens: int = 300,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        max_context: int = 2000,
+        settings: GenerationSettings | None = None,
         streamer=None,
         synced_gpus: bool = False,
         stopping_criteria: Sequence[StoppingCriteria] = (),
+        **fields,
     ) -> list[str]:
         """As `generate`, on image embeddings already computed (chat encodes an image once).
 
         `prompt` may also be a list, one per row (left-padded into one batch; curation's "Continue"
         turn repeats each row's own answer). Each context is cut from the left to
         `max_context - max_new_tokens`; `stopping_criteria` are added to the stop on `###`.
+        `fields` change single settings (`max_new_tokens=8`). Raises GenerationError for settings
+        out of range.
         """
+        settings = (settings or GREEDY).replace(**fields) if fields else (settings or GREEDY)
+        settings.validate()
         llm_device = self.llm.get_input_embeddings().weight.device
         img_embeds = [e.to(llm_device) for e in img_embeds]
-        keep = max_context - max_new_tokens
+        keep = settings.max_context - settings.max_new_tokens
         if isinstance(prompt, str):
             rows = [self.context_embeds(prompt, img_embeds)]
         else:
@@ -295,14 +297,9 @@ class MiniGPT4(nn.Module):
             ]
         )
         tok = self._tok()
-        sampling = dict(temperature=float(temperature), top_p=top_p) if do_sample else {}
         out = self.llm.generate(
             inputs_embeds=embs,
             attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=do_sample,
-            repetition_penalty=repetition_penalty,
             min_length=1,
             stopping_criteria=StoppingCriteriaList(
                 [StopOnSequences(stop_sequences(tok)), *stopping_criteria]
@@ -311,36 +308,6 @@ class MiniGPT4(nn.Module):
             eos_token_id=tok.eos_token_id,
             streamer=streamer,
             synced_gpus=synced_gpus,
-            **sampling,
+            **settings.hf_kwargs(),
         )
         return [clean_reply(tok.decode(row, skip_special_tokens=True)) for row in out]
-
-
-def stop_sequences(tokenizer) -> list[list[int]]:
-    """Token sequences of `###` that end a reply: `▁###` and `##` `#` for LLaMA ([835], [2277, 29937])."""
-    seqs = [tokenizer(SEP, add_special_tokens=False)["input_ids"]]
-    unk = tokenizer.unk_token_id
-    pair = tokenizer.convert_tokens_to_ids(["##", "#"])
-    if unk not in pair and None not in pair:
-        seqs.append(pair)
-    unique: list[list[int]] = []
-    for s in seqs:
-        if s and s not in unique:
-            unique.append(s)
-    return unique
-
-
-class StopOnSequences(StoppingCriteria):
-    """Stop each row once its output ends with one of the stop sequences."""
-
-    def __init__(self, stops: list[list[int]]):
-        super().__init__()
-        self.stops = stops
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for stop in self.stops:
-            if input_ids.shape[1] >= len(stop):
-                tail = torch.tensor(stop, device=input_ids.device)
-                done |= (input_ids[:, -len(stop) :] == tail).all(dim=1)
-        return done

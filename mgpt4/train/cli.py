@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 
-from mgpt4.config import ConfigError, apply_config_overrides, to_dict
-from mgpt4.recipes import RECIPES, get_recipe
+from mgpt4.strict_config import ConfigError, apply_overrides, to_dict
+from mgpt4.train.recipes import RECIPES, get_recipe
 
 
 def parse_args(argv: list[str] | None, default_recipe: str, description: str) -> argparse.Namespace:
@@ -30,9 +30,9 @@ def parse_args(argv: list[str] | None, default_recipe: str, description: str) ->
 def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", description: str = "") -> None:
     args = parse_args(argv, default_recipe, description)
     try:
-        cfg = apply_config_overrides(get_recipe(args.recipe), args.set)
+        cfg = apply_overrides(get_recipe(args.recipe), args.set)
         if args.dry_run:
-            from mgpt4.resolve import resolve_config
+            from mgpt4.train.resolve import resolve_config
 
             world = int(os.environ.get("WORLD_SIZE", "1"))
             cfg, ds = resolve_config(cfg, args.deepspeed, world)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     from mgpt4.model import WeightsError
-    from mgpt4.trainer import train
+    from mgpt4.train.trainer import train
 
     try:
         train(cfg, args.deepspeed, resume=not args.no_resume)

@@ -9,9 +9,7 @@ so a crash during a save leaves the previous checkpoint loadable.
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +19,24 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
-from mgpt4 import launch_env
-from mgpt4.config import DTYPES, Config, OptimConfig, to_dict
-from mgpt4.ds_config import zero_stage
+from mgpt4.config import DTYPES, Config
 from mgpt4.model import MiniGPT4
 from mgpt4.model.export import save_projection
-from mgpt4.paths import CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, PROJ_FILE, step_dir_name
-
-RANK_STATE = "trainer_state_rank{rank}.pt"
+from mgpt4.strict_config import to_dict
+from mgpt4.train import launch_env
+from mgpt4.train.checkpoints import (
+    CONFIG_FILE,
+    LATEST_FILE,
+    PROJ_FILE,
+    RANK_STATE,
+    checkpoint_root,
+    latest_tag,
+    rotate,
+    step_dir_name,
+    write_atomic,
+)
+from mgpt4.train.ds_config import zero_stage
+from mgpt4.train.optim import build_optimizer
 
 
 @dataclass
@@ -101,32 +109,9 @@ class ZeroSetup:
             model.query_tokens.data = model.query_tokens.data.to(self.dtype)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only; biases and norms get none (as the official recipe)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def lr_at(step: int, total: int, o: OptimConfig) -> float:
-    """Linear warmup from warmup_lr to lr, then cosine from lr to min_lr over the whole run."""
-    if step < o.warmup_steps:
-        return o.warmup_lr + (o.lr - o.warmup_lr) * step / max(o.warmup_steps, 1)
-    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
-
 def create_engine(model: MiniGPT4, cfg: Config, ds_config: dict[str, Any]):
     """deepspeed.initialize with AdamW over the trainable set and the official schedule."""
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-    )
-    total = cfg.train.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, o) / o.lr)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -181,33 +166,11 @@ def projection_state(model: MiniGPT4) -> dict[str, torch.Tensor]:
     }
 
 
-def checkpoint_root(cfg: Config) -> str:
-    return os.path.join(cfg.train.output_dir, CHECKPOINTS_DIR)
-
-
-def latest_tag(root: str) -> str | None:
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        tag = f.read().strip()
-    return tag if tag and os.path.isdir(os.path.join(root, tag)) else None
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     engine, model: MiniGPT4, cfg: Config, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]
 ) -> str:
     """Write checkpoint `step_N` on every rank; `latest` moves to it only when all of it is on disk."""
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(cfg.train.output_dir)
     tag = step_dir_name(step)
     rank = dist.get_rank()
     engine.save_checkpoint(
@@ -218,28 +181,18 @@ def save_checkpoint(
     proj = projection_state(model)
     if rank == 0:
         save_projection(proj, os.path.join(folder, PROJ_FILE))
-        _write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
+        write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
     barrier()
     if rank == 0:
-        _write_atomic(os.path.join(root, LATEST_FILE), tag)
-        _rotate(root, keep=cfg.train.keep_last, newest=tag)
+        write_atomic(os.path.join(root, LATEST_FILE), tag)
+        rotate(root, keep=cfg.train.keep_last, newest=tag)
     barrier()
     return folder
 
 
-def _rotate(root: str, keep: int, newest: str) -> None:
-    steps = sorted(
-        d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d))
-    )
-    # Partial folders newer than `latest` (a crash mid-save) are left for the next save to overwrite.
-    complete = [d for d in steps if d <= newest]
-    for old in complete[:-keep]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-
-
 def load_checkpoint(engine, cfg: Config) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Restore the newest complete checkpoint: (client_state, this rank's trainer state), or None."""
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(cfg.train.output_dir)
     tag = latest_tag(root)
     if tag is None:
         return None

@@ -1,19 +1,11 @@
-"""Static-shape batches: uint8 images, fixed-length answer ids, and the per-sample skip counters.
-
-Every batch has the same shapes (images [B, 3, S, S], ids and masks [B, max_txt_len]) so the model
-step can be captured once as a CUDA graph and the allocator never sees a new size.
-"""
+"""Samples as img2dataset stores them (caption from .json or .txt, the image file), and the counters
+of samples and shards skipped, by reason."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
-
-import torch
-from torch.utils.data import get_worker_info
-
-from mgpt4.tokenizer import encode_answers
 
 log = logging.getLogger("mgpt4.data")
 
@@ -33,18 +25,6 @@ SKIP_REASONS = (
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # At most this many skipped samples per reason are logged by each worker; the rest are only counted.
 LOG_FIRST = 5
-
-
-def image_buffer(batch: int, size: int) -> torch.Tensor:
-    """uint8 [B, 3, S, S] in channels-last memory (what the resampler writes, so filling a slot is a
-    plain copy). In a DataLoader worker it lives in shared memory from the start, so handing the batch
-    to the trainer costs no copy (the default collate does the same)."""
-    if get_worker_info() is None:
-        storage = torch.empty(batch * size * size * 3, dtype=torch.uint8)
-    else:
-        shared = torch.UntypedStorage._new_shared(batch * size * size * 3)
-        storage = torch.empty(0, dtype=torch.uint8).set_(shared)
-    return storage.view(batch, size, size, 3).permute(0, 3, 1, 2)
 
 
 class SkipCounter:
@@ -100,19 +80,3 @@ def sample_image(files: dict[str, bytes]) -> bytes | None:
         if data is not None:
             return data
     return None
-
-
-def make_batch(
-    images: torch.Tensor,
-    captions: Sequence[str],
-    tokenizer,
-    max_txt_len: int,
-    end_sym: str,
-    extra: dict[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The batch contract: image uint8 [B,3,S,S], text_ids / text_mask int64 [B, max_txt_len]."""
-    ids, mask = encode_answers(tokenizer, list(captions), end_sym, max_txt_len, pad_to_max_len=True)
-    batch = {"image": images, "text_ids": ids, "text_mask": mask}
-    if extra:
-        batch.update(extra)
-    return batch

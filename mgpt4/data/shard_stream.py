@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mgpt4.data.collate import SkipCounter, image_buffer, make_batch, sample_caption, sample_image
+from mgpt4.data.batches import image_buffer, make_batch
 from mgpt4.data.config import DataConfig
-from mgpt4.data.shards import ShardError, TarReader, check_local_shards, check_url, expand_shards
+from mgpt4.data.samples import SkipCounter, sample_caption, sample_image
+from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
+from mgpt4.data.tar_reader import ShardError, TarReader
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
 from mgpt4.data.workers import WorkerDataset
 

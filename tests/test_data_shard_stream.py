@@ -11,9 +11,9 @@ import torch
 from data_fixtures import bad_shard, numbered_shards, sample_files, tiny_tokenizer, write_tar
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
-from mgpt4.data.shards import TarReader
+from mgpt4.data.shard_stream import ShardBatches, sample_id, source_urls
+from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import clean_caption
-from mgpt4.data.webdataset import ShardBatches, sample_id, source_urls
 from mgpt4.tokenizer import encode_answers
 
 SIZE = 16

@@ -1,4 +1,5 @@
-"""Names inside mgpt4 checkpoint folders, shared by the trainer (writer) and chat/curation (readers).
+"""Every checkpoint file name and the DeepSpeed-free helpers: the trainer writes, chat, curation and
+evaluation read.
 
 <output>/checkpoints/latest              name of the newest complete checkpoint folder
 <output>/checkpoints/step_00000100/      one checkpoint
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 CONFIG_FILE = "config.json"
 PROJ_FILE = "llama_proj.pth"
+# Per-rank trainer state (data position, RNG, sample images) beside DeepSpeed's own files.
+RANK_STATE = "trainer_state_rank{rank}.pt"
 
 
 def step_dir_name(step: int) -> str:
@@ -40,3 +44,35 @@ def find_checkpoint(path: str) -> str | None:
 def read_checkpoint_config(ckpt_dir: str) -> dict:
     with open(os.path.join(ckpt_dir, CONFIG_FILE), encoding="utf-8") as f:
         return json.load(f)
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS_DIR)
+
+
+def latest_tag(root: str) -> str | None:
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        tag = f.read().strip()
+    return tag if tag and os.path.isdir(os.path.join(root, tag)) else None
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rotate(root: str, keep: int, newest: str) -> None:
+    steps = sorted(
+        d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d))
+    )
+    # Partial folders newer than `latest` (a crash mid-save) are left for the next save to overwrite.
+    complete = [d for d in steps if d <= newest]
+    for old in complete[:-keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)

@@ -1,6 +1,6 @@
 """A web page to chat with a trained MiniGPT-4 about an uploaded image (Gradio), served on localhost.
 
-    python -m mgpt4.demo --checkpoint runs/stage2 [--host 127.0.0.1 --port 7860 --concurrency 1]
+    python -m mgpt4.chat.web --checkpoint runs/stage2 [--host 127.0.0.1 --port 7860 --concurrency 1]
 
 Every browser tab has its own conversation; requests wait in one queue, and at most
 `--concurrency` of them use the model at a time.
@@ -14,12 +14,19 @@ import os
 
 import torch
 
-from mgpt4.chat import add_generation_args, limits_from_args, settings_from_args
-from mgpt4.chat_session import ChatError, ChatSession, GenerationSettings, ImageLimits, ImageRejected
-from mgpt4.model.cli import add_model_args, model_from_args
+from mgpt4.chat.flags import (
+    add_decoding_args,
+    add_model_args,
+    add_session_args,
+    limits_from_args,
+    settings_from_args,
+)
+from mgpt4.chat.placement import model_from_args
+from mgpt4.chat.session import ChatError, ChatSession, ImageLimits, ImageRejected
+from mgpt4.model.generation import GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
 
-log = logging.getLogger("mgpt4.demo")
+log = logging.getLogger("mgpt4.chat.web")
 
 # Element ids: stable handles for the browser test and for anyone styling the page.
 IDS = {
@@ -174,11 +181,12 @@ def build_demo(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mgpt4.demo",
+        prog="python -m mgpt4.chat.web",
         description="Serve a web page to chat with a MiniGPT-4 model about an uploaded image.",
     )
     add_model_args(parser)
-    add_generation_args(parser)
+    add_decoding_args(parser, GenerationSettings(), "decoding (the sliders' starting values)")
+    add_session_args(parser)
     s = parser.add_argument_group("server")
     s.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 opens it to the network)"

@@ -8,7 +8,8 @@ import tarfile
 import pytest
 from data_fixtures import numbered_shards, sample_files, write_tar
 
-from mgpt4.data.shards import ShardError, TarReader, check_url, expand_shards
+from mgpt4.data.shard_lists import check_url, expand_shards
+from mgpt4.data.tar_reader import ShardError, TarReader
 
 
 def _all(reader: TarReader) -> list[tuple[str, dict[str, bytes]]]:
@@ -125,7 +126,7 @@ def test_corrupt_header_is_detected(tmp_path):
 
 
 def test_a_source_whose_shards_all_miss_is_refused_by_name(tmp_path):
-    from mgpt4.data.shards import check_local_shards
+    from mgpt4.data.shard_lists import check_local_shards
 
     with pytest.raises(ValueError, match=r"none of the 2 shard\(s\) of source 'laion' exist"):
         check_local_shards(

@@ -14,8 +14,16 @@ import warnings
 
 import torch
 
-from mgpt4.chat_session import ChatError, ChatSession, GenerationSettings, ImageLimits, ImageRejected
-from mgpt4.model.cli import add_model_args, model_from_args
+from mgpt4.chat.flags import (
+    add_decoding_args,
+    add_model_args,
+    add_session_args,
+    limits_from_args,
+    settings_from_args,
+)
+from mgpt4.chat.placement import model_from_args
+from mgpt4.chat.session import ChatSession, ImageRejected
+from mgpt4.model.generation import GenerationSettings
 
 PROMPT = "You: "
 SPEAKER = "MiniGPT-4: "
@@ -24,81 +32,6 @@ HELP = """commands:
   /reset        forget the conversation, keep the image
   /help         this list
   /quit         leave (Ctrl-D too); Ctrl-C stops a reply being written"""
-
-
-def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    """Decoding flags, shared with the web demo (there they set the sliders' starting values)."""
-    d = GenerationSettings()
-    g = parser.add_argument_group("generation (defaults: the official demo's)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest reply, in tokens")
-    g.add_argument(
-        "--num-beams", type=int, default=d.num_beams, help="beam search when > 1 (no streaming then)"
-    )
-    g.add_argument(
-        "--temperature",
-        type=float,
-        default=d.temperature,
-        help="sampling temperature; 0 means greedy decoding",
-    )
-    g.add_argument(
-        "--top-p",
-        type=float,
-        default=d.top_p,
-        help="nucleus sampling: keep the smallest set of tokens with this much probability",
-    )
-    g.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=d.repetition_penalty,
-        help="> 1 discourages repeating tokens",
-    )
-    g.add_argument(
-        "--greedy",
-        action="store_true",
-        help="always pick the most likely token (deterministic replies); by default tokens are sampled",
-    )
-    g.add_argument(
-        "--max-context",
-        type=int,
-        default=d.max_context,
-        help="tokens of conversation kept; older ones are cut",
-    )
-    g.add_argument("--seed", type=int, help="seed the sampler, for replies that can be reproduced")
-    g.add_argument(
-        "--max-image-mb",
-        type=float,
-        default=ImageLimits.max_bytes / 2**20,
-        help="largest image file accepted",
-    )
-    g.add_argument(
-        "--max-image-megapixels",
-        type=float,
-        default=ImageLimits.max_pixels / 1e6,
-        help="largest image accepted, in millions of pixels",
-    )
-
-
-def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        sample=not args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        max_context=args.max_context,
-    )
-    try:
-        settings.validate()
-    except ChatError as e:
-        raise SystemExit(f"generation flags: {e}") from None
-    return settings
-
-
-def limits_from_args(args: argparse.Namespace) -> ImageLimits:
-    return ImageLimits(
-        max_bytes=int(args.max_image_mb * 2**20), max_pixels=int(args.max_image_megapixels * 1e6)
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image", required=True, help="the image to talk about (PNG, JPEG, WebP, ...)")
     add_model_args(parser)
-    add_generation_args(parser)
+    add_decoding_args(parser, GenerationSettings(), "decoding (defaults: the official demo's)")
+    add_session_args(parser)
     return parser
 
 

@@ -11,7 +11,8 @@ import json
 import os
 from typing import Any
 
-from mgpt4.config import Config, ConfigError
+from mgpt4.config import Config
+from mgpt4.strict_config import ConfigError
 
 # Keys the recipe owns; a JSON may leave them out or write "auto".
 OWNED = (

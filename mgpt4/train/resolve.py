@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mgpt4.config import Config
-from mgpt4.ds_config import build_ds_config, resolve_batch
-from mgpt4.paths import PROJ_FILE, find_checkpoint
+from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint
+from mgpt4.train.ds_config import build_ds_config, resolve_batch
 
 
 def resolve_config(
@@ -19,7 +19,7 @@ def resolve_config(
 ) -> tuple[Config, dict[str, Any]]:
     """Fill in what depends on the machine (demo assets, batch split) and validate; returns (cfg, ds config)."""
     if cfg.train.demo_assets:
-        from mgpt4.assets import prepare_demo_assets
+        from mgpt4.train.assets import prepare_demo_assets
 
         # Rank 0 generates; the others wait and then find the cached files.
         if rank == 0:

@@ -16,17 +16,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mgpt4 import engine as eng_mod
-from mgpt4.config import DTYPES, Config, to_dict
+from mgpt4.config import DTYPES, Config
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
-from mgpt4.flops import device_peak_tflops, train_flops_per_sample
-from mgpt4.metrics import Metrics, device_memory_gb
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
-from mgpt4.paths import CONFIG_FILE
-from mgpt4.preemption import Preemption
-from mgpt4.resolve import resolve_config
+from mgpt4.strict_config import to_dict
+from mgpt4.train import engine as eng_mod
+from mgpt4.train.checkpoints import CONFIG_FILE
+from mgpt4.train.flops import device_peak_tflops, train_flops_per_sample
+from mgpt4.train.metrics import Metrics, device_memory_gb
+from mgpt4.train.preemption import Preemption
+from mgpt4.train.resolve import resolve_config
 
 
 def seed_all(seed: int) -> None:

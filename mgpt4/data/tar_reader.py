@@ -1,4 +1,4 @@
-"""Shard lists and a small streaming tar reader that can restart at a byte offset.
+"""A small streaming tar reader that can restart at a byte offset.
 
 img2dataset shards are plain tars whose members are grouped into samples by key (`00001.jpg`,
 `00001.txt`, `00001.json` -> key `00001`). The reader returns raw bytes per sample and knows the byte
@@ -9,13 +9,9 @@ seek to that offset; `pipe:` streams read up to it.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Sequence
-
-import braceexpand
 
 _BLOCK = 512
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
@@ -28,56 +24,6 @@ class ShardError(Exception):
         super().__init__(f"shard {url}: {message}")
         self.reason = reason
         self.url = url
-
-
-def expand_shards(spec: str | Sequence[str], where: str = "shards") -> list[str]:
-    """Brace patterns, lists and `@FILE` lists of URLs -> a flat list of URLs (order kept)."""
-    items = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"{where}: expected a non-empty URL, brace pattern or @FILE, got {item!r}")
-        item = item.strip()
-        if item.startswith("@"):
-            path = item[1:]
-            try:
-                with open(path, encoding="utf-8") as f:
-                    lines = [ln.split("#", 1)[0].strip() for ln in f]
-            except OSError as e:
-                raise ValueError(f"{where}: cannot read the list of shards {path!r}: {e}") from e
-            listed = [ln for ln in lines if ln]
-            if not listed:
-                raise ValueError(f"{where}: the list of shards {path!r} has no URLs")
-            urls.extend(expand_shards(listed, f"{where} ({path})"))
-        else:
-            urls.extend(braceexpand.braceexpand(item))
-    return urls
-
-
-def check_url(url: str, where: str) -> None:
-    """Refuse schemes the reader cannot open before any worker starts."""
-    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
-    if m and m.group(1) not in ("file", "http", "https"):
-        raise ValueError(
-            f"{where}: cannot open {url!r} directly; wrap it in a command, e.g. 'pipe:aws s3 cp {url} -'"
-        )
-
-
-def local_path(url: str) -> str | None:
-    """The file behind a local URL (a plain path or file://), None for pipe: and http(s)."""
-    if url.startswith("pipe:") or re.match(r"^https?://", url):
-        return None
-    return url[len("file://") :] if url.startswith("file://") else url
-
-
-def check_local_shards(urls: Sequence[str], where: str, name: str) -> None:
-    """A source whose local shards are all missing is a wrong path, not bad luck: stop before training."""
-    local = [p for p in (local_path(u) for u in urls) if p is not None]
-    if local and len(local) == len(urls) and not any(os.path.exists(p) for p in local):
-        raise ValueError(
-            f"{where}: none of the {len(local)} shard(s) of source {name!r} exist (first: {local[0]!r}); "
-            f"check the path or brace pattern, e.g. --set 'data.sources.0.shards=/data/laion/{{00000..10488}}.tar'"
-        )
 
 
 class _PipeStream:

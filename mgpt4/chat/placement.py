@@ -1,8 +1,6 @@
-"""Command-line model flags shared by chat, the web demo and curation: official files or an mgpt4 checkpoint.
-
-Besides the files, three low-memory options decide where the parts live: the LLM in bf16/fp16,
-the LLM in 8-bit (bitsandbytes, CUDA only), and the vision path on the CPU while the LLM is on
-the GPU (8-bit LLM plus CPU vision is the official low-resource mode).
+"""Inference-side model loading for chat, the demo, curation and evaluation: build, load and freeze
+the model the flags describe, and place its parts (the whole model on one device, the LLM in 8-bit,
+or the vision path on the CPU while the LLM is on the GPU: the official low-resource mode).
 """
 
 from __future__ import annotations
@@ -13,83 +11,11 @@ import os
 
 import torch
 
-from mgpt4.config import DTYPES, ModelConfig, apply_overrides, from_dict
+from mgpt4.chat.flags import model_config_from_args
+from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, from_config, load_weights
 from mgpt4.model.llm import llm_config_mismatches
 from mgpt4.model.loading import WeightsError
-from mgpt4.model.presets import MODEL_PRESETS, model_preset
-from mgpt4.paths import PROJ_FILE, find_checkpoint, read_checkpoint_config
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--checkpoint",
-        help="an mgpt4 checkpoint folder, or a training output folder (its newest checkpoint is used); "
-        "its saved config gives the model and its llama_proj.pth the projection",
-    )
-    g.add_argument(
-        "--preset", choices=sorted(MODEL_PRESETS), help="model sizes when no --checkpoint is given"
-    )
-    g.add_argument("--eva-vit", help="eva_vit_g.pth")
-    g.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth (ln_vision, Q-Former, query tokens)")
-    g.add_argument("--blip2-hf", help="a Hugging Face BLIP-2 folder instead of --eva-vit/--blip2")
-    g.add_argument("--llm", help="a Hugging Face LLaMA/Vicuna folder")
-    g.add_argument("--proj", help="a MiniGPT-4 checkpoint holding llama_proj (e.g. pretrained_minigpt4.pth)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
-    g.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device of the model (default: cuda when a GPU is visible, else cpu)",
-    )
-    low = parser.add_argument_group("low memory")
-    low.add_argument(
-        "--llm-dtype",
-        choices=sorted(DTYPES),
-        help="dtype of the LLM weights (default: the config's model.precision.llm; bf16 halves fp32's memory)",
-    )
-    low.add_argument(
-        "--llm-8bit",
-        action="store_true",
-        help="load the LLM from --llm in 8-bit with bitsandbytes (needs a CUDA --device and "
-        "`pip install bitsandbytes`); about half of bf16's memory",
-    )
-    low.add_argument(
-        "--vision-device",
-        help="device of the vision path (EVA ViT, Q-Former, projection), e.g. `cpu` to keep only the LLM "
-        "on the GPU; it then runs in fp32 and hands its image embeddings to the LLM's device "
-        "(default: --device)",
-    )
-
-
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    if args.checkpoint:
-        ckpt = find_checkpoint(args.checkpoint)
-        if ckpt is None:
-            raise SystemExit(f"--checkpoint {args.checkpoint}: no mgpt4 checkpoint found there")
-        cfg = from_dict(ModelConfig, read_checkpoint_config(ckpt)["model"], "model")
-        cfg.weights.proj = os.path.join(ckpt, PROJ_FILE)
-    elif args.preset:
-        cfg = model_preset(args.preset)
-    else:
-        raise SystemExit(
-            "give --checkpoint, or --preset with the weight files (--eva-vit, --blip2, --llm, --proj)"
-        )
-    for flag, field in (
-        ("eva_vit", "eva_vit"),
-        ("blip2", "blip2"),
-        ("blip2_hf", "blip2_hf"),
-        ("llm", "llm"),
-        ("proj", "proj"),
-    ):
-        value = getattr(args, flag)
-        if value:
-            setattr(cfg.weights, field, value)
-    cfg = apply_overrides(cfg, args.set) if args.set else cfg
-    # getattr: callers that build their Namespace by hand may not have the low-memory flags.
-    if getattr(args, "llm_dtype", None):
-        cfg.precision.llm = args.llm_dtype
-    return cfg
 
 
 def model_from_args(args: argparse.Namespace) -> MiniGPT4:
@@ -108,9 +34,6 @@ def model_from_args(args: argparse.Namespace) -> MiniGPT4:
         place_vision(model, vision_device)
     return model.eval()
 
-
-# ---------------------------------------------------------------------------------------------
-# Low-memory placements
 
 VISION_PARTS = ("visual_encoder", "ln_vision", "qformer", "llama_proj")
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import StoppingCriteria, TextIteratorStreamer
 
 from mgpt4.images import eval_transform
+from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.prompts import SEP, Conversation, clean_reply
 
@@ -76,39 +77,6 @@ def load_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> 
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageRejected(f"{name}: the image is damaged or truncated ({e})") from None
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding controls; the defaults are the official demo's (it samples at temperature 1, top_p 0.9)."""
-
-    max_new_tokens: int = 300
-    num_beams: int = 1
-    sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    max_context: int = 2000
-
-    @property
-    def do_sample(self) -> bool:
-        # Temperature 0 is how people say "no randomness": it means greedy, not a division by zero.
-        return self.sample and self.temperature > 0
-
-    def validate(self) -> None:
-        problems = []
-        if not 1 <= self.max_new_tokens < self.max_context:
-            problems.append(f"max_new_tokens must be between 1 and max_context-1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if problems:
-            raise ChatError("; ".join(problems))
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -185,7 +153,10 @@ class ChatSession:
         Beam search cannot stream in transformers: with num_beams > 1 the reply comes whole.
         """
         settings = settings or GenerationSettings()
-        settings.validate()
+        try:
+            settings.validate()
+        except GenerationError as e:
+            raise ChatError(str(e)) from None
         question = question.strip()
         if not question:
             raise ChatError("the question is empty")
@@ -243,13 +214,7 @@ class ChatSession:
         [reply] = self.model.generate_from_embeds(
             [self.img_embeds],
             prompt,
-            max_new_tokens=settings.max_new_tokens,
-            num_beams=settings.num_beams,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty,
-            max_context=settings.max_context,
+            settings,
             streamer=streamer,
             stopping_criteria=[_StopWhenSet(stop)],
         )

@@ -1,0 +1,117 @@
+"""How replies are decoded: one settings dataclass for generation, chat, the demo and curation, and
+the stop on `###` of the official conversation template.
+
+The defaults are the official demo's (`Chat.answer` in MiniGPT-4's `conversation.py`): sampling at
+temperature 1.0 with top_p 0.9, 300 new tokens, one beam, no repetition penalty, the context cut
+from the left to 2000 tokens. Tools whose results must be reproducible start from `GREEDY`.
+Command-line flags are derived from the fields (`mgpt4.chat.flags.add_decoding_args`), so every
+tool spells and documents them the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria
+
+from mgpt4.model.prompts import SEP
+
+
+class GenerationError(ValueError):
+    """Decoding settings that cannot be used; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding controls (field metadata `help` becomes each command-line flag's help)."""
+
+    max_new_tokens: int = field(default=300, metadata={"help": "longest reply, in tokens"})
+    num_beams: int = field(default=1, metadata={"help": "beam search when > 1 (replies then come whole)"})
+    sample: bool = field(
+        default=True,
+        metadata={
+            "help": "sample tokens (--no-sample / --greedy: always the most likely one, deterministic)"
+        },
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 means greedy"})
+    top_p: float = field(
+        default=0.9,
+        metadata={"help": "nucleus sampling: the smallest set of tokens with this much probability"},
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens"})
+    max_context: int = field(
+        default=2000, metadata={"help": "tokens of context kept (prompt + reply); older ones are cut"}
+    )
+
+    @property
+    def do_sample(self) -> bool:
+        # Temperature 0 is how people say "no randomness": it means greedy, not a division by zero.
+        return self.sample and self.temperature > 0
+
+    def replace(self, **changes) -> GenerationSettings:
+        """A copy with some fields changed; unknown names raise TypeError."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise GenerationError naming every field out of range."""
+        problems = []
+        if not 1 <= self.max_new_tokens < self.max_context:
+            problems.append(f"max_new_tokens must be between 1 and max_context-1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise GenerationError("; ".join(problems))
+
+    def hf_kwargs(self) -> dict:
+        """The keyword arguments of transformers' `generate` these settings stand for."""
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=self.do_sample,
+            repetition_penalty=self.repetition_penalty,
+        )
+        if self.do_sample:
+            kwargs.update(temperature=float(self.temperature), top_p=self.top_p)
+        return kwargs
+
+
+# Deterministic decoding: the Python API's default, curation's and evaluation's.
+GREEDY = GenerationSettings(sample=False)
+
+
+def stop_sequences(tokenizer) -> list[list[int]]:
+    """Token sequences of `###` that end a reply: `▁###` and `##` `#` for LLaMA ([835], [2277, 29937])."""
+    seqs = [tokenizer(SEP, add_special_tokens=False)["input_ids"]]
+    unk = tokenizer.unk_token_id
+    pair = tokenizer.convert_tokens_to_ids(["##", "#"])
+    if unk not in pair and None not in pair:
+        seqs.append(pair)
+    unique: list[list[int]] = []
+    for s in seqs:
+        if s and s not in unique:
+            unique.append(s)
+    return unique
+
+
+class StopOnSequences(StoppingCriteria):
+    """Stop each row once its output ends with one of the stop sequences."""
+
+    def __init__(self, stops: list[list[int]]):
+        super().__init__()
+        self.stops = stops
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for stop in self.stops:
+            if input_ids.shape[1] >= len(stop):
+                tail = torch.tensor(stop, device=input_ids.device)
+                done |= (input_ids[:, -len(stop) :] == tail).all(dim=1)
+        return done

@@ -1,0 +1,43 @@
+"""The optimizer and schedule of the official recipe, DeepSpeed-free: AdamW on the trainable set,
+linear warmup from `warmup_lr`, then cosine from `lr` to `min_lr` over the whole run.
+
+Source: MiniGPT-4's `LinearWarmupCosineLRScheduler` (LAVIS `lavis/common/optims.py`), per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mgpt4.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only; biases and norms get none (as the official recipe)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, total: int, o: OptimConfig) -> float:
+    """Linear warmup from warmup_lr to lr, then cosine from lr to min_lr over the whole run."""
+    if step < o.warmup_steps:
+        return o.warmup_lr + (o.lr - o.warmup_lr) * step / max(o.warmup_steps, 1)
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def build_optimizer(
+    model: torch.nn.Module, o: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameters that require grad, and the per-step warmup + cosine schedule."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, o) / o.lr)
+    return optimizer, scheduler
