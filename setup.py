@@ -24,6 +24,7 @@ setup(
         "pillow>=10",
         "simplejpeg>=1.7,<2",
         "numpy>=1.24",
+        "psutil>=5.9",
         "tqdm>=4.60",
         "braceexpand>=0.1.7",
     ],
@@ -31,6 +32,13 @@ setup(
         "mpi": ["mpi4py>=3.1,<5"],
         "demo": ["gradio>=6,<7"],
         "lowmem": ["bitsandbytes>=0.43"],
-        "dev": ["pytest>=8,<10", "ruff>=0.6", "mpi4py>=3.1,<5", "gradio>=6,<7", "selenium>=4.20,<5"],
+        "dev": [
+            "pytest>=8,<10",
+            "ruff>=0.6",
+            "import-linter>=2.1,<3",
+            "mpi4py>=3.1,<5",
+            "gradio>=6,<7",
+            "selenium>=4.20,<5",
+        ],
     },
 )

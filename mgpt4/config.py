@@ -192,8 +192,10 @@ class TrainConfig:
     num_sample_images: int = 4
     # A device's dense peak TFLOP/s for MFU; None looks the device up (or measures the CPU).
     peak_tflops: float | None = None
-    # Minutes before a hung collective becomes an error (DEEPSPEED_TIMEOUT).
-    comm_timeout_min: int = 30
+    # Minutes before a hung collective becomes an error: a long limit while weights load and data
+    # workers start, a short one from the first step on, so a dead rank ends the job in minutes.
+    startup_timeout_min: float = 60.0
+    comm_timeout_min: float = 10.0
     # End this run after this step with a checkpoint; the schedule still spans `steps` (for tests
     # and planned interruptions). None runs to `steps`.
     stop_at: int | None = None

@@ -54,6 +54,9 @@ MinJobAge=300
 KillWait=5
 Waittime=0
 JobRequeue=1
+# srun tasks derive their rendezvous port from the job id (mgpt4/train/launch_env.py): clusters started
+# side by side on one machine must not all number their jobs from 1.
+FirstJobId=$((1000 + RANDOM % 30000))
 # Requeued jobs wait for the job credential to expire (default 120 s); short for the tests.
 AuthInfo=cred_expire=10
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import pytest
 
@@ -10,6 +12,7 @@ from mgpt4.strict_config import ConfigError
 from mgpt4.train.cli import main
 from mgpt4.train.ds_config import build_ds_config
 from mgpt4.train.recipes import RECIPES, get_recipe
+from tests.launch import REPO
 
 
 def dry_run(capsys, monkeypatch, world: int, *args: str) -> dict:
@@ -79,3 +82,52 @@ def test_schedule_is_linear_warmup_then_cosine_over_the_run():
     assert lr_at(2500, 20000, o) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
     assert lr_at(10000, 20000, o) == pytest.approx(8e-5 + (1e-4 - 8e-5) * 0.5)
     assert lr_at(20000, 20000, o) == pytest.approx(8e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run: every check that needs no weights, and nothing written
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_dry_run_writes_nothing(recipe, tmp_path, capsys, monkeypatch):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    cache.mkdir()
+    monkeypatch.setenv("MGPT4_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    out = dry_run(capsys, monkeypatch, 1, "--recipe", recipe, "--set", f"train.output_dir={run_dir}",
+                  "--deepspeed", os.path.join(REPO, "ds_configs", "z2.json"))  # fmt: skip
+    assert list(cache.iterdir()) == [] and not run_dir.exists()
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    if recipe.startswith("tiny"):  # the demo paths are filled in, and generated only by a real run
+        weights = out["config"]["model"]["weights"]
+        assert weights["llm"].startswith(str(cache)) and out["missing_inputs"] == []
+    else:  # the official layout is not on this machine: listed, not fatal
+        assert any("model.weights.eva_vit" in m for m in out["missing_inputs"])
+
+
+def test_dry_run_still_checks_shards_against_readers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    # 4 synthetic shards (not generated yet) split over 1 rank x 8 workers.
+    with pytest.raises(SystemExit, match=r"has 4 shard\(s\), fewer than 1 rank\(s\) x 8 worker\(s\)"):
+        dry_run(capsys, monkeypatch, 1, "--set", "data.resampled=false", "--set", "data.num_workers=8")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("ds_config", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_resolves_against_every_shipped_deepspeed_config(
+    recipe, ds_config, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    world = 4 if get_recipe(recipe).train.global_batch_size == 256 else 1
+    out = dry_run(capsys, monkeypatch, world, "--recipe", recipe, "--deepspeed", ds_config)
+    ds = out["deepspeed"]
+    with open(ds_config) as f:
+        stage = json.load(f)["zero_optimization"]["stage"]
+    assert ds["zero_optimization"]["stage"] == stage
+    assert (
+        ds["train_batch_size"]
+        == out["config"]["data"]["batch_size"] * out["config"]["train"]["grad_accum"] * world
+    )
+    precision = out["config"]["train"]["precision"]
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")

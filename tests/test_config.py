@@ -50,3 +50,81 @@ def test_presets():
     assert vicuna7b().vision.resolved_mlp_dim() == 6144
     with pytest.raises(ValueError, match="unknown model preset"):
         model_preset("vicuna70b")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole tree: one override path, every section typed
+
+
+def _leaf_paths(node, prefix=""):
+    """(dotted path, value) of every leaf of a to_dict() tree, lists indexed by number."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaf_paths(v, f"{prefix}{k}.")
+    elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        for i, v in enumerate(node):
+            yield from _leaf_paths(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _assert_typed(obj, cls, path="config"):
+    """Every nested dataclass field holds an instance of its declared dataclass, never a dict."""
+    import dataclasses
+    import typing
+
+    assert isinstance(obj, cls), f"{path}: {type(obj).__name__}, expected {cls.__name__}"
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(tp):
+            _assert_typed(value, tp, f"{path}.{f.name}")
+        elif (
+            typing.get_origin(tp) is list
+            and typing.get_args(tp)
+            and dataclasses.is_dataclass(typing.get_args(tp)[0])
+        ):
+            for i, item in enumerate(value):
+                _assert_typed(item, typing.get_args(tp)[0], f"{path}.{f.name}.{i}")
+
+
+@pytest.mark.parametrize("recipe", sorted(__import__("mgpt4.train.recipes", fromlist=["RECIPES"]).RECIPES))
+def test_overriding_any_key_of_any_recipe_keeps_every_section_typed(recipe):
+    import json
+
+    from mgpt4.config import Config
+    from mgpt4.train.recipes import get_recipe
+
+    base = get_recipe(recipe)
+    paths = list(_leaf_paths(to_dict(base)))
+    assert any(p.startswith("data.") for p, _ in paths) and any(p.startswith("model.") for p, _ in paths)
+    for path, value in paths:
+        cfg = apply_overrides(base, [f"{path}={json.dumps(value)}"])
+        _assert_typed(cfg, Config)
+        assert cfg == base, path
+    changed = apply_overrides(base, ["data.batch_size=3", "train.steps=7", "model.text.max_txt_len=9"])
+    _assert_typed(changed, Config)
+    assert (changed.data.batch_size, changed.train.steps, changed.model.text.max_txt_len) == (3, 7, 9)
+
+
+def test_the_tiny_run_takes_your_own_shards_and_fills_in_only_the_rest(tmp_path, monkeypatch):
+    """`--set data.sources.0.shards=...` on tiny_stage1 points the demo run at your data; the demo
+    assets fill in what you did not set (here the tiny model's weights), and nothing is written."""
+    from mgpt4.config import Config
+    from mgpt4.data.config import SourceConfig
+    from mgpt4.train.assets import fill_demo_paths
+    from mgpt4.train.recipes import get_recipe
+
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    cfg = apply_overrides(get_recipe("tiny_stage1"), ["data.sources.0.shards=/my/data/{00000..00003}.tar"])
+    _assert_typed(cfg, Config)
+    assert isinstance(cfg.data.sources[0], SourceConfig)
+    filled = fill_demo_paths(cfg)
+    assert cfg.data.sources[0].shards == "/my/data/{00000..00003}.tar"
+    assert cfg.model.weights.llm and cfg.model.weights.llm in filled
+    assert not any("/my/data" in p for p in filled)
+    assert not (tmp_path / "cache").exists()
+    cfg.validate()  # every section is a dataclass again, so validation works on the overridden tree
+    untouched = get_recipe("tiny_stage1")
+    fill_demo_paths(untouched)
+    assert all(p.startswith(str(tmp_path / "cache")) for p in untouched.data.sources[0].shards)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -102,3 +104,28 @@ def test_damaged_image_is_counted_and_replaced_within_the_batch(tmp_path):
     assert batch["image"].shape == (3, 3, SIZE, SIZE)
     assert 2 not in batch["sample_id"].tolist()
     assert loader.stats()["corrupt_image"] == 1
+
+
+def test_the_loader_draws_each_batch_instruction_uniformly(tmp_path):
+    """Stage 2 draws one instruction per batch, uniformly, as the official `random.choice` does; the
+    loader draws it from the batch position, so a rebuilt loader draws the same ones."""
+    root = make_align(tmp_path / "a", 8)
+    cfg = _cfg(root, batch_size=2)
+
+    def draws(n: int) -> list[int]:
+        loader = build_loader(cfg, tiny_tokenizer(), L, "###", num_instructions=4)
+        batches = list(itertools.islice(iter(loader), n))
+        loader.close()
+        for b in batches:
+            assert b["instruction"].shape == (2,) and b["instruction"].dtype == torch.int64
+            assert torch.all(b["instruction"] == b["instruction"][0])  # one instruction per batch
+        return [int(b["instruction"][0]) for b in batches]
+
+    first = draws(400)
+    counts = Counter(first)
+    assert sorted(counts) == [0, 1, 2, 3]
+    chi2 = sum((c - 100) ** 2 / 100 for c in counts.values())
+    assert chi2 < 16.27, counts  # uniform at p = 0.001 with 3 degrees of freedom
+    assert draws(50) == first[:50]
+    no_instructions = next(iter(build_loader(cfg, tiny_tokenizer(), L, "###")))
+    assert "instruction" not in no_instructions

@@ -26,19 +26,21 @@ def _same(a, b):
             assert torch.equal(x[key], y[key]), f"batch {i}, {key}"
 
 
-def _resume_matches(cfg: DataConfig, first: int, then: int, end_sym: str = "\n", max_len: int = L) -> None:
+def _resume_matches(
+    cfg: DataConfig, first: int, then: int, end_sym: str = "\n", max_len: int = L, instructions: int = 0
+) -> None:
     tok = tiny_tokenizer()
-    full_loader = build_loader(cfg, tok, max_len, end_sym)
+    full_loader = build_loader(cfg, tok, max_len, end_sym, num_instructions=instructions)
     full = _take(full_loader, first + then)
     full_stats = full_loader.stats()
     full_loader.close()
 
-    loader = build_loader(cfg, tok, max_len, end_sym)
+    loader = build_loader(cfg, tok, max_len, end_sym, num_instructions=instructions)
     head = _take(loader, first)
     state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint stores: plain values
     loader.close()
 
-    resumed = build_loader(cfg, tok, max_len, end_sym)
+    resumed = build_loader(cfg, tok, max_len, end_sym, num_instructions=instructions)
     resumed.load_state_dict(state)
     assert resumed.batches_consumed == first
     tail = _take(resumed, then)
@@ -77,6 +79,12 @@ def test_align_resume_is_exact_across_epochs(tmp_path):
     cfg = DataConfig(kind="align", align_root=root, batch_size=3, num_workers=2, image_size=16)
     # 3 batches per epoch; stopping after 5 also leaves worker 1 next in the round robin.
     _resume_matches(cfg, first=5, then=4, end_sym="###", max_len=24)
+
+
+def test_align_resume_replays_the_instructions(tmp_path):
+    root = make_align(tmp_path / "a", 10)
+    cfg = DataConfig(kind="align", align_root=root, batch_size=3, num_workers=2, image_size=16)
+    _resume_matches(cfg, first=5, then=4, end_sym="###", max_len=24, instructions=4)
 
 
 def test_position_counts_only_acknowledged_batches(tmp_path):

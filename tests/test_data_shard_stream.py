@@ -11,6 +11,7 @@ import torch
 from data_fixtures import bad_shard, numbered_shards, sample_files, tiny_tokenizer, write_tar
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
+from mgpt4.data.batches import BatchText
 from mgpt4.data.shard_stream import ShardBatches, sample_id, source_urls
 from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import clean_caption
@@ -29,7 +30,7 @@ def _cfg(sources, **kw) -> DataConfig:
 def _reader(cfg, rank=0, world=1, worker=0, workers=None) -> ShardBatches:
     workers = cfg.num_workers if workers is None else workers
     urls = source_urls(cfg, world, workers)
-    return ShardBatches(cfg, urls, tiny_tokenizer(), L, "\n", rank, world, worker, workers)
+    return ShardBatches(cfg, urls, BatchText(tiny_tokenizer(), L, "\n"), rank, world, worker, workers)
 
 
 def _captions(paths) -> dict[int, str]:

@@ -20,6 +20,7 @@ import torch
 from mgpt4.config import DTYPES, WeightsConfig
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
+from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops, train_flops_per_sample
 from mgpt4.train.recipes import RECIPES, get_recipe
@@ -52,13 +53,16 @@ def main(argv=None) -> None:
     if args.random_weights:
         cfg.model.weights = WeightsConfig()
         cfg.train.demo_assets = False
-    d = eng_mod.init_distributed(cfg.train.comm_timeout_min)
+    d = eng_mod.init_distributed(cfg.train.startup_timeout_min)
     try:
         if args.random_weights and cfg.data.kind == "webdataset" and not cfg.data.sources:
             from mgpt4.data.config import SourceConfig
 
             cfg.data.sources = [SourceConfig(name="random", shards="unused.tar")]  # batches are random here
-        cfg, ds_config = resolve_config(cfg, args.deepspeed, d.world_size, d.rank, barrier=eng_mod.barrier)
+        cfg, ds_config, _ = resolve_config(
+            cfg, args.deepspeed, d.world_size, check_inputs=not args.random_weights
+        )
+        ensure_demo_assets(cfg)
         seed_all(cfg.train.seed)
         # Random weights are made on the device directly; under ZeRO-3 transformers partitions them.
         built_on = None if cfg.model.weights.llm or zero_stage(ds_config) == 3 else d.device

@@ -93,21 +93,28 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 def add_decoding_args(
     parser: argparse.ArgumentParser, defaults: GenerationSettings, title: str = "decoding"
 ) -> None:
-    """One flag per `GenerationSettings` field (`--max-new-tokens`, `--sample/--no-sample`, ...), with
-    `defaults` as the defaults shown in --help; `--greedy` is `--no-sample`."""
+    """One flag per `GenerationSettings` field (`--max-new-tokens`, `--top-p`, ...; the yes/no field
+    `sample` is `--do-sample` / `--greedy`), with `defaults` as the defaults --help shows."""
     g = parser.add_argument_group(title)
     for f in dataclasses.fields(GenerationSettings):
-        flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        help_text = f.metadata.get("help", "")
         if f.type in (bool, "bool"):
+            yes, no = f.metadata["flags"]
             g.add_argument(
-                flag, dest=f.name, default=value, action=argparse.BooleanOptionalAction, help=help_text
+                yes,
+                dest=f.name,
+                action="store_true",
+                default=value,
+                help=f"{help_text} (default: {yes if value else no})",
             )
+            g.add_argument(no, dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
             kind = int if f.type in (int, "int") else float
-            g.add_argument(flag, dest=f.name, type=kind, default=value, help=help_text)
-    g.add_argument("--greedy", dest="sample", action="store_false", help="the same as --no-sample")
+            flag = "--" + f.name.replace("_", "-")
+            g.add_argument(
+                flag, dest=f.name, type=kind, default=value, help=f"{help_text} (default: %(default)s)"
+            )
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:

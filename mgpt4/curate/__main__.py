@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--prompt", default=dd.prompt, help="describe prompt with one <ImageHere>")
     d.add_argument(
-        "--sample", type=int, default=None, help="describe a seeded random subset of this many images"
+        "--sample",
+        dest="sample_count",
+        type=int,
+        default=None,
+        help="describe a seeded random subset of this many images",
     )
     d.add_argument("--seed", type=int, default=dd.seed)
     add_model_args(d)
@@ -146,7 +150,7 @@ def _describe(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         decoding=settings_from_args(args),
-        sample=args.sample,
+        sample=args.sample_count,
         seed=args.seed,
         retry_failed=not args.no_retry_failed,
         progress=not args.no_progress,

@@ -7,7 +7,6 @@ Batched over images, shared out over ranks, resumable through the item store. A 
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,12 +22,14 @@ from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import DONE, FAILED, PartWriter, open_store, pending_ids, read_store, record
 from mgpt4.images import eval_transform
+from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 from mgpt4.strict_config import ConfigError
 
 STEP = "describe"
+log = get_logger(__name__)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def run_describe(
     try:
         items = _select(list_images(cfg.images, report.problems), cfg)
         for p in report.problems:
-            print(f"warning: {p}", file=sys.stderr)
+            log.warning(p)
         by_id = {it.id: it for it in items}
         open_store(cfg.out, STEP, cfg.settings(), None, info.rank)
         state = read_store(cfg.out)
@@ -173,14 +174,21 @@ def run_describe(
             if not isinstance(model, MiniGPT4):
                 model = model()
             _describe_items(model, mine, cfg, info, report)
+        reports = ranks.gather(report)
     finally:
         ranks.close_group(created)
-    print(
-        f"describe rank {info.rank}/{info.world_size}: {report.done} done, {report.failed} failed "
-        f"({report.continued} continued) of {report.mine} pending here; {report.already_done} of "
-        f"{report.total} were done before this run; store {cfg.out}",
-        file=sys.stderr,
-    )
+    # Rank 0 speaks for all: each rank's share, then one total.
+    for r, rep in enumerate(reports):
+        log.info(
+            f"describe rank {r}/{info.world_size}: {rep.done} done, {rep.failed} failed "
+            f"({rep.continued} continued) of {rep.mine} pending here; {rep.already_done} of "
+            f"{rep.total} were done before this run; store {cfg.out}"
+        )
+    if len(reports) > 1:
+        log.info(
+            f"describe: {sum(r.done for r in reports)} done, {sum(r.failed for r in reports)} failed of "
+            f"{sum(r.mine for r in reports)} pending on {len(reports)} ranks; store {cfg.out}"
+        )
     return report
 
 

@@ -1,4 +1,4 @@
-"""Ranks for the heavy steps: read from the launcher's environment, and share out the pending items.
+"""Ranks for the heavy steps: wired as training wires them, and the pending items shared out.
 
 Items are independent, so ranks never talk during the work. The one collective is a barrier after
 every rank has read what is already done and before any rank writes, so that all ranks split the
@@ -9,46 +9,39 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from mgpt4.train import launch_env
+from mgpt4.train.launch_env import RankInfo
 
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+__all__ = ["RankInfo", "barrier", "close_group", "gather", "init_group", "rank_device", "rank_info", "share"]
+
+# Ranks meet twice: after reading the store (all start together), and when every share is done.
+STARTUP_TIMEOUT_MIN = 60.0
+FINISH_TIMEOUT_MIN = 24 * 60.0
 
 
 def rank_info() -> RankInfo:
-    """From RANK / WORLD_SIZE / LOCAL_RANK (set by deepspeed, torchrun, or by hand under srun)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as e:
-        raise SystemExit(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from e
-    if world < 1 or not 0 <= rank < world:
-        raise SystemExit(f"RANK={rank} is not within WORLD_SIZE={world}")
-    return RankInfo(rank, world, local)
+    """This process's ranks, wired exactly as training wires them (`mgpt4.train.launch_env.setup`):
+    the deepspeed launcher or torchrun, srun (SLURM_*), mpirun (MPI), or a single process. The
+    process's own environment is left unchanged: the rendezvous address travels in the RankInfo."""
+    return launch_env.setup(dict(os.environ))[1]
 
 
 def init_group(info: RankInfo) -> bool:
     """Join the gloo group when there are several ranks; True when this call created it."""
     if info.world_size == 1 or dist.is_initialized():
         return False
-    for var in ("MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
-            raise SystemExit(f"{var} is not set: start several ranks with the deepspeed launcher or torchrun")
-    minutes = float(os.environ.get("DEEPSPEED_TIMEOUT", "60"))
-    # gloo: the barrier is all the group does, and it works whether or not there are GPUs.
+    # gloo: the barrier and the final gather are all the group does, with or without GPUs.
     dist.init_process_group(
         "gloo",
+        init_method=f"tcp://{info.master_addr}:{info.master_port}",
         rank=info.rank,
         world_size=info.world_size,
-        timeout=datetime.timedelta(minutes=minutes),
+        timeout=datetime.timedelta(minutes=STARTUP_TIMEOUT_MIN),
     )
     return True
 
@@ -56,6 +49,17 @@ def init_group(info: RankInfo) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value`, on every rank (a list of one without a group). Called when the work is
+    done: ranks finish their shares at different times, so it waits up to `FINISH_TIMEOUT_MIN`."""
+    if not dist.is_initialized():
+        return [value]
+    dist.set_timeout(datetime.timedelta(minutes=FINISH_TIMEOUT_MIN))
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def close_group(created: bool) -> None:

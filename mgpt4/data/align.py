@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mgpt4.data.batches import image_buffer, make_batch
+from mgpt4.data.batches import BatchText, image_buffer, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import SkipCounter
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
@@ -118,9 +118,7 @@ class AlignDataset(WorkerDataset):
     def __init__(
         self,
         cfg: DataConfig,
-        tokenizer,
-        max_txt_len: int,
-        end_sym: str,
+        text: BatchText,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -128,9 +126,7 @@ class AlignDataset(WorkerDataset):
         self.cfg = cfg
         self.pairs = load_align(cfg.align_root or "")
         self.order = AlignOrder(len(self.pairs), cfg.batch_size, rank, world_size, cfg.seed)
-        self.tokenizer = tokenizer
-        self.max_txt_len = max_txt_len
-        self.end_sym = end_sym
+        self.text = text
         self.rank = rank
 
     def worker_batches(self, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[dict, dict]]:
@@ -175,9 +171,8 @@ class AlignDataset(WorkerDataset):
             batch = make_batch(
                 images,
                 captions,
-                self.tokenizer,
-                self.max_txt_len,
-                self.end_sym,
+                self.text,
+                (cfg.seed, self.rank, g_done),
                 {
                     "epoch": torch.full((cfg.batch_size,), self.order.epoch_of(g_done), dtype=torch.int64),
                     "sample_id": torch.tensor([int(idx[s]) for s in slots], dtype=torch.int64),

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mgpt4.data.align import AlignDataset
+from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
@@ -137,6 +138,7 @@ class Loader:
             "num_workers": cfg.num_workers,
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
+            "num_instructions": self.dataset.text.num_instructions,
         }
         if cfg.kind == "webdataset":
             setup.update(
@@ -205,8 +207,10 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     worker_init_fn: Callable[[int], None] | None = None,
+    num_instructions: int = 0,
 ) -> Loader:
-    """The loader of one rank. `max_txt_len` and `end_sym` come from the model's TextConfig."""
+    """The loader of one rank. `max_txt_len`, `end_sym` and the number of instructions to draw from
+    (`len(instructions)`, 0 for stage 1) come from the model's TextConfig."""
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -218,5 +222,8 @@ def build_loader(
         # The tokenizer's thread pool must not be used in the parent before workers fork.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dataset_cls = ShardDataset if cfg.kind == "webdataset" else AlignDataset
-    dataset = dataset_cls(cfg, tokenizer, max_txt_len, end_sym, rank, world_size)
+    if num_instructions < 0:
+        raise ValueError(f"num_instructions must be 0 or more, got {num_instructions}")
+    text = BatchText(tokenizer, max_txt_len, end_sym, num_instructions)
+    dataset = dataset_cls(cfg, text, rank, world_size)
     return Loader(dataset, cfg, rank, world_size, worker_init_fn)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mgpt4.data.batches import image_buffer, make_batch
+from mgpt4.data.batches import BatchText, image_buffer, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import SkipCounter, sample_caption, sample_image
 from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
@@ -36,24 +36,30 @@ _MAX_BAD_RUN = 100
 
 
 def source_urls(cfg: DataConfig, rank_count: int, workers: int) -> list[list[str]]:
-    """Expanded URL lists per source; checks that split mode has a shard for every reader."""
+    """Expanded URL lists per source; checks that the shards exist and that split mode has a shard for
+    every reader (ValueError naming the source otherwise)."""
     out = []
-    readers = rank_count * max(1, workers)
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}].shards"
         urls = expand_shards(src.shards, where)
         for url in urls:
             check_url(url, where)
         check_local_shards(urls, where, cfg.source_names()[i])
-        if not cfg.resampled and len(urls) < readers:
-            raise ValueError(
-                f"{where}: source {cfg.source_names()[i]!r} has {len(urls)} shard(s), fewer than "
-                f"{rank_count} rank(s) x {max(1, workers)} worker(s) = {readers} readers in split mode "
-                f"(data.resampled: false); give at least {readers} shards, use fewer workers, "
-                f"or set data.resampled: true"
-            )
+        check_readers(cfg, i, urls, rank_count, workers)
         out.append(urls)
     return out
+
+
+def check_readers(cfg: DataConfig, index: int, urls: Sequence[str], rank_count: int, workers: int) -> None:
+    """Split mode (`resampled: false`) needs a shard for each reader (rank x worker)."""
+    readers = rank_count * max(1, workers)
+    if not cfg.resampled and len(urls) < readers:
+        raise ValueError(
+            f"data.sources[{index}].shards: source {cfg.source_names()[index]!r} has {len(urls)} shard(s), "
+            f"fewer than {rank_count} rank(s) x {max(1, workers)} worker(s) = {readers} readers in split mode "
+            f"(data.resampled: false); give at least {readers} shards, use fewer workers, "
+            f"or set data.resampled: true"
+        )
 
 
 def sample_id(url: str, key: str) -> int:
@@ -189,9 +195,7 @@ class ShardBatches:
         self,
         cfg: DataConfig,
         urls: Sequence[Sequence[str]],
-        tokenizer,
-        max_txt_len: int,
-        end_sym: str,
+        text: BatchText,
         rank: int,
         world_size: int,
         worker: int,
@@ -199,9 +203,7 @@ class ShardBatches:
         state: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.max_txt_len = max_txt_len
-        self.end_sym = end_sym
+        self.text = text
         workers = max(1, num_workers)
         self.reader = rank * workers + worker
         readers = world_size * workers
@@ -276,9 +278,8 @@ class ShardBatches:
             "source": torch.from_numpy(sources),
             "sample_id": torch.tensor([f[1] for f in filled], dtype=torch.int64),
         }
-        return make_batch(
-            images, [f[0] for f in filled], self.tokenizer, self.max_txt_len, self.end_sym, extra
-        )
+        key = (self.cfg.seed, self.reader, self.batches - 1)
+        return make_batch(images, [f[0] for f in filled], self.text, key, extra)
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         try:
@@ -296,18 +297,14 @@ class ShardDataset(WorkerDataset):
     def __init__(
         self,
         cfg: DataConfig,
-        tokenizer,
-        max_txt_len: int,
-        end_sym: str,
+        text: BatchText,
         rank: int = 0,
         world_size: int = 1,
     ):
         super().__init__(cfg.num_workers)
         self.cfg = cfg
         self.urls = source_urls(cfg, world_size, cfg.num_workers)
-        self.tokenizer = tokenizer
-        self.max_txt_len = max_txt_len
-        self.end_sym = end_sym
+        self.text = text
         self.rank = rank
         self.world_size = world_size
 
@@ -316,9 +313,7 @@ class ShardDataset(WorkerDataset):
             ShardBatches(
                 self.cfg,
                 self.urls,
-                self.tokenizer,
-                self.max_txt_len,
-                self.end_sym,
+                self.text,
                 self.rank,
                 self.world_size,
                 worker,

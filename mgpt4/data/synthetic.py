@@ -229,6 +229,31 @@ def default_cache_dir() -> str:
     return os.path.join(base, "synthetic")
 
 
+def synthetic_location(
+    root: str | None = None,
+    shards: int = 4,
+    per_shard: int = 32,
+    align: int = 32,
+    min_size: int = 500,
+    max_size: int = 1000,
+    quality: Sequence[int] = (80, 95),
+    seed: int = 0,
+) -> SyntheticData:
+    """Where `ensure_synthetic` puts (or has put) the set with these parameters; reads and writes nothing.
+
+    The folder name holds every parameter, so each variant has its own folder.
+    """
+    root = root or default_cache_dir()
+    q = f"{quality[0]}-{quality[-1]}"
+    name = f"v{FORMAT_VERSION}-s{shards}x{per_shard}-a{align}-px{min_size}-{max_size}-q{q}-seed{seed}"
+    final = os.path.join(root, name)
+    return SyntheticData(
+        root=final,
+        shards=[os.path.join(final, "shards", f"{s:05d}.tar") for s in range(shards)],
+        align_root=os.path.join(final, "cc_sbu_align"),
+    )
+
+
 def ensure_synthetic(
     root: str | None = None,
     shards: int = 4,
@@ -241,17 +266,15 @@ def ensure_synthetic(
 ) -> SyntheticData:
     """Generate the synthetic set once under `root` (default ~/.cache/mgpt4/synthetic) and reuse it.
 
-    The folder name holds every parameter, and the data appears by an atomic rename, so several
-    ranks may call this at the same time.
+    The data appears by an atomic rename, so several ranks may call this at the same time.
     """
-    root = root or default_cache_dir()
-    q = f"{quality[0]}-{quality[-1]}"
-    name = f"v{FORMAT_VERSION}-s{shards}x{per_shard}-a{align}-px{min_size}-{max_size}-q{q}-seed{seed}"
-    final = os.path.join(root, name)
+    where = synthetic_location(root, shards, per_shard, align, min_size, max_size, quality, seed)
+    final = where.root
+    parent = os.path.dirname(final)
     manifest = os.path.join(final, "manifest.json")
     if not os.path.exists(manifest):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=parent)
         try:
             paths, captions = write_shards(
                 os.path.join(tmp, "shards"), shards, per_shard, min_size, max_size, quality, seed=seed
@@ -271,12 +294,8 @@ def ensure_synthetic(
                 shutil.rmtree(tmp, ignore_errors=True)
     with open(manifest, encoding="utf-8") as f:
         info = json.load(f)
-    return SyntheticData(
-        root=final,
-        shards=[os.path.join(final, "shards", s) for s in info["shards"]],
-        align_root=os.path.join(final, "cc_sbu_align"),
-        captions=info["captions"],
-    )
+    where.captions = info["captions"]
+    return where
 
 
 def _range(text: str) -> tuple[int, int]:

@@ -32,7 +32,8 @@ class GenerationSettings:
     sample: bool = field(
         default=True,
         metadata={
-            "help": "sample tokens (--no-sample / --greedy: always the most likely one, deterministic)"
+            "help": "sample tokens (--do-sample), or always take the most likely one (--greedy: deterministic)",
+            "flags": ("--do-sample", "--greedy"),
         },
     )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 means greedy"})

@@ -189,17 +189,32 @@ class MiniGPT4(nn.Module):
         text_ids: torch.Tensor,
         text_mask: torch.Tensor,
         prompt: str | None = None,
+        instruction: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Loss on a batch of normalised images and answer ids (from `mgpt4.tokenizer.encode_answers`).
 
-        `prompt` is a wrapped instruction containing `<ImageHere>`; None draws one from the config's
-        instruction list (stage 2) or uses none (stage 1).
+        The instruction of the batch (stage 2) is given one of three ways: `instruction`, the index
+        into the config's instruction list that the data loader drew (int64 [B], one value per batch);
+        `prompt`, a wrapped instruction containing `<ImageHere>`; or neither, and then one is drawn
+        with Python's `random` as the official code does (stage 1: none).
         """
         img_embeds = self.encode_img(image)
-        if prompt is None:
+        if instruction is not None:
+            prompt = self.instruction_prompt(instruction)
+        elif prompt is None:
             prompt = self.sample_prompt()
         inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
         return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def instruction_prompt(self, instruction: torch.Tensor) -> str:
+        """The wrapped prompt of a batch's instruction index (int64 [B], all equal, as the loader draws)."""
+        t = self.cfg.text
+        first = int(instruction.reshape(-1)[0])
+        if not bool((instruction == first).all()):
+            raise ValueError("one instruction per batch: the batch's instruction indices differ")
+        if not 0 <= first < len(t.instructions):
+            raise ValueError(f"instruction index {first} is outside the {len(t.instructions)} instructions")
+        return t.prompt_template.format(t.instructions[first])
 
     def loss(
         self,

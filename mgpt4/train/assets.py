@@ -1,7 +1,13 @@
 """Demo assets for the tiny recipes: synthetic data and a tiny model written as official weight files.
 
-Generated once into the cache (MGPT4_CACHE, default ~/.cache/mgpt4) and reused. The tiny model
-goes through the same strict loaders as the real files, so the default job exercises the real path.
+Two separate steps, so that a dry run stays dry:
+- `fill_demo_paths(cfg)` (pure): every data or weight path the user left unset points to where the
+  assets live in the cache (MGPT4_CACHE, default ~/.cache/mgpt4); paths the user set are kept, so
+  `--set data.sources.0.shards=...` or `--set model.weights.proj=...` take effect.
+- `ensure_demo_assets(cfg)`: the first step of a real run; generates whichever of those cache paths
+  are missing, once, and reuses them afterwards.
+The tiny model goes through the same strict loaders as the real files, so the default job exercises
+the real path.
 """
 
 from __future__ import annotations
@@ -13,8 +19,7 @@ import tempfile
 import torch
 
 from mgpt4.config import Config, ModelConfig, WeightsConfig
-from mgpt4.data.config import SourceConfig
-from mgpt4.data.synthetic import ensure_synthetic
+from mgpt4.data.synthetic import ensure_synthetic, synthetic_location
 from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, STAGE2_TEMPLATE, VICUNA_V0_SYSTEM
 
 ASSETS_VERSION = 1
@@ -32,18 +37,24 @@ def _size_tag(cfg: ModelConfig) -> str:
     )
 
 
+def tiny_weights_location(cfg: ModelConfig, seed: int = 0) -> WeightsConfig:
+    """Where the tiny model of `cfg`'s sizes lives in the cache (whether or not it exists yet)."""
+    final = os.path.join(cache_root(), "tiny-weights", f"{_size_tag(cfg)}-seed{seed}")
+    return WeightsConfig(
+        eva_vit=os.path.join(final, "eva_vit_g.pth"),
+        blip2=os.path.join(final, "blip2_pretrained.pth"),
+        llm=os.path.join(final, "llm"),
+    )
+
+
 def ensure_tiny_weights(cfg: ModelConfig, captions: list[str], seed: int = 0) -> WeightsConfig:
     """Official-format files of a random model with `cfg`'s sizes and a tokenizer trained on `captions`."""
     from mgpt4.model.export import save_official_files
     from mgpt4.model.minigpt4 import MiniGPT4
     from mgpt4.tokenizer import train_tiny_tokenizer
 
-    final = os.path.join(cache_root(), "tiny-weights", f"{_size_tag(cfg)}-seed{seed}")
-    weights = WeightsConfig(
-        eva_vit=os.path.join(final, "eva_vit_g.pth"),
-        blip2=os.path.join(final, "blip2_pretrained.pth"),
-        llm=os.path.join(final, "llm"),
-    )
+    weights = tiny_weights_location(cfg, seed)
+    final = os.path.dirname(weights.eva_vit)
     if os.path.isdir(final):
         return weights
     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -68,19 +79,53 @@ def ensure_tiny_weights(cfg: ModelConfig, captions: list[str], seed: int = 0) ->
     return weights
 
 
-def prepare_demo_assets(cfg: Config) -> None:
-    """Fill the config's missing data and weight paths with the synthetic set and the tiny model (in place).
+def fill_demo_paths(cfg: Config) -> list[str]:
+    """Point every unset data and weight path of a demo recipe into the cache (in place, no I/O).
 
-    Paths the user set are kept, so `--set model.weights.proj=...` or real data still take effect.
+    Returns the filled paths: those `ensure_demo_assets` generates when they are missing.
     """
-    synthetic = ensure_synthetic()
+    if not cfg.train.demo_assets:
+        return []
+    filled: list[str] = []
+    synthetic = synthetic_location()
     if cfg.data.kind == "align":
-        cfg.data.align_root = cfg.data.align_root or synthetic.align_root
-    elif not cfg.data.sources:
-        cfg.data.sources = [SourceConfig(name="synthetic", shards=synthetic.shards, ratio=1.0)]
+        if not cfg.data.align_root:
+            cfg.data.align_root = synthetic.align_root
+            filled.append(synthetic.align_root)
+    else:
+        for src in cfg.data.sources:
+            if not src.shards:
+                src.shards = list(synthetic.shards)
+                filled.extend(synthetic.shards)
     w = cfg.model.weights
     if not (w.eva_vit and w.blip2 and w.llm) and not w.blip2_hf:
-        tiny = ensure_tiny_weights(cfg.model, synthetic.captions)
-        w.eva_vit = w.eva_vit or tiny.eva_vit
-        w.blip2 = w.blip2 or tiny.blip2
-        w.llm = w.llm or tiny.llm
+        tiny = tiny_weights_location(cfg.model)
+        for name in ("eva_vit", "blip2", "llm"):
+            if not getattr(w, name):
+                setattr(w, name, getattr(tiny, name))
+                filled.append(getattr(tiny, name))
+    return filled
+
+
+def ensure_demo_assets(cfg: Config) -> None:
+    """Generate the cache files that `fill_demo_paths` pointed the config to, where missing.
+
+    The synthetic set is made when the data uses it or a tiny model is still to be made (its
+    tokenizer is trained on the synthetic captions). Safe on several ranks at once (atomic renames).
+    """
+    if not cfg.train.demo_assets:
+        return
+    d, w = cfg.data, cfg.model.weights
+    synthetic = synthetic_location()
+    data_paths = (
+        [d.align_root or ""]
+        if d.kind == "align"
+        else [p for src in d.sources for p in ([src.shards] if isinstance(src.shards, str) else src.shards)]
+    )
+    tiny = tiny_weights_location(cfg.model)
+    uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm})
+    missing_tiny = uses_tiny and not os.path.isdir(os.path.dirname(tiny.eva_vit))
+    if missing_tiny or any(p.startswith(synthetic.root) for p in data_paths):
+        synthetic = ensure_synthetic()
+    if missing_tiny:
+        ensure_tiny_weights(cfg.model, synthetic.captions)

@@ -8,6 +8,7 @@ so a crash during a save leaves the previous checkpoint loadable.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
+from mgpt4 import logs
 from mgpt4.config import DTYPES, Config
 from mgpt4.model import MiniGPT4
 from mgpt4.model.export import save_projection
@@ -47,12 +49,14 @@ class DistInfo:
     device: torch.device
 
 
-def init_distributed(timeout_min: int) -> DistInfo:
-    """Join the process group: deepspeed/torchrun variables, srun's, mpirun (mpi4py) or a world of one."""
-    # DeepSpeed reads the timeout in minutes; a hung collective then fails instead of waiting forever.
-    os.environ.setdefault("DEEPSPEED_TIMEOUT", str(timeout_min))
-    launch_env.wire(os.environ)
-    deepspeed.init_distributed()
+def init_distributed(startup_timeout_min: float) -> DistInfo:
+    """Join the process group: deepspeed/torchrun variables, srun's, mpirun (mpi4py) or a world of one.
+
+    Collectives get `startup_timeout_min` while weights load and workers start (minutes on a big
+    model); `set_step_timeout` shortens it once training runs, so a dead rank fails the job fast.
+    """
+    launch_env.setup(os.environ)
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=startup_timeout_min))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc = get_accelerator()
     if acc.device_name() == "cuda":
@@ -60,7 +64,17 @@ def init_distributed(timeout_min: int) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    logs.set_rank(dist.get_rank(), dist.get_world_size())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def set_step_timeout(minutes: float) -> None:
+    """The timeout of every collective from now on, in every process group this rank belongs to
+    (DeepSpeed makes its own groups beside the default one)."""
+    timeout = datetime.timedelta(minutes=minutes)
+    groups = list(getattr(dist.distributed_c10d._world, "pg_map", {})) or [None]
+    for group in groups:
+        dist.set_timeout(timeout, group)
 
 
 def shutdown() -> None:

@@ -1,4 +1,5 @@
-"""The one metrics component: TensorBoard (rank 0 writes), a metrics.jsonl and the console progress line."""
+"""The one metrics component: TensorBoard (rank 0 writes), a metrics.jsonl and the console progress line
+(through `logging`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 import torch
 
 from mgpt4.images import CLIP_MEAN, CLIP_STD
+from mgpt4.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def device_memory_gb(device: torch.device) -> float:
@@ -94,13 +98,12 @@ class Metrics:
             self.jsonl.flush()
             rate = (time.perf_counter() - self._run_start) / max(self._run_steps, 1)
             mfu = f" | MFU {100 * row['perf/mfu']:.2f}%" if "perf/mfu" in row else ""
-            print(
+            log.info(
                 f"step {step}/{self.total_steps} | loss {row['train/loss']:.4f} | lr {row['train/lr']:.2e}"
                 f" | gnorm {row.get('train/grad_norm', float('nan')):.3f} | {samples_s:.1f} samples/s"
                 f" | {row['perf/tokens_per_s']:.0f} tok/s | {tflops:.3g} TFLOP/s{mfu}"
                 f" | wait {1000 * row['perf/data_wait_s']:.0f} ms | mem {memory_gb:.2f} GB"
-                f" | skipped {sum(skipped.values())} | eta {_fmt_eta(rate * (self.total_steps - step))}",
-                flush=True,
+                f" | skipped {sum(skipped.values())} | eta {_fmt_eta(rate * (self.total_steps - step))}"
             )
         self._window_start = time.perf_counter()
         self._window_samples = 0
@@ -122,7 +125,7 @@ class Metrics:
         self.writer.add_text("samples/captions", "| image | caption |\n|---|---|\n" + table, step)
         self.writer.flush()
         for i, c in enumerate(captions):
-            print(f"  sample {i}: {c}", flush=True)
+            log.info(f"  sample {i}: {c}")
 
     def close(self) -> None:
         if self.rank == 0:

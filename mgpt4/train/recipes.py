@@ -94,7 +94,15 @@ def tiny_stage1() -> Config:
     return Config(
         recipe="tiny_stage1",
         model=model,
-        data=DataConfig(kind="webdataset", batch_size=8, num_workers=1, image_size=56, shuffle_buffer=64),
+        # The source's shards are left unset: the synthetic set fills them unless --set gives some.
+        data=DataConfig(
+            kind="webdataset",
+            sources=[SourceConfig(name="synthetic")],
+            batch_size=8,
+            num_workers=1,
+            image_size=56,
+            shuffle_buffer=64,
+        ),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
         train=_tiny_train(40),
     )

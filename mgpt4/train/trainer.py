@@ -1,7 +1,7 @@
 """The trainer: an explicit build order, then a training loop that fits on a screen.
 
-Build order: dist -> resolve config -> seed -> model (build, load, freeze) -> engine -> data ->
-checkpoint (resume) -> metrics -> loop.
+Build order: dist -> config (resolved and checked, nothing written) -> demo assets -> seed -> model
+(build, load, freeze) -> engine -> data -> checkpoint (resume) -> metrics -> loop.
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ import torch.distributed as dist
 from mgpt4.config import DTYPES, Config
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
+from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 from mgpt4.strict_config import to_dict
 from mgpt4.train import engine as eng_mod
+from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.checkpoints import CONFIG_FILE
 from mgpt4.train.flops import device_peak_tflops, train_flops_per_sample
 from mgpt4.train.metrics import Metrics, device_memory_gb
 from mgpt4.train.preemption import Preemption
 from mgpt4.train.resolve import resolve_config
+
+log = get_logger(__name__)
 
 
 def seed_all(seed: int) -> None:
@@ -83,33 +87,43 @@ class Run:
 
 
 def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch.device | None = None):
-    """Steps 3-5 of the build order, shared with the benchmark: (zero setup, model, engine, optimizer, scheduler)."""
+    """Steps 5-7 of the build order, shared with the benchmark: (zero setup, model, engine, optimizer, scheduler)."""
     zero = eng_mod.ZeroSetup(cfg, ds_config)
-    model = build_model(cfg.model, device=device)  # 3. model: build, load
+    model = build_model(cfg.model, device=device)  # 5. model: build, load
     load_weights(model)
-    apply_freeze(model)  # 4. freeze
+    apply_freeze(model)  # 6. freeze
     zero.cast_for_engine(model)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    engine, optimizer, scheduler = eng_mod.create_engine(model, cfg, ds_config)  # 5. engine
+    engine, optimizer, scheduler = eng_mod.create_engine(model, cfg, ds_config)  # 7. engine
     return zero, model, engine, optimizer, scheduler
 
 
 def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
-    cfg, ds_config = resolve_config(cfg, ds_path, d.world_size, d.rank, barrier=eng_mod.barrier)
+    cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
+    if d.rank == 0:  # 3. demo assets: rank 0 generates, the others then find them (or make their
+        ensure_demo_assets(cfg)  # node's copy where nodes do not share the cache folder)
+    eng_mod.barrier()
+    if d.rank != 0:
+        ensure_demo_assets(cfg)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     if d.rank == 0:
         with open(os.path.join(cfg.train.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"config": to_dict(cfg), "deepspeed": ds_config}, f, indent=2)
-    seed_all(cfg.train.seed)  # 2. seed: the same on every rank, so random parts start equal
+    seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
-    seed_all(cfg.train.seed + d.rank)  # from here on each rank draws its own instructions
     text = cfg.model.text
-    loader = build_loader(
-        cfg.data, model.tokenizer, text.max_txt_len, text.end_sym, d.rank, d.world_size
-    )  # 6. data
-    restored = eng_mod.load_checkpoint(engine, cfg) if resume else None  # 7. checkpoint
+    loader = build_loader(  # 8. data: the loader draws each batch's instruction
+        cfg.data,
+        model.tokenizer,
+        text.max_txt_len,
+        text.end_sym,
+        d.rank,
+        d.world_size,
+        num_instructions=len(text.instructions),
+    )
+    restored = eng_mod.load_checkpoint(engine, cfg) if resume else None  # 9. checkpoint
     step, samples_seen, sample_images = 0, 0, None
     if restored is not None:
         client, rank_state = restored
@@ -120,10 +134,9 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         )
         loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
-        if d.rank == 0:
-            print(f"resumed from step {step} ({samples_seen} samples seen)", flush=True)
+        log.info(f"resumed from step {step} ({samples_seen} samples seen)")
     feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
-    seq = sequence_length(model)  # 8. metrics
+    seq = sequence_length(model)  # 10. metrics
     peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])
     metrics = Metrics(
         cfg.train.output_dir,
@@ -156,8 +169,7 @@ def save(run: Run) -> None:
     rank_state = {"data": run.feeder.state_dict(), "rng": rng_state(), "sample_images": run.sample_images}
     client = {"step": run.step, "samples_seen": run.samples_seen}
     folder = eng_mod.save_checkpoint(run.engine, run.model, run.cfg, run.step, client, rank_state)
-    if run.dist.rank == 0:
-        print(f"saved {folder}", flush=True)
+    log.info(f"saved {folder}")
 
 
 def write_samples(run: Run) -> None:
@@ -172,7 +184,7 @@ def write_samples(run: Run) -> None:
     run.metrics.write_samples(run.step, run.sample_images, [c.split("\n")[0].strip() for c in captions])
 
 
-def log(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
+def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
     loss = eng_mod.all_mean(float(loss_sum.item()) / max(steps, 1), run.dist.device)
     grad_norm = run.engine.get_global_grad_norm()
     scalars = {
@@ -196,7 +208,7 @@ def log(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
         if run.dist.rank == 0:
             with open(os.path.join(run.cfg.train.output_dir, "engine.json"), "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
-            print(f"engine: {json.dumps(report)}", flush=True)
+            log.info(f"engine: {json.dumps(report)}")
 
 
 def train_loop(run: Run) -> None:
@@ -206,6 +218,7 @@ def train_loop(run: Run) -> None:
     batches = iter(run.feeder)
     run.model.train()
     loss_sum, window = torch.zeros((), device=run.dist.device), 0
+    first = run.step + 1
     while run.step < end:
         waited = 0.0
         for _ in range(t.grad_accum):
@@ -213,17 +226,21 @@ def train_loop(run: Run) -> None:
             waited += run.feeder.last_wait_s
             if run.sample_images is None:
                 run.sample_images = batch["image"][: t.num_sample_images].detach().clone().cpu()
-            loss = run.engine(batch["image"], batch["text_ids"], batch["text_mask"]).loss
+            loss = run.engine(
+                batch["image"], batch["text_ids"], batch["text_mask"], instruction=batch.get("instruction")
+            ).loss
             run.engine.backward(loss)
             run.engine.step()
             loss_sum += loss.detach().float() / t.grad_accum
         run.step += 1
+        if run.step == first:  # start-up is over: a hung collective now means a dead rank
+            eng_mod.set_step_timeout(t.comm_timeout_min)
         window += 1
         run.samples_seen += global_batch
         run.metrics.add_step(global_batch, waited)
         last = run.step == end
         if run.step % t.log_every == 0 or last:
-            log(run, loss_sum, window)
+            log_window(run, loss_sum, window)
             loss_sum, window = torch.zeros((), device=run.dist.device), 0
         if (t.sample_every and run.step % t.sample_every == 0) or run.step == t.steps:
             write_samples(run)
@@ -232,18 +249,17 @@ def train_loop(run: Run) -> None:
         elif run.preemption.requested(run.dist.device):
             save(run)
             if run.dist.rank == 0:
-                print(f"preempted at step {run.step}: {run.preemption.requeue()}", flush=True)
+                log.info(f"preempted at step {run.step}: {run.preemption.requeue()}")
             return
 
 
 def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
-    d = eng_mod.init_distributed(cfg.train.comm_timeout_min)  # 1. dist
+    d = eng_mod.init_distributed(cfg.train.startup_timeout_min)  # 1. dist
     try:
         run = build(cfg, ds_path, resume, d)
         try:
             if run.step >= min(run.cfg.train.stop_at or run.cfg.train.steps, run.cfg.train.steps):
-                if d.rank == 0:
-                    print(f"nothing to do: the run is already at step {run.step}", flush=True)
+                log.info(f"nothing to do: the run is already at step {run.step}")
             else:
                 train_loop(run)
         finally:

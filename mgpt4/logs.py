@@ -1,0 +1,108 @@
+"""Console logging for every mgpt4 command: one line per event, through `logging`, with a rank filter.
+
+Informational lines come from rank 0 only, so N ranks do not print N copies of every progress line;
+warnings and errors come from every rank, tagged with it, because they are each rank's own news (a
+damaged shard, a failed collective). `MGPT4_LOG_RANKS=all` (or a list such as `0,3`) shows the
+informational lines of other ranks too. The pattern follows torchtitan's `LOG_RANK`.
+
+Lines go to standard error, looked up when each line is written, so a test or a wrapper that swaps
+`sys.stderr` sees them. The handler sits on the `mgpt4` logger, installed on import of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+ROOT = "mgpt4"
+_FORMAT = "%(asctime)s %(levelname)s %(rank_tag)s%(name)s: %(message)s"
+_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+def _env_rank() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _env_world() -> int:
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 1
+
+
+def _shown_ranks(spec: str | None) -> set[int] | None:
+    """None means every rank; otherwise the set of ranks whose informational lines are shown."""
+    if spec is None or not spec.strip():
+        return {0}
+    if spec.strip().lower() == "all":
+        return None
+    try:
+        return {int(r) for r in spec.split(",") if r.strip()}
+    except ValueError:
+        raise ValueError(f"MGPT4_LOG_RANKS={spec!r}: expected 'all' or ranks such as '0,3'") from None
+
+
+class RankFilter(logging.Filter):
+    """Passes warnings from every rank and informational lines from the shown ranks; tags each line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank = _env_rank()
+        self.world_size = _env_world()
+        self.shown = _shown_ranks(os.environ.get("MGPT4_LOG_RANKS"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank_tag = f"[rank {self.rank}] " if self.world_size > 1 else ""
+        if record.levelno >= logging.WARNING:
+            return True
+        return self.shown is None or self.rank in self.shown
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a line is written."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _install() -> tuple[logging.Handler, RankFilter]:
+    logger = logging.getLogger(ROOT)
+    for h in logger.handlers:
+        if isinstance(h, _StderrHandler):
+            return h, next(f for f in h.filters if isinstance(f, RankFilter))
+    handler = _StderrHandler()
+    rank_filter = RankFilter()
+    handler.addFilter(rank_filter)
+    handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    return handler, rank_filter
+
+
+_HANDLER, _FILTER = _install()
+
+
+def set_rank(rank: int, world_size: int) -> None:
+    """Tell the filter this process's rank once the process group knows it (mpirun sets it late)."""
+    _FILTER.rank = rank
+    _FILTER.world_size = world_size
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger of an mgpt4 module: `get_logger(__name__)`."""
+    return logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}")
