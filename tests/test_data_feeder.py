@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from data_fixtures import numbered_shards, tiny_tokenizer
@@ -13,11 +11,29 @@ from torchvision import transforms
 from mgpt4.data import CLIP_MEAN, CLIP_STD, DataConfig, DeviceFeeder, SourceConfig, build_loader
 
 
-def _batches(n: int, delay: float = 0.0):
+class _Clock:
+    """A clock the batches below advance instead of sleeping: the feeder's wait measurement is then
+    checked exactly, whatever else the (shared) machine is doing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = _Clock()
+    monkeypatch.setattr("mgpt4.data.feeder.time", fake)
+    return fake
+
+
+def _batches(n: int, delay: float = 0.0, clock: _Clock | None = None):
     gen = torch.Generator().manual_seed(0)
     for i in range(n):
         if delay:
-            time.sleep(delay)
+            clock.now += delay  # the loader is slow: this much time passes inside next()
         yield {
             "image": torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=gen),
             "text_ids": torch.full((2, 4), i, dtype=torch.int64),
@@ -41,8 +57,8 @@ def test_feeder_normalises_like_the_official_transform():
     assert bf16["image"].dtype == torch.bfloat16
 
 
-def test_feeder_measures_the_data_wait():
-    feeder = DeviceFeeder(_batches(3, delay=0.05), "cpu")
+def test_feeder_measures_the_data_wait(clock):
+    feeder = DeviceFeeder(_batches(3, delay=0.05, clock=clock), "cpu")
     waits = []
     for _ in feeder:
         waits.append(feeder.last_wait_s)
