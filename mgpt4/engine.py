@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,18 @@ def init_distributed(timeout_min: int) -> DistInfo:
     """Join the process group: deepspeed/torchrun variables, srun's, mpirun (mpi4py) or a world of one."""
     # DeepSpeed reads the timeout in minutes; a hung collective then fails instead of waiting forever.
     os.environ.setdefault("DEEPSPEED_TIMEOUT", str(timeout_min))
-    launch_env.wire(os.environ)
+    launcher = launch_env.wire(os.environ)
     deepspeed.init_distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Every rank says who it is and where, once: what a log of many nodes is read against (which
+    # process is which rank, on which node, and whether all of them met at the same address).
+    # One write per line: under mpirun, lines written in two parts interleave across ranks.
+    print(
+        f"rank {dist.get_rank()}/{dist.get_world_size()} local_rank {local_rank} node {socket.gethostname()} "
+        f"pid {os.getpid()} rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({launcher})\n",
+        end="",
+        flush=True,
+    )
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
