@@ -133,7 +133,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         seq,
         peak,
     )
-    preemption = Preemption()  # SIGUSR1 -> save and requeue at the next step boundary
+    preemption = Preemption(d.rank)  # SIGUSR1 -> save and requeue at the next step boundary
     return Run(
         cfg,
         d,
@@ -231,7 +231,7 @@ def train_loop(run: Run) -> None:
         elif run.preemption.requested(run.dist.device):
             save(run)
             if run.dist.rank == 0:
-                print(f"preempted at step {run.step}: {run.preemption.requeue()}", flush=True)
+                run.preemption.requeue(run.step)
             return
 
 

@@ -112,7 +112,7 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path, tmp_path_factory
     assert wait(env, job) == "COMPLETED"
     assert job_field(env, job, "Restarts") == "1"
     log = _check_run(out, job, 150)
-    saved = re.search(r"preempted at step (\d+): job \d+ requeued", log)
+    saved = re.search(r"preempted at step (\d+): requeueing job \d+", log)
     assert saved, log[-3000:]
     assert f"resumed from step {saved.group(1)}" in log
     assert 10 <= int(saved.group(1)) < 150
