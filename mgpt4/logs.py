@@ -2,7 +2,9 @@
 
 Informational lines come from rank 0 only, so N ranks do not print N copies of every progress line;
 warnings and errors come from every rank, tagged with it, because they are each rank's own news (a
-damaged shard, a failed collective). `MGPT4_LOG_RANKS=all` (or a list such as `0,3`) shows the
+damaged shard, a failed collective), and so do lines logged with `extra=ALL_RANKS` (each rank's
+wiring at start-up). Each line is written with one call, so lines of ranks sharing a log do not
+interleave. `MGPT4_LOG_RANKS=all` (or a list such as `0,3`) shows the
 informational lines of other ranks too. The pattern follows torchtitan's `LOG_RANK`.
 
 Lines go to standard error, looked up when each line is written, so a test or a wrapper that swaps
@@ -59,7 +61,7 @@ class RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank_tag = f"[rank {self.rank}] " if self.world_size > 1 else ""
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING or getattr(record, "all_ranks", False):
             return True
         return self.shown is None or self.rank in self.shown
 
@@ -95,6 +97,9 @@ def _install() -> tuple[logging.Handler, RankFilter]:
 
 
 _HANDLER, _FILTER = _install()
+
+# `log.info(..., extra=ALL_RANKS)`: a line every rank must write (who it is, where it runs).
+ALL_RANKS = {"all_ranks": True}
 
 
 def set_rank(rank: int, world_size: int) -> None:

@@ -21,10 +21,36 @@ def test_srun_maps_slurm_variables():
 
 def test_mpirun_wins_over_slurm():
     # Inside an sbatch job every mpirun rank sees SLURM_PROCID=0: Open MPI's variables must win.
-    env = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0",
-           "SLURM_NTASKS": "2"}  # fmt: skip
-    assert wire(env) == "mpirun"
-    assert "RANK" not in env  # left to DeepSpeed's mpi4py discovery
+    env = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu[1-2]"}  # fmt: skip
+    assert wire(env, rank0_endpoint=lambda port: ("gpu1", port)) == "mpirun"
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
+    # Rank 0's hostname (not the first address of its `hostname -I`) and the job's port, as under srun.
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu1", str(20000 + 4242))
+
+
+def test_mpirun_outside_slurm_takes_a_port_rank_0_found_free():
+    env = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+    asked = []
+    assert wire(env, rank0_endpoint=lambda port: asked.append(port) or ("head", "41234")) == "mpirun"
+    assert asked == [None]  # no job port to derive: rank 0 picks one
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("head", "41234")
+
+
+def test_other_mpis_use_their_pmi_variables():
+    env = {"PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALRANKID": "1", "MASTER_PORT": "5555"}
+    assert wire(env, rank0_endpoint=lambda port: ("head", port)) == "mpirun"
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("1", "2", "1")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("head", "5555")
+
+
+def test_a_single_process_takes_a_free_port():
+    """Two runs started without a launcher on one machine must not both take 29500."""
+    first, second = {}, {}
+    assert wire(first) == "single" and wire(second) == "single"
+    assert first["WORLD_SIZE"] == "1" and int(first["MASTER_PORT"]) > 0
+    assert wire({"MASTER_PORT": "6000"}) == "single"  # a port the user sets is kept
 
 
 def test_batch_step_without_srun_is_a_single_process():

@@ -4,7 +4,6 @@ with no RANK / WORLD_SIZE / MASTER_* set by hand."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from mgpt4.curate.store import read_store
 from tests.curate_fixtures import draw_images, make_stage1_checkpoint
 from tests.launch import REPO, launcher_env
+from tests.slurm_jobs import cluster, require_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -19,18 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """A running one-node cluster; a machine without SLURM skips by name (CI must have it)."""
-    if shutil.which("slurmctld") is None or shutil.which("srun") is None:
-        reason = "SLURM is not installed (slurmctld/srun not found); tests/install.sh installs it"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    if os.geteuid() != 0:
-        pytest.skip("the localhost SLURM cluster needs root (munge and slurmd run as root)")
-    root = str(tmp_path_factory.mktemp("slurm-curate"))
-    env = dict(os.environ, SLURM_CI_ROOT=root)
-    subprocess.run(["bash", "tests/slurm_cluster.sh", "up"], cwd=REPO, env=env, check=True, timeout=120)
-    yield os.path.join(root, "etc", "slurm.conf")
-    subprocess.run(["bash", "tests/slurm_cluster.sh", "down"], cwd=REPO, env=env, timeout=120)
+    require_slurm(nodes=1)
+    with cluster(str(tmp_path_factory.mktemp("slurm-curate")), nodes=1) as c:
+        yield c
 
 
 def test_srun_describe_shares_the_images_over_two_ranks(slurm, tmp_path, tokenizer):
@@ -41,7 +32,7 @@ def test_srun_describe_shares_the_images_over_two_ranks(slurm, tmp_path, tokeniz
     draw_images(str(images), 6)
     out = tmp_path / "desc"
     env = launcher_env(str(tmp_path / "cache"))
-    env.update(SLURM_CONF=slurm, PYTHONPATH=REPO)
+    env.update(SLURM_CONF=slurm.conf, PYTHONPATH=REPO)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = ["srun", "--ntasks=2", "--kill-on-bad-exit=1", "python", "-m", "mgpt4.curate", "describe",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ from mgpt4.train.checkpoints import (
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.optim import build_optimizer
 
+log = logs.get_logger(__name__)
+
 
 @dataclass
 class DistInfo:
@@ -55,16 +58,23 @@ def init_distributed(startup_timeout_min: float) -> DistInfo:
     Collectives get `startup_timeout_min` while weights load and workers start (minutes on a big
     model); `set_step_timeout` shortens it once training runs, so a dead rank fails the job fast.
     """
-    launch_env.setup(os.environ)
+    launcher, _ = launch_env.setup(os.environ)
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=startup_timeout_min))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    logs.set_rank(dist.get_rank(), dist.get_world_size())
+    # Every rank says who it is and where, once: what a log of many nodes is read against (which
+    # process is which rank, on which node, and whether all of them met at the same address).
+    log.info(
+        f"rank {dist.get_rank()}/{dist.get_world_size()} local_rank {local_rank} node {socket.gethostname()} "
+        f"pid {os.getpid()} rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({launcher})",
+        extra=logs.ALL_RANKS,
+    )
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    logs.set_rank(dist.get_rank(), dist.get_world_size())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

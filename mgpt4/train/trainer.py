@@ -147,7 +147,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         seq,
         peak,
     )
-    preemption = Preemption()  # SIGUSR1 -> save and requeue at the next step boundary
+    preemption = Preemption(d.rank)  # SIGUSR1 -> save and requeue at the next step boundary
     return Run(
         cfg,
         d,
@@ -249,7 +249,7 @@ def train_loop(run: Run) -> None:
         elif run.preemption.requested(run.dist.device):
             save(run)
             if run.dist.rank == 0:
-                log.info(f"preempted at step {run.step}: {run.preemption.requeue()}")
+                run.preemption.requeue(run.step)
             return
 
 
