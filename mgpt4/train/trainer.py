@@ -255,6 +255,7 @@ def train_loop(run: Run) -> None:
 
 def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
     d = eng_mod.init_distributed(cfg.train.startup_timeout_min)  # 1. dist
+    clean = False
     try:
         run = build(cfg, ds_path, resume, d)
         try:
@@ -265,5 +266,6 @@ def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
         finally:
             run.metrics.close()
             run.feeder.source.close()
+        clean = True
     finally:
-        eng_mod.shutdown()
+        eng_mod.shutdown(clean)
