@@ -219,3 +219,23 @@ def test_evaluation_time_is_reported_and_kept_out_of_the_throughput(tmp_path, mo
     m.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [("val/loss" in r) for r in lines] == [True, False]
+
+
+def test_held_out_synthetic_data_leaves_the_training_data_as_it_was(tmp_path):
+    """The tiny recipes' loss curves and tokenizer depend on the training set alone."""
+    small = dict(shards=1, per_shard=2, align=2, min_size=64, max_size=80)
+    plain = ensure_synthetic(str(tmp_path / "a"), **small)
+    with_val = ensure_synthetic(str(tmp_path / "b"), **small, val=3)
+    assert plain.val_shards == [] and len(with_val.val_shards) == 1
+    assert with_val.captions == plain.captions
+    assert pathlib.Path(with_val.shards[0]).read_bytes() == pathlib.Path(plain.shards[0]).read_bytes()
+    assert (pathlib.Path(with_val.align_root) / "filter_cap.json").read_text() == (
+        pathlib.Path(plain.align_root) / "filter_cap.json"
+    ).read_text()
+    val_caps = [
+        a["caption"]
+        for a in json.loads((pathlib.Path(with_val.val_align_root) / "filter_cap.json").read_text())[
+            "annotations"
+        ]
+    ]
+    assert len(val_caps) == 3 and not set(val_caps) & set(with_val.captions)
