@@ -32,6 +32,8 @@ setup(
         "mpi": ["mpi4py>=3.1,<5"],
         "demo": ["gradio>=6,<7"],
         "lowmem": ["bitsandbytes>=0.43"],
+        # COCO caption metrics (python -m mgpt4.eval); METEOR and its tokenizer also need a Java runtime.
+        "eval": ["pycocoevalcap>=1.2,<2"],
         "dev": [
             "pytest>=8,<10",
             "ruff>=0.6",
@@ -39,6 +41,7 @@ setup(
             "mpi4py>=3.1,<5",
             "gradio>=6,<7",
             "selenium>=4.20,<5",
+            "pycocoevalcap>=1.2,<2",
         ],
     },
 )

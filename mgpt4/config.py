@@ -190,6 +190,9 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # steps between generated captions in TensorBoard; 0 = only at the end
     num_sample_images: int = 4
+    # Steps between validation losses on data.val (a multiple of log_every: val/loss joins that row);
+    # 0 = only at the end. Needs data.val.samples > 0.
+    eval_every: int = 0
     # A device's dense peak TFLOP/s for MFU; None looks the device up (or measures the CPU).
     peak_tflops: float | None = None
     # Minutes before a hung collective becomes an error: a long limit while weights load and data
@@ -201,6 +204,18 @@ class TrainConfig:
     stop_at: int | None = None
     # Generate the tiny weights and the synthetic data into the cache when missing (the demo recipes).
     demo_assets: bool = False
+
+
+def check_eval_schedule(t: TrainConfig, data: DataConfig) -> None:
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every: expected 0 (only at the end) or more, got {t.eval_every!r}")
+    if t.eval_every and not data.val.enabled():
+        raise ConfigError("train.eval_every: set, but there is nothing to validate on; set data.val")
+    if t.eval_every % t.log_every:
+        raise ConfigError(
+            f"train.eval_every ({t.eval_every}) must be a multiple of train.log_every ({t.log_every}): "
+            "val/loss is written with that step's metrics"
+        )
 
 
 @dataclass
@@ -222,6 +237,7 @@ class Config:
         for name in ("steps", "grad_accum", "save_every", "log_every", "keep_last"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
+        check_eval_schedule(t, self.data)
         if self.data.image_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine: system packages (SLURM, MPI, a
-# headless browser) and the Python packages (torch CPU wheels, mgpt4 with its dev extras).
+# headless browser, a Java runtime) and the Python packages (torch CPU wheels, mgpt4 with its dev extras).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,8 @@ APT_PACKAGES=(
   openmpi-bin libopenmpi-dev slurmctld slurmd slurm-client munge libpmix2
   # the web demo's browser test
   chromium chromium-driver
+  # caption metrics: pycocoevalcap's METEOR and PTB tokenizer are Java programs
+  default-jre-headless
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -19,23 +19,28 @@ def _parsers():
     from mgpt4.chat.terminal import build_parser as terminal
     from mgpt4.chat.web import build_parser as web
     from mgpt4.curate.__main__ import build_parser as curate
+    from mgpt4.eval.__main__ import build_parser as evaluation
 
     describe = curate()._subparsers._group_actions[0].choices["describe"]
+    captions = evaluation()._subparsers._group_actions[0].choices["captions"]
     return {
         "chat": (terminal(), GenerationSettings()),
         "demo": (web(), GenerationSettings()),
         "describe": (describe, GREEDY),
+        # Caption length: the checkpoint's max_txt_len, known once the model is.
+        "captions": (captions, GREEDY.replace(max_new_tokens=None)),
     }
 
 
-@pytest.mark.parametrize("tool", ["chat", "demo", "describe"])
+@pytest.mark.parametrize("tool", ["chat", "demo", "describe", "captions"])
 def test_decoding_flags_are_derived_from_the_one_settings_dataclass(tool):
     parser, defaults = _parsers()[tool]
     base = (
         ["--image", "x.png"]
         if tool == "chat"
-        else (["--images", "d", "--out", "o"] if tool == "describe" else [])
+        else (["--images", "d", "--out", "o"] if tool in ("describe", "captions") else [])
     )
+    base += ["--references", "r.json"] if tool == "captions" else []
     args = parser.parse_args(base)
     for f in dataclasses.fields(GenerationSettings):
         assert getattr(args, f.name) == getattr(defaults, f.name), (tool, f.name)

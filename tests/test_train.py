@@ -84,6 +84,8 @@ def test_readme_quickstart_trains_end_to_end(tmp_path, cache):
     assert "samples/images" in images and any("samples/captions" in t for t in texts)
     rows = read_jsonl(str(out / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    # The recipe validates on held-out synthetic shards halfway and at the end.
+    assert [r["step"] for r in rows if "val/loss" in r] == [20, 40] and "val/loss" in scalars
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     assert "eta" in proc.stdout and "MFU" in proc.stdout
 

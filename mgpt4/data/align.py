@@ -25,7 +25,7 @@ from mgpt4.data.samples import SkipCounter
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
 from mgpt4.data.workers import WorkerDataset
 
-_TAG_EPOCH, _TAG_CROP = 21, 22
+_TAG_EPOCH, _TAG_CROP, _TAG_HOLDOUT = 21, 22, 23
 # How many missing file names the error lists before it just gives the count.
 _LIST_MISSING = 20
 
@@ -83,6 +83,17 @@ def load_align(root: str) -> list[AlignPair]:
     return pairs
 
 
+def split_holdout(pairs: list[AlignPair], holdout: int, where: str = "data.val.holdout") -> tuple[list, list]:
+    """(training pairs, held-out pairs): `holdout` pairs picked by a fixed generator, so every run on
+    the same filter_cap.json holds out the same ones, whatever its seed; both lists keep the file's order."""
+    if holdout <= 0:
+        return pairs, []
+    if holdout >= len(pairs):
+        raise ValueError(f"{where}: {holdout} held-out pairs leave none of the {len(pairs)} to train on")
+    held = set(np.random.default_rng([_TAG_HOLDOUT]).permutation(len(pairs))[:holdout].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
 class AlignOrder:
     """Which pairs global batch g of a rank holds."""
 
@@ -124,7 +135,8 @@ class AlignDataset(WorkerDataset):
     ):
         super().__init__(cfg.num_workers)
         self.cfg = cfg
-        self.pairs = load_align(cfg.align_root or "")
+        # Pairs held out for validation (data.val.holdout) are never trained on.
+        self.pairs = split_holdout(load_align(cfg.align_root or ""), cfg.val.holdout)[0]
         self.order = AlignOrder(len(self.pairs), cfg.batch_size, rank, world_size, cfg.seed)
         self.text = text
         self.rank = rank

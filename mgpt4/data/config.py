@@ -31,6 +31,68 @@ class SourceConfig:
 
 
 @dataclass
+class ValConfig:
+    """Held-out samples for the validation loss (`train.eval_every`): the first `samples` usable ones of
+    the source, in its order, with the eval transform and an instruction fixed per sample, so every
+    evaluation of every run on the same data sees the same inputs (`mgpt4.data.heldout`).
+
+    Stage 1 (`kind: webdataset`) reads `shards`; stage 2 (`kind: align`) reads the cc_sbu_align
+    folder `align_root`, or holds out `holdout` pairs of the training folder (`data.align_root`),
+    which training then never sees.
+    """
+
+    samples: int = 0  # N; 0 turns validation off
+    shards: str | list[str] = field(default_factory=list)  # as a source's shards
+    align_root: str | None = None
+    holdout: int = 0
+    batch_size: int | None = None  # per rank; None: data.batch_size
+
+    def enabled(self) -> bool:
+        return self.samples > 0
+
+    def validate(self, kind: str, path: str = "data.val") -> None:
+        if self.samples < 0:
+            raise ConfigError(f"{path}.samples: expected 0 (no validation) or more, got {self.samples!r}")
+        if self.holdout < 0:
+            raise ConfigError(f"{path}.holdout: expected 0 or more, got {self.holdout!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(
+                f"{path}.batch_size: expected a positive integer or null, got {self.batch_size!r}"
+            )
+        given = [n for n in ("shards", "align_root", "holdout") if getattr(self, n)]
+        if not self.enabled():
+            if given:
+                raise ConfigError(
+                    f"{path}.{given[0]} is set but {path}.samples is 0: set {path}.samples to the number of "
+                    f"held-out samples to evaluate"
+                )
+            return
+        if kind == "webdataset":
+            if given != ["shards"]:
+                wrong = [n for n in given if n != "shards"]
+                raise ConfigError(
+                    f"{path}.{wrong[0]}: only for kind 'align'"
+                    if wrong
+                    else f"{path}.shards: kind 'webdataset' validates on held-out shards; give them "
+                    f"(or set {path}.samples=0)"
+                )
+            return
+        if "shards" in given:
+            raise ConfigError(
+                f"{path}.shards: only for kind 'webdataset'; use {path}.align_root or {path}.holdout"
+            )
+        if len(given) != 1:
+            raise ConfigError(
+                f"{path}: kind 'align' validates on {path}.align_root (a held-out cc_sbu_align folder) or "
+                f"{path}.holdout (pairs held out of data.align_root): give exactly one"
+            )
+        if self.holdout and self.samples > self.holdout:
+            raise ConfigError(
+                f"{path}.samples: {self.samples} is more than the {self.holdout} held-out pairs ({path}.holdout)"
+            )
+
+
+@dataclass
 class DataConfig:
     # "webdataset": stage-1 shards from `sources`; "align": the stage-2 cc_sbu_align folder `align_root`.
     kind: str = "webdataset"
@@ -65,6 +127,7 @@ class DataConfig:
     # at 2.0 (which turns the shortcut off for images under 4x image_size) on noisy 500-1000 px images.
     dct_margin: float = 1.0
     seed: int = 0
+    val: ValConfig = field(default_factory=ValConfig)
 
     def validate(self, path: str = "data") -> None:
         if self.kind not in KINDS:
@@ -103,6 +166,7 @@ class DataConfig:
                 names.add(label)
         if self.kind == "align" and not self.align_root:
             raise ConfigError(f"{path}.align_root: kind 'align' needs the cc_sbu_align folder")
+        self.val.validate(self.kind, f"{path}.val")
 
     def source_names(self) -> list[str]:
         return [s.name or f"source{i}" for i, s in enumerate(self.sources)]

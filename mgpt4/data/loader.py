@@ -140,6 +140,8 @@ class Loader:
             "seed": cfg.seed,
             "num_instructions": self.dataset.text.num_instructions,
         }
+        if cfg.kind == "align" and cfg.val.holdout:  # the held-out pairs are not in the stream
+            setup["val_holdout"] = cfg.val.holdout
         if cfg.kind == "webdataset":
             setup.update(
                 resampled=cfg.resampled,

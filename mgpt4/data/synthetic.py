@@ -51,6 +51,8 @@ POSITIONS = {
     "bottom right": (0.8, 0.8),
 }
 FORMAT_VERSION = 1
+# Random streams of the held-out sets (the training sets use 1 and 2).
+_VAL_SHARD_STREAM, _VAL_ALIGN_STREAM = 3, 4
 
 
 @dataclass
@@ -66,7 +68,12 @@ class SyntheticData:
     root: str
     shards: list[str]  # tar paths, img2dataset layout
     align_root: str  # cc_sbu_align layout: filter_cap.json + image/
-    captions: list[str] = field(default_factory=list)  # every caption, e.g. to train a tiny tokenizer
+    # Every training caption (held-out ones are not among them), e.g. to train a tiny tokenizer.
+    captions: list[str] = field(default_factory=list)
+    # Held-out data drawn apart from the training data (other random streams): one shard and one
+    # cc_sbu_align folder of `val` samples each; empty when val is 0.
+    val_shards: list[str] = field(default_factory=list)
+    val_align_root: str | None = None
 
 
 def _scene(rng: np.random.Generator) -> Scene:
@@ -167,12 +174,15 @@ def write_shards(
     quality: Sequence[int] = (80, 95),
     noise: Sequence[float] = (2.0, 4.0),
     seed: int = 0,
+    stream: int = 1,
 ) -> tuple[list[str], list[str]]:
-    """img2dataset-format tars `{00000..}.tar` (`KEY.jpg`, `KEY.txt`, `KEY.json`); returns (paths, captions)."""
+    """img2dataset-format tars `{00000..}.tar` (`KEY.jpg`, `KEY.txt`, `KEY.json`); returns (paths, captions).
+
+    `stream` keeps sets apart under one seed (held-out shards use another than the training ones)."""
     os.makedirs(out_dir, exist_ok=True)
     paths, captions = [], []
     for s in range(shards):
-        rng = np.random.default_rng([seed, 1, s])
+        rng = np.random.default_rng([seed, stream, s])
         path = os.path.join(out_dir, f"{s:05d}.tar")
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(per_shard):
@@ -207,10 +217,11 @@ def write_align(
     quality: Sequence[int] = (80, 95),
     noise: Sequence[float] = (2.0, 4.0),
     seed: int = 0,
+    stream: int = 2,
 ) -> list[str]:
     """A cc_sbu_align folder: `filter_cap.json` and `image/{image_id}.jpg`; returns the captions."""
     os.makedirs(os.path.join(out_dir, "image"), exist_ok=True)
-    rng = np.random.default_rng([seed, 2])
+    rng = np.random.default_rng([seed, stream])
     annotations = []
     for i in range(count):
         scene = _scene(rng)
@@ -238,6 +249,7 @@ def synthetic_location(
     max_size: int = 1000,
     quality: Sequence[int] = (80, 95),
     seed: int = 0,
+    val: int = 0,
 ) -> SyntheticData:
     """Where `ensure_synthetic` puts (or has put) the set with these parameters; reads and writes nothing.
 
@@ -246,11 +258,15 @@ def synthetic_location(
     root = root or default_cache_dir()
     q = f"{quality[0]}-{quality[-1]}"
     name = f"v{FORMAT_VERSION}-s{shards}x{per_shard}-a{align}-px{min_size}-{max_size}-q{q}-seed{seed}"
+    if val:
+        name += f"-val{val}"
     final = os.path.join(root, name)
     return SyntheticData(
         root=final,
         shards=[os.path.join(final, "shards", f"{s:05d}.tar") for s in range(shards)],
         align_root=os.path.join(final, "cc_sbu_align"),
+        val_shards=[os.path.join(final, "val_shards", "00000.tar")] if val else [],
+        val_align_root=os.path.join(final, "cc_sbu_align_val") if val else None,
     )
 
 
@@ -263,12 +279,15 @@ def ensure_synthetic(
     max_size: int = 1000,
     quality: Sequence[int] = (80, 95),
     seed: int = 0,
+    val: int = 0,
 ) -> SyntheticData:
     """Generate the synthetic set once under `root` (default ~/.cache/mgpt4/synthetic) and reuse it.
 
-    The data appears by an atomic rename, so several ranks may call this at the same time.
+    With `val`, a held-out shard and cc_sbu_align folder of `val` samples each come with it; the
+    training data is the same with or without them. The data appears by an atomic rename, so
+    several ranks may call this at the same time.
     """
-    where = synthetic_location(root, shards, per_shard, align, min_size, max_size, quality, seed)
+    where = synthetic_location(root, shards, per_shard, align, min_size, max_size, quality, seed, val)
     final = where.root
     parent = os.path.dirname(final)
     manifest = os.path.join(final, "manifest.json")
@@ -282,6 +301,15 @@ def ensure_synthetic(
             captions += write_align(
                 os.path.join(tmp, "cc_sbu_align"), align, min_size, max_size, quality, seed=seed
             )
+            if val:  # not in `captions`: the tiny tokenizer is trained on the training captions only
+                write_shards(
+                    os.path.join(tmp, "val_shards"), 1, val, min_size, max_size, quality,
+                    seed=seed, stream=_VAL_SHARD_STREAM,
+                )  # fmt: skip
+                write_align(
+                    os.path.join(tmp, "cc_sbu_align_val"), val, min_size, max_size, quality,
+                    seed=seed, stream=_VAL_ALIGN_STREAM,
+                )  # fmt: skip
             with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
                 json.dump({"shards": [os.path.basename(p) for p in paths], "captions": captions}, f)
             try:

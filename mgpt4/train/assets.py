@@ -23,6 +23,8 @@ from mgpt4.data.synthetic import ensure_synthetic, synthetic_location
 from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, STAGE2_TEMPLATE, VICUNA_V0_SYSTEM
 
 ASSETS_VERSION = 1
+# Held-out samples generated beside the synthetic training data, for the tiny recipes' val/loss.
+DEMO_VAL_SAMPLES = 32
 
 
 def cache_root() -> str:
@@ -87,16 +89,23 @@ def fill_demo_paths(cfg: Config) -> list[str]:
     if not cfg.train.demo_assets:
         return []
     filled: list[str] = []
-    synthetic = synthetic_location()
+    synthetic = synthetic_location(val=DEMO_VAL_SAMPLES)
+    val = cfg.data.val
     if cfg.data.kind == "align":
         if not cfg.data.align_root:
             cfg.data.align_root = synthetic.align_root
             filled.append(synthetic.align_root)
+        if val.enabled() and not val.align_root and not val.holdout:
+            val.align_root = synthetic.val_align_root
+            filled.append(val.align_root)
     else:
         for src in cfg.data.sources:
             if not src.shards:
                 src.shards = list(synthetic.shards)
                 filled.extend(synthetic.shards)
+        if val.enabled() and not val.shards:
+            val.shards = list(synthetic.val_shards)
+            filled.extend(synthetic.val_shards)
     w = cfg.model.weights
     if not (w.eva_vit and w.blip2 and w.llm) and not w.blip2_hf:
         tiny = tiny_weights_location(cfg.model)
@@ -116,16 +125,20 @@ def ensure_demo_assets(cfg: Config) -> None:
     if not cfg.train.demo_assets:
         return
     d, w = cfg.data, cfg.model.weights
-    synthetic = synthetic_location()
+    synthetic = synthetic_location(val=DEMO_VAL_SAMPLES)
     data_paths = (
-        [d.align_root or ""]
+        [d.align_root or "", d.val.align_root or ""]
         if d.kind == "align"
-        else [p for src in d.sources for p in ([src.shards] if isinstance(src.shards, str) else src.shards)]
+        else [
+            p
+            for shards in [*(src.shards for src in d.sources), d.val.shards]
+            for p in ([shards] if isinstance(shards, str) else shards)
+        ]
     )
     tiny = tiny_weights_location(cfg.model)
     uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm})
     missing_tiny = uses_tiny and not os.path.isdir(os.path.dirname(tiny.eva_vit))
     if missing_tiny or any(p.startswith(synthetic.root) for p in data_paths):
-        synthetic = ensure_synthetic()
+        synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)
     if missing_tiny:
         ensure_tiny_weights(cfg.model, synthetic.captions)

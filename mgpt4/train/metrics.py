@@ -60,6 +60,10 @@ class Metrics:
         self._window_steps = 0
         self._run_start = time.perf_counter()
         self._run_steps = 0
+        # Validation: its scalars join the next row, its time is kept out of the throughput and ETA.
+        self._pending: dict[str, float] = {}
+        self._window_excluded = 0.0
+        self._run_excluded = 0.0
 
     def add_step(self, samples: int, data_wait_s: float) -> None:
         """Count one optimizer step of `samples` (global) samples; called on every rank."""
@@ -68,11 +72,17 @@ class Metrics:
         self._window_steps += 1
         self._run_steps += 1
 
+    def add_eval(self, scalars: dict[str, float], seconds: float) -> None:
+        """Scalars for the next row (`val/loss`, ...) from `seconds` of work that is not training."""
+        self._pending.update(scalars)
+        self._window_excluded += seconds
+        self._run_excluded += seconds
+
     def write(
         self, step: int, scalars: dict[str, float], memory_gb: float, skipped: dict[str, int]
     ) -> dict[str, float]:
         """Close the window: throughput figures, TensorBoard scalars, a JSON line and the console line."""
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        elapsed = max(time.perf_counter() - self._window_start - self._window_excluded, 1e-9)
         samples_s = self._window_samples / elapsed
         tflops = self.flops_per_sample * samples_s / self.world_size / 1e12
         row = dict(scalars)
@@ -90,13 +100,14 @@ class Metrics:
             row["perf/mfu"] = tflops / self.peak_tflops
         for reason, count in skipped.items():
             row[f"data/skipped_{reason}"] = float(count)
+        row.update(self._pending)
         if self.rank == 0:
             for key, value in row.items():
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
             self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
             self.jsonl.flush()
-            rate = (time.perf_counter() - self._run_start) / max(self._run_steps, 1)
+            rate = (time.perf_counter() - self._run_start - self._run_excluded) / max(self._run_steps, 1)
             mfu = f" | MFU {100 * row['perf/mfu']:.2f}%" if "perf/mfu" in row else ""
             log.info(
                 f"step {step}/{self.total_steps} | loss {row['train/loss']:.4f} | lr {row['train/lr']:.2e}"
@@ -109,6 +120,8 @@ class Metrics:
         self._window_samples = 0
         self._window_wait = 0.0
         self._window_steps = 0
+        self._pending = {}
+        self._window_excluded = 0.0
         return row
 
     def write_samples(self, step: int, images: torch.Tensor, captions: list[str]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
-from mgpt4.data.config import DataConfig, SourceConfig
+from mgpt4.data.config import DataConfig, SourceConfig, ValConfig
 from mgpt4.model.presets import stage1_text, stage2_text, tiny, vicuna7b, vicuna13b
+from mgpt4.train.assets import DEMO_VAL_SAMPLES
 
 
 def _official_weights(llm: str) -> WeightsConfig:
@@ -77,6 +78,7 @@ def stage2_vicuna7b() -> Config:
 def _tiny_train(steps: int) -> TrainConfig:
     return TrainConfig(
         steps=steps,
+        eval_every=steps // 2,
         precision="fp32",
         save_every=20,
         log_every=5,
@@ -102,6 +104,8 @@ def tiny_stage1() -> Config:
             num_workers=1,
             image_size=56,
             shuffle_buffer=64,
+            # Held-out synthetic shards (generated with the training ones) unless --set gives yours.
+            val=ValConfig(samples=DEMO_VAL_SAMPLES),
         ),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
         train=_tiny_train(40),
@@ -115,7 +119,13 @@ def tiny_stage2() -> Config:
     return Config(
         recipe="tiny_stage2",
         model=model,
-        data=DataConfig(kind="align", batch_size=4, num_workers=1, image_size=56),
+        data=DataConfig(
+            kind="align",
+            batch_size=4,
+            num_workers=1,
+            image_size=56,
+            val=ValConfig(samples=DEMO_VAL_SAMPLES),  # a held-out synthetic cc_sbu_align folder
+        ),
         optim=OptimConfig(lr=3e-4, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
         train=_tiny_train(20),
     )

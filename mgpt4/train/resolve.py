@@ -9,7 +9,8 @@ import os
 from typing import Any
 
 from mgpt4.config import Config
-from mgpt4.data.align import load_align
+from mgpt4.data.align import load_align, split_holdout
+from mgpt4.data.config import DataConfig
 from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
 from mgpt4.data.shard_stream import check_readers
 from mgpt4.strict_config import ConfigError
@@ -40,7 +41,11 @@ def resolve_config(
     resolve_batch(cfg, world_size)
     cfg.validate()
     ds_config = build_ds_config(ds_path, cfg, world_size)
-    missing = find_missing_inputs(cfg, world_size, demo) if check_inputs else []
+    missing = (
+        [*find_missing_inputs(cfg, world_size, demo), *find_missing_val(cfg.data, demo)]
+        if check_inputs
+        else []
+    )
     if missing and not missing_ok:
         raise FileNotFoundError("\n  ".join(["inputs not found:", *missing]))
     return cfg, ds_config, missing
@@ -78,3 +83,37 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
             except ValueError as e:
                 missing.append(str(e))
     return missing
+
+
+def find_missing_val(d: DataConfig, will_exist: set[str]) -> list[str]:
+    """The held-out source (`data.val`) as `find_missing_inputs` checks the training data; a holdout
+    that leaves nothing to train on raises ValueError."""
+    val = d.val
+    if not val.enabled():
+        return []
+    if d.kind == "webdataset":
+        urls = expand_shards(val.shards, "data.val.shards")
+        for url in urls:
+            check_url(url, "data.val.shards")
+        if set(urls) <= will_exist:
+            return []
+        try:
+            check_local_shards(urls, "data.val.shards", "val")
+        except ValueError as e:
+            return [str(e)]
+        return []
+    root = val.align_root or d.align_root
+    if root in will_exist:
+        return []
+    try:
+        pairs = load_align(root or "")
+    except FileNotFoundError as e:
+        # A missing training folder is reported once, by find_missing_inputs.
+        return [f"data.val.align_root: {e}"] if val.align_root else []
+    if val.holdout:
+        split_holdout(pairs, val.holdout)
+    elif len(pairs) < val.samples:
+        raise ValueError(
+            f"data.val.align_root: {root!r} has {len(pairs)} pairs, data.val.samples asks for {val.samples}"
+        )
+    return []

@@ -30,6 +30,7 @@ from mgpt4.train.flops import device_peak_tflops, train_flops_per_sample
 from mgpt4.train.metrics import Metrics, device_memory_gb
 from mgpt4.train.preemption import Preemption
 from mgpt4.train.resolve import resolve_config
+from mgpt4.train.validation import Validation, build_validation
 
 log = get_logger(__name__)
 
@@ -84,6 +85,7 @@ class Run:
     samples_seen: int = 0
     sample_images: torch.Tensor | None = None
     reported: bool = False
+    validation: Validation | None = None  # data.val: the held-out loss
 
 
 def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch.device | None = None):
@@ -123,6 +125,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         d.world_size,
         num_instructions=len(text.instructions),
     )
+    validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once
     restored = eng_mod.load_checkpoint(engine, cfg) if resume else None  # 9. checkpoint
     step, samples_seen, sample_images = 0, 0, None
     if restored is not None:
@@ -162,6 +165,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         step,
         samples_seen,
         sample_images,
+        validation=validation,
     )
 
 
@@ -239,6 +243,8 @@ def train_loop(run: Run) -> None:
         run.samples_seen += global_batch
         run.metrics.add_step(global_batch, waited)
         last = run.step == end
+        if run.validation is not None and run.validation.due(run.step):
+            run.metrics.add_eval(*run.validation.evaluate(run.engine, run.model))
         if run.step % t.log_every == 0 or last:
             log_window(run, loss_sum, window)
             loss_sum, window = torch.zeros((), device=run.dist.device), 0
