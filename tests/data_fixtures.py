@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import json
 import os
@@ -105,3 +106,28 @@ def make_align(root, count: int) -> str:
     with open(os.path.join(root, "filter_cap.json"), "w") as f:
         json.dump({"annotations": anns}, f)
     return str(root)
+
+
+# What a failed download leaves under a shard's name: an object store's error body.
+HTTP_ERROR_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
+    b"</Message><RequestId>4442587FB7D0A2F9</RequestId><HostId>" + b"x" * 3000 + b"</HostId></Error>\n"
+)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """`data` as a gzip file (as `tar czf` or `gzip shard.tar` writes it); no time stamp, reproducible."""
+    return gzip.compress(data, mtime=0)
+
+
+def flipped(data: bytes, offset: int, mask: int = 0x01) -> bytes:
+    """`data` with the byte at `offset` XOR `mask`."""
+    out = bytearray(data)
+    out[offset] ^= mask
+    return bytes(out)
+
+
+def member_spans(path: str) -> list[tuple[str, int, int, int]]:
+    """(key, header start, data start, data end) of each member of an uncompressed tar, read by tarfile."""
+    with tarfile.open(path) as tar:
+        return [(m.name.rsplit(".", 1)[0], m.offset, m.offset_data, m.offset_data + m.size) for m in tar]

@@ -129,3 +129,39 @@ def test_the_loader_draws_each_batch_instruction_uniformly(tmp_path):
     assert draws(50) == first[:50]
     no_instructions = next(iter(build_loader(cfg, tiny_tokenizer(), L, "###")))
     assert "instruction" not in no_instructions
+
+
+def test_every_problem_of_filter_cap_is_listed_in_one_error(tmp_path):
+    """Missing images, empty or non-string captions, bad and duplicate ids: one error with all of them,
+    so one fix-up pass over the file is enough."""
+    import json
+
+    root = make_align(tmp_path / "a", 8)
+    with open(os.path.join(root, "filter_cap.json")) as f:
+        anns = json.load(f)["annotations"]
+    anns[1]["caption"] = ""
+    anns[2]["caption"] = None
+    anns[3]["caption"] = ["a", "list"]
+    anns[5]["image_id"] = "4"  # a second annotation for image 4
+    anns.append({"image_id": None, "caption": "no id"})
+    anns.append("not an object")
+    os.remove(os.path.join(root, "image", "6.jpg"))
+    os.remove(os.path.join(root, "image", "7.jpg"))
+    with open(os.path.join(root, "filter_cap.json"), "w") as f:
+        json.dump({"annotations": anns}, f)
+    with pytest.raises(ValueError) as e:
+        build_loader(_cfg(root), tiny_tokenizer(), L, "###")
+    msg = str(e.value)
+    assert "filter_cap.json" in msg
+    for part in (
+        "annotations[1].caption",
+        "annotations[2].caption",
+        "annotations[3].caption",
+        "'4' appears 2 times (annotations[4], annotations[5])",
+        "annotations[8].image_id",
+        "annotations[9]",
+        "2 of 8 images",
+        "6.jpg",
+        "7.jpg",
+    ):
+        assert part in msg, (part, msg)

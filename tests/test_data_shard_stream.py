@@ -8,11 +8,19 @@ import os
 import numpy as np
 import pytest
 import torch
-from data_fixtures import bad_shard, numbered_shards, sample_files, tiny_tokenizer, write_tar
+from data_fixtures import (
+    HTTP_ERROR_BODY,
+    bad_shard,
+    gzip_bytes,
+    numbered_shards,
+    sample_files,
+    tiny_tokenizer,
+    write_tar,
+)
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.batches import BatchText
-from mgpt4.data.shard_stream import ShardBatches, sample_id, source_urls
+from mgpt4.data.shard_stream import DataSourceError, ShardBatches, sample_id, source_urls
 from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import clean_caption
 from mgpt4.tokenizer import encode_answers
@@ -207,3 +215,92 @@ def test_pipe_sources_work(tmp_path):
     cfg = _cfg([SourceConfig(shards=[f"pipe:cat {p}" for p in paths])])
     batch = next(iter(build_loader(cfg, tiny_tokenizer(), L, "\n")))
     assert batch["image"].shape == (4, 3, SIZE, SIZE)
+
+
+def test_a_shard_that_is_not_a_tar_is_counted_named_and_skipped(tmp_path, caplog):
+    """A failed download saved as a shard costs that shard only: counted, named, and the worker goes on."""
+    good = numbered_shards(str(tmp_path), 2, 4)
+    junk = tmp_path / "laion-00001.tar"
+    junk.write_bytes(HTTP_ERROR_BODY)
+    everything = set(_captions(good))
+    for workers in (1, 0):  # a real worker process, then in-process to see the log line
+        cfg = _cfg(
+            [SourceConfig(name="laion", shards=[good[0], str(junk), good[1]])],
+            resampled=False,
+            shuffle_buffer=1,
+            num_workers=workers,
+        )
+        loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+        it = iter(loader)
+        with caplog.at_level(logging.WARNING, logger="mgpt4.data"):
+            ids = [i for _ in range(4) for i in next(it)["sample_id"].tolist()]  # two passes
+        loader.close()
+        assert set(ids) == everything
+        assert loader.stats()["corrupt_shard"] >= 1
+        assert str(junk) in loader.failed_shards()
+    assert "laion-00001.tar (corrupt_shard)" in caplog.text and "not a tar archive" in caplog.text
+
+
+def test_missing_shards_are_announced_at_start_then_skipped_and_counted(tmp_path, caplog):
+    good = numbered_shards(str(tmp_path), 3, 2)
+    gone = [str(tmp_path / "laion-gone-00001.tar"), str(tmp_path / "laion-gone-00003.tar")]
+    shards = [good[0], gone[0], good[1], gone[1], good[2]]
+    cfg = _cfg([SourceConfig(name="laion", shards=shards)], resampled=False, shuffle_buffer=1, batch_size=2)
+    with caplog.at_level(logging.INFO, logger="mgpt4"):
+        build_loader(cfg, tiny_tokenizer(), L, "\n", rank=1, world_size=2)
+    assert "missing" not in caplog.text  # said once, by rank 0
+    with caplog.at_level(logging.WARNING, logger="mgpt4"):
+        loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    warning = [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
+    assert len(warning) == 1, warning
+    assert "data.sources[0].shards: 2 of 5 shard(s) of source 'laion' are missing" in warning[0]
+    assert "laion-gone-00001.tar" in warning[0] and "laion-gone-00003.tar" in warning[0]
+    it = iter(loader)
+    ids = [i for _ in range(6) for i in next(it)["sample_id"].tolist()]  # two passes over the 6 samples
+    assert set(ids) == set(_captions(good))
+    assert loader.stats()["shard_open_failed"] >= 2
+    assert set(gone) <= set(loader.failed_shards())
+
+
+def test_a_source_whose_shards_are_all_damaged_stops_with_one_line(tmp_path):
+    """Not a traceback from the worker: one ValueError line, which the launchers print as
+    `mgpt4: error: ...`."""
+    paths = [tmp_path / "laion-00000.tar", tmp_path / "laion-00001.tar.gz"]
+    paths[0].write_bytes(HTTP_ERROR_BODY)
+    paths[1].write_bytes(gzip_bytes(HTTP_ERROR_BODY))
+    cfg = _cfg([SourceConfig(name="laion", shards=[str(p) for p in paths])], num_workers=1)
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    with pytest.raises(DataSourceError) as e:
+        next(iter(loader))
+    message = str(e.value)
+    assert isinstance(e.value, ValueError)
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
+    assert message.startswith("source 'laion': ") and "laion-00000.tar" in message
+    assert "not a tar archive" in message
+
+
+def test_gzip_shards_feed_batches_and_caption_less_samples_are_counted(tmp_path):
+    plain = numbered_shards(str(tmp_path / "plain"), 1, 4)[0]
+    bare = write_tar(
+        str(tmp_path / "bare.tar"), [(f"nocap{i}", sample_files(f"nocap{i}", None)) for i in range(4)]
+    )
+    shards = []
+    for src, name in ((plain, "laion-00000.tar.gz"), (bare, "laion-00001.tgz")):
+        with open(src, "rb") as f:
+            (tmp_path / name).write_bytes(gzip_bytes(f.read()))
+        shards.append(str(tmp_path / name))
+    cfg = _cfg([SourceConfig(name="laion", shards=shards)], resampled=False, shuffle_buffer=1)
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    it = iter(loader)
+    batches = [next(it) for _ in range(3)]  # three passes: 4 captioned samples each
+    reader = TarReader(plain)
+    captions = {}  # by the id of the sample in the compressed shard
+    while (s := reader.next_sample()) is not None:
+        captions[sample_id(shards[0], s[0])] = s[1]["txt"].decode()
+    for batch in batches:
+        assert set(batch["sample_id"].tolist()) == set(captions)
+        texts = [clean_caption(captions[i]) for i in batch["sample_id"].tolist()]
+        ids, _ = encode_answers(tiny_tokenizer(), texts, "\n", L)
+        assert torch.equal(batch["text_ids"], ids)
+    stats = loader.stats()
+    assert stats["no_caption"] >= 8 and stats["corrupt_shard"] == stats["truncated_shard"] == 0

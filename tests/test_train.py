@@ -210,6 +210,19 @@ def test_data_path_without_shards(tmp_path, cache):
     assert "none of the 4 shard(s) of source 'laion' exist" in out and "/nonexistent/laion/00000.tar" in out
 
 
+def test_a_source_whose_shards_are_all_damaged_stops_with_one_line(tmp_path, cache):
+    """Failed downloads saved as shards: the run stops with mgpt4's one-line error, not a worker traceback."""
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i:05d}.tar").write_bytes(b"<html><body>503 Service Unavailable</body></html>\n" * 60)
+    sources = json.dumps([{"name": "laion", "shards": str(folder / "{00000..00001}.tar")}])
+    out = _fails_before_training(tmp_path, cache, "--set", f"data.sources={sources}")
+    [line] = [ln for ln in out.splitlines() if "mgpt4: error:" in ln]
+    assert line.startswith("mgpt4: error: source 'laion': ") and "00000.tar" in line, line
+    assert "not a tar archive" in line and "<html>" in line
+
+
 def test_global_batch_not_divisible(tmp_path, cache):
     out = _fails_before_training(
         tmp_path, cache, "--set", "train.global_batch_size=5", "--set", "train.grad_accum=2"

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria, TextIteratorStreamer
 
-from mgpt4.images import eval_transform
+from mgpt4.images import eval_transform, to_rgb
 from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.prompts import SEP, Conversation, clean_reply
@@ -65,8 +65,8 @@ def load_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> 
                 raise ImageRejected(
                     f"{name} is {w}x{h} pixels; images up to {limits.max_pixels / 1e6:g} megapixels are accepted"
                 )
-            # Phones store the rotation in EXIF: the model should see the image as the person does.
-            return ImageOps.exif_transpose(img).convert("RGB")
+            # The rules of training and curation (mgpt4.images): EXIF upright, 16-bit, transparency.
+            return to_rgb(img)
     except ImageRejected:
         raise
     except Image.DecompressionBombError:
@@ -119,7 +119,7 @@ class ChatSession:
 
     def set_image(self, source: str | os.PathLike | Image.Image) -> Image.Image:
         """Check, preprocess and encode an image (a path or a PIL image); starts a new conversation."""
-        img = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, self.limits)
+        img = to_rgb(source) if isinstance(source, Image.Image) else load_image(source, self.limits)
         pixels = eval_transform(img, self.model.cfg.vision.image_size).unsqueeze(0)
         with torch.no_grad():
             self.img_embeds = self.model.encode_img(pixels.to(_device_of(self.model.visual_encoder)))

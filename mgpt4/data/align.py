@@ -26,7 +26,7 @@ from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, imag
 from mgpt4.data.workers import WorkerDataset
 
 _TAG_EPOCH, _TAG_CROP, _TAG_HOLDOUT = 21, 22, 23
-# How many missing file names the error lists before it just gives the count.
+# How many entries of one kind of problem the error names before it just gives the count.
 _LIST_MISSING = 20
 
 
@@ -37,11 +37,18 @@ class AlignPair:
     path: str
 
 
+def _listed(items: list[str], limit: int = _LIST_MISSING) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def load_align(root: str) -> list[AlignPair]:
     """Read and check `root/filter_cap.json`; every referenced image must exist under `root/image/`.
 
-    All problems of one kind are reported together, so a broken copy of the data fails before the
-    first step instead of in the middle of an epoch.
+    Every problem of the file is reported in one error (entries that are not objects, ids that are not
+    strings, duplicate ids, empty or non-string captions, missing image files), so one pass over a
+    broken copy of the data fixes it before the first step. Raises FileNotFoundError when images are
+    all that is wrong (a copy still in progress, or data this machine cannot see), ValueError otherwise.
     """
     ann_path = os.path.join(root, "filter_cap.json")
     if not os.path.isdir(root):
@@ -58,28 +65,48 @@ def load_align(root: str) -> list[AlignPair]:
         raise ValueError(
             f'{ann_path}: expected {{"annotations": [{{"image_id": ..., "caption": ...}}, ...]}}'
         )
+    found: list[str] = []  # in file order; duplicate ids and missing images follow
     pairs, missing = [], []
+    where: dict[str, list[int]] = {}
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
-            raise ValueError(f"{ann_path}: annotations[{i}] is {ann!r}, expected an object")
+            found.append(f"annotations[{i}] is {ann!r:.60}, expected an object")
+            continue
         image_id, caption = ann.get("image_id"), ann.get("caption")
-        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or str(image_id) == "":
-            raise ValueError(f"{ann_path}: annotations[{i}].image_id: expected a string, got {image_id!r}")
+        good_id = isinstance(image_id, (str, int)) and not isinstance(image_id, bool) and str(image_id) != ""
+        if not good_id:
+            found.append(f"annotations[{i}].image_id: expected a string, got {image_id!r:.60}")
         if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(
-                f"{ann_path}: annotations[{i}].caption: expected a non-empty string, got {caption!r}"
-            )
+            found.append(f"annotations[{i}].caption: expected a non-empty string, got {caption!r:.60}")
+        if not good_id:
+            continue
+        where.setdefault(str(image_id), []).append(i)
         path = os.path.join(root, "image", f"{image_id}.jpg")
         if not os.path.isfile(path):
             missing.append(f"{image_id}.jpg")
         pairs.append(AlignPair(str(image_id), caption, path))
-    if missing:
-        shown = ", ".join(missing[:_LIST_MISSING])
-        more = f" and {len(missing) - _LIST_MISSING} more" if len(missing) > _LIST_MISSING else ""
-        raise FileNotFoundError(
-            f"cc_sbu_align at {root!r}: {len(missing)} of {len(pairs)} images listed in filter_cap.json "
-            f"are missing from {os.path.join(root, 'image')}: {shown}{more}"
+    found += [
+        f"image_id {k!r} appears {len(v)} times ({', '.join(f'annotations[{i}]' for i in v)})"
+        for k, v in where.items()
+        if len(v) > 1
+    ]
+    missing_line = (
+        f"{len(missing)} of {len(pairs)} images listed in filter_cap.json are missing from "
+        f"{os.path.join(root, 'image')}: {_listed(missing)}"
+    )
+    if found:
+        shown = found[:_LIST_MISSING]
+        if len(found) > _LIST_MISSING:
+            shown.append(f"... and {len(found) - _LIST_MISSING} more")
+        count = len(found) + bool(missing)
+        raise ValueError(
+            "\n  ".join(
+                [f"{ann_path}: {count} problem(s) among {len(anns)} annotations:", *shown]
+                + ([missing_line] if missing else [])
+            )
         )
+    if missing:
+        raise FileNotFoundError(f"cc_sbu_align at {root!r}: {missing_line}")
     return pairs
 
 

@@ -26,7 +26,7 @@ from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
-from mgpt4.data.workers import STATE_KEY, WORKER_KEY, WorkerDataset
+from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset
 
 STATE_VERSION = 1
 
@@ -95,6 +95,8 @@ class Loader:
                 batch = next(dl_iter)
             except StopIteration:
                 return
+            if FATAL_KEY in batch:
+                raise DataSourceError(batch[FATAL_KEY])
             worker = batch.pop(WORKER_KEY)
             state = batch.pop(STATE_KEY)
             prev = self._produced

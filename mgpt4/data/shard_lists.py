@@ -57,3 +57,8 @@ def check_local_shards(urls: Sequence[str], where: str, name: str) -> None:
             f"{where}: none of the {len(local)} shard(s) of source {name!r} exist (first: {local[0]!r}); "
             f"check the path or brace pattern, e.g. --set '{where.replace('[', '.').replace(']', '')}=/data/laion/{{00000..10488}}.tar'"
         )
+
+
+def missing_local_shards(urls: Sequence[str]) -> list[str]:
+    """The local shards (plain paths and file://) that do not exist, in list order."""
+    return [p for p in (local_path(u) for u in urls) if p is not None and not os.path.exists(p)]

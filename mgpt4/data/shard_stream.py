@@ -22,10 +22,10 @@ import torch
 from mgpt4.data.batches import BatchText, image_buffer, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import SkipCounter, sample_caption, sample_image
-from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
+from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards, missing_local_shards
 from mgpt4.data.tar_reader import ShardError, TarReader
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
-from mgpt4.data.workers import WorkerDataset
+from mgpt4.data.workers import DataSourceError, WorkerDataset
 
 log = logging.getLogger("mgpt4.data")
 
@@ -33,11 +33,18 @@ log = logging.getLogger("mgpt4.data")
 _TAG_RESAMPLE, _TAG_EPOCH, _TAG_BLOCK, _TAG_MIX = 11, 12, 13, 14
 # A run of this many shards without one sample means the source is unusable, not unlucky.
 _MAX_BAD_RUN = 100
+# How many absent shards the start-up warning names.
+_NAME_MISSING = 5
 
 
-def source_urls(cfg: DataConfig, rank_count: int, workers: int) -> list[list[str]]:
+def source_urls(cfg: DataConfig, rank_count: int, workers: int, rank: int = 0) -> list[list[str]]:
     """Expanded URL lists per source; checks that the shards exist and that split mode has a shard for
-    every reader (ValueError naming the source otherwise)."""
+    every reader (ValueError naming the source otherwise).
+
+    A source whose local shards are all missing is an error; when only some are, rank 0 says how many
+    and names the first few, and the run trains on the rest (each draw of an absent shard is skipped
+    and counted as `shard_open_failed`).
+    """
     out = []
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}].shards"
@@ -46,8 +53,22 @@ def source_urls(cfg: DataConfig, rank_count: int, workers: int) -> list[list[str
             check_url(url, where)
         check_local_shards(urls, where, cfg.source_names()[i])
         check_readers(cfg, i, urls, rank_count, workers)
+        if rank == 0:
+            warn_missing(urls, where, cfg.source_names()[i])
         out.append(urls)
     return out
+
+
+def warn_missing(urls: Sequence[str], where: str, name: str) -> None:
+    """Log how many of a source's local shards are absent, naming the first few (nothing if none is)."""
+    missing = missing_local_shards(urls)
+    if missing:
+        more = f" and {len(missing) - _NAME_MISSING} more" if len(missing) > _NAME_MISSING else ""
+        log.warning(
+            f"{where}: {len(missing)} of {len(urls)} shard(s) of source {name!r} are missing "
+            f"({', '.join(missing[:_NAME_MISSING])}{more}); training on the other {len(urls) - len(missing)}, "
+            f"each draw of a missing shard is skipped and counted as shard_open_failed"
+        )
 
 
 def check_readers(cfg: DataConfig, index: int, urls: Sequence[str], rank_count: int, workers: int) -> None:
@@ -168,9 +189,9 @@ class ShardStream:
     def _check_bad_run(self, bad_run: list[str], last_error: str) -> None:
         if len(set(bad_run)) >= len(self.urls) or len(bad_run) >= _MAX_BAD_RUN:
             names = ", ".join(sorted(set(bad_run))[:5])
-            raise RuntimeError(
-                f"source {self.name!r}: {len(bad_run)} shard(s) in a row gave no samples ({names}); "
-                f"last error: {last_error}"
+            raise DataSourceError(
+                f"source {self.name!r}: {len(bad_run)} shard draw(s) in a row gave no samples "
+                f"({len(set(bad_run))} shard(s): {names}); last error: {last_error}"
             )
 
     def next(self) -> tuple[tuple, np.ndarray]:
@@ -303,7 +324,7 @@ class ShardDataset(WorkerDataset):
     ):
         super().__init__(cfg.num_workers)
         self.cfg = cfg
-        self.urls = source_urls(cfg, world_size, cfg.num_workers)
+        self.urls = source_urls(cfg, world_size, cfg.num_workers, rank)
         self.text = text
         self.rank = rank
         self.world_size = world_size

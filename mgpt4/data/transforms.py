@@ -6,12 +6,15 @@ coordinates, the JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale when 
 still at least the output size (a DCT-domain downscale, so no extra aliasing), the box is mapped into
 the decoded image, and torch's uint8 antialiased bicubic resize (PIL's kernel, a = -0.5) makes the
 output. Normalisation happens on the device (see feeder.py).
+
+Pixels follow mgpt4.images' rules (EXIF orientation, 16-bit, transparency on white). libjpeg-turbo's
+RGB decode gives exactly PIL's pixels for the JPEGs it takes (8-bit YCbCr, gray or RGB) when they carry
+no EXIF rotation; every other image goes through `mgpt4.images.decode_rgb`.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import math
 import re
 from collections.abc import Sequence
@@ -21,24 +24,24 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 
-from mgpt4.images import CLIP_MEAN, CLIP_STD
+from mgpt4.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_PIXELS,
+    ImageError,
+    decode_rgb,
+    display_size,
+    jpeg_orientation,
+    open_image,
+)
 
 # RandomResizedCrop makes up to 10 attempts of 2 uniforms each, then 2 for the position.
 CROP_UNIFORMS = 22
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
-# PIL refuses images above twice its MAX_IMAGE_PIXELS (decompression bombs); use the same bound.
-MAX_PIXELS = 2 * 89_478_485
-
 _DCT_SCALES = (8, 4, 2)
-
-
-class ImageError(Exception):
-    """A sample's image cannot be used; `reason` is the counter it goes to."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+# The JPEG colour spaces libjpeg-turbo turns into RGB exactly as PIL does.
+_TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")
 
 
 def crop_box(
@@ -97,35 +100,18 @@ def _scaled_box(
     return r0, c0, r1, c1
 
 
-def _pil_decode(data: bytes, k: int) -> np.ndarray:
-    """Fallback for what libjpeg-turbo's RGB path refuses: PNG, WebP, CMYK JPEGs, recoverable damage."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        if k > 1 and img.format == "JPEG":
-            img.draft("RGB", (img.size[0] // k, img.size[1] // k))
-        return np.array(img.convert("RGB"))  # writable, for torch.from_numpy
-    except Exception as e:
-        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
-        raise ImageError(reason, f"{type(e).__name__}: {e}") from e
-
-
 def _image_size(data: bytes) -> tuple[int, int, bool]:
-    """(height, width, is_rgb_jpeg) read from the header only."""
+    """(height, width, libjpeg-turbo decodes it) read from the header only; the size is the image's as
+    shown, after its EXIF orientation."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        return h, w, colorspace in ("YCbCr", "Gray", "RGB")
     except ValueError:
         pass
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        return img.size[1], img.size[0], False
-    except Exception as e:
-        # Without a readable header there is no image to speak of, cut short or not.
-        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from e
+    else:
+        if colorspace in _TURBO_COLORSPACES and jpeg_orientation(data) == 1:
+            return h, w, True
+    w, h = display_size(open_image(data))
+    return h, w, False
 
 
 class ImageTransform:
@@ -168,13 +154,27 @@ class ImageTransform:
         header: tuple[int, int, bool] | None = None,
     ) -> None:
         """Resize the box (top, left, h, w) of the image in original pixels into `out`."""
-        height, width, turbo = header or _image_size(data)
+        header = header or _image_size(data)
+        height = header[0]
         top, left, h, w = box
         k = dct_factor(h, w, self.size, self.dct_margin)
-        pixels = None
+        pixels = self.decode(data, k, header)
+        dec_h, dec_w = pixels.shape[:2]
+        k_eff = max(1, round(height / dec_h))
+        r0, c0, r1, c1 = _scaled_box(top, left, h, w, k_eff, dec_h, dec_w)
+        # A channels-last contiguous crop takes torch's vectorised uint8 resampler (about 2x faster).
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, r0:r1, c0:c1]
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
+        out.copy_(y[0])
+
+    def decode(self, data: bytes, k: int = 1, header: tuple[int, int, bool] | None = None) -> np.ndarray:
+        """Image bytes -> writable uint8 [H, W, 3] RGB by mgpt4.images' rules; a JPEG at 1/k scale
+        (k = 1, 2, 4 or 8; each side rounded up). Raises ImageError with the skip reason."""
+        height, width, turbo = header or _image_size(data)
         if turbo:
             try:
-                pixels = simplejpeg.decode_jpeg(
+                return simplejpeg.decode_jpeg(
                     data,
                     colorspace="RGB",
                     fastdct=self.fast,
@@ -186,17 +186,7 @@ class ImageTransform:
                 if "premature end" in str(e).lower():
                     raise ImageError("truncated_image", str(e)) from e
                 # Recoverable damage: PIL decodes what it can, as the official pipeline does.
-                pixels = None
-        if pixels is None:
-            pixels = _pil_decode(data, k)
-        dec_h, dec_w = pixels.shape[:2]
-        k_eff = max(1, round(height / dec_h))
-        r0, c0, r1, c1 = _scaled_box(top, left, h, w, k_eff, dec_h, dec_w)
-        # A channels-last contiguous crop takes torch's vectorised uint8 resampler (about 2x faster).
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, r0:r1, c0:c1]
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
-        out.copy_(y[0])
+        return np.array(decode_rgb(data, k))  # writable, for torch.from_numpy
 
 
 def image_transform(cfg) -> ImageTransform:

@@ -16,6 +16,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 WORKER_KEY = "_worker"
 STATE_KEY = "_state"
+FATAL_KEY = "_fatal"
+
+
+class DataSourceError(ValueError, RuntimeError):
+    """A source that cannot give a single sample (every shard it reached missing or damaged): a setup to
+    fix, not bad luck, so the run stops with this one line (the launchers print `mgpt4: error: ...`).
+    A ValueError for the launchers' bad-input handling; a RuntimeError as it was before it had a name."""
 
 
 class WorkerDataset(IterableDataset):
@@ -40,7 +47,12 @@ class WorkerDataset(IterableDataset):
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"dataset built for {self.num_workers} workers runs in {info.num_workers}")
         worker = (physical + self.worker_offset) % self.num_workers
-        for batch, state in self.worker_batches(worker, self.start_states.get(worker)):
-            batch[WORKER_KEY] = worker
-            batch[STATE_KEY] = state
-            yield batch
+        try:
+            for batch, state in self.worker_batches(worker, self.start_states.get(worker)):
+                batch[WORKER_KEY] = worker
+                batch[STATE_KEY] = state
+                yield batch
+        except DataSourceError as e:
+            # Raised here, a DataLoader would re-raise it in the trainer with the worker's traceback
+            # folded into the message; handed over as a batch, the loader raises it as the line it is.
+            yield {FATAL_KEY: str(e), WORKER_KEY: worker}
