@@ -20,6 +20,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The official EVA ViT-g builder hard-codes this ratio and takes int(width * ratio) as the MLP width.
 OFFICIAL_VIT_MLP_RATIO = 4.3637
 
+# Without a Q-Former (the official LLaMA-2 MiniGPT-4) this many adjacent ViT patch tokens are
+# concatenated into one image token.
+PATCHES_PER_IMAGE_TOKEN = 4
+
+# The conversation templates `model.text.template` may name (`mgpt4.model.templates` defines them).
+TEMPLATE_NAMES = ("vicuna_v0", "llama2_chat", "chat_template")
+
 
 @dataclass
 class VisionConfig:
@@ -58,23 +65,27 @@ class QFormerConfig:
 
 @dataclass
 class LLMConfig:
-    """LLaMA-family decoder (transformers `LlamaForCausalLM`).
+    """The frozen decoder: any decoder-only Hugging Face causal LM (`mgpt4.model.llm`).
 
-    When `WeightsConfig.llm` names a folder, its `config.json` must agree with these sizes; the
-    loader says which field differs.
+    With `model.weights.llm` set, the architecture and every size come from the folder's config.json:
+    a field left None is read from there, and a field set here must agree with it (the loader names
+    the one that differs; the official presets set their sizes, so a folder of another size is caught).
+    Without a folder (random weights: tests, benchmarks) these fields build a `model_type` model; the
+    sizes are then required, the rest default to LLaMA's values.
     """
 
-    vocab_size: int = 32000
-    hidden_size: int = 5120
-    intermediate_size: int = 13824
-    num_layers: int = 40
-    num_heads: int = 40
+    model_type: str | None = None  # config.json's model_type: llama, mistral, qwen2, ... (random: llama)
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
     num_kv_heads: int | None = None
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    max_position_embeddings: int | None = None
+    rms_norm_eps: float | None = None
+    rope_theta: float | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
 
 @dataclass
@@ -89,15 +100,28 @@ class PrecisionConfig:
 
 @dataclass
 class TextConfig:
-    """How captions and instructions become token sequences (see the reference's forward pass)."""
+    """How captions and instructions become token sequences (see the reference's forward pass), and
+    how the model is talked to (`mgpt4.model.templates`)."""
 
     max_txt_len: int = 32
-    end_sym: str = "\n"
-    # Stage 2 wraps each instruction into this template; an empty list means stage 1 (no prompt).
-    prompt_template: str = "###Human: {} ###Assistant: "
+    # Appended to every answer; None: the end of a reply in `template` ("###" for vicuna_v0, "</s>"
+    # for llama2_chat, the tokenizer's EOS token for chat_template).
+    end_sym: str | None = "\n"
+    # Stage 2 wraps each instruction into this ("...{}..."); None: the instruction form of `template`.
+    prompt_template: str | None = None
+    # An empty list means stage 1 (no prompt).
     instructions: list[str] = field(default_factory=list)
     # Pad every answer to max_txt_len so that every batch has the same shapes (CUDA-graph friendly).
     pad_to_max_len: bool = True
+    # The conversation of chat, the demo and generated samples: vicuna_v0, llama2_chat, or
+    # chat_template (the chat template the LLM folder's tokenizer brings).
+    template: str = "vicuna_v0"
+    # BOS before the first text: true needs one, false never adds it, None adds the tokenizer's when
+    # it has one (Qwen2's has none).
+    add_bos: bool | None = None
+    # Text that ends a reply besides EOS; None: the template's (`###` for the official two, as in the
+    # official demo; none for chat_template).
+    stop: list[str] | None = None
 
 
 @dataclass
@@ -107,7 +131,7 @@ class WeightsConfig:
     eva_vit: str | None = None  # eva_vit_g.pth
     blip2: str | None = None  # blip2_pretrained_flant5xxl.pth: ln_vision, Q-Former, query tokens
     blip2_hf: str | None = None  # a Hugging Face BLIP-2 folder, instead of the two above
-    llm: str | None = None  # a Hugging Face LLaMA/Vicuna folder (weights and tokenizer)
+    llm: str | None = None  # a Hugging Face decoder folder (config.json, weights and tokenizer)
     tokenizer: str | None = None  # defaults to `llm`
     proj: str | None = None  # a MiniGPT-4 checkpoint holding llama_proj.*
 
@@ -115,7 +139,9 @@ class WeightsConfig:
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # None: no Q-Former, as the official LLaMA-2 MiniGPT-4. The ViT tokens (CLS dropped) are then
+    # concatenated 4 by 4 into the image tokens: 256 x 1408 -> 64 x 5632 at 224 px.
+    qformer: QFormerConfig | None = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -136,15 +162,23 @@ class ModelConfig:
             )
         if v.width % v.heads:
             raise ConfigError(f"model.vision.width: {v.width} is not divisible by heads {v.heads}")
-        if self.qformer.width % self.qformer.heads:
+        q = self.qformer
+        if q is not None and q.width % q.heads:
+            raise ConfigError(f"model.qformer.width: {q.width} is not divisible by heads {q.heads}")
+        if q is None and (v.num_tokens - 1) % PATCHES_PER_IMAGE_TOKEN:
             raise ConfigError(
-                f"model.qformer.width: {self.qformer.width} is not divisible by heads {self.qformer.heads}"
+                f"model.qformer is null, so every {PATCHES_PER_IMAGE_TOKEN} ViT patch tokens become one "
+                f"image token, but model.vision gives {v.num_tokens - 1} patches"
             )
-        if self.llm.hidden_size % self.llm.num_heads:
+        m = self.llm
+        if m.hidden_size is not None and m.num_heads is not None and m.hidden_size % m.num_heads:
             raise ConfigError(
-                f"model.llm.hidden_size: {self.llm.hidden_size} is not divisible by num_heads {self.llm.num_heads}"
+                f"model.llm.hidden_size: {m.hidden_size} is not divisible by num_heads {m.num_heads}"
             )
-        if self.text.instructions and "{}" not in self.text.prompt_template:
+        t = self.text
+        if t.template not in TEMPLATE_NAMES:
+            raise ConfigError(f"model.text.template: expected one of {TEMPLATE_NAMES}, got {t.template!r}")
+        if t.instructions and t.prompt_template is not None and "{}" not in t.prompt_template:
             raise ConfigError("model.text.prompt_template: must contain '{}' where the instruction goes")
         for i, ins in enumerate(self.text.instructions):
             if ins.count("<ImageHere>") != 1:

@@ -15,16 +15,19 @@ import torch
 
 
 def load_tokenizer(path: str):
-    """Load a LLaMA sentencepiece tokenizer from a local folder; pad is eos, as in the official code."""
+    """Load the tokenizer of a local Hugging Face folder; pad is eos, as in the official code.
+
+    Special-token text in captions and prompts becomes the token's id (a literal `</s>` is EOS, `<s>`
+    BOS), as with the official slow LLaMA tokenizer; the official Llama-2 recipe ends answers that way.
+    A BOS token is optional (Qwen2's tokenizers have none; `model.text.add_bos` decides); EOS is not.
+    """
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (expected a Hugging Face folder)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tok.bos_token_id is None or tok.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer in {path!r} has no bos/eos token; expected a LLaMA sentencepiece tokenizer"
-        )
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, split_special_tokens=False)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer in {path!r} has no EOS token; answers and replies need one to end")
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok

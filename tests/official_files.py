@@ -29,15 +29,10 @@ def read_manifest(name: str, variant: str | None = None) -> list[tuple[str, list
 
 def dim_map(cfg: ModelConfig) -> dict[int, int]:
     v, q = cfg.vision, cfg.qformer
-    return {
-        1408: v.width,
-        6144: v.resolved_mlp_dim(),
-        4224: 3 * v.width,
-        257: v.num_tokens,
-        768: q.width,
-        3072: q.ffn_dim,
-        32: q.num_query_tokens,
-    }
+    dims = {1408: v.width, 6144: v.resolved_mlp_dim(), 4224: 3 * v.width, 257: v.num_tokens}
+    if q is not None:  # the LLaMA-2 variant has no Q-Former
+        dims.update({768: q.width, 3072: q.ffn_dim, 32: q.num_query_tokens})
+    return dims
 
 
 def _layer_ok(key: str, pattern: str, depth: int) -> bool:

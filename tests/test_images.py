@@ -133,6 +133,11 @@ class _Capture:
         self.pixels = pixels
         return pixels
 
+    def new_conversation(self):
+        from mgpt4.model.prompts import Conversation
+
+        return Conversation()
+
 
 def _levels(normalised: torch.Tensor) -> torch.Tensor:
     """CLIP-normalised pixels back to 0-255 levels."""

@@ -79,7 +79,7 @@ def run(args, cfg, d, model, engine) -> None:
     gen = torch.Generator().manual_seed(d.rank)
     images = torch.randint(0, 256, (micro, 3, size, size), dtype=torch.uint8, generator=gen)
     images = ((images.float() / 255 - 0.45) / 0.27).to(d.device, dtype)
-    ids = torch.randint(3, cfg.model.llm.vocab_size, (micro, length), generator=gen).to(d.device)
+    ids = torch.randint(3, model.llm.config.vocab_size, (micro, length), generator=gen).to(d.device)
     mask = torch.ones_like(ids)
     model.train()
 

@@ -32,7 +32,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eva-vit", help="eva_vit_g.pth")
     g.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth (ln_vision, Q-Former, query tokens)")
     g.add_argument("--blip2-hf", help="a Hugging Face BLIP-2 folder instead of --eva-vit/--blip2")
-    g.add_argument("--llm", help="a Hugging Face LLaMA/Vicuna folder")
+    g.add_argument(
+        "--llm",
+        help="a Hugging Face decoder folder (Vicuna, Llama 2/3, Mistral, Qwen2, ...; sizes from its config.json)",
+    )
     g.add_argument("--proj", help="a MiniGPT-4 checkpoint holding llama_proj (e.g. pretrained_minigpt4.pth)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     g.add_argument(

@@ -6,15 +6,13 @@ or the vision path on the CPU while the LLM is on the GPU: the official low-reso
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
 from mgpt4.chat.flags import model_config_from_args
 from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, from_config, load_weights
-from mgpt4.model.llm import llm_config_mismatches
+from mgpt4.model.llm import llm_config_mismatches, read_llm_folder_config
 from mgpt4.model.loading import WeightsError
 
 
@@ -40,8 +38,11 @@ VISION_PARTS = ("visual_encoder", "ln_vision", "qformer", "llama_proj")
 
 def _move_vision(model: MiniGPT4, device: torch.device, dtype: torch.dtype | None = None) -> None:
     for name in VISION_PARTS:
-        getattr(model, name).to(device=device, dtype=dtype)
-    model.query_tokens.data = model.query_tokens.data.to(device=device, dtype=dtype)
+        part = getattr(model, name)
+        if part is not None:  # no Q-Former in the LLaMA-2 variant
+            part.to(device=device, dtype=dtype)
+    if model.query_tokens is not None:
+        model.query_tokens.data = model.query_tokens.data.to(device=device, dtype=dtype)
 
 
 def place_vision(model: MiniGPT4, device: str | torch.device) -> None:
@@ -73,10 +74,9 @@ def _from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise SystemExit("--llm-8bit needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        problems = llm_config_mismatches(cfg.llm, json.load(f))
+    problems = llm_config_mismatches(cfg.llm, read_llm_folder_config(folder))
     if problems:
         raise WeightsError(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
     model = build_model(cfg)  # the LLM stays on the meta device: its weights come from the folder below
@@ -87,7 +87,7 @@ def _from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
         cfg.weights.llm = folder
     # int8 matmuls compute in half precision; fp32 would only cost memory.
     half = DTYPES[cfg.precision.llm] if cfg.precision.llm != "fp32" else torch.float16
-    model.llm = LlamaForCausalLM.from_pretrained(
+    model.llm = AutoModelForCausalLM.from_pretrained(
         folder,
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         dtype=half,

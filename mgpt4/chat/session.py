@@ -1,15 +1,16 @@
 """One person's conversation about one image, shared by the terminal chat and the web demo.
 
 The upload is checked (a readable image within size limits), preprocessed as the official eval
-transform does, and encoded once; each reply then streams from the LLM token by token over the
-Vicuna v0 conversation, with the context cut from the left to `max_context` as in `generate`.
+transform does, and encoded once; each reply then streams from the LLM token by token over the conversation template
+that belongs to the model (`model.text.template`: Vicuna v0, Llama-2-Chat or the tokenizer's own),
+with the context cut from the left to `max_context` as in `generate`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 from mgpt4.images import eval_transform, to_rgb
 from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
-from mgpt4.model.prompts import SEP, Conversation, clean_reply
+from mgpt4.model.prompts import SEP, clean_reply
 
 
 class ImageRejected(ValueError):
@@ -92,9 +93,16 @@ class _StopWhenSet(StoppingCriteria):
         )
 
 
-def visible_reply(text: str) -> str:
-    """What to show of a reply still being written: as `clean_reply`, minus a `#` that may start `###`."""
-    return clean_reply(text.split(SEP)[0].rstrip("#"))
+def visible_reply(text: str, stops: Sequence[str] = (SEP,), echo: str | None = "Assistant:") -> str:
+    """What to show of a reply still being written: as `clean_reply`, minus the start of a stop text
+    that may be being written (`#` or `##` of `###`)."""
+    for stop in stops:
+        text = text.split(stop)[0]
+        for n in range(len(stop) - 1, 0, -1):
+            if text.rstrip().endswith(stop[:n]):
+                text = text.rstrip()[:-n]
+                break
+    return clean_reply(text, stops, echo)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -110,7 +118,7 @@ class ChatSession:
         self.model = model
         self.limits = limits
         self.img_embeds: torch.Tensor | None = None
-        self.conversation = Conversation()
+        self.conversation = model.new_conversation()
         self._stop = threading.Event()
 
     @property
@@ -137,7 +145,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation, keep the image; a reply being written stops."""
         self.cancel()
-        self.conversation = Conversation()
+        self.conversation = self.model.new_conversation()
         if self.has_image:
             self.conversation.add_image()
 
@@ -162,7 +170,7 @@ class ChatSession:
             raise ChatError("the question is empty")
         if not self.has_image:
             raise ChatError("there is no image yet: give one first")
-        conv = self.conversation
+        conv, spec = self.conversation, self.model.text_spec
         before = [list(m) for m in conv.messages]
         conv.ask(question)
         prompt = conv.prompt_for_reply()
@@ -186,7 +194,7 @@ class ChatSession:
         try:
             for piece in streamer or ():
                 text += piece
-                partial = visible_reply(text)
+                partial = visible_reply(text, spec.stops, spec.template.echo)
                 if partial and partial != shown:
                     shown = partial
                     yield partial
@@ -198,7 +206,7 @@ class ChatSession:
                 conv.messages = before
             else:
                 # After a reset this is the forgotten conversation: the new one stays clean.
-                conv.add_reply(result.get("reply", visible_reply(text)))
+                conv.add_reply(result.get("reply", visible_reply(text, spec.stops, spec.template.echo)))
         if "error" in result:
             raise result["error"]
         if result["reply"] != shown or not shown:

@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mgpt4.config import TextConfig
 from mgpt4.curate import ranks
 from mgpt4.curate.images import decode_rgb
 from mgpt4.curate.sources import ImageItem, list_images
@@ -71,11 +70,12 @@ class CaptionReport:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-def stage_prompt(text: TextConfig) -> str:
-    """The prompt the model was trained with: stage 2 its first instruction in the template
-    (`###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: `), stage 1 the
-    image alone, which the caption follows directly."""
-    return text.prompt_template.format(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
+def stage_prompt(model: MiniGPT4) -> str:
+    """The prompt the model was trained with: stage 2 its first instruction in the model's template
+    (`###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: ` for Vicuna v0),
+    stage 1 the image alone, which the caption follows directly."""
+    text = model.cfg.text
+    return model.wrap_instruction(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
 
 
 def first_caption(reply: str, end_sym: str) -> str:
@@ -106,8 +106,8 @@ def generate_captions(
     model: MiniGPT4, items: list[ImageItem], cfg: CaptionEvalConfig, rank: int = 0
 ) -> dict[str, dict[str, Any]]:
     """{item id: {"caption", "error"?}} for `items`, generated in batches of `cfg.batch_size`."""
-    text = model.cfg.text
-    prompt = cfg.prompt or stage_prompt(text)
+    end_sym = model.text_spec.end_sym  # the template's when the config leaves it to it
+    prompt = cfg.prompt or stage_prompt(model)
     device = next(model.llama_proj.parameters()).device
     loader = DataLoader(
         _Images(items, model.cfg.vision.image_size),
@@ -126,7 +126,7 @@ def generate_captions(
             if good:
                 replies = model.generate(torch.stack([t for _, t in good]).to(device), prompt, cfg.decoding)
                 for (i, _), reply in zip(good, replies):
-                    out[items[i].id] = {"caption": first_caption(reply, text.end_sym)}
+                    out[items[i].id] = {"caption": first_caption(reply, end_sym)}
             bar.update(len(batch))
     return out
 
@@ -196,7 +196,7 @@ def _score_and_write(
         "unreadable_images": len(report.unreadable_images),
         "checkpoint": cfg.checkpoint,
         "step": cfg.step,
-        "prompt": cfg.prompt or (stage_prompt(model.cfg.text) if model is not None else None),
+        "prompt": cfg.prompt or (stage_prompt(model) if model is not None else None),
         "decoding": asdict(cfg.decoding),
         "references": os.path.abspath(cfg.references),
     }

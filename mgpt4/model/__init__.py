@@ -24,7 +24,8 @@ __all__ = [
 
 
 def build_model(cfg: ModelConfig, tokenizer=None, device: str | None = None) -> MiniGPT4:
-    """Step 1: every part from the config with random weights (no file or network access)."""
+    """Step 1: every part from the config with random weights (no network access; of the files, only
+    the LLM folder's config.json and tokenizer are read: they give the LLM's architecture and sizes)."""
     if tokenizer is None and (cfg.weights.tokenizer or cfg.weights.llm):
         tokenizer = load_tokenizer(cfg.weights.tokenizer or cfg.weights.llm)
     return MiniGPT4(cfg, tokenizer=tokenizer, device=device)

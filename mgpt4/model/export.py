@@ -39,14 +39,18 @@ def save_official_files(model: MiniGPT4, root: str) -> WeightsConfig:
     os.makedirs(root, exist_ok=True)
     w = WeightsConfig(
         eva_vit=os.path.join(root, "eva_vit_g.pth"),
-        blip2=os.path.join(root, "blip2_pretrained.pth"),
+        # Without a Q-Former (the LLaMA-2 variant) there is no BLIP-2 file: ln_vision stays fresh.
+        blip2=os.path.join(root, "blip2_pretrained.pth") if model.qformer is not None else None,
         llm=os.path.join(root, "llm"),
     )
     torch.save({k: v.detach().clone() for k, v in model.visual_encoder.state_dict().items()}, w.eva_vit)
-    blip2 = {"query_tokens": model.query_tokens.detach().clone()}
-    blip2.update({f"ln_vision.{k}": v.detach().clone() for k, v in model.ln_vision.state_dict().items()})
-    blip2.update({lavis_qformer_key(k): v.detach().clone() for k, v in model.qformer.state_dict().items()})
-    torch.save({"model": blip2}, w.blip2)
+    if w.blip2 is not None:
+        blip2 = {"query_tokens": model.query_tokens.detach().clone()}
+        blip2.update({f"ln_vision.{k}": v.detach().clone() for k, v in model.ln_vision.state_dict().items()})
+        blip2.update(
+            {lavis_qformer_key(k): v.detach().clone() for k, v in model.qformer.state_dict().items()}
+        )
+        torch.save({"model": blip2}, w.blip2)
     model.llm.save_pretrained(w.llm)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(w.llm)

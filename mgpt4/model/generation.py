@@ -1,5 +1,5 @@
 """How replies are decoded: one settings dataclass for generation, chat, the demo and curation, and
-the stop on `###` of the official conversation template.
+the stop on the template's stop text (`###` in the official templates) and on EOS.
 
 The defaults are the official demo's (`Chat.answer` in MiniGPT-4's `conversation.py`): sampling at
 temperature 1.0 with top_p 0.9, 300 new tokens, one beam, no repetition penalty, the context cut
@@ -11,6 +11,7 @@ tool spells and documents them the same way.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,18 +89,34 @@ class GenerationSettings:
 GREEDY = GenerationSettings(sample=False)
 
 
-def stop_sequences(tokenizer) -> list[list[int]]:
-    """Token sequences of `###` that end a reply: `▁###` and `##` `#` for LLaMA ([835], [2277, 29937])."""
-    seqs = [tokenizer(SEP, add_special_tokens=False)["input_ids"]]
-    unk = tokenizer.unk_token_id
-    pair = tokenizer.convert_tokens_to_ids(["##", "#"])
-    if unk not in pair and None not in pair:
-        seqs.append(pair)
+def stop_sequences(tokenizer, stops: Sequence[str] = (SEP,)) -> list[list[int]]:
+    """Token sequences that end a reply, for each stop text: the text on its own, and the text right
+    after a word. For `###` and LLaMA these are the official demo's stop words, `▁###` [835] and
+    `##` `#` [2277, 29937]."""
+    seqs = []
+    for stop in stops:
+        seqs.append(tokenizer(stop, add_special_tokens=False)["input_ids"])
+        # After a word the stop text may split differently (no leading-space piece).
+        word = tokenizer("a", add_special_tokens=False)["input_ids"]
+        joined = tokenizer("a" + stop, add_special_tokens=False)["input_ids"]
+        if joined[: len(word)] == word:
+            seqs.append(joined[len(word) :])
     unique: list[list[int]] = []
     for s in seqs:
         if s and s not in unique:
             unique.append(s)
     return unique
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends generation: the tokenizer's EOS and those of the LLM's generation config
+    (Llama 3 Instruct ends turns with `<|eot_id|>`, which only the latter names)."""
+    ids: list[int] = []
+    extra = getattr(generation_config, "eos_token_id", None)
+    for i in [tokenizer.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
 
 
 class StopOnSequences(StoppingCriteria):

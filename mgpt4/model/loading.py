@@ -8,7 +8,6 @@ else raises `WeightsError` naming the file, the key and both shapes. There is no
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pickle
 import re
@@ -17,10 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mgpt4.config import DTYPES
-from mgpt4.model.llm import llm_config_mismatches
+from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN
+from mgpt4.model.errors import WeightsError
+from mgpt4.model.llm import llm_config_mismatches, read_llm_folder_config
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import interpolate_pos_embed
+
+__all__ = ["WeightsError", "load_weights"]
 
 # Keys of the BLIP-2 stage-1 checkpoint that MiniGPT-4 does not use.
 BLIP2_IGNORED = (
@@ -51,10 +53,6 @@ PROJ_IGNORED = (
 
 # LLM size by hidden width, to say which model a projection was made for.
 LLM_SIZES = {4096: "LLaMA/Vicuna-7B", 5120: "LLaMA/Vicuna-13B", 6656: "LLaMA-33B", 8192: "LLaMA-65B/70B"}
-
-
-class WeightsError(ValueError):
-    """A weight file does not fit the model; the message lists every problem found."""
 
 
 def _describe_width(width: int) -> str:
@@ -205,8 +203,18 @@ def rename_blip2(key: str) -> str | None:
     return "qformer." + k
 
 
+def refuse_without_qformer(model: MiniGPT4, field: str) -> None:
+    if model.qformer is None:
+        raise WeightsError(
+            f"model.weights.{field} is set, but model.qformer is null: this model has no Q-Former (the "
+            f"LLaMA-2 variant), and its ln_vision stays freshly initialised as in the official code, so "
+            f"no BLIP-2 file is read. Unset model.weights.{field}, or give model.qformer sizes."
+        )
+
+
 def load_blip2(model: MiniGPT4, path: str) -> list[str]:
     """ln_vision, the Q-Former and the query tokens from `blip2_pretrained_flant5xxl.pth`."""
+    refuse_without_qformer(model, "blip2")
     sd = _unwrap_model(read_checkpoint(path), path)
     return load_mapped(model, QFORMER_PREFIXES, sd, path, rename_blip2, BLIP2_IGNORED)
 
@@ -284,6 +292,7 @@ def read_hf_state(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Ten
 
 def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
     """ViT, ln_vision, Q-Former and query tokens from a Hugging Face BLIP-2 folder."""
+    refuse_without_qformer(model, "blip2_hf")
     sd = read_hf_state(folder, ("vision_model.", "qformer.", "query_tokens"))
     sd = split_hf_qkv_bias(sd, model.cfg.vision.width, folder)
     depth = model.cfg.vision.depth
@@ -297,11 +306,33 @@ def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
 # MiniGPT-4 checkpoint: llama_proj
 
 
+def _describe_variants(cfg, file_width: int) -> dict[int, str]:
+    """The projection input width of each MiniGPT-4 variant at this model's sizes, named."""
+    vision = cfg.vision.width * PATCHES_PER_IMAGE_TOKEN
+    out = {
+        vision: f"the LLaMA-2 variant (no Q-Former: {PATCHES_PER_IMAGE_TOKEN} ViT tokens of width "
+        f"{cfg.vision.width} concatenated, input {vision})"
+    }
+    # Without Q-Former sizes in the config, any other width is taken for a Q-Former's (768 in BLIP-2).
+    q_width = cfg.qformer.width if cfg.qformer is not None else (file_width if file_width != vision else 768)
+    out.setdefault(q_width, f"the Q-Former variant (Vicuna MiniGPT-4: Q-Former queries, input {q_width})")
+    return out
+
+
 def load_proj(model: MiniGPT4, path: str) -> list[str]:
     """`llama_proj.*` from a MiniGPT-4 checkpoint (`{"model": {...}}`); known buffers are tolerated."""
     sd = _unwrap_model(read_checkpoint(path), path)
     w = sd.get("llama_proj.weight")
     expected = model.llama_proj.weight.shape
+    if w is not None and w.ndim == 2 and w.shape[1] != expected[1]:
+        variants = _describe_variants(model.cfg, w.shape[1])
+        made_for = variants.get(w.shape[1], f"a model whose image tokens have width {w.shape[1]}")
+        this = variants.get(expected[1], f"image tokens of width {expected[1]}")
+        raise WeightsError(
+            f"{path}: key 'llama_proj.weight' has shape {list(w.shape)}, made for {made_for}, but this "
+            f"model is {this} and expects {list(expected)}. Set model.qformer to match the checkpoint "
+            f"(null for the LLaMA-2 variant), or use the projection made for this variant."
+        )
     if w is not None and w.ndim == 2 and w.shape[0] != expected[0]:
         raise WeightsError(
             f"{path}: key 'llama_proj.weight' has shape {list(w.shape)}, made for an LLM with "
@@ -318,20 +349,15 @@ def load_proj(model: MiniGPT4, path: str) -> list[str]:
 
 
 def load_llm(model: MiniGPT4, folder: str) -> None:
-    """Replace the (meta) LLM with the Hugging Face folder's weights; sizes must match the config."""
-    from transformers import LlamaForCausalLM
+    """Replace the (meta) LLM with the Hugging Face folder's weights, whatever decoder it holds
+    (`AutoModelForCausalLM`); sizes set in `model.llm` must match its config.json."""
+    from transformers import AutoModelForCausalLM
 
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(
-            f"LLM folder {folder!r} has no config.json (expected a Hugging Face LLaMA folder)"
-        )
-    with open(cfg_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
-    problems = llm_config_mismatches(model.cfg.llm, hf_config)
+    # Every field that differs is named before any weight is read.
+    problems = llm_config_mismatches(model.cfg.llm, read_llm_folder_config(folder))
     if problems:
         raise WeightsError(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
-    llm, info = LlamaForCausalLM.from_pretrained(
+    llm, info = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=DTYPES[model.cfg.precision.llm],
         attn_implementation=model.cfg.attn_implementation,
@@ -340,7 +366,7 @@ def load_llm(model: MiniGPT4, folder: str) -> None:
     )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
-        raise WeightsError(f"{folder}: LLM weights do not fit LlamaForCausalLM: {bad}")
+        raise WeightsError(f"{folder}: LLM weights do not fit {type(llm).__name__}: {bad}")
     model.llm = llm
 
 

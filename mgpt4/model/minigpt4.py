@@ -1,8 +1,10 @@
-"""MiniGPT-4: frozen EVA ViT -> ln_vision -> frozen Q-Former -> trainable llama_proj -> frozen LLaMA.
+"""MiniGPT-4: frozen EVA ViT -> ln_vision -> frozen Q-Former -> trainable llama_proj -> frozen LLM.
 
 Single-device model code: no DeepSpeed, no ranks. The forward pass follows the official
 MiniGPT-4 (see shared/reference/README.md, "The forward pass"):
 `[BOS] [prompt before <ImageHere>] [32 image embeddings] [prompt after] [answer + end_sym] [pad]`.
+Without a Q-Former (`model.qformer: null`, the official LLaMA-2 variant) the image embeddings are
+the ViT's patch tokens concatenated 4 by 4; the LLM is any Hugging Face decoder (`mgpt4.model.llm`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,22 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mgpt4.config import DTYPES, ModelConfig
-from mgpt4.model.generation import GREEDY, GenerationSettings, StopOnSequences, stop_sequences
-from mgpt4.model.llm import build_llm, llama_config
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER, clean_reply
+from mgpt4.model.generation import (
+    GREEDY,
+    GenerationSettings,
+    StopOnSequences,
+    eos_token_ids,
+    stop_sequences,
+)
+from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
-from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
+from mgpt4.model.templates import TextSpec, resolve_text
+from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens, image_token_shape
 from mgpt4.tokenizer import encode_answers
 
 IGNORE_INDEX = -100
@@ -31,8 +40,9 @@ class MiniGPT4(nn.Module):
     """Build with random weights from a config; `mgpt4.model.loading` fills in the official weights.
 
     `device="meta"` builds every part without memory (for shape checks and partitioned loading).
-    When `cfg.weights.llm` names a folder, the LLM is built on the meta device: its weights come
-    from that folder in the load step, so a 13B model is never initialised twice.
+    When `cfg.weights.llm` names a folder, the LLM is built on the meta device from the folder's
+    config.json: its weights come from that folder in the load step, so a 13B model is never
+    initialised twice, and its width (the projection's output) is the folder's.
     """
 
     def __init__(
@@ -46,26 +56,36 @@ class MiniGPT4(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+        # The folder's config.json when there is a folder; the load step checks it against cfg.llm.
+        hf_llm = resolve_llm_config(cfg, check=False)
+        n_img, img_width = image_token_shape(cfg)
         with ctx:
             self.visual_encoder = build_eva_vit(cfg.vision)
+            # Without a Q-Former no file provides ln_vision: it stays freshly initialised (weight 1,
+            # bias 0), as in the official LLaMA-2 variant.
             self.ln_vision = FP32LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
-            self.qformer = build_qformer(cfg.qformer, encoder_width=cfg.vision.width)
-            self.query_tokens = nn.Parameter(torch.zeros(1, cfg.qformer.num_query_tokens, cfg.qformer.width))
-            nn.init.normal_(self.query_tokens, std=0.02)
-            self.llama_proj = nn.Linear(cfg.qformer.width, cfg.llm.hidden_size)
+            self.qformer = self.query_tokens = None
+            if cfg.qformer is not None:
+                self.qformer = build_qformer(cfg.qformer, encoder_width=cfg.vision.width)
+                self.query_tokens = nn.Parameter(torch.zeros(1, n_img, img_width))
+                nn.init.normal_(self.query_tokens, std=0.02)
+            self.llama_proj = nn.Linear(img_width, hf_llm.hidden_size)
         if cfg.weights.llm is not None and device is None:
             # Only a skeleton: the load step replaces it with the folder's weights.
             with torch.device("meta"):
-                self.llm = LlamaForCausalLM(llama_config(cfg.llm, cfg.attn_implementation))
+                self.llm = llm_class(hf_llm)(hf_llm)
         else:
             with ctx:
-                self.llm = build_llm(cfg.llm, cfg.attn_implementation, DTYPES[cfg.precision.llm])
+                self.llm = build_llm(hf_llm, dtype=DTYPES[cfg.precision.llm])
         p = cfg.precision
         self.visual_encoder.to(DTYPES[p.vit])
-        self.qformer.to(DTYPES[p.qformer])
-        self.query_tokens.data = self.query_tokens.data.to(DTYPES[p.qformer])
+        if self.qformer is not None:
+            self.qformer.to(DTYPES[p.qformer])
+            self.query_tokens.data = self.query_tokens.data.to(DTYPES[p.qformer])
         self.llama_proj.to(DTYPES[p.proj])
+        self.num_image_tokens = n_img
         self._segment_cache: dict[str, list[int]] = {}
+        self._text: tuple[object, TextSpec] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Modes
@@ -79,10 +99,9 @@ class MiniGPT4(nn.Module):
         return self
 
     def _vision_needs_grad(self) -> bool:
-        return self.query_tokens.requires_grad or any(
-            p.requires_grad
-            for m in (self.visual_encoder, self.ln_vision, self.qformer)
-            for p in m.parameters()
+        parts = [m for m in (self.visual_encoder, self.ln_vision, self.qformer) if m is not None]
+        return (self.query_tokens is not None and self.query_tokens.requires_grad) or any(
+            p.requires_grad for m in parts for p in m.parameters()
         )
 
     def enable_gradient_checkpointing(self) -> None:
@@ -98,7 +117,11 @@ class MiniGPT4(nn.Module):
     # Images
 
     def encode_img(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B,3,S,S] -> LLM input embeddings [B, num_query_tokens, llm hidden]."""
+        """Normalised images [B,3,S,S] -> LLM input embeddings [B, num_image_tokens, llm hidden].
+
+        The image tokens are the Q-Former's queries, or without a Q-Former the ViT's patch tokens
+        concatenated 4 by 4 (official LLaMA-2 variant: 256 x 1408 -> 64 x 5632 at 224 px).
+        """
         # The frozen vision path runs without autograd: no activations are kept for it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
             # The vision path may sit on another device than the LLM (chat's --vision-device cpu).
@@ -106,13 +129,16 @@ class MiniGPT4(nn.Module):
             feats = self.ln_vision(
                 self.visual_encoder.forward_features(image.to(device=w.device, dtype=w.dtype))
             )
-            q_dtype = self.query_tokens.dtype
-            queries = self.query_tokens.expand(feats.shape[0], -1, -1)
-            feats = feats.to(q_dtype)
-            atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=feats.device)
-            out = self.qformer(
-                query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=atts
-            ).last_hidden_state
+            if self.qformer is None:
+                out = concat_patch_tokens(feats)
+            else:
+                q_dtype = self.query_tokens.dtype
+                queries = self.query_tokens.expand(feats.shape[0], -1, -1)
+                feats = feats.to(q_dtype)
+                atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=feats.device)
+                out = self.qformer(
+                    query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=atts
+                ).last_hidden_state
         img = self.llama_proj(out.to(self.llama_proj.weight.dtype))
         table = self.llm.get_input_embeddings().weight
         return img.to(device=table.device, dtype=table.dtype)
@@ -125,6 +151,24 @@ class MiniGPT4(nn.Module):
             raise RuntimeError("this MiniGPT4 has no tokenizer: pass tokenizer= when building it")
         return self.tokenizer
 
+    @property
+    def text_spec(self) -> TextSpec:
+        """`cfg.text` resolved against the tokenizer: templates, end_sym, BOS and stop text."""
+        if self._text is None or self._text[0] is not self.tokenizer:
+            spec = resolve_text(self.cfg.text, self.tokenizer, self.llm.config.bos_token_id)
+            self._text = (self.tokenizer, spec)
+        return self._text[1]
+
+    def bos_prefix(self, first_ids: Sequence[int]) -> list[int]:
+        """[BOS] before a sequence whose first segment has `first_ids`, unless that already starts with
+        it (chat templates such as Llama 3's write their own) or no BOS is added (`cfg.text.add_bos`)."""
+        bos = self.text_spec.bos_id
+        return [] if bos is None or (first_ids and first_ids[0] == bos) else [bos]
+
+    def new_conversation(self) -> Conversation:
+        """An empty conversation in the template that belongs to this model."""
+        return Conversation(self.text_spec.template)
+
     def segment_ids(self, text: str) -> list[int]:
         # Prompt segments repeat every step; tokenizing them once keeps the tokenizer off the hot path.
         if text not in self._segment_cache:
@@ -136,13 +180,13 @@ class MiniGPT4(nn.Module):
         t = self.cfg.text
         if not t.instructions:
             return None
-        return t.prompt_template.format(random.choice(t.instructions))
+        return self.text_spec.instruction.format(random.choice(t.instructions))
 
     def wrap_instruction(self, instruction: str) -> str:
         """An instruction such as `<Img><ImageHere></Img> What is this?` wrapped in the template."""
         if instruction.count(IMAGE_PLACEHOLDER) != 1:
             raise ValueError(f"instruction must contain {IMAGE_PLACEHOLDER!r} once, got {instruction!r}")
-        return self.cfg.text.prompt_template.format(instruction)
+        return self.text_spec.instruction.format(instruction)
 
     def build_inputs(
         self,
@@ -155,7 +199,8 @@ class MiniGPT4(nn.Module):
         bsz, n_img, _ = img_embeds.shape
         device = img_embeds.device
         before, after = prompt.split(IMAGE_PLACEHOLDER) if prompt else ("", "")
-        prefix = [self.cfg.llm.bos_token_id] + (self.segment_ids(before) if before else [])
+        before_ids = self.segment_ids(before) if before else []
+        prefix = self.bos_prefix(before_ids) + before_ids
         suffix = self.segment_ids(after) if after else []
         ctx_ids = torch.tensor(prefix + suffix, dtype=torch.long, device=device).expand(bsz, -1)
         text_ids = text_ids.to(device)
@@ -214,7 +259,7 @@ class MiniGPT4(nn.Module):
             raise ValueError("one instruction per batch: the batch's instruction indices differ")
         if not 0 <= first < len(t.instructions):
             raise ValueError(f"instruction index {first} is outside the {len(t.instructions)} instructions")
-        return t.prompt_template.format(t.instructions[first])
+        return self.text_spec.instruction.format(t.instructions[first])
 
     def loss(
         self,
@@ -230,7 +275,7 @@ class MiniGPT4(nn.Module):
         """
         t = self.cfg.text
         pad = t.pad_to_max_len if pad_to_max_len is None else pad_to_max_len
-        ids, mask = encode_answers(self._tok(), list(captions), t.end_sym, t.max_txt_len, pad)
+        ids, mask = encode_answers(self._tok(), list(captions), self.text_spec.end_sym, t.max_txt_len, pad)
         prompt = self.wrap_instruction(instruction) if instruction is not None else None
         return self.forward(images, ids, mask, prompt).loss
 
@@ -249,7 +294,8 @@ class MiniGPT4(nn.Module):
         embed = self.llm.get_input_embeddings()
         parts: list[torch.Tensor] = []
         for i, seg in enumerate(segments):
-            ids = ([self.cfg.llm.bos_token_id] if i == 0 else []) + (self.segment_ids(seg) if seg else [])
+            ids = self.segment_ids(seg) if seg else []
+            ids = self.bos_prefix(ids) + ids if i == 0 else ids
             if ids:
                 parts.append(embed(torch.tensor(ids, device=device)).unsqueeze(0).expand(bsz, -1, -1))
             if i < len(images):
@@ -264,7 +310,8 @@ class MiniGPT4(nn.Module):
         settings: GenerationSettings | None = None,
         **kwargs,
     ) -> list[str]:
-        """Replies (text before the first `###`) for a prompt with `<ImageHere>` placeholders.
+        """Replies (text before the first stop, `###` in the official templates) for a prompt with
+        `<ImageHere>` placeholders.
 
         `images` are normalised image batches [B,3,S,S], one per placeholder; every row of the batch
         gets the same prompt. `settings` defaults to greedy decoding (`GREEDY`); keyword arguments
@@ -289,7 +336,8 @@ class MiniGPT4(nn.Module):
 
         `prompt` may also be a list, one per row (left-padded into one batch; curation's "Continue"
         turn repeats each row's own answer). Each context is cut from the left to
-        `max_context - max_new_tokens`; `stopping_criteria` are added to the stop on `###`.
+        `max_context - max_new_tokens`; `stopping_criteria` are added to the stop text of the
+        template (`###`) and EOS (the tokenizer's and the LLM's generation config's).
         `fields` change single settings (`max_new_tokens=8`). Raises GenerationError for settings
         out of range.
         """
@@ -311,18 +359,19 @@ class MiniGPT4(nn.Module):
                 for r in rows
             ]
         )
-        tok = self._tok()
+        tok, spec = self._tok(), self.text_spec
         out = self.llm.generate(
             inputs_embeds=embs,
             attention_mask=mask,
             min_length=1,
             stopping_criteria=StoppingCriteriaList(
-                [StopOnSequences(stop_sequences(tok)), *stopping_criteria]
+                [StopOnSequences(stop_sequences(tok, spec.stops)), *stopping_criteria]
             ),
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=eos_token_ids(tok, self.llm.generation_config),
             streamer=streamer,
             synced_gpus=synced_gpus,
             **settings.hf_kwargs(),
         )
-        return [clean_reply(tok.decode(row, skip_special_tokens=True)) for row in out]
+        echo = spec.template.echo
+        return [clean_reply(tok.decode(row, skip_special_tokens=True), spec.stops, echo) for row in out]

@@ -33,8 +33,9 @@ def cache_root() -> str:
 
 def _size_tag(cfg: ModelConfig) -> str:
     v, q, m = cfg.vision, cfg.qformer, cfg.llm
+    qformer = f"q{q.width}x{q.depth}x{q.num_query_tokens}" if q is not None else "noq"
     return (
-        f"v{ASSETS_VERSION}-vit{v.image_size}-{v.patch_size}-{v.width}x{v.depth}-q{q.width}x{q.depth}x{q.num_query_tokens}"
+        f"v{ASSETS_VERSION}-vit{v.image_size}-{v.patch_size}-{v.width}x{v.depth}-{qformer}"
         f"-llm{m.hidden_size}x{m.num_layers}-voc{m.vocab_size}"
     )
 
@@ -44,7 +45,8 @@ def tiny_weights_location(cfg: ModelConfig, seed: int = 0) -> WeightsConfig:
     final = os.path.join(cache_root(), "tiny-weights", f"{_size_tag(cfg)}-seed{seed}")
     return WeightsConfig(
         eva_vit=os.path.join(final, "eva_vit_g.pth"),
-        blip2=os.path.join(final, "blip2_pretrained.pth"),
+        # Without a Q-Former (the LLaMA-2 variant) no BLIP-2 file is made or read.
+        blip2=os.path.join(final, "blip2_pretrained.pth") if cfg.qformer is not None else None,
         llm=os.path.join(final, "llm"),
     )
 
@@ -107,9 +109,10 @@ def fill_demo_paths(cfg: Config) -> list[str]:
             val.shards = list(synthetic.val_shards)
             filled.extend(synthetic.val_shards)
     w = cfg.model.weights
-    if not (w.eva_vit and w.blip2 and w.llm) and not w.blip2_hf:
-        tiny = tiny_weights_location(cfg.model)
-        for name in ("eva_vit", "blip2", "llm"):
+    tiny = tiny_weights_location(cfg.model)
+    names = [n for n in ("eva_vit", "blip2", "llm") if getattr(tiny, n)]
+    if not all(getattr(w, n) for n in names) and not w.blip2_hf:
+        for name in names:
             if not getattr(w, name):
                 setattr(w, name, getattr(tiny, name))
                 filled.append(getattr(tiny, name))
@@ -136,7 +139,7 @@ def ensure_demo_assets(cfg: Config) -> None:
         ]
     )
     tiny = tiny_weights_location(cfg.model)
-    uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm})
+    uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm} - {None})
     missing_tiny = uses_tiny and not os.path.isdir(os.path.dirname(tiny.eva_vit))
     if missing_tiny or any(p.startswith(synthetic.root) for p in data_paths):
         synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)

@@ -133,8 +133,10 @@ class ZeroSetup:
         """With a pre-partitioned LLM the engine skips its own dtype cast, so the other parts are cast here."""
         if self.zero3 and self.dtype != torch.float32:
             for part in (model.visual_encoder, model.ln_vision, model.qformer, model.llama_proj):
-                part.to(self.dtype)
-            model.query_tokens.data = model.query_tokens.data.to(self.dtype)
+                if part is not None:  # no Q-Former in the LLaMA-2 variant
+                    part.to(self.dtype)
+            if model.query_tokens is not None:
+                model.query_tokens.data = model.query_tokens.data.to(self.dtype)
 
 
 def create_engine(model: MiniGPT4, cfg: Config, ds_config: dict[str, Any]):

@@ -1,5 +1,8 @@
 """Model FLOPs per training sample, counted from the config, and device peaks for MFU.
 
+The LLM's sizes are those of the model that trains: its folder's config.json when `model.weights.llm`
+names one (any Hugging Face decoder, grouped-query attention included), else the config's.
+
 Counted: the forward of every part; the backward of the LLM, which computes activation gradients
 only (its weights are frozen, so no weight gradients), to carry the gradient back to the
 projection; and the projection's weight gradient. Recomputation from gradient checkpointing is not
@@ -13,6 +16,8 @@ import time
 import torch
 
 from mgpt4.config import ModelConfig
+from mgpt4.model.llm import LLMSizes, llm_sizes, resolve_llm_config
+from mgpt4.model.vision import image_token_shape
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 DEVICE_PEAK_TFLOPS = {
@@ -44,6 +49,8 @@ def vit_flops(m: ModelConfig) -> float:
 
 def qformer_flops(m: ModelConfig) -> float:
     q, v = m.qformer, m.vision
+    if q is None:  # the LLaMA-2 variant only concatenates ViT tokens
+        return 0.0
     nq, w, n = q.num_query_tokens, q.width, v.num_tokens
     total = 0.0
     for layer in range(q.depth):
@@ -54,17 +61,21 @@ def qformer_flops(m: ModelConfig) -> float:
     return total
 
 
-def llm_forward_flops(m: ModelConfig, seq_len: int) -> float:
-    c = m.llm
-    h, kv = c.hidden_size, (c.num_kv_heads or c.num_heads) * (c.hidden_size // c.num_heads)
-    per_token_layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size)
-    attn = 4 * seq_len * seq_len * h  # QK^T and AV over the full (unmasked-count) square
+def llm_forward_flops(c: LLMSizes, seq_len: int) -> float:
+    h, attn_width = c.hidden_size, c.num_heads * c.head_dim
+    kv = c.num_kv_heads * c.head_dim
+    per_token_layer = 2 * (2 * h * attn_width + 2 * h * kv + 3 * h * c.intermediate_size)
+    attn = 4 * seq_len * seq_len * attn_width  # QK^T and AV over the full (unmasked-count) square
     return c.num_layers * (seq_len * per_token_layer + attn) + 2 * seq_len * h * c.vocab_size
 
 
-def train_flops_per_sample(m: ModelConfig, seq_len: int) -> float:
-    proj = 2 * m.qformer.num_query_tokens * m.qformer.width * m.llm.hidden_size
-    return vit_flops(m) + qformer_flops(m) + 2 * proj + 2 * llm_forward_flops(m, seq_len)
+def train_flops_per_sample(m: ModelConfig, seq_len: int, llm: LLMSizes | None = None) -> float:
+    """FLOPs of one training sample of `seq_len` LLM tokens; `llm` defaults to the sizes of
+    `resolve_llm_config(m)` (the folder's config.json when there is a folder)."""
+    llm = llm or llm_sizes(resolve_llm_config(m))
+    n_img, width = image_token_shape(m)
+    proj = 2 * n_img * width * llm.hidden_size
+    return vit_flops(m) + qformer_flops(m) + 2 * proj + 2 * llm_forward_flops(llm, seq_len)
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:

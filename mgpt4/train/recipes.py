@@ -1,4 +1,6 @@
-"""Named recipes: the official stage-1 / stage-2 hyper-parameters for Vicuna 7B and 13B, and tiny CPU ones.
+"""Named recipes: the official stage-1 / stage-2 hyper-parameters for Vicuna 7B and 13B and for
+Llama-2-Chat 7B (the official `minigpt4_llama2` configs: the same schedules, learning rates, batch
+sizes and source ratios), the same for any Hugging Face decoder, and tiny CPU ones.
 
 A recipe is a function returning the whole typed config tree. Paths to weights and data follow the
 official download layout under `weights/` and `data/`; override them from the command line, e.g.
@@ -11,22 +13,23 @@ from collections.abc import Callable
 
 from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
 from mgpt4.data.config import DataConfig, SourceConfig, ValConfig
-from mgpt4.model.presets import stage1_text, stage2_text, tiny, vicuna7b, vicuna13b
+from mgpt4.model.presets import decoder, llama2_7b, stage1_text, stage2_text, tiny, vicuna7b, vicuna13b
 from mgpt4.train.assets import DEMO_VAL_SAMPLES
 
 
-def _official_weights(llm: str) -> WeightsConfig:
+def _official_weights(llm: str, qformer: bool = True) -> WeightsConfig:
+    # The LLaMA-2 variant has no Q-Former, so no BLIP-2 file: its ln_vision stays fresh.
     return WeightsConfig(
         eva_vit="weights/eva_vit_g.pth",
-        blip2="weights/blip2_pretrained_flant5xxl.pth",
+        blip2="weights/blip2_pretrained_flant5xxl.pth" if qformer else None,
         llm=f"weights/{llm}",
     )
 
 
 def _stage1(model_fn, llm: str, name: str) -> Config:
     model = model_fn()
-    model.text = stage1_text()
-    model.weights = _official_weights(llm)
+    model.text = stage1_text(model.text.template)
+    model.weights = _official_weights(llm, model.qformer is not None)
     return Config(
         recipe=name,
         model=model,
@@ -46,8 +49,8 @@ def _stage1(model_fn, llm: str, name: str) -> Config:
 
 def _stage2(model_fn, llm: str, name: str) -> Config:
     model = model_fn()
-    model.text = stage2_text()
-    model.weights = _official_weights(llm)
+    model.text = stage2_text(model.text.template)
+    model.weights = _official_weights(llm, model.qformer is not None)
     # Stage 2 starts from a stage-1 projection: an mgpt4 export or the official checkpoint.
     model.weights.proj = "weights/stage1_llama_proj.pth"
     return Config(
@@ -73,6 +76,26 @@ def stage2_vicuna13b() -> Config:
 
 def stage2_vicuna7b() -> Config:
     return _stage2(vicuna7b, "vicuna-7b", "stage2_vicuna7b")
+
+
+def stage1_llama2_7b() -> Config:
+    """The official `minigpt4_llama2_stage1_pretrain`: no Q-Former, Llama-2-Chat-7B."""
+    return _stage1(llama2_7b, "Llama-2-7b-chat-hf", "stage1_llama2_7b")
+
+
+def stage2_llama2_7b() -> Config:
+    """The official `minigpt4_llama2_stage2_finetune`: `[INST] {} [/INST] `, answers end with `</s>`."""
+    return _stage2(llama2_7b, "Llama-2-7b-chat-hf", "stage2_llama2_7b")
+
+
+def stage1_decoder() -> Config:
+    """Stage 1 on any Hugging Face decoder (`--set model.weights.llm=DIR`), the Vicuna recipe otherwise."""
+    return _stage1(decoder, "decoder", "stage1_decoder")
+
+
+def stage2_decoder() -> Config:
+    """Stage 2 on any Hugging Face decoder, in its tokenizer's chat template, answers ending with its EOS."""
+    return _stage2(decoder, "decoder", "stage2_decoder")
 
 
 def _tiny_train(steps: int) -> TrainConfig:
@@ -138,6 +161,10 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "stage1_vicuna7b": stage1_vicuna7b,
     "stage2_vicuna13b": stage2_vicuna13b,
     "stage2_vicuna7b": stage2_vicuna7b,
+    "stage1_llama2_7b": stage1_llama2_7b,
+    "stage2_llama2_7b": stage2_llama2_7b,
+    "stage1_decoder": stage1_decoder,
+    "stage2_decoder": stage2_decoder,
 }
 
 

@@ -57,14 +57,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def sequence_length(model: MiniGPT4) -> int:
-    """Tokens per sample the LLM sees: BOS, the longest wrapped instruction, the queries, the answer."""
+    """Tokens per sample the LLM sees: BOS, the longest wrapped instruction, the image tokens, the answer."""
     t = model.cfg.text
-    prompts = [t.prompt_template.format(i) for i in t.instructions]
+    prompts = [model.wrap_instruction(i) for i in t.instructions]
     text = max(
         (sum(len(model.segment_ids(seg)) for seg in p.split(IMAGE_PLACEHOLDER) if seg) for p in prompts),
         default=0,
     )
-    return 1 + text + model.cfg.qformer.num_query_tokens + t.max_txt_len
+    bos = int(model.text_spec.bos_id is not None)
+    return bos + text + model.num_image_tokens + t.max_txt_len
 
 
 @dataclass
@@ -120,7 +121,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         cfg.data,
         model.tokenizer,
         text.max_txt_len,
-        text.end_sym,
+        model.text_spec.end_sym,  # the template's when the config leaves it to it
         d.rank,
         d.world_size,
         num_instructions=len(text.instructions),
@@ -179,7 +180,7 @@ def save(run: Run) -> None:
 def write_samples(run: Run) -> None:
     """Captions for the fixed sample images; every rank generates (ZeRO-3 needs all of them)."""
     text = run.cfg.model.text
-    prompt = text.prompt_template.format(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
+    prompt = run.model.wrap_instruction(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
     run.model.eval()
     captions = run.model.generate(
         run.sample_images, prompt, max_new_tokens=text.max_txt_len, synced_gpus=eng_mod.is_zero3(run.engine)

@@ -111,7 +111,7 @@ def build_validation(cfg: Config, model: MiniGPT4, rank: int, world_size: int, d
     held = read_heldout(cfg.data, len(text.instructions), rank, world_size)
     if held.skipped:
         log.warning(f"validation: unusable held-out samples skipped: {held.skipped}")
-    batch_text = BatchText(model.tokenizer, text.max_txt_len, text.end_sym, len(text.instructions))
+    batch_text = BatchText(model.tokenizer, text.max_txt_len, model.text_spec.end_sym, len(text.instructions))
     batches = heldout_batches(held, batch_text, val.batch_size or cfg.data.batch_size, rank, world_size)
     every = cfg.train.eval_every
     log.info(

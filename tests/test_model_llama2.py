@@ -1,0 +1,254 @@
+"""The official LLaMA-2 MiniGPT-4: image tokens without a Q-Former, fresh ln_vision, its text and chat
+templates, strict loading of its checkpoint, and its recipes (shared/reference/README.md, "The LLaMA-2
+variant")."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from mgpt4.model import WeightsError, apply_freeze, build_model, from_config, load_weights
+from mgpt4.model.presets import llama2_7b, stage1_text, stage2_text, tiny, tiny_llama2, vicuna7b
+from mgpt4.model.prompts import LLAMA2_CHAT, STAGE2_INSTRUCTIONS, VICUNA_V0_SYSTEM, Conversation
+from mgpt4.tokenizer import encode_answers, load_tokenizer
+from tests.official_files import eva_vit_state
+from tests.test_model_forward import CAPTIONS, reference_loss
+
+
+def _tiny_llama2(tokenizer, text=None, seed: int = 0):
+    cfg = tiny_llama2()
+    if text is not None:
+        cfg.text = text
+    torch.manual_seed(seed)
+    model = build_model(cfg, tokenizer)
+    apply_freeze(model)
+    return model.eval()
+
+
+def test_parity_sizes_give_4_tokens_of_width_256_from_16_patches(tokenizer):
+    """The sizes the external parity check uses, through the documented preset: ViT 56 px / patch 14 /
+    width 64 / depth 3 / 4 heads, no Q-Former, projection 256 -> 64, LLaMA 64 / 2 layers / 4 heads / FFN 128."""
+    cfg = tiny_llama2()
+    assert cfg.qformer is None and cfg.text.template == "llama2_chat"
+    v, m = cfg.vision, cfg.llm
+    assert (v.image_size, v.patch_size, v.width, v.depth, v.heads) == (56, 14, 64, 3, 4)
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.vocab_size) == (
+        64,
+        2,
+        4,
+        128,
+        400,
+    )
+    model = _tiny_llama2(tokenizer)
+    assert model.qformer is None and model.query_tokens is None and model.num_image_tokens == 4
+    assert not any(k.startswith(("qformer.", "query_tokens")) for k in model.state_dict())
+    assert tuple(model.llama_proj.weight.shape) == (64, 256)
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        vit = model.ln_vision(model.visual_encoder.forward_features(images))
+        assert vit.shape == (2, 17, 64)  # CLS + 16 patches
+        # Official: drop CLS, then view(bs, 16 / 4, 64 * 4): 4 adjacent patch tokens side by side.
+        tokens = vit[:, 1:].reshape(2, 4, 256)
+        assert torch.equal(tokens[:, 1, 64:128], vit[:, 6])  # token 1 holds patches 4..7
+        ours = model.encode_img(images)
+    assert ours.shape == (2, 4, 64)
+    torch.testing.assert_close(ours, model.llama_proj(tokens), rtol=0, atol=0)
+
+
+def test_full_size_layout_is_64_tokens_of_5632_into_llama2_7b():
+    model = build_model(llama2_7b(), device="meta")
+    assert model.num_image_tokens == 64 and tuple(model.llama_proj.weight.shape) == (4096, 5632)
+    assert type(model.llm).__name__ == "LlamaForCausalLM" and model.llm.config.num_hidden_layers == 32
+
+
+@pytest.fixture(scope="module")
+def llama2_files(tmp_path_factory, tokenizer):
+    """eva_vit_g.pth, a Llama-2-style LLM folder and `pretrained_minigpt4_llama2_7b.pth`, at parity sizes."""
+    root = tmp_path_factory.mktemp("llama2")
+    cfg = tiny_llama2()
+    torch.save(eva_vit_state(cfg), root / "eva_vit_g.pth")
+    torch.manual_seed(3)
+    source = build_model(cfg, tokenizer)
+    source.llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    gen = torch.Generator().manual_seed(4)
+    proj = {
+        "llama_proj.weight": torch.randn(64, 256, generator=gen) * 0.05,
+        "llama_proj.bias": torch.randn(64, generator=gen) * 0.05,
+    }
+    torch.save({"model": proj}, root / "pretrained_minigpt4_llama2_7b.pth")
+    return {
+        "eva_vit": str(root / "eva_vit_g.pth"),
+        "llm": str(root / "llm"),
+        "proj": str(root / "pretrained_minigpt4_llama2_7b.pth"),
+    }
+
+
+def _with_weights(cfg, **weights):
+    return dataclasses.replace(cfg, weights=dataclasses.replace(cfg.weights, **weights))
+
+
+def test_official_llama2_checkpoint_loads_strictly_and_ln_vision_stays_fresh(llama2_files):
+    model = from_config(_with_weights(tiny_llama2(), **llama2_files))
+    proj = torch.load(llama2_files["proj"])["model"]
+    assert torch.equal(model.llama_proj.weight, proj["llama_proj.weight"])
+    assert torch.equal(model.llama_proj.bias, proj["llama_proj.bias"])
+    # No file provides ln_vision in this variant: the official code keeps LayerNorm's initial values.
+    assert torch.equal(model.ln_vision.weight, torch.ones(64)) and torch.equal(
+        model.ln_vision.bias, torch.zeros(64)
+    )
+    assert model.ln_vision.eps == 1e-5
+    vit = torch.load(llama2_files["eva_vit"])
+    assert torch.equal(model.visual_encoder.pos_embed, vit["pos_embed"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "llama_proj.weight",
+        "llama_proj.bias",
+    ]
+
+
+def test_a_projection_of_the_other_variant_names_both_variants(tmp_path, llama2_files):
+    qformer_file = tmp_path / "pretrained_minigpt4.pth"
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(64, 64), "llama_proj.bias": torch.zeros(64)}},
+        qformer_file,
+    )
+    model = build_model(_with_weights(tiny_llama2(), proj=str(qformer_file)))
+    with pytest.raises(WeightsError) as err:
+        load_weights(model)
+    msg = str(err.value)
+    for part in ("[64, 64]", "[64, 256]", "LLaMA-2 variant", "input 256", "Q-Former variant", "input 64"):
+        assert part in msg, (part, msg)
+    # The other way round: the LLaMA-2 projection into a Q-Former model.
+    model = build_model(_with_weights(tiny(), proj=llama2_files["proj"]))
+    with pytest.raises(WeightsError, match=r"\[64, 256\], made for the LLaMA-2 variant"):
+        load_weights(model)
+
+
+def test_full_size_projection_mismatch_names_5632_and_768(tmp_path):
+    path = tmp_path / "pretrained_minigpt4_7b.pth"
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(4096, 768), "llama_proj.bias": torch.zeros(4096)}}, path
+    )
+    model = build_model(_with_weights(llama2_7b(), proj=str(path)), device="meta")
+    with pytest.raises(WeightsError) as err:
+        load_weights(model)
+    msg = str(err.value)
+    assert "[4096, 768]" in msg and "[4096, 5632]" in msg and "input 5632" in msg and "input 768" in msg
+    model = build_model(_with_weights(vicuna7b(), proj=str(path)), device="meta")
+    path2 = tmp_path / "pretrained_minigpt4_llama2_7b.pth"
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(4096, 5632), "llama_proj.bias": torch.zeros(4096)}}, path2
+    )
+    model = build_model(_with_weights(vicuna7b(), proj=str(path2)), device="meta")
+    with pytest.raises(WeightsError, match=r"made for the LLaMA-2 variant .*input 5632"):
+        load_weights(model)
+
+
+def test_a_blip2_file_is_refused_without_a_qformer(tmp_path):
+    path = tmp_path / "blip2_pretrained_flant5xxl.pth"
+    torch.save({"model": {}}, path)
+    model = build_model(_with_weights(tiny_llama2(), blip2=str(path)))
+    with pytest.raises(WeightsError, match=r"model.weights.blip2 is set, but model.qformer is null"):
+        load_weights(model)
+
+
+def test_literal_eos_and_bos_text_become_their_ids(tmp_path, tokenizer):
+    """As the official slow LLaMA tokenizer, even from a folder whose tokenizer config says otherwise."""
+    folder = tmp_path / "tok"
+    tokenizer.save_pretrained(folder)
+    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    conf["split_special_tokens"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+    tok = load_tokenizer(str(folder))
+    ids, mask = encode_answers(tok, ["a red circle"], "</s>", 160, pad_to_max_len=False)
+    assert ids[0, -1].item() == tok.eos_token_id == 2 and int(mask.sum()) == ids.shape[1]
+    assert tok("<s>[INST] hi", add_special_tokens=False)["input_ids"][0] == tok.bos_token_id == 1
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_llama2_loss_matches_the_hand_reference(tokenizer, stage):
+    text = stage1_text("llama2_chat") if stage == "stage1" else stage2_text("llama2_chat")
+    model = _tiny_llama2(tokenizer, text)
+    images = torch.randn(3, 3, 56, 56)
+    instruction = STAGE2_INSTRUCTIONS[2] if stage == "stage2" else None
+    prompt = f"[INST] {instruction} [/INST] " if instruction else None
+    end_sym = "</s>" if stage == "stage2" else "\n"
+    with torch.no_grad():
+        ours = model.loss(images, CAPTIONS, instruction=instruction)
+        ref = reference_loss(model, tokenizer, images, CAPTIONS, prompt, end_sym, text.max_txt_len)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours, ref)
+    if stage == "stage2":  # every answer ends with the EOS id, as the official Llama-2 recipe trains
+        ids, mask = encode_answers(tokenizer, CAPTIONS, model.text_spec.end_sym, 160)
+        assert all(row[m.bool()][-1] == tokenizer.eos_token_id for row, m in zip(ids, mask))
+
+
+def test_llama2_chat_template_and_its_context(tokenizer):
+    conv = Conversation(LLAMA2_CHAT)
+    conv.add_image()
+    conv.ask("What is in the picture?")
+    first = conv.prompt_for_reply()
+    assert first == VICUNA_V0_SYSTEM + "<s>[INST] <Img><ImageHere></Img> What is in the picture? [/INST] "
+    conv.add_reply("A red circle.")
+    conv.ask("Where?")
+    assert conv.prompt_for_reply() == first + "A red circle.<s>[INST] Where? [/INST] "
+    # The model picks its own template, and BOS is both prepended and written as `<s>` in the text.
+    model = _tiny_llama2(tokenizer)
+    assert model.new_conversation() == Conversation(LLAMA2_CHAT)
+    system, rest = first.split("<ImageHere>")[0].split("<s>")
+    with torch.no_grad():
+        embeds = model.context_embeds(first, [torch.zeros(1, 4, 64)])
+    ids = [1, *tokenizer(system, add_special_tokens=False)["input_ids"], 1]
+    ids += tokenizer(rest, add_special_tokens=False)["input_ids"]
+    expected = model.llm.get_input_embeddings()(torch.tensor(ids))
+    torch.testing.assert_close(embeds[0, : len(ids)], expected)
+    assert (embeds[0, len(ids) : len(ids) + 4] == 0).all()
+
+
+def test_chat_session_follows_the_model_template(tokenizer, tmp_path):
+    from mgpt4.chat.session import ChatSession, GenerationSettings
+    from tests.chat_fixtures import write_image
+
+    model = _tiny_llama2(tokenizer)
+    session = ChatSession(model)
+    session.set_image(write_image(str(tmp_path / "img.png")))
+    reply = session.reply("What is it?", GenerationSettings(max_new_tokens=4, sample=False))
+    prompt = session.conversation.prompt_for_reply()
+    assert prompt.startswith(VICUNA_V0_SYSTEM + "<s>[INST] <Img><ImageHere></Img> What is it? [/INST] ")
+    assert prompt.endswith(f" [/INST] {reply} [/INST] ")
+
+
+def test_llama2_recipes_hold_the_official_settings():
+    from mgpt4.train.recipes import get_recipe
+
+    for stage in ("stage1", "stage2"):
+        ours, vicuna = get_recipe(f"{stage}_llama2_7b"), get_recipe(f"{stage}_vicuna7b")
+        # The same schedule, learning rates, batch sizes and source ratios as the Vicuna recipes.
+        assert ours.optim == vicuna.optim and ours.train == vicuna.train and ours.data == vicuna.data
+        assert ours.model.qformer is None and ours.model.weights.blip2 is None
+        assert ours.model.llm == vicuna.model.llm and ours.model.text.template == "llama2_chat"
+    s1, s2 = get_recipe("stage1_llama2_7b").model.text, get_recipe("stage2_llama2_7b").model.text
+    assert (s1.instructions, s1.end_sym, s1.max_txt_len) == ([], "\n", 32)
+    assert (s2.prompt_template, s2.end_sym, s2.max_txt_len) == ("[INST] {} [/INST] ", "</s>", 160)
+    assert s2.instructions == STAGE2_INSTRUCTIONS
+
+
+def test_the_tiny_run_trains_the_llama2_variant_with_its_own_demo_files(tmp_path, monkeypatch):
+    """`--set model.qformer=null` on the tiny recipe: no BLIP-2 file is asked for or generated."""
+    from mgpt4.strict_config import apply_overrides
+    from mgpt4.train.assets import fill_demo_paths, tiny_weights_location
+    from mgpt4.train.recipes import get_recipe
+
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    cfg = apply_overrides(
+        get_recipe("tiny_stage1"), ["model.qformer=null", "model.text.template=llama2_chat"]
+    )
+    filled = fill_demo_paths(cfg)
+    assert cfg.model.weights.blip2 is None and cfg.model.weights.eva_vit in filled
+    assert tiny_weights_location(cfg.model).blip2 is None
+    assert "noq" in os.path.dirname(cfg.model.weights.eva_vit)
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
