@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import os
 import re
 import threading
 
@@ -22,6 +23,7 @@ from mgpt4.chat.session import (
     GenerationSettings,
     ImageLimits,
     ImageRejected,
+    drop_oldest_exchange,
     load_image,
     visible_reply,
 )
@@ -357,3 +359,203 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_said(model, image, capsys):
     role, said = session.conversation.messages[-1]
     assert role == "Assistant: " and said.startswith(printed.group(1))
     assert not [t for t in threading.enumerate() if t.name == "mgpt4-generate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16 (chat) and issue 11.13: long chats keep the image
+
+
+def _captured_contexts(model, monkeypatch) -> list[torch.Tensor]:
+    """Every inputs_embeds the LLM is asked to continue, as it is asked."""
+    seen: list[torch.Tensor] = []
+    real = model.llm.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["inputs_embeds"].detach().clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm, "generate", spy)
+    return seen
+
+
+def _holds(context: torch.Tensor, block: torch.Tensor) -> bool:
+    n = block.shape[0]
+    return any(torch.equal(context[k : k + n], block) for k in range(context.shape[0] - n + 1))
+
+
+def test_ten_long_turns_keep_the_image_in_the_context(model, image, monkeypatch):
+    session = ChatSession(model)
+    session.set_image(image)
+    contexts = _captured_contexts(model, monkeypatch)
+    settings = GenerationSettings(max_new_tokens=40, sample=False, max_context=256)
+    for turn in range(10):
+        reply = session.reply(f"Tell me more about part {turn} of the picture.", settings)
+        # Long replies: the readable model never stops before max_new_tokens.
+        assert len(model.tokenizer(reply, add_special_tokens=False)["input_ids"]) >= 30
+    # Turn ten: the image embeddings are still in the context, and the context fits.
+    assert _holds(contexts[-1][0], session.img_embeds[0].to(contexts[-1].dtype))
+    assert contexts[-1].shape[1] <= settings.max_context - settings.max_new_tokens
+    prompt = session.conversation.prompt_for_reply()
+    assert prompt.startswith(session.conversation.system) and "<Img><ImageHere></Img>" in prompt
+    assert "part 0 of" not in prompt and "part 9 of the picture" in prompt  # the oldest turns went
+    notices = session.take_notices()  # everything said over the ten turns: once
+    assert len(notices) == 1 and "oldest questions and answers are left out" in notices[0]
+    # The conversation alternates as the template expects: image turn with a question, then pairs.
+    roles = [role for role, _ in session.conversation.messages]
+    assert roles[0] == "Human: " and roles == ["Human: ", "Assistant: "] * (len(roles) // 2)
+    assert session.conversation.messages[0][1].startswith("<Img><ImageHere></Img> Tell me more")
+
+
+def test_dropping_exchanges_keeps_a_lone_image_turn_and_stops_at_the_last_question():
+    conv = Conversation()
+    conv.messages = [
+        ["Human: ", "<Img><ImageHere></Img>"],
+        ["Human: ", "q1"],
+        ["Assistant: ", "a1"],
+        ["Human: ", "q2"],
+    ]
+    assert drop_oldest_exchange(conv)
+    assert conv.messages == [["Human: ", "<Img><ImageHere></Img>"], ["Human: ", "q2"]]
+    assert not drop_oldest_exchange(conv)
+    conv = Conversation()
+    conv.add_image()
+    conv.ask("q1")
+    assert not drop_oldest_exchange(conv)  # only the question being asked: nothing to drop
+
+
+def _scripted_llm(model, monkeypatch, ids: list[int]) -> None:
+    """The LLM's generate writes `ids`, fed to the streamer one by one as transformers does."""
+
+    def generate(*args, streamer=None, **kwargs):
+        if streamer is not None:
+            streamer.put(torch.zeros(1, 0, dtype=torch.long))  # the prompt: none, it was embeddings
+            for i in ids:
+                streamer.put(torch.tensor([i]))
+            streamer.end()
+        return torch.tensor([ids])
+
+    monkeypatch.setattr(model.llm, "generate", generate)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "A dog 🐕 and a cat 猫 sit on 한국 grass, é\u0301 👍🏽",  # byte-level pieces: emoji, CJK, Hangul
+        "Assistant: a red flag",  # the model echoes the role first
+        "line one\nline two ###Human: next",
+    ],
+)
+def test_a_streamed_reply_is_printed_once_in_whole_characters(model, image, monkeypatch, capsys, written):
+    tok = model.tokenizer
+    ids = tok(written, add_special_tokens=False)["input_ids"]
+    assert any(p.startswith("<0x") for p in tok.convert_ids_to_tokens(ids)) or "Assistant" in written
+    _scripted_llm(model, monkeypatch, ids)
+    session = ChatSession(model)
+    session.set_image(image)
+    parts = list(session.stream_reply("What is in the picture?", GREEDY))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(parts)), parts  # never takes text back
+    assert not any("\ufffd" in p for p in parts), parts  # never half a character
+    final = parts[-1]
+    assert final == visible_reply(tok.decode(ids, skip_special_tokens=True), final=True)
+    assert session.conversation.messages[-1] == ["Assistant: ", final]
+    session.reset()
+    chat.say(session, "What is in the picture?", GREEDY)
+    assert capsys.readouterr().out == f"MiniGPT-4: {final}\n"  # printed once, never again on a new line
+
+
+def test_image_paths_as_terminals_paste_them(tmp_path, monkeypatch):
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    path = write_image(str(folder / "dog on grass.png"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for typed in (
+        path,
+        f"'{path}'",
+        f'"{path}"  ',
+        path.replace(" ", "\\ "),
+        "~/my photos/dog on grass.png",
+        "'~/my photos/dog on grass.png' ",
+        "file://" + path.replace(" ", "%20"),
+    ):
+        assert chat.image_path(typed) == path, typed
+    with pytest.raises(ImageRejected, match=r"give the image's path: /image PATH"):
+        chat.image_path("   ")
+    with pytest.raises(ImageRejected, match="is a folder"):
+        chat.image_path(f"'{folder}'")
+
+
+def test_terminal_commands_for_images_say_what_is_wrong(model, image, tmp_path, monkeypatch, capsys):
+    session = ChatSession(model)
+    session.set_image(image)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image\n/image {tmp_path}\n/image '{image}'\n"))
+    chat.repl(session, GREEDY)
+    out = capsys.readouterr().out
+    assert "! give the image's path: /image PATH" in out
+    assert f"! {tmp_path} is a folder" in out
+    assert f"Image: {image} (96x64)" in out
+
+
+def test_the_image_is_checked_before_the_model_loads(tmp_path, capsys):
+    bad = tmp_path / "holiday.jpg"
+    bad.write_text("not a picture")
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint does not exist: it must not be read
+        chat.main(["--image", str(bad), "--checkpoint", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert "holiday.jpg is not an image" in out and "Loading the model" not in out
+
+
+def _weight_flags(checkpoint: str) -> tuple[dict[str, str], list[str]]:
+    """The checkpoint's official weight files, and the flags that name them all."""
+    from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
+
+    files = read_checkpoint_config(find_checkpoint(checkpoint))["model"]["weights"]
+    files["proj"] = os.path.join(find_checkpoint(checkpoint), PROJ_FILE)
+    flags = [f"--{k.replace('_', '-')}" for k in ("eva_vit", "blip2", "llm", "proj")]
+    return files, [x for f in flags for x in (f, files[f[2:].replace("-", "_")])]
+
+
+def test_missing_weight_files_are_named_not_silently_random(checkpoint, image, capsys):
+    from mgpt4.chat.flags import model_config_from_args
+
+    files, full = _weight_flags(checkpoint)
+    with pytest.raises(SystemExit, match=r"no weight file for --eva-vit, --blip2, --llm, --proj: .*random"):
+        model_config_from_args(model_args("--preset", "tiny"))
+    with pytest.raises(SystemExit, match=r"no weight file for --proj: .*--allow-random-weights"):
+        model_config_from_args(model_args("--preset", "tiny", *full[:6]))
+    with pytest.raises(SystemExit, match=r"random LLM still needs a tokenizer"):
+        model_config_from_args(model_args("--preset", "tiny", "--allow-random-weights"))
+    assert model_config_from_args(model_args("--preset", "tiny", *full)).weights.proj == files["proj"]
+    # Asked for explicitly, random parts are built, with a warning.
+    cfg = model_config_from_args(model_args("--preset", "tiny", *full[:6], "--allow-random-weights"))
+    assert cfg.weights.proj is None and "random weights for --proj" in capsys.readouterr().err
+    # The chat, the demo and describe refuse before loading anything.
+    with pytest.raises(SystemExit, match=r"no weight file for --llm, --proj"):
+        chat.main(["--image", image, "--preset", "tiny", *full[:4]])
+    from mgpt4.curate.__main__ import main as curate
+
+    with pytest.raises(SystemExit, match=r"no weight file for --eva-vit, --blip2"):
+        curate(["describe", "--images", image, "--out", "unused", "--preset", "tiny", *full[4:]])
+
+
+def test_a_wrong_device_or_preset_ends_in_one_error_line(checkpoint, image, tmp_path, capsys):
+    from mgpt4.chat.web import main as web
+
+    if not torch.cuda.is_available():
+        for main in (chat.main, web):
+            argv = ["--checkpoint", checkpoint, "--device", "cuda"]
+            with pytest.raises(
+                SystemExit, match=r"^--device cuda: no CUDA GPU is visible to PyTorch here; use"
+            ):
+                main(["--image", image, *argv] if main is chat.main else argv)
+    with pytest.raises(SystemExit, match=r"^--device gpu: not a device name"):
+        chat.main(["--image", image, "--checkpoint", checkpoint, "--device", "gpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        chat.build_parser().parse_args(["--image", image, "--preset", "vicuna"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --preset: invalid choice: 'vicuna'" in err
+    # A preset that is not the one the weight files were made for: named before anything is built.
+    _, full = _weight_flags(checkpoint)
+    with pytest.raises(SystemExit, match=r"^error: .*the LLM does not match the model config \(--preset"):
+        chat.main(["--image", image, "--preset", "vicuna7b", "--device", "cpu", *full])

@@ -156,6 +156,11 @@ def test_an_interrupted_run_resumes_without_redoing_finished_items(model, images
     assert set(_lines_per_id(out).values()) == {1}  # no item was described twice
     assert len(read_store(str(out)).records) == 6
     report = run_describe(model, _cfg(images, out), RankInfo())
+    # The broken image failed to decode and its file has not changed: it would fail again (issue 16.5).
+    assert report.mine == 0 and report.unchanged == 1
+    with open(os.path.join(images, "broken.jpg"), "ab") as f:
+        f.write(b" and more bytes")  # now it is another file, worth another try
+    report = run_describe(model, _cfg(images, out), RankInfo())
     assert report.mine == 1 and report.failed == 1  # only the broken image is tried again
 
 
@@ -248,6 +253,23 @@ def test_bad_inputs_fail_before_the_model_loads_and_a_finished_run_loads_nothing
     assert (
         "0 done, 0 failed (0 continued) of 0 pending here; 5 of 6 were done before" in capsys.readouterr().err
     )
+
+
+def test_a_rerun_with_only_unchanged_unreadable_images_loads_no_model(model, images, tmp_path, capsys):
+    """Issue 16.5: what is pending, and whether it can succeed, is decided before the model loads."""
+    from mgpt4.curate.__main__ import main
+
+    out = tmp_path / "desc"
+    run_describe(model, _cfg(images, out), RankInfo())
+    assert sorted(read_store(str(out)).failed()) == ["broken"]
+    capsys.readouterr()
+    # No --no-retry-failed: failed items are retried by default, but broken.jpg has not changed, so
+    # nothing is pending and the (missing) model is never loaded.
+    missing_model = ["--checkpoint", str(tmp_path / "no-model"), "--no-progress"]
+    assert main(["describe", "--images", images, "--out", str(out), *missing_model]) == 0
+    err = capsys.readouterr().err
+    assert "0 done, 0 failed (0 continued) of 0 pending here" in err
+    assert "1 image(s) could not be read before and have not changed since" in err
 
 
 def test_generation_errors_are_recorded_and_a_run_of_them_stops_the_step(

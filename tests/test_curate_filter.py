@@ -205,3 +205,23 @@ def test_filter_refuses_to_write_into_a_store(tmp_path, capsys):
     _, fix, _ = _stores(tmp_path)
     assert main(["filter", "--input", fix, "--out", fix, "--no-progress"]) == 1
     assert "this is a curate store" in capsys.readouterr().err
+
+
+def test_a_filter_that_keeps_nothing_is_an_error_and_training_says_0_pairs(tmp_path, capsys):
+    """Issue 16.7: an empty result exits non-zero, and where it is read it is called 0 pairs."""
+    from mgpt4.data.align import load_align
+
+    _, fix, _ = _stores(tmp_path)
+    out = tmp_path / "cc_sbu_align"
+    rc = main(
+        ["filter", "--input", fix, "--out", str(out), "--no-progress", "--set", "too_short.min_words=1000"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "error: filter kept 0 pairs of 7 item(s)" in err and "rejects.jsonl" in err
+    with open(out / "filter_cap.json") as f:
+        assert json.load(f) == {"annotations": []}  # this run's result, not a stale one
+    with open(out / "rejects.jsonl") as f:
+        assert len(f.readlines()) == 7
+    with pytest.raises(ValueError, match=r"filter_cap\.json: 0 pairs \(an empty annotations list\)"):
+        load_align(str(out))

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
+import torch
 
 from mgpt4.curate.__main__ import main
-from mgpt4.curate.chat_api import ChatAPIConfig, ChatClient, ItemError, parse_completion, retry_after_seconds
+from mgpt4.curate.chat_api import (
+    ChatAPIConfig,
+    ChatClient,
+    FatalAPIError,
+    ItemError,
+    TransientReplyError,
+    parse_completion,
+    retry_after_seconds,
+)
 from mgpt4.curate.fix import FixConfig, run_fix
 from mgpt4.curate.hf_rewriter import PLAIN_TEMPLATE, HFRewriter, HFRewriterConfig
 from mgpt4.curate.prompts import FIX_PROMPT, fix_message
 from mgpt4.curate.ranks import RankInfo
 from mgpt4.curate.store import read_store
+from tests.chat_fixtures import REPO, subprocess_env
 from tests.curate_fixtures import (
     ChatServer,
     completion,
@@ -266,3 +283,207 @@ def test_bad_flags_name_the_problem(tmp_path, capsys):
     assert main(["fix", "--input", str(tmp_path / "desc"), "--out", str(tmp_path / "f"), "--base-url", "ftp://x",
                  "--model", "m"]) == 1  # fmt: skip
     assert "must start with http" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: an endpoint that never answers, Ctrl-C, cut replies, and the local back end's checks
+
+
+def _free_port() -> int:
+    """A port nothing listens on: bound by the OS for us, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_endpoint_stops_the_step_and_leaves_every_item_pending(tmp_path, capsys):
+    texts = {f"item{i}": f"paragraph {i}" for i in range(5)}
+    make_describe_store(str(tmp_path / "desc"), texts)
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    rc = main(
+        _fix_args(tmp_path / "desc", tmp_path / "fix", url, "--concurrency", "2", "--max-attempts", "6")
+    )
+    err = capsys.readouterr().err
+    assert rc == 2  # an error, not a run that "finished" with every item failed
+    assert "no HTTP answer from" in err and "Connection refused" in err and "check --base-url" in err
+    assert "5 item(s) left pending" in err
+    assert read_store(str(tmp_path / "fix")).records == {}  # nothing failed: the next run does them all
+
+
+def test_an_endpoint_that_drops_every_connection_is_fatal_after_one_items_tries(tmp_path):
+    with ChatServer(lambda req, n: None) as server:
+        cfg = ChatAPIConfig(base_url=server.url, model="m", max_attempts=3)
+        client = ChatClient(cfg, sleep=lambda s: None)
+        with pytest.raises(
+            FatalAPIError, match=r"no HTTP answer from .* in 3 attempts; last: connection error"
+        ):
+            client.complete("a paragraph")
+        assert len(server.requests) == 3
+    # Once the endpoint has answered anything, a dropped connection is one item's problem again.
+    with ChatServer(lambda req, n: (200, {}, completion("ok")) if n == 0 else None) as server:
+        client = ChatClient(
+            ChatAPIConfig(base_url=server.url, model="m", max_attempts=2), sleep=lambda s: None
+        )
+        assert client.complete(fix_message(FIX_PROMPT, "p"))[0] == "ok"
+        with pytest.raises(ItemError, match="gave up after 2 attempts; last: connection error"):
+            client.complete(fix_message(FIX_PROMPT, "p"))
+
+
+def test_the_failure_summary_gives_each_reason_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MGPT4_TEST_KEY", SECRET)
+    make_describe_store(str(tmp_path / "desc"), {"down": SCRIPT["down"], "toolong": SCRIPT["toolong"]})
+    with ChatServer(scripted) as server:
+        assert main(_fix_args(tmp_path / "desc", tmp_path / "fix", server.url)) == 0
+    err = capsys.readouterr().err
+    assert "failed      1  gave up after 3 attempts; last: HTTP 503 from <url>: maintenance" in err
+    assert 'failed      1  HTTP 400 from <url>: {"error": {"message": "context too long"}}' in err
+
+
+def test_a_reply_cut_short_in_transit_is_retried_like_a_5xx(tmp_path, monkeypatch):
+    with pytest.raises(TransientReplyError, match="JSON cut short"):
+        parse_completion(completion("A red circle.")[:-12])
+    with pytest.raises(ItemError, match="not JSON") as not_json:
+        parse_completion(b"<html>hello</html>")
+    assert not isinstance(not_json.value, TransientReplyError)  # a wrong body is not retried
+    monkeypatch.setenv("MGPT4_TEST_KEY", SECRET)
+    make_describe_store(str(tmp_path / "desc"), {"a": "a red circel", "b": "a blue sqare"})
+
+    def cut_once(req, n):
+        body = completion("Fixed: " + paragraph_of(req))
+        return 200, {}, body[: len(body) // 2] if n == 0 else body
+
+    with ChatServer(cut_once) as server:
+        assert main(_fix_args(tmp_path / "desc", tmp_path / "fix", server.url)) == 0
+        assert server.count("a red circel") == 2
+    state = read_store(str(tmp_path / "fix"))
+    assert sorted(state.done()) == ["a", "b"] and state.records["a"]["attempts"] == 2
+    assert state.records["a"]["text"] == "Fixed: a red circel"
+
+
+def test_ctrl_c_stops_a_fix_run_at_once_and_leaves_the_rest_pending(tmp_path):
+    texts = {f"item{i}": f"paragraph number {i}" for i in range(8)}
+    make_describe_store(str(tmp_path / "desc"), texts)
+    release = threading.Event()
+
+    def slow_or_busy(req, n):
+        if paragraph_of(req) == texts["item0"]:
+            release.wait(120)  # a request in flight that takes its time
+        # Everyone else is told to come back in ten minutes.
+        return 429, {"Retry-After": "600"}, b'{"error": {"message": "rate limited"}}'
+
+    with ChatServer(slow_or_busy) as server:
+        args = _fix_args(tmp_path / "desc", tmp_path / "fix", server.url, "--concurrency", "4")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mgpt4.curate", *args],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while len(server.requests) < 4:  # four items in flight or waiting to retry
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.1)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)  # minutes with the Retry-After sleeps
+            took = time.monotonic() - sent
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"fix exited {took:.2f} s after SIGINT")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "fix interrupted: 8 item(s) left pending; run the same command again to resume" in err
+    assert read_store(str(tmp_path / "fix")).records == {}  # interrupted items are pending, not failed
+
+
+def test_the_local_back_end_fails_a_reply_cut_at_max_new_tokens(tmp_path, hf_folder, monkeypatch):
+    texts = {"a": "a red circel on blue", "b": "two green squares"}
+    make_describe_store(str(tmp_path / "desc"), texts)
+    hf = HFRewriterConfig(model_path=hf_folder, device="cpu", batch_size=2, max_new_tokens=4)
+    rewriter = HFRewriter(hf)
+    # The random model never says EOS in 4 tokens: both replies are cut there.
+    assert [e for _, e in rewriter.rewrite([fix_message(FIX_PROMPT, t) for t in texts.values()])] == [
+        "reply cut at max_new_tokens=4 (the model did not finish); raise --max-new-tokens"
+    ] * 2
+    cfg = FixConfig(input=str(tmp_path / "desc"), out=str(tmp_path / "fix"), hf=hf, progress=False)
+    report = run_fix(cfg, RankInfo(), rewriter=rewriter)
+    assert report.failed == 2 and not read_store(str(tmp_path / "fix")).done()
+    # A re-run with the same settings would cut them again: it is not even loading the model.
+    monkeypatch.setattr(HFRewriter, "__init__", lambda self, cfg: pytest.fail("the model was loaded"))
+    report = run_fix(cfg, RankInfo())
+    assert report.mine == 0 and report.unchanged == 2
+    monkeypatch.undo()
+    # A model that finishes: every word piece is an end token, so each reply is one finished word.
+    words = [i for i, p in enumerate(rewriter.tokenizer.convert_ids_to_tokens(list(range(len(rewriter.tokenizer)))))
+             if re.fullmatch(r"▁?[A-Za-z]+", p)]  # fmt: skip
+    with torch.no_grad():
+        keep = torch.zeros(rewriter.model.lm_head.weight.shape[0], dtype=torch.bool)
+        keep[words] = True
+        rewriter.model.lm_head.weight[~keep] = 0
+    rewriter.model.generation_config.eos_token_id = words
+    finished = rewriter.rewrite([fix_message(FIX_PROMPT, t) for t in texts.values()])
+    assert all(text and err is None for text, err in finished), finished
+    # Other settings are another try: the cut items are pending again.
+    cfg.hf = HFRewriterConfig(model_path=hf_folder, device="cpu", batch_size=2, max_new_tokens=5)
+    report = run_fix(cfg, RankInfo(), rewriter=rewriter)
+    assert report.mine == 2 and report.done == 2
+
+
+def test_hf_model_that_is_not_a_model_folder_is_named_before_anything_is_written(tmp_path, capsys):
+    make_describe_store(str(tmp_path / "desc"), {"a": "x"})
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes\n")
+    out = tmp_path / "fix"
+    rc = main(
+        [
+            "fix",
+            "--input",
+            str(tmp_path / "desc"),
+            "--out",
+            str(out),
+            "--hf-model",
+            str(folder),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"--hf-model {folder}: not a Hugging Face causal LM folder: no config.json; no weights" in err
+    assert "no tokenizer (one of tokenizer.json" in err
+    assert not out.exists()
+
+
+def test_help_shows_defaults_and_the_other_back_ends_flags_are_refused(tmp_path, hf_folder, capsys):
+    for step, shown in (
+        (
+            "fix",
+            ["requests in flight (default: 8)", "(default: 512)", "(default: OPENAI_API_KEY)"],
+        ),
+        ("describe", ["images per generate call (default: 8)", "(0: never) (default: 80)", "(default: 300)"]),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main([step, "--help"])
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for s in shown:
+            assert s in text, (step, s)
+    make_describe_store(str(tmp_path / "desc"), {"a": "x"})
+    base = ["fix", "--input", str(tmp_path / "desc"), "--out", str(tmp_path / "fix")]
+    api = [*base, "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    assert main([*api, "--batch-size", "4", "--max-new-tokens", "9"]) == 1
+    assert (
+        "--batch-size, --max-new-tokens belong(s) to the local back end (--hf-model)"
+        in capsys.readouterr().err
+    )
+    assert main([*base, "--hf-model", hf_folder, "--concurrency", "4"]) == 1
+    assert "--concurrency belong(s) to the endpoint back end (--base-url)" in capsys.readouterr().err
+    assert main([*api, "--hf-model", hf_folder]) == 1
+    assert "choose one back end" in capsys.readouterr().err
+    assert not (tmp_path / "fix").exists()

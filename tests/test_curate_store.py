@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 
 import pytest
 from PIL import Image
 
-from mgpt4.curate.sources import ImageItem, SourceError, list_images
+from mgpt4.curate.sources import ImageItem, SourceError, list_images, safe_id
 from mgpt4.curate.store import (
     DONE,
     FAILED,
@@ -133,3 +134,45 @@ def test_a_damaged_shard_gives_what_it_can_and_a_problem(tmp_path):
     assert len(problems) == 2
     assert "cut.tar: damaged shard, read 2 image(s)" in problems[0]
     assert "junk.tar: not a readable uncompressed tar shard" in problems[1]
+
+
+def test_ids_are_unique_by_themselves_and_only_true_duplicates_are_errors(tmp_path):
+    """Issue 16.6: names that differ only in non-ASCII letters, in extension or in case get ids of their own."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    names = [
+        "犬.jpg",
+        "猫.jpg",
+        "IMG_0001.jpg",
+        "IMG_0001.png",
+        "a b.jpg",
+        "a_b.jpg",
+        "Cat.jpg",
+        "cat.jpg",
+        "solo.png",
+    ]
+    for n in names:
+        (imgs / n).write_bytes(_jpeg("red"))
+    items = list_images([str(imgs)])
+    ids = {os.path.basename(i.path): i.id for i in items}
+    assert len(set(ids.values())) == len(names)  # unique, also ignoring case
+    assert len({i.casefold() for i in ids.values()}) == len(names)
+    assert ids["犬.jpg"] == "犬" and ids["猫.jpg"] == "猫"
+    assert ids["IMG_0001.jpg"] == "IMG_0001_jpg" and ids["IMG_0001.png"] == "IMG_0001_png"
+    assert re.fullmatch(r"a_b-[0-9a-f]{8}", ids["a b.jpg"]) and re.fullmatch(
+        r"a_b-[0-9a-f]{8}", ids["a_b.jpg"]
+    )
+    assert re.fullmatch(r"Cat-[0-9a-f]{8}", ids["Cat.jpg"]) and re.fullmatch(
+        r"cat-[0-9a-f]{8}", ids["cat.jpg"]
+    )
+    assert ids["solo.png"] == "solo"  # no collision, no suffix
+    assert all(safe_id(i) == i for i in ids.values())  # every id is a file name filter accepts
+    # Stable: the same ids again, whatever the order the inputs are given in.
+    again = list_images([str(imgs / n) for n in reversed(names)])
+    assert {os.path.basename(i.path): i.id for i in again} == ids
+    # True duplicates are still errors: one ID<Tab>PATH id for two files, or one file twice.
+    (tmp_path / "ids.txt").write_text(f"same\t{imgs / 'solo.png'}\nsame\t{imgs / 'a b.jpg'}\n")
+    with pytest.raises(SourceError, match="two images get the id 'same'"):
+        list_images([str(tmp_path / "ids.txt")])
+    with pytest.raises(SourceError, match=r"solo\.png is given twice"):
+        list_images([str(imgs), str(imgs / "solo.png")])

@@ -60,8 +60,10 @@ def server(tokenizer, tmp_path_factory):
         "mgpt4.chat.web",
         *("--checkpoint", checkpoint, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)),
         *("--greedy", "--max-new-tokens", "16", "--repetition-penalty", "1.3"),
-        # 0.1 megapixels: the 320x240 scene passes, a 640x480 upload is "too large".
-        *("--max-image-megapixels", "0.1"),
+        # 0.1 megapixels: the 320x240 scene passes, a 640x480 upload is "too large"; 0.05 MB (51.2 KB):
+        # the drawings pass, a photo-like (noisy) file is too large; 200 tokens of context hold the
+        # two-question conversations and drop the oldest turns of longer ones.
+        *("--max-image-megapixels", "0.1", "--max-image-mb", "0.05", "--max-context", "200"),
     )
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
@@ -239,3 +241,86 @@ def test_bad_uploads_get_a_message_in_the_chat(server, browser):
     page.says("Got the image (96×64)", "the upload's confirmation")
     assert page.reply_to("What is in the picture?")
     assert "Traceback" not in server["log"].read_text()
+
+
+def ask_and_wait(page: Page, question: str) -> list[tuple[str, str]]:
+    """Ask and wait until the answer (and any note after it) is on the page; the chat's messages."""
+    page.ask(question)
+
+    def answered():
+        msgs = page.messages()
+        asked = [k for k, m in enumerate(msgs) if m == ("user", question)]
+        return msgs if asked and asked[-1] < len(msgs) - 1 and msgs[-1][1] and page.idle() else None
+
+    return page.wait_for(answered, f"a reply to {question!r}")
+
+
+def test_rejected_uploads_keep_the_image_and_the_conversation(server, browser):
+    """Issue 16.12: one size limit, said one way (Gradio refuses a larger file in the browser with the
+    number the label gives); a file that is not an image gets a note and changes nothing; and a long
+    chat is told once that its oldest turns are left out (issue 11.13)."""
+    root = server["root"]
+    reference = Page(browser, server["url"])
+    reference.upload(scene(str(root / "scene.png")))
+    reference.says("Got the image (320×240)", "the upload's confirmation")
+    first = reference.reply_to("What is in the picture?")
+    second = reference.reply_to("Which shape is on the left?")
+
+    page = Page(browser, server["url"])
+    label = page.d.find_element(page.by.ID, IDS["upload"]).text
+    assert "up to 51.2 KB and 0.1 megapixels" in label, label
+    page.upload(scene(str(root / "scene.png")))
+    page.says("Got the image (320×240)", "the upload's confirmation")
+    assert page.reply_to("What is in the picture?") == first
+    noisy = root / "photo.png"
+    Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3)).save(noisy)
+    assert noisy.stat().st_size > 0.05 * 2**20
+    page.upload(str(noisy))
+    page.wait_for(
+        lambda: (
+            "exceed the maximum allowed size of 51.2" in page.d.find_element(page.by.TAG_NAME, "body").text
+        ),
+        "Gradio's too-large message",
+    )
+    fake = root / "notes.png"
+    fake.write_text("not a picture at all\n")
+    page.upload(str(fake))
+    page.says("notes.png is not an image", "the not-an-image message")
+    page.says("The conversation about the previous image goes on", "the note that nothing changed")
+    assert page.messages()[1:3] == [("user", "What is in the picture?"), ("bot", first)]
+    assert page.d.find_elements(page.by.CSS_SELECTOR, f"#{IDS['preview']} img")  # the image is still shown
+    # The conversation goes on where it was: the same second reply as without the bad uploads.
+    assert ask_and_wait(page, "Which shape is on the left?")[-1] == ("bot", second)
+    for k in range(4):
+        msgs = ask_and_wait(page, f"And what is in corner number {k}?")
+    notes = [t for who, t in msgs if who == "bot" and "oldest questions and answers are left out" in t]
+    assert len(notes) == 1, msgs
+    assert "Traceback" not in server["log"].read_text()
+
+
+def test_a_busy_port_is_named_before_the_model_loads(tmp_path):
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        pytest.fail("the web demo test needs Gradio: pip install 'gradio>=6,<7'")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        # The checkpoint does not exist: the port must be checked before the model is looked for.
+        argv = python_module(
+            "mgpt4.chat.web",
+            "--checkpoint",
+            str(tmp_path / "nowhere"),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+        )
+        proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 1
+    assert (
+        f"--port {port}: 127.0.0.1:{port} is already in use" in proc.stderr
+        and "choose another --port" in proc.stderr
+    )
+    assert "Loading the model" not in proc.stdout and "Traceback" not in proc.stderr

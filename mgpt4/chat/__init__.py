@@ -3,7 +3,7 @@
     python -m mgpt4.chat --image photo.jpg --checkpoint outputs/tiny     # terminal (terminal.py)
     python -m mgpt4.chat.web --checkpoint outputs/tiny                   # web page (web.py)
 
-`session.py` holds one person's conversation (shared by both), `flags.py` the command-line flags
-shared with curation and evaluation, and `placement.py` builds the model the flags describe and puts
-its parts on devices.
+`session.py` holds one person's conversation (shared by both; `streaming.py` streams its replies in
+whole characters), `flags.py` the command-line flags shared with curation and evaluation, and
+`placement.py` builds the model the flags describe and puts its parts on devices.
 """

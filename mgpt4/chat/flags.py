@@ -13,10 +13,36 @@ import torch
 
 from mgpt4.chat.session import ImageLimits
 from mgpt4.config import DTYPES, ModelConfig
+from mgpt4.logs import get_logger
 from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.presets import MODEL_PRESETS, model_preset
 from mgpt4.strict_config import apply_overrides, from_dict
 from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
+
+log = get_logger(__name__)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (what is wrong, and where to look), not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in text or nothing or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+# The weight file flags, by the part of the model they fill.
+WEIGHT_FLAGS = {"eva_vit": "--eva-vit", "blip2": "--blip2", "llm": "--llm", "proj": "--proj"}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +64,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--proj", help="a MiniGPT-4 checkpoint holding llama_proj (e.g. pretrained_minigpt4.pth)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    g.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="build the parts that no weight file names with random weights (tests and benchmarks); "
+        "without it a missing --eva-vit, --blip2, --llm or --proj is an error",
+    )
     g.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -63,7 +95,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+def model_config_from_args(args: argparse.Namespace, warn: bool = True) -> ModelConfig:
+    """The model config the flags describe; exits naming the flags when a part would be random."""
+    check_device_flags(args)
     if args.checkpoint:
         ckpt = find_checkpoint(args.checkpoint)
         if ckpt is None:
@@ -90,7 +124,76 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     # getattr: callers that build their Namespace by hand may not have the low-memory flags.
     if getattr(args, "llm_dtype", None):
         cfg.precision.llm = args.llm_dtype
+    why = "the checkpoint's config names no file for it" if args.checkpoint else ""
+    _refuse_random_parts(cfg, args, why, warn)
     return cfg
+
+
+def missing_weight_flags(weights) -> list[str]:
+    """The flags of the parts that no weight file fills (`cfg.weights`), in model order."""
+    missing = []
+    if not weights.blip2_hf:
+        missing += [WEIGHT_FLAGS[k] for k in ("eva_vit", "blip2") if not getattr(weights, k)]
+    missing += [WEIGHT_FLAGS[k] for k in ("llm", "proj") if not getattr(weights, k)]
+    return missing
+
+
+def _refuse_random_parts(cfg: ModelConfig, args: argparse.Namespace, why: str, warn: bool) -> None:
+    missing = missing_weight_flags(cfg.weights)
+    if not missing:
+        return
+    if not getattr(args, "allow_random_weights", False):
+        raise SystemExit(
+            f"no weight file for {', '.join(missing)}"
+            + (f" ({why})" if why else "")
+            + ": those parts would have random weights and write nonsense. Give "
+            + " and ".join(missing)
+            + (
+                " (or --blip2-hf for the vision part)"
+                if "--blip2" in missing or "--eva-vit" in missing
+                else ""
+            )
+            + ", or --allow-random-weights if random is what you want"
+        )
+    if "--llm" in missing and not cfg.weights.tokenizer:
+        raise SystemExit(
+            "--allow-random-weights without --llm: the random LLM still needs a tokenizer; "
+            "give --set weights.tokenizer=DIR (a LLaMA tokenizer folder)"
+        )
+    if warn:
+        log.warning(f"random weights for {', '.join(missing)} (--allow-random-weights)")
+
+
+def check_device_flags(args: argparse.Namespace) -> None:
+    """Exit with one line when --device or --vision-device names a device this machine does not have."""
+    for flag, value in (
+        ("--device", getattr(args, "device", None)),
+        ("--vision-device", getattr(args, "vision_device", None)),
+    ):
+        if not value:
+            continue
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise SystemExit(f"{flag} {value}: not a device name (cpu, cuda, cuda:N, mps)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit(f"{flag} {value}: no CUDA GPU is visible to PyTorch here; use {flag} cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise SystemExit(f"{flag} {value}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise SystemExit(f"{flag} {value}: Apple's MPS is not available here; use {flag} cpu")
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The checks that read no file: devices, and with --preset the weight flags given.
+
+    Tools call it before any slow step (listing images, binding a port, loading the model); a
+    --checkpoint's own config is checked when it is read (`model_config_from_args`).
+    """
+    check_device_flags(args)
+    if args.preset and not args.checkpoint:
+        model_config_from_args(args, warn=False)
 
 
 def add_decoding_args(

@@ -6,6 +6,7 @@ or the vision path on the CPU while the LLM is on the GPU: the official low-reso
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -14,6 +15,7 @@ from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, from_config, load_weights
 from mgpt4.model.llm import llm_config_mismatches, read_llm_folder_config
 from mgpt4.model.loading import WeightsError
+from mgpt4.strict_config import ConfigError
 
 
 def model_from_args(args: argparse.Namespace) -> MiniGPT4:
@@ -31,6 +33,29 @@ def model_from_args(args: argparse.Namespace) -> MiniGPT4:
     if vision_device and torch.device(vision_device) != torch.device(args.device):
         place_vision(model, vision_device)
     return model.eval()
+
+
+def load_model_or_exit(args: argparse.Namespace) -> MiniGPT4:
+    """`model_from_args` for a command line: a model that cannot be built from these flags (weight
+    files made for another size than --preset, a missing file, a bad --set) ends in one error line."""
+    try:
+        _check_llm_folder(model_config_from_args(args, warn=False))
+        return model_from_args(args)
+    except (WeightsError, ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _check_llm_folder(cfg: ModelConfig) -> None:
+    """The LLM folder against the config's sizes (a wrong --preset), before the vision path is built."""
+    folder = cfg.weights.llm
+    if not folder or not os.path.isfile(os.path.join(folder, "config.json")):
+        return  # loading says what is missing
+    problems = llm_config_mismatches(cfg.llm, read_llm_folder_config(folder))
+    if problems:
+        raise WeightsError(
+            f"{cfg.weights.llm}: the LLM does not match the model config (--preset or the checkpoint's): "
+            + "; ".join(problems)
+        )
 
 
 VISION_PARTS = ("visual_encoder", "ln_vision", "qformer", "llama_proj")

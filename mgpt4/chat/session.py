@@ -1,9 +1,13 @@
 """One person's conversation about one image, shared by the terminal chat and the web demo.
 
 The upload is checked (a readable image within size limits), preprocessed as the official eval
-transform does, and encoded once; each reply then streams from the LLM token by token over the conversation template
-that belongs to the model (`model.text.template`: Vicuna v0, Llama-2-Chat or the tokenizer's own),
-with the context cut from the left to `max_context` as in `generate`.
+transform does, and encoded once; each reply then streams from the LLM over the conversation template
+that belongs to the model (`model.text.template`: Vicuna v0, Llama-2-Chat or the tokenizer's own), in
+whole characters (`streaming.py`), each piece extending the text before it.
+
+A conversation longer than `max_context` loses its oldest questions and answers, never the system
+text or the image (`generate` alone would cut the context from the left, the image first); the
+person is told once per conversation (`take_notices`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import StoppingCriteria, TextIteratorStreamer
+from transformers import StoppingCriteria
 
+from mgpt4.chat.streaming import ReplyStreamer
 from mgpt4.images import eval_transform, to_rgb
 from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
-from mgpt4.model.prompts import SEP, clean_reply
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, IMAGE_TAG, SEP, Conversation
 
 
 class ImageRejected(ValueError):
@@ -93,16 +98,63 @@ class _StopWhenSet(StoppingCriteria):
         )
 
 
-def visible_reply(text: str, stops: Sequence[str] = (SEP,), echo: str | None = "Assistant:") -> str:
-    """What to show of a reply still being written: as `clean_reply`, minus the start of a stop text
-    that may be being written (`#` or `##` of `###`)."""
+def visible_reply(
+    text: str, final: bool = False, stops: Sequence[str] = (SEP,), echo: str | None = "Assistant:"
+) -> str:
+    """The reply to show: the text before the first stop text (`###`), without an echoed leading role
+    (`Assistant:`); the model's template gives both.
+
+    While the reply is being written (`final=False`) it also holds back what may still change: the
+    start of a stop text (`#` or `##` of `###`), trailing spaces, and a start that may become the
+    echoed role. So each text shown extends the one before, and the final reply extends them all. It
+    differs from `clean_reply` (the official demo's) only when the role appears after the start:
+    text already shown is kept, where the official demo would cut everything before it.
+    """
+    out = text
     for stop in stops:
-        text = text.split(stop)[0]
-        for n in range(len(stop) - 1, 0, -1):
-            if text.rstrip().endswith(stop[:n]):
-                text = text.rstrip()[:-n]
-                break
-    return clean_reply(text, stops, echo)
+        out = out.split(stop)[0]
+    if not final:
+        for stop in stops:
+            held = next((n for n in range(len(stop) - 1, 0, -1) if out.endswith(stop[:n])), 0)
+            out = out[: len(out) - held]
+    out = out.lstrip()
+    if echo:
+        if out.startswith(echo):
+            out = out[len(echo) :].lstrip()
+        elif not final and echo.startswith(out):
+            return ""
+    return out.strip() if final else out.rstrip()
+
+
+def drop_oldest_exchange(conv: Conversation) -> bool:
+    """Drop the oldest question and answer after the image; False when nothing can go.
+
+    Kept: the system text, everything before the image turn, and the image itself. The image turn
+    holds the first question (`<Img><ImageHere></Img> question`); when that exchange goes, the next
+    question takes its place beside the image, so turns keep alternating. Works on any template
+    whose `messages` are `[role, text]` pairs and whose image turn holds `IMAGE_TAG`.
+    """
+    msgs = conv.messages
+    img = next((k for k, (_, text) in enumerate(msgs) if IMAGE_TAG in str(text)), None)
+    if img is None:
+        return False
+    user = msgs[img][0]
+    text = str(msgs[img][1])
+    head = text[: text.rindex(IMAGE_TAG) + len(IMAGE_TAG)]
+    nxt = next((k for k in range(img + 1, len(msgs)) if msgs[k][0] == user), None)
+    if text[len(head) :].strip():
+        # The first question sits in the image turn: the next question replaces it there.
+        if nxt is None:
+            return False
+        msgs[img][1] = f"{head} {msgs[nxt][1]}"
+        del msgs[img + 1 : nxt + 1]
+        return True
+    # The image turn stands alone: drop the first exchange after it, up to the next question.
+    later = next((k for k in range(nxt + 1, len(msgs)) if msgs[k][0] == user), None) if nxt else None
+    if later is None:
+        return False
+    del msgs[nxt:later]
+    return True
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -120,6 +172,8 @@ class ChatSession:
         self.img_embeds: torch.Tensor | None = None
         self.conversation = model.new_conversation()
         self._stop = threading.Event()
+        self._notices: list[str] = []
+        self._told_trim = False
 
     @property
     def has_image(self) -> bool:
@@ -146,8 +200,68 @@ class ChatSession:
         """Forget the conversation, keep the image; a reply being written stops."""
         self.cancel()
         self.conversation = self.model.new_conversation()
+        self._told_trim = False
         if self.has_image:
             self.conversation.add_image()
+
+    def take_notices(self) -> list[str]:
+        """Things to tell the person since the last call (the context was trimmed, say), once each."""
+        out, self._notices = self._notices, []
+        return out
+
+    def _ids(self, text: str) -> list[int]:
+        # As `MiniGPT4.segment_ids` tokenizes a segment, without adding every prompt to its cache.
+        return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` in the LLM's context: BOS (when the model adds one), the text, and the
+        image embeddings."""
+        per_image = self.img_embeds.shape[1] if self.img_embeds is not None else 0
+        segments = [self._ids(seg) for seg in prompt.split(IMAGE_PLACEHOLDER)]
+        bos = len(self.model.bos_prefix(segments[0]))
+        return bos + prompt.count(IMAGE_PLACEHOLDER) * per_image + sum(len(ids) for ids in segments)
+
+    def fit_context(self, settings: GenerationSettings) -> None:
+        """Drop the oldest exchanges until the prompt and the reply fit in `settings.max_context`;
+        a question that does not fit even then keeps only its end.
+
+        Raises ChatError when the system text and the image alone leave no room for a question.
+        """
+        conv = self.conversation
+        budget = settings.max_context - settings.max_new_tokens
+        dropped = False
+        while self.prompt_tokens(conv.prompt_for_reply()) > budget and drop_oldest_exchange(conv):
+            dropped = True
+        if dropped and not self._told_trim:
+            self._told_trim = True
+            self._notices.append(
+                f"The conversation no longer fits the model's context ({settings.max_context} tokens with "
+                f"room for a {settings.max_new_tokens}-token reply), so its oldest questions and answers "
+                "are left out from now on; the image stays."
+            )
+        if self.prompt_tokens(conv.prompt_for_reply()) > budget:
+            self._cut_question(budget, settings)
+
+    def _cut_question(self, budget: int, settings: GenerationSettings) -> None:
+        """Keep the end of a question too long for the context (its start goes, not the image)."""
+        conv = self.conversation
+        msg = conv.messages[-1]
+        text = str(msg[1])
+        head = text[: text.rindex(IMAGE_TAG) + len(IMAGE_TAG)] + " " if IMAGE_TAG in text else ""
+        ids = self._ids(text[len(head) :])
+        while (over := self.prompt_tokens(conv.prompt_for_reply()) - budget) > 0:
+            keep = len(ids) - over
+            if keep <= 0:
+                raise ChatError(
+                    f"the context of {settings.max_context} tokens (with room for a "
+                    f"{settings.max_new_tokens}-token reply) has no room left for a question"
+                )
+            ids = ids[-keep:]
+            msg[1] = head + self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        self._notices.append(
+            f"The question is longer than fits the model's context ({settings.max_context} tokens with room "
+            f"for a {settings.max_new_tokens}-token reply): the model sees only its last {len(ids)} tokens."
+        )
 
     def reply(self, question: str, settings: GenerationSettings | None = None) -> str:
         """The whole reply at once (the last of `stream_reply`'s texts)."""
@@ -173,11 +287,14 @@ class ChatSession:
         conv, spec = self.conversation, self.model.text_spec
         before = [list(m) for m in conv.messages]
         conv.ask(question)
+        try:
+            self.fit_context(settings)
+        except ChatError:
+            conv.messages = before
+            raise
         prompt = conv.prompt_for_reply()
         stop = self._stop = threading.Event()
-        streamer = None
-        if settings.num_beams == 1:
-            streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = ReplyStreamer(self.model.tokenizer) if settings.num_beams == 1 else None
         result: dict = {}
 
         def work() -> None:
@@ -194,8 +311,9 @@ class ChatSession:
         try:
             for piece in streamer or ():
                 text += piece
-                partial = visible_reply(text, spec.stops, spec.template.echo)
-                if partial and partial != shown:
+                partial = visible_reply(text, stops=spec.stops, echo=spec.template.echo)
+                # Each text shown extends the last (see visible_reply), so a reader prints only the new part.
+                if partial != shown and partial.startswith(shown):
                     shown = partial
                     yield partial
         finally:
@@ -206,17 +324,26 @@ class ChatSession:
                 conv.messages = before
             else:
                 # After a reset this is the forgotten conversation: the new one stays clean.
-                conv.add_reply(result.get("reply", visible_reply(text, spec.stops, spec.template.echo)))
+                conv.add_reply(self._final(result, streamer, text, spec))
         if "error" in result:
             raise result["error"]
-        if result["reply"] != shown or not shown:
-            yield result["reply"]
+        reply = self._final(result, streamer, text, spec)
+        if reply != shown or not shown:
+            yield reply
+
+    @staticmethod
+    def _final(result: dict, streamer: ReplyStreamer | None, text: str, spec) -> str:
+        """The reply: what was streamed, whole (so it extends every text shown); else generate's."""
+        if streamer is not None:
+            streamed = streamer.text if "reply" in result else text
+            return visible_reply(streamed, final=True, stops=spec.stops, echo=spec.template.echo)
+        return result.get("reply", "")
 
     def _generate(
         self,
         prompt: str,
         settings: GenerationSettings,
-        streamer: TextIteratorStreamer | None,
+        streamer: ReplyStreamer | None,
         stop: threading.Event,
     ) -> str:
         [reply] = self.model.generate_from_embeds(

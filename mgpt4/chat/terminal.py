@@ -9,33 +9,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shlex
 import sys
+import urllib.parse
 import warnings
 
 import torch
 
 from mgpt4.chat.flags import (
+    OneLineErrors,
     add_decoding_args,
     add_model_args,
     add_session_args,
+    check_model_flags,
     limits_from_args,
     settings_from_args,
 )
-from mgpt4.chat.placement import model_from_args
-from mgpt4.chat.session import ChatSession, ImageRejected
+from mgpt4.chat.placement import load_model_or_exit
+from mgpt4.chat.session import ChatSession, ImageRejected, load_image
 from mgpt4.model.generation import GenerationSettings
 
 PROMPT = "You: "
 SPEAKER = "MiniGPT-4: "
 HELP = """commands:
-  /image PATH   talk about another image (starts a new conversation)
+  /image PATH   talk about another image (starts a new conversation); drop a file on the terminal
+                to paste its path (quotes, backslashes and ~ are understood)
   /reset        forget the conversation, keep the image
   /help         this list
   /quit         leave (Ctrl-D too); Ctrl-C stops a reply being written"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m mgpt4.chat",
         description="Multi-turn chat about an image with a MiniGPT-4 model, in the terminal.",
         epilog=HELP,
@@ -49,22 +55,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def say(session: ChatSession, question: str, settings: GenerationSettings) -> None:
-    """Print the reply as it streams; Ctrl-C stops it and keeps what was said."""
+    """Print the reply as it streams; Ctrl-C stops it and keeps what was said.
+
+    Each text the session yields extends the one before (`visible_reply`), so only the new part is
+    printed and a reply is never printed twice.
+    """
     print(SPEAKER, end="", flush=True)
     printed = ""
     try:
         for partial in session.stream_reply(question, settings):
-            # A reply only grows, except when the model echoes "Assistant:" and the text before it goes.
-            new = partial[len(printed) :] if partial.startswith(printed) else "\n" + partial
-            print(new, end="", flush=True)
-            printed = partial
+            if partial.startswith(printed):
+                print(partial[len(printed) :], end="", flush=True)
+                printed = partial
     except KeyboardInterrupt:
         print(" [stopped]", end="")
     print(flush=True)
+    for notice in session.take_notices():
+        print(f"({notice})", flush=True)
 
 
-def set_image(session: ChatSession, path: str) -> bool:
+def image_path(text: str) -> str:
+    """The file an `/image` argument names: a path as typed, or as a terminal pastes a dropped file
+    (quoted, backslash-escaped, `~/...`, or a `file://` URL). Raises ImageRejected for no path or a folder."""
+    raw = text.strip()
+    if not raw:
+        raise ImageRejected("give the image's path: /image PATH (or drop the file on the terminal)")
+    candidates = [raw]
+    if raw.startswith("file://"):
+        candidates.insert(0, urllib.parse.unquote(urllib.parse.urlsplit(raw).path))
+    with contextlib.suppress(ValueError):  # unbalanced quotes: the path as typed
+        parts = shlex.split(raw)
+        if len(parts) == 1:
+            candidates.append(parts[0])
+    paths = [os.path.expanduser(c) for c in candidates]
+    path = next((p for p in paths if os.path.exists(p)), paths[-1])
+    if os.path.isdir(path):
+        raise ImageRejected(f"{path} is a folder; give an image file (PNG, JPEG, WebP, ...)")
+    return path
+
+
+def set_image(session: ChatSession, text: str) -> bool:
     try:
+        path = image_path(text)
         img = session.set_image(path)
     except ImageRejected as e:
         print(f"! {e}", flush=True)
@@ -92,8 +124,8 @@ def repl(session: ChatSession, settings: GenerationSettings) -> None:
             if cmd == "/reset":
                 session.reset()
                 print("(conversation cleared)", flush=True)
-            elif cmd == "/image" and rest.strip():
-                set_image(session, rest.strip())
+            elif cmd == "/image":
+                set_image(session, rest)
             elif cmd == "/help":
                 print(HELP, flush=True)
             else:
@@ -110,10 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
+    limits = limits_from_args(args)
+    # Everything that can be checked without the model is checked before minutes of loading.
+    check_model_flags(args)
+    try:
+        load_image(image_path(args.image), limits)
+    except ImageRejected as e:
+        print(f"! {e}", flush=True)
+        sys.exit(2)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     print("Loading the model ...", flush=True)
-    session = ChatSession(model_from_args(args), limits_from_args(args))
+    session = ChatSession(load_model_or_exit(args), limits)
     if not set_image(session, args.image):
         sys.exit(2)
     repl(session, settings)

@@ -9,19 +9,23 @@ Every browser tab has its own conversation; requests wait in one queue, and at m
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 
 import torch
 
 from mgpt4.chat.flags import (
+    OneLineErrors,
     add_decoding_args,
     add_model_args,
     add_session_args,
+    check_model_flags,
     limits_from_args,
     settings_from_args,
 )
-from mgpt4.chat.placement import model_from_args
+from mgpt4.chat.placement import load_model_or_exit
 from mgpt4.chat.session import ChatError, ChatSession, ImageLimits, ImageRejected
 from mgpt4.model.generation import GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
@@ -41,6 +45,43 @@ INTRO = (
     "Upload an image, then ask about it. The model sees one image at a time; "
     "a new upload starts a new conversation."
 )
+
+
+def size_text(n: float) -> str:
+    """Bytes as Gradio's upload check counts them (1024-based, one decimal): 20.0 MB."""
+    units = ("B", "KB", "MB", "GB", "TB")
+    k = 0
+    while n >= 1024 and k < len(units) - 1:
+        n /= 1024
+        k += 1
+    return f"{n:.1f} {units[k]}"
+
+
+def upload_label(limits: ImageLimits) -> str:
+    """The upload box's label, with the limits. The byte limit is Gradio's too (`max_file_size`), so a
+    larger file is refused in the browser, before it is sent, and there is no second limit."""
+    return (
+        f"Upload an image (PNG, JPEG, WebP, …; up to {size_text(limits.max_bytes)} and "
+        f"{limits.max_pixels / 1e6:g} megapixels)"
+    )
+
+
+def check_port(host: str, port: int) -> None:
+    """Exit naming --port when the address is taken, before any minute is spent loading the model."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the server will bind: a port in TIME_WAIT after a restart is free to it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SystemExit(
+                    f"--port {port}: {host}:{port} is already in use (another demo?); choose another --port"
+                ) from None
+            raise SystemExit(
+                f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
+            ) from None
 
 
 def _import_gradio():
@@ -69,7 +110,7 @@ def build_demo(
         # Created on first use: gr.State deep-copies its initial value, and the model must not be copied.
         return session if session is not None else ChatSession(model, limits)
 
-    def on_upload(path: str | None, session: ChatSession | None):
+    def on_upload(path: str | None, history, session: ChatSession | None):
         # The upload box empties itself each time (the preview shows the image), so the next
         # upload is one click away and a rejected file does not look accepted.
         session = session_of(session)
@@ -78,8 +119,10 @@ def build_demo(
         try:
             img = session.set_image(path)
         except ImageRejected as e:
-            session.clear_image()
-            return session, [_note(f"⚠️ This upload cannot be used: {e}.")], None, None
+            # The image and the conversation before the bad upload stay as they were.
+            kept = " The conversation about the previous image goes on." if session.has_image else ""
+            note = _note(f"⚠️ This upload cannot be used: {e}.{kept}")
+            return session, [*(history or []), note], gr.skip(), None
         return session, [_note(f"Got the image ({img.width}×{img.height}). Ask me about it.")], img, None
 
     def on_send(
@@ -114,6 +157,7 @@ def build_demo(
                 yield history, "", session
             if not reply:
                 history[-1] = _note("_(the model gave an empty reply)_")
+            history.extend(_note(f"_{n}_") for n in session.take_notices())
         except ChatError as e:
             history[-1] = _note(f"⚠️ {e}.")
         except Exception as e:  # one failed reply (out of memory, say) must not take the page down
@@ -131,9 +175,7 @@ def build_demo(
         session = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(
-                    label="Upload an image (PNG, JPEG, WebP, …)", type="filepath", elem_id=IDS["upload"]
-                )
+                upload = gr.File(label=upload_label(limits), type="filepath", elem_id=IDS["upload"])
                 preview = gr.Image(
                     label="What the model sees",
                     type="pil",
@@ -166,7 +208,7 @@ def build_demo(
                     )
                     send = gr.Button("Send", variant="primary", scale=1, elem_id=IDS["send"])
 
-        upload.upload(on_upload, [upload, session], [session, chatbot, preview, upload])
+        upload.upload(on_upload, [upload, chatbot, session], [session, chatbot, preview, upload])
         ask_inputs = [question, chatbot, session, max_new, beams, sample, temperature, top_p, rep]
         asked = [
             send.click(on_send, ask_inputs, [chatbot, question, session]),
@@ -180,7 +222,7 @@ def build_demo(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m mgpt4.chat.web",
         description="Serve a web page to chat with a MiniGPT-4 model about an uploaded image.",
     )
@@ -212,14 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     limits = limits_from_args(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    _import_gradio()  # fail on a missing Gradio before minutes of model loading
+    # Fail on what needs no model before minutes of loading: Gradio, the flags, the port.
+    _import_gradio()
+    check_model_flags(args)
+    check_port(args.host, args.port)
     print("Loading the model ...", flush=True)
-    demo = build_demo(model_from_args(args), settings, limits)
+    demo = build_demo(load_model_or_exit(args), settings, limits)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
-    # Gradio's own cap sits above ours, so a file somewhat too large still gets our message in the chat.
-    demo.launch(
-        server_name=args.host, server_port=args.port, max_file_size=2 * limits.max_bytes, show_error=True
-    )
+    # One size limit: Gradio refuses a larger file in the browser, before it is sent, with the same
+    # number of bytes that the upload label states (and that load_image checks for the terminal).
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=limits.max_bytes, show_error=True)
 
 
 if __name__ == "__main__":

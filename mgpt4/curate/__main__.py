@@ -19,7 +19,11 @@ from mgpt4.curate.prompts import FIX_PROMPT
 from mgpt4.curate.rules import RULE_ORDER, RulesConfig
 from mgpt4.curate.sources import SourceError
 from mgpt4.curate.store import StoreError
+from mgpt4.model.loading import WeightsError
 from mgpt4.strict_config import ConfigError, apply_overrides, from_dict, to_dict
+
+# Exit status of a step stopped by Ctrl-C, as a shell reports a process ended by SIGINT.
+EXIT_INTERRUPTED = 130
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -35,18 +39,40 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mgpt4.chat.flags import add_decoding_args, add_model_args
+# Flags of one back end of fix; given with the other back end they would be ignored, so they are refused.
+API_FLAGS = {
+    "api_key_env": "--api-key-env",
+    "concurrency": "--concurrency",
+    "max_attempts": "--max-attempts",
+    "timeout": "--timeout",
+    "backoff": "--backoff",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+}
+HF_FLAGS = {
+    "device": "--device",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+    "max_new_tokens": "--max-new-tokens",
+}
 
-    parser = argparse.ArgumentParser(
+
+def build_parser() -> argparse.ArgumentParser:
+    from mgpt4.chat.flags import HelpWithDefaults, OneLineErrors, add_decoding_args, add_model_args
+
+    parser = OneLineErrors(
         prog="python -m mgpt4.curate",
         description="Build a cc_sbu_align set from your images: describe -> fix -> filter. Every step resumes.",
+        formatter_class=HelpWithDefaults,
     )
     # The deepspeed launcher puts --local_rank before the step name.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="step", required=True)
 
-    d = sub.add_parser("describe", help="a stage-1 model describes every image (resumable, multi-rank)")
+    def step(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpWithDefaults)
+
+    d = step("describe", "a stage-1 model describes every image (resumable, multi-rank)")
     d.add_argument(
         "--images",
         nargs="+",
@@ -55,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", required=True, help="store folder for the descriptions")
     dd = DescribeConfig(images=[], out="")
-    d.add_argument("--batch-size", type=int, default=dd.batch_size)
+    d.add_argument("--batch-size", type=int, default=dd.batch_size, help="images per generate call")
     d.add_argument("--num-workers", type=int, default=dd.num_workers, help="image decoding workers")
     d.add_argument(
         "--continue-below",
@@ -71,39 +97,52 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="describe a seeded random subset of this many images",
     )
-    d.add_argument("--seed", type=int, default=dd.seed)
+    d.add_argument("--seed", type=int, default=dd.seed, help="seed of --sample (and of sampled decoding)")
     add_model_args(d)
     add_decoding_args(d, dd.decoding, "decoding (greedy by default, so a re-run gives the same text)")
     _common(d)
 
-    f = sub.add_parser("fix", help="an LLM rewrites every description (API endpoint or local HF model)")
+    f = step("fix", "an LLM rewrites every description (API endpoint or local HF model)")
     f.add_argument("--input", required=True, help="describe's store folder")
     f.add_argument("--out", required=True, help="store folder for the fixed descriptions")
     f.add_argument(
         "--prompt-file",
         help=f"a text file with another fix instruction (default: the paper's: {FIX_PROMPT[:40]}...)",
     )
+    # The back-end flags default to None, so that one given with the other back end can be refused;
+    # their real defaults are filled in by _fix and shown in --help.
     api = ChatAPIConfig(base_url="", model="")
     g = f.add_argument_group("OpenAI-compatible endpoint")
     g.add_argument("--base-url", help="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
     g.add_argument("--model", help="model name served by the endpoint")
-    g.add_argument("--api-key-env", default=api.api_key_env, help="environment variable holding the key")
-    g.add_argument("--concurrency", type=int, default=api.concurrency, help="requests in flight")
-    g.add_argument("--max-attempts", type=int, default=api.max_attempts, help="tries per item on 429/5xx")
-    g.add_argument("--timeout", type=float, default=api.timeout_s, help="seconds per request")
-    g.add_argument("--backoff", type=float, default=api.backoff_base_s, help="first retry delay (doubles)")
-    g.add_argument("--max-tokens", type=int, default=api.max_tokens)
-    g.add_argument("--temperature", type=float, default=api.temperature)
+    for flag, kind, default, help_text in (
+        ("--api-key-env", str, api.api_key_env, "environment variable holding the key"),
+        ("--concurrency", int, api.concurrency, "requests in flight"),
+        (
+            "--max-attempts",
+            int,
+            api.max_attempts,
+            "tries per item on 429/5xx, dropped connections, cut replies",
+        ),
+        ("--timeout", float, api.timeout_s, "seconds per request"),
+        ("--backoff", float, api.backoff_base_s, "first retry delay in seconds (doubles)"),
+        ("--max-tokens", int, api.max_tokens, "longest reply; a reply cut there fails"),
+        ("--temperature", float, api.temperature, "sampling temperature of the endpoint"),
+    ):
+        g.add_argument(flag, type=kind, help=f"{help_text} (default: {default})")
     hf = HFRewriterConfig(model_path="")
     h = f.add_argument_group("local Hugging Face model")
     h.add_argument("--hf-model", help="a local Hugging Face causal LM folder")
-    h.add_argument("--device", default=hf.device)
-    h.add_argument("--dtype", default=hf.dtype, help="auto, fp32, bf16 or fp16")
-    h.add_argument("--batch-size", type=int, default=hf.batch_size)
-    h.add_argument("--max-new-tokens", type=int, default=hf.max_new_tokens)
+    for flag, kind, default, help_text in (
+        ("--device", str, hf.device, "device of the model"),
+        ("--dtype", str, hf.dtype, "auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16"),
+        ("--batch-size", int, hf.batch_size, "paragraphs per generate call"),
+        ("--max-new-tokens", int, hf.max_new_tokens, "longest reply; a reply cut there fails"),
+    ):
+        h.add_argument(flag, type=kind, help=f"{help_text} (default: {default})")
     _common(f)
 
-    r = sub.add_parser("filter", help="rules drop bad captions; the rest is written as cc_sbu_align")
+    r = step("filter", "rules drop bad captions; the rest is written as cc_sbu_align")
     r.add_argument("--input", help="fix's store folder (or describe's, to skip fixing)")
     r.add_argument("--out", help="the cc_sbu_align folder to write")
     r.add_argument("--rules", help="a JSON file with rule settings (see --print-rules)")
@@ -137,7 +176,7 @@ def rules_from_args(args: argparse.Namespace) -> RulesConfig:
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from mgpt4.chat.flags import settings_from_args
+    from mgpt4.chat.flags import check_model_flags, settings_from_args
     from mgpt4.chat.placement import model_from_args
     from mgpt4.curate import ranks
     from mgpt4.curate.describe import run_describe
@@ -158,7 +197,13 @@ def _describe(args: argparse.Namespace) -> None:
     cfg.validate()
     info = ranks.rank_info()
     args.device = ranks.rank_device(args.device, info)
+    # Flags that cannot give a usable model fail now, not after the images are listed.
+    check_model_flags(args)
     run_describe(lambda: model_from_args(args), cfg, info)
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    return [flag for dest, flag in flags.items() if getattr(args, dest) is not None]
 
 
 def _fix(args: argparse.Namespace) -> None:
@@ -174,24 +219,40 @@ def _fix(args: argparse.Namespace) -> None:
     if args.base_url or args.model:
         if not (args.base_url and args.model):
             raise ConfigError("fix: --base-url and --model go together")
+        if args.hf_model:
+            raise ConfigError(
+                "fix: choose one back end: --base-url/--model (an API) or --hf-model (a local folder)"
+            )
+        wrong = _given(args, HF_FLAGS)
+        if wrong:
+            raise ConfigError(
+                f"fix: {', '.join(wrong)} belong(s) to the local back end (--hf-model), not to --base-url"
+            )
+        d = ChatAPIConfig(base_url=args.base_url, model=args.model)
         api = ChatAPIConfig(
             base_url=args.base_url,
             model=args.model,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            max_attempts=args.max_attempts,
-            timeout_s=args.timeout,
-            backoff_base_s=args.backoff,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
+            api_key_env=_or(args.api_key_env, d.api_key_env),
+            concurrency=_or(args.concurrency, d.concurrency),
+            max_attempts=_or(args.max_attempts, d.max_attempts),
+            timeout_s=_or(args.timeout, d.timeout_s),
+            backoff_base_s=_or(args.backoff, d.backoff_base_s),
+            max_tokens=_or(args.max_tokens, d.max_tokens),
+            temperature=_or(args.temperature, d.temperature),
         )
     if args.hf_model:
+        wrong = _given(args, API_FLAGS)
+        if wrong:
+            raise ConfigError(
+                f"fix: {', '.join(wrong)} belong(s) to the endpoint back end (--base-url), not to --hf-model"
+            )
+        d = HFRewriterConfig(model_path=args.hf_model)
         hf = HFRewriterConfig(
             model_path=args.hf_model,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
+            device=_or(args.device, d.device),
+            dtype=_or(args.dtype, d.dtype),
+            batch_size=_or(args.batch_size, d.batch_size),
+            max_new_tokens=_or(args.max_new_tokens, d.max_new_tokens),
         )
     run_fix(
         FixConfig(
@@ -204,6 +265,10 @@ def _fix(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
         )
     )
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _filter(args: argparse.Namespace) -> None:
@@ -234,9 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FatalAPIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, StoreError, SourceError, FileNotFoundError) as e:
+    except (ConfigError, StoreError, SourceError, WeightsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        # No traceback: every finished item is in the store, and the message says what is left.
+        print(
+            f"\n{e or f'{args.step} interrupted; finished items are kept, run it again to resume'}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0
 
 

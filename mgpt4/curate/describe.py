@@ -6,6 +6,7 @@ Batched over images, shared out over ranks, resumable through the item store. A 
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -20,7 +21,16 @@ from mgpt4.curate import ranks
 from mgpt4.curate.images import decode_rgb
 from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.sources import ImageItem, list_images
-from mgpt4.curate.store import DONE, FAILED, PartWriter, open_store, pending_ids, read_store, record
+from mgpt4.curate.store import (
+    DONE,
+    FAILED,
+    PartWriter,
+    open_store,
+    pending_ids,
+    read_store,
+    record,
+    unchanged_failure,
+)
 from mgpt4.images import eval_transform
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationError, GenerationSettings
@@ -80,6 +90,7 @@ class DescribeReport:
     done: int = 0  # done by this rank in this run
     failed: int = 0
     continued: int = 0
+    unchanged: int = 0  # images that failed to decode before and have not changed since: not retried
     problems: list[str] = field(default_factory=list)
 
 
@@ -103,6 +114,20 @@ class _ImageDataset(Dataset):
 
 def _collate(batch: list) -> list:
     return batch
+
+
+def file_stamp(path: str) -> str:
+    """An image file's size and modification time, or "missing": what a decode failure failed on."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "file:missing"
+    return f"file:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _unreadable(item: ImageItem, error: str) -> dict[str, Any]:
+    """The record of an image that could not be read; it is retried only once its file changes."""
+    return record(item.id, FAILED, source=item.to_dict(), error=error, failed_on=file_stamp(item.path))
 
 
 def generate_rows(
@@ -165,7 +190,13 @@ def run_describe(
         report.total = len(items)
         done = state.done()
         report.already_done = sum(1 for i in by_id if i in done)
-        todo = pending_ids(list(by_id), state, cfg.retry_failed)
+        # Decided before any model loads: an unreadable image whose file has not changed would fail again.
+        failed_on = _failed_on_now(by_id)
+        if cfg.retry_failed:
+            report.unchanged = sum(
+                unchanged_failure(i, r, failed_on) for i, r in state.failed().items() if i in by_id
+            )
+        todo = pending_ids(list(by_id), state, cfg.retry_failed, failed_on)
         # Every rank has read the store before any rank writes: they all split the same list.
         ranks.barrier()
         mine = [by_id[i] for i in ranks.share(todo, info)]
@@ -189,14 +220,27 @@ def run_describe(
             f"describe: {sum(r.done for r in reports)} done, {sum(r.failed for r in reports)} failed of "
             f"{sum(r.mine for r in reports)} pending on {len(reports)} ranks; store {cfg.out}"
         )
+    if report.unchanged:
+        log.info(
+            f"describe: {report.unchanged} image(s) could not be read before and have not changed since; "
+            "they are not tried again (replace or fix the file to retry)"
+        )
     return report
+
+
+def _failed_on_now(by_id: dict[str, ImageItem]):
+    def now(item_id: str, rec: dict[str, Any]) -> str | None:
+        item = by_id.get(item_id)
+        return file_stamp(item.path) if item is not None and rec["failed_on"].startswith("file:") else None
+
+    return now
 
 
 def _describe_batch(
     model: MiniGPT4, items: list[ImageItem], batch: list, cfg: DescribeConfig, device: torch.device
 ) -> list[dict[str, Any]]:
     """Records for one loader batch; raises only when generation itself fails."""
-    recs = [record(items[i].id, FAILED, source=items[i].to_dict(), error=err) for i, _, err in batch if err]
+    recs = [_unreadable(items[i], err) for i, _, err in batch if err]
     good = [(i, t) for i, t, err in batch if err is None]
     if not good:
         return recs
@@ -235,7 +279,9 @@ def _describe_items(
                 failed_batches += 1
                 msg = f"generation failed: {type(e).__name__}: {e}"
                 recs = [
-                    record(items[i].id, FAILED, source=items[i].to_dict(), error=err or msg)
+                    _unreadable(items[i], err)
+                    if err
+                    else record(items[i].id, FAILED, source=items[i].to_dict(), error=msg)
                     for i, _, err in batch
                 ]
                 if failed_batches >= cfg.max_failed_batches:

@@ -9,6 +9,8 @@ Every item that ever entered describe is accounted for: kept, dropped by a rule,
 earlier step (`describe_failed`, `fix_failed`), never processed by a later one (`fix_pending`),
 `image_unreadable` or `bad_record` (a done record without text, or an id that is no file name).
 The rules are cheap and re-run in full; images already in image/ are not written again.
+Keeping no pair at all is an error (exit status 1): the folder is still written, rejects included,
+but there is nothing to train on.
 """
 
 from __future__ import annotations
@@ -174,8 +176,17 @@ def run_filter(cfg: FilterConfig) -> FilterReport:
             file=sys.stderr,
         )
     if not annotations:
-        print("warning: no caption survived the rules; see the rejects file", file=sys.stderr)
+        # Nothing to train on: an error, so that a pipeline stops here and not at training's start.
+        raise EmptyResult(
+            f"filter kept 0 pairs of {report.total} item(s): {report.annotations} holds no pairs, so "
+            f"stage 2 cannot train on it; every item is in {report.rejects} with the rule that dropped it "
+            "(loosen a rule with --set or --disable, or check the earlier steps)"
+        )
     return report
+
+
+class EmptyResult(StoreError):
+    """`filter` kept no pair: the folder is written (with its rejects), but there is nothing to train on."""
 
 
 def _write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:

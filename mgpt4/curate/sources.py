@@ -1,22 +1,35 @@
 """Where describe finds images: folders, webdataset shards (.tar) and list files, as items with ids.
 
-An item's id is also its cc_sbu_align file name (`image/{id}.jpg`), so ids are made file-name safe
-and must be unique over all inputs. Shards are indexed once (member offsets), so any worker reads
-any image with one seek, and an item can be read again later by `filter` from the same record.
+An item's id is also its cc_sbu_align file name (`image/{id}.jpg`), so it is made file-name safe
+(letters of any script, digits, `.`, `_`, `-`; Unicode in NFC form) and unique over all inputs:
+
+- an image's id is its name without the extension: `photos/cat.jpg` -> `photos__cat`, `犬.jpg` -> `犬`;
+- names that would give the same id (ignoring case, as macOS and Windows file systems do) keep
+  their extension: `IMG_0001.jpg` and `IMG_0001.png` -> `IMG_0001_jpg` and `IMG_0001_png`;
+- names that collide even then (`a b.jpg` and `a_b.jpg`) get a short hash of their full path.
+
+Ids follow from the names alone, so a re-run gets the same ids. Only true duplicates are an error:
+the same file given twice, or one id given to two files in list files (`ID<Tab>PATH`).
+Shards are indexed once (member offsets), so any worker reads any image with one seek, and an item
+can be read again later by `filter` from the same record.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import tarfile
-from dataclasses import asdict, dataclass
+import unicodedata
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
 
 import braceexpand
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# \w is Unicode-aware: letters and digits of every script stay, everything else becomes "_".
+_UNSAFE = re.compile(r"[^\w.-]+")
 
 
 class SourceError(ValueError):
@@ -65,15 +78,44 @@ class ImageItem:
 
 
 def safe_id(text: str) -> str:
-    out = _UNSAFE.sub("_", text).strip("._")
+    """`text` as a file-name-safe id (NFC, runs of other characters as "_"); safe_id(safe_id(x)) == safe_id(x)."""
+    out = _UNSAFE.sub("_", unicodedata.normalize("NFC", text)).strip("._")
     return out or "_"
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An image found in an input, before ids are assigned: its item, its name and how it was named."""
+
+    item: ImageItem
+    name: str  # the image's path relative to its input (folder, shard), with its extension
+    explicit: bool = False  # the id was given in a list file (ID<Tab>PATH)
+
+    @property
+    def stem_id(self) -> str:
+        if self.explicit:
+            return self.item.id
+        d, base = os.path.split(self.name)
+        # A shard's key ends at the first dot of its base name (webdataset); a file's at the last.
+        stem = base.split(".", 1)[0] if self.item.member else os.path.splitext(base)[0]
+        return safe_id(os.path.join(d, stem).replace(os.sep, "__").replace("/", "__"))
+
+    @property
+    def ext_id(self) -> str:
+        ext = self.name.rsplit(".", 1)[-1] if "." in os.path.basename(self.name) else ""
+        return safe_id(f"{self.stem_id}_{ext}") if ext else self.stem_id
+
+    @property
+    def hash_id(self) -> str:
+        digest = hashlib.sha1(self.item.describe().encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return f"{self.stem_id}-{digest}"
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTS)
 
 
-def list_folder(root: str) -> list[ImageItem]:
+def list_folder(root: str) -> list[_Found]:
     items = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
@@ -81,12 +123,11 @@ def list_folder(root: str) -> list[ImageItem]:
             if not _is_image(name):
                 continue
             path = os.path.join(dirpath, name)
-            rel = os.path.splitext(os.path.relpath(path, root))[0]
-            items.append(ImageItem(id=safe_id(rel.replace(os.sep, "__")), path=os.path.abspath(path)))
+            items.append(_Found(ImageItem(id="", path=os.path.abspath(path)), os.path.relpath(path, root)))
     return items
 
 
-def list_shard(path: str, problems: list[str]) -> list[ImageItem]:
+def list_shard(path: str, problems: list[str]) -> list[_Found]:
     """The image of each sample of an uncompressed webdataset tar (first image extension per key).
 
     A shard damaged part-way gives the images before the damage; the damage goes to `problems`.
@@ -96,7 +137,7 @@ def list_shard(path: str, problems: list[str]) -> list[ImageItem]:
     except (tarfile.TarError, OSError) as e:
         problems.append(f"{path}: not a readable uncompressed tar shard, no image taken from it: {e}")
         return []
-    items: dict[str, ImageItem] = {}
+    items: dict[str, _Found] = {}
     try:
         for m in tar:
             if not m.isfile() or not _is_image(m.name):
@@ -106,13 +147,10 @@ def list_shard(path: str, problems: list[str]) -> list[ImageItem]:
             key = os.path.join(d, base.split(".", 1)[0])
             if key in items:
                 continue
-            items[key] = ImageItem(
-                id=safe_id(key.replace("/", "__")),
-                path=os.path.abspath(path),
-                member=m.name,
-                offset=m.offset_data,
-                size=m.size,
+            item = ImageItem(
+                id="", path=os.path.abspath(path), member=m.name, offset=m.offset_data, size=m.size
             )
+            items[key] = _Found(item, m.name)
     except (tarfile.TarError, OSError) as e:
         problems.append(f"{path}: damaged shard, read {len(items)} image(s) before the damage: {e}")
     finally:
@@ -120,7 +158,7 @@ def list_shard(path: str, problems: list[str]) -> list[ImageItem]:
     return list(items.values())
 
 
-def list_file(path: str) -> list[ImageItem]:
+def list_file(path: str) -> list[_Found]:
     """A text file of images, one per line: `PATH` or `ID<Tab>PATH`; relative paths are from the file."""
     base = os.path.dirname(os.path.abspath(path))
     items = []
@@ -133,10 +171,12 @@ def list_file(path: str) -> list[ImageItem]:
             if len(parts) > 2:
                 raise SourceError(f"{path}:{n}: expected PATH or ID<Tab>PATH, got {len(parts)} fields")
             img = parts[-1]
-            img = img if os.path.isabs(img) else os.path.join(base, img)
-            item_id = parts[0] if len(parts) == 2 else os.path.splitext(os.path.basename(img))[0]
+            img = os.path.abspath(img if os.path.isabs(img) else os.path.join(base, img))
             # A missing file is not an error here: describe records it as a failed item.
-            items.append(ImageItem(id=safe_id(item_id), path=os.path.abspath(img)))
+            if len(parts) == 2:
+                items.append(_Found(ImageItem(id=safe_id(parts[0]), path=img), os.path.basename(img), True))
+            else:
+                items.append(_Found(ImageItem(id="", path=img), os.path.basename(img)))
     return items
 
 
@@ -155,31 +195,70 @@ def expand(spec: str) -> list[str]:
 
 
 def list_images(specs: list[str], problems: list[str] | None = None) -> list[ImageItem]:
-    """All items of the given folders, shards (.tar) and list files, sorted by id; ids must be unique.
+    """All items of the given folders, shards (.tar) and list files, sorted by id; ids are unique
+    (see the module docstring). The same file given twice, or one list-file id given to two files,
+    raises SourceError.
 
     Damage that hides items (a shard cut part-way) is appended to `problems`, not raised.
     """
     problems = [] if problems is None else problems
-    items: list[ImageItem] = []
+    found: list[_Found] = []
     for spec in specs:
         for path in expand(spec):
             if os.path.isdir(path):
-                found = list_folder(path)
+                found.extend(list_folder(path))
             elif not os.path.exists(path):
                 raise SourceError(f"{path}: no such folder, shard or list file")
             elif path.endswith(".tar"):
-                found = list_shard(path, problems)
+                found.extend(list_shard(path, problems))
             elif _is_image(path):
-                found = [ImageItem(id=safe_id(os.path.splitext(os.path.basename(path))[0]), path=path)]
+                found.append(_Found(ImageItem(id="", path=os.path.abspath(path)), os.path.basename(path)))
             else:
-                found = list_file(path)
-            items.extend(found)
-    by_id: dict[str, ImageItem] = {}
-    for it in items:
-        if it.id in by_id:
+                found.extend(list_file(path))
+    items = assign_ids(found)
+    return sorted(items, key=lambda it: it.id)
+
+
+def assign_ids(found: list[_Found]) -> list[ImageItem]:
+    """Give every found image its id: the stem, then stem + extension, then stem + a path hash."""
+    where: dict[str, _Found] = {}
+    for f in found:
+        src = f.item.describe()
+        if src in where:
             raise SourceError(
-                f"two images get the id {it.id!r}: {by_id[it.id].describe()} and {it.describe()}; "
-                "ids become cc_sbu_align file names and must be unique (give a list file with ID<Tab>PATH)"
+                f"two images get the id {f.stem_id!r}: {src} is given twice (as {_shown(where[src])} and "
+                f"as {_shown(f)}); ids become cc_sbu_align file names, so list each image once"
             )
-        by_id[it.id] = it
-    return [by_id[k] for k in sorted(by_id)]
+        where[src] = f
+    ids: dict[int, str] = {}
+    taken: dict[str, _Found] = {}
+    for k, f in enumerate(found):
+        if f.explicit:
+            key = f.item.id.casefold()
+            if key in taken:
+                raise SourceError(
+                    f"two images get the id {f.item.id!r}: {taken[key].item.describe()} and {f.item.describe()}; "
+                    "ids become cc_sbu_align file names and must be unique (give each its own ID in the list file)"
+                )
+            taken[key] = f
+            ids[k] = f.item.id
+    # Each level settles the names it makes unique; the rest go on to the next, longer form.
+    rest = [k for k, f in enumerate(found) if not f.explicit]
+    for level in ("stem_id", "ext_id", "hash_id"):
+        groups: dict[str, list[int]] = defaultdict(list)
+        for k in rest:
+            groups[getattr(found[k], level).casefold()].append(k)
+        rest = []
+        for key, members in groups.items():
+            if len(members) == 1 and key not in taken:
+                ids[members[0]] = getattr(found[members[0]], level)
+                taken[key] = found[members[0]]
+            else:
+                rest.extend(members)
+    if rest:  # the same path hash twice: only a duplicate source gives that, refused above
+        raise SourceError(f"cannot give {found[rest[0]].item.describe()} a unique id")
+    return [replace(f.item, id=ids[k]) for k, f in enumerate(found)]
+
+
+def _shown(f: _Found) -> str:
+    return f"id {f.item.id!r}" if f.explicit else repr(f.name)

@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,14 +194,40 @@ def record(item_id: str, status: str, **fields: Any) -> dict[str, Any]:
     return {"id": item_id, "status": status, **fields, "time": now()}
 
 
-def pending_ids(ids: Iterable[str], state: StoreState, retry_failed: bool) -> list[str]:
-    """Ids still to do: not done, and (unless `retry_failed`) not failed either."""
+def pending_ids(
+    ids: Iterable[str],
+    state: StoreState,
+    retry_failed: bool,
+    failed_on_now: Callable[[str, dict[str, Any]], str | None] | None = None,
+) -> list[str]:
+    """Ids still to do: not done, and (unless `retry_failed`) not failed either.
+
+    A failure that would repeat is not retried: a failed record may carry `failed_on`, a
+    fingerprint of what it failed on (an image file's size and time, a prompt and settings), and
+    when `failed_on_now(id, record)` gives the same fingerprint today, nothing has changed and the
+    item stays failed. This is decided before any model is loaded, so a re-run with nothing that can
+    succeed loads nothing.
+    """
     out = []
     for i in ids:
         rec = state.records.get(i)
-        if rec is None or (rec["status"] == FAILED and retry_failed):
+        retry = rec is not None and rec["status"] == FAILED and retry_failed
+        if rec is None or (retry and not unchanged_failure(i, rec, failed_on_now)):
             out.append(i)
     return out
+
+
+def unchanged_failure(
+    item_id: str, rec: dict[str, Any], failed_on_now: Callable[[str, dict[str, Any]], str | None] | None
+) -> bool:
+    """True when `rec` failed on inputs that have not changed since (see `pending_ids`)."""
+    if rec["status"] != FAILED or failed_on_now is None or rec.get("failed_on") is None:
+        return False
+    return rec["failed_on"] == failed_on_now(item_id, rec)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a step; every finished record is in the store and the message says what is left."""
 
 
 def upstream_chain(root: str) -> list[tuple[str, str]]:

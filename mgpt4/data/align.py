@@ -61,9 +61,14 @@ def load_align(root: str) -> list[AlignPair]:
     except ValueError as e:
         raise ValueError(f"{ann_path}: not valid JSON: {e}") from e
     anns = data.get("annotations") if isinstance(data, dict) else None
-    if not isinstance(anns, list) or not anns:
+    if not isinstance(anns, list):
         raise ValueError(
             f'{ann_path}: expected {{"annotations": [{{"image_id": ..., "caption": ...}}, ...]}}'
+        )
+    if not anns:
+        raise ValueError(
+            f"{ann_path}: 0 pairs (an empty annotations list), nothing to train on; if "
+            "`python -m mgpt4.curate filter` wrote it, its rules kept no caption (see rejects.jsonl)"
         )
     found: list[str] = []  # in file order; duplicate ids and missing images follow
     pairs, missing = [], []

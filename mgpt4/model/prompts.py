@@ -121,6 +121,11 @@ class Conversation:
         return clean_reply(text, self.template.stops, self.template.echo)
 
     @property
+    def system(self) -> str:
+        """The system text the prompt starts with ("" for a template without one)."""
+        return getattr(self.template, "system", "") or ""
+
+    @property
     def num_images(self) -> int:
         return sum(str(m).count(IMAGE_PLACEHOLDER) for _, m in self.messages)
 
