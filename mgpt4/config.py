@@ -110,6 +110,9 @@ class WeightsConfig:
     llm: str | None = None  # a Hugging Face LLaMA/Vicuna folder (weights and tokenizer)
     tokenizer: str | None = None  # defaults to `llm`
     proj: str | None = None  # a MiniGPT-4 checkpoint holding llama_proj.*
+    # Files are read with torch.load(weights_only=True): tensors, numbers, strings and plain containers,
+    # nothing that can run code. True also loads files that need full unpickling: only files you trust.
+    allow_pickle: bool = False
 
 
 @dataclass
