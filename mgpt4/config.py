@@ -204,6 +204,11 @@ class TrainConfig:
     stop_at: int | None = None
     # Generate the tiny weights and the synthetic data into the cache when missing (the demo recipes).
     demo_assets: bool = False
+    # How a resume treats the data. "exact": continue the checkpoint's data position; a changed shard
+    # list, data setting or number of ranks stops the run with what changed. "fresh": keep the
+    # projection, its optimizer moments, the schedule, step and samples seen, and start a fresh data
+    # pass (a new seeded order, for the current ranks and inputs).
+    resume_data: str = "exact"
 
 
 @dataclass
@@ -222,6 +227,8 @@ class Config:
         t = self.train
         if t.precision not in DTYPES:
             raise ConfigError(f"train.precision: expected one of {tuple(DTYPES)}, got {t.precision!r}")
+        if t.resume_data not in ("exact", "fresh"):
+            raise ConfigError(f"train.resume_data: expected 'exact' or 'fresh', got {t.resume_data!r}")
         for name in ("steps", "grad_accum", "save_every", "log_every", "keep_last"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")

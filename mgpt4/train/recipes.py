@@ -3,6 +3,7 @@
 A recipe is a function returning the whole typed config tree. Paths to weights and data follow the
 official download layout under `weights/` and `data/`; override them from the command line, e.g.
 `--set model.weights.llm=/models/vicuna-13b --set data.sources.0.shards='/laion/{00000..10488}.tar'`.
+Each recipe writes to its own folder, `outputs/<recipe>`, so stage 2 never lands in stage 1's run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ def _stage1(model_fn, llm: str, name: str) -> Config:
             resampled=True,
         ),
         optim=OptimConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000, weight_decay=0.05),
-        train=TrainConfig(steps=20000, global_batch_size=256, save_every=1000, sample_every=1000),
+        train=TrainConfig(
+            steps=20000,
+            global_batch_size=256,
+            save_every=1000,
+            sample_every=1000,
+            output_dir=f"outputs/{name}",
+        ),
     )
 
 
@@ -54,7 +61,9 @@ def _stage2(model_fn, llm: str, name: str) -> Config:
         model=model,
         data=DataConfig(kind="align", align_root="data/cc_sbu_align", num_workers=4),
         optim=OptimConfig(lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=200, weight_decay=0.05),
-        train=TrainConfig(steps=1000, global_batch_size=12, save_every=200, sample_every=200),
+        train=TrainConfig(
+            steps=1000, global_batch_size=12, save_every=200, sample_every=200, output_dir=f"outputs/{name}"
+        ),
     )
 
 
@@ -74,7 +83,7 @@ def stage2_vicuna7b() -> Config:
     return _stage2(vicuna7b, "vicuna-7b", "stage2_vicuna7b")
 
 
-def _tiny_train(steps: int) -> TrainConfig:
+def _tiny_train(steps: int, name: str) -> TrainConfig:
     return TrainConfig(
         steps=steps,
         precision="fp32",
@@ -82,7 +91,7 @@ def _tiny_train(steps: int) -> TrainConfig:
         log_every=5,
         sample_every=0,
         num_sample_images=4,
-        output_dir="outputs/tiny",
+        output_dir=f"outputs/{name}",
         demo_assets=True,
     )
 
@@ -104,7 +113,7 @@ def tiny_stage1() -> Config:
             shuffle_buffer=64,
         ),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
-        train=_tiny_train(40),
+        train=_tiny_train(40, "tiny_stage1"),
     )
 
 
@@ -117,7 +126,7 @@ def tiny_stage2() -> Config:
         model=model,
         data=DataConfig(kind="align", batch_size=4, num_workers=1, image_size=56),
         optim=OptimConfig(lr=3e-4, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
-        train=_tiny_train(20),
+        train=_tiny_train(20, "tiny_stage2"),
     )
 
 
