@@ -134,6 +134,9 @@ class WeightsConfig:
     llm: str | None = None  # a Hugging Face decoder folder (config.json, weights and tokenizer)
     tokenizer: str | None = None  # defaults to `llm`
     proj: str | None = None  # a MiniGPT-4 checkpoint holding llama_proj.*
+    # Files are read with torch.load(weights_only=True): tensors, numbers, strings and plain containers,
+    # nothing that can run code. True also loads files that need full unpickling: only files you trust.
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -238,6 +241,11 @@ class TrainConfig:
     stop_at: int | None = None
     # Generate the tiny weights and the synthetic data into the cache when missing (the demo recipes).
     demo_assets: bool = False
+    # How a resume treats the data. "exact": continue the checkpoint's data position; a changed shard
+    # list, data setting or number of ranks stops the run with what changed. "fresh": keep the
+    # projection, its optimizer moments, the schedule, step and samples seen, and start a fresh data
+    # pass (a new seeded order, for the current ranks and inputs).
+    resume_data: str = "exact"
 
 
 def check_eval_schedule(t: TrainConfig, data: DataConfig) -> None:
@@ -268,6 +276,8 @@ class Config:
         t = self.train
         if t.precision not in DTYPES:
             raise ConfigError(f"train.precision: expected one of {tuple(DTYPES)}, got {t.precision!r}")
+        if t.resume_data not in ("exact", "fresh"):
+            raise ConfigError(f"train.resume_data: expected 'exact' or 'fresh', got {t.resume_data!r}")
         for name in ("steps", "grad_accum", "save_every", "log_every", "keep_last"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")

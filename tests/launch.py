@@ -44,6 +44,27 @@ def deepspeed_cmd(script: str, ranks: int, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+def on_free_port(command: str) -> str:
+    """A README `deepspeed ...` command with a free port added: the launcher's default, 29500, may be
+    taken by any other job on the machine, and no test may depend on a fixed port being free."""
+    assert command.startswith("deepspeed "), command
+    return f"deepspeed --master_port {free_port()} " + command[len("deepspeed ") :]
+
+
+def readme_block(marker: str) -> list[str]:
+    """The commands of the README's bash block after `<!-- marker -->`, continuation lines joined and
+    `&&` chains split."""
+    import re
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, f"README.md has no {marker} block"
+    joined = block.group(1).replace("\\\n", " ")
+    parts = [p.strip() for line in joined.splitlines() for p in line.split("&&")]
+    return [" ".join(p.split()) for p in parts if p and not p.startswith("#")]
+
+
 def run(
     cmd: list[str] | str, cache: str, cwd: str = REPO, timeout: int = 600, cpu: bool = True
 ) -> subprocess.CompletedProcess:

@@ -227,8 +227,11 @@ def test_llama2_recipes_hold_the_official_settings():
 
     for stage in ("stage1", "stage2"):
         ours, vicuna = get_recipe(f"{stage}_llama2_7b"), get_recipe(f"{stage}_vicuna7b")
-        # The same schedule, learning rates, batch sizes and source ratios as the Vicuna recipes.
-        assert ours.optim == vicuna.optim and ours.train == vicuna.train and ours.data == vicuna.data
+        # The same schedule, learning rates, batch sizes and source ratios as the Vicuna recipes; each
+        # recipe writes to its own folder.
+        assert ours.train.output_dir == f"outputs/{stage}_llama2_7b"
+        same_train = dataclasses.replace(ours.train, output_dir=vicuna.train.output_dir) == vicuna.train
+        assert ours.optim == vicuna.optim and same_train and ours.data == vicuna.data
         assert ours.model.qformer is None and ours.model.weights.blip2 is None
         assert ours.model.llm == vicuna.model.llm and ours.model.text.template == "llama2_chat"
     s1, s2 = get_recipe("stage1_llama2_7b").model.text, get_recipe("stage2_llama2_7b").model.text

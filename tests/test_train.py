@@ -6,13 +6,12 @@ import glob
 import json
 import math
 import os
-import re
 import shutil
 
 import pytest
 import torch
 
-from tests.launch import REPO, deepspeed_cmd, read_jsonl, run
+from tests.launch import REPO, deepspeed_cmd, on_free_port, read_jsonl, readme_block, run
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,7 @@ def cache(tmp_path_factory):
 
 def readme_quickstart() -> list[str]:
     """The shell lines of the README's quickstart block that start a training run."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    block = re.search(r"<!-- quickstart -->\s*```bash\n(.*?)```", text, re.S)
-    assert block, "README.md has no quickstart block"
-    parts = [p.strip() for line in block.group(1).splitlines() for p in line.split("&&")]
-    return [p for p in parts if p.startswith("deepspeed ")]
+    return [p for p in readme_block("quickstart") if p.startswith("deepspeed ")]
 
 
 def tensorboard_tags(folder: str) -> tuple[set[str], set[str], set[str]]:
@@ -59,9 +53,9 @@ def test_readme_quickstart_trains_end_to_end(tmp_path, cache):
         shutil.copytree(os.path.join(REPO, folder), tmp_path / folder)
     commands = readme_quickstart()
     assert commands == ["deepspeed launchers/pretrain.py --deepspeed ds_configs/z2.json"]
-    proc = run(commands[0], cache, cwd=str(tmp_path))
+    proc = run(on_free_port(commands[0]), cache, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-4000:]
-    out = tmp_path / "outputs" / "tiny"
+    out = tmp_path / "outputs" / "tiny_stage1"
     latest = (out / "checkpoints" / "latest").read_text().strip()
     ckpt = out / "checkpoints" / latest
     assert latest == "step_00000040" and (ckpt / "config.json").is_file()

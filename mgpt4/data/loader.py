@@ -1,23 +1,30 @@
 """The trainer-facing loader: a DataLoader over a resumable dataset, with the consumed position.
 
     loader = build_loader(cfg.data, tokenizer, max_txt_len, end_sym, rank, world_size)
-    loader.load_state_dict(saved)        # optional, before iterating
+    loader.load_state_dict(saved)        # optional, before iterating: continue exactly
+    loader.start_pass(n)                 # or instead: data pass n, a fresh seeded order from its start
     for batch in loader: ...             # or through DeviceFeeder(loader, device)
     ckpt["data"] = loader.state_dict()   # the position after the last batch the trainer took
 
 Workers run ahead of the trainer (prefetch, pinning, the feeder's next batch), so the position is not
 what the workers have made but what the trainer has taken: every batch carries its worker's state
 after it, and the loader keeps the snapshot that belongs to each batch until that batch is consumed.
+
+A position is only meaningful for the settings and the inputs it was taken with: the state holds both
+(the shard list of every source, or the pairs of filter_cap.json), and loading it under others stops
+with what changed instead of applying a byte offset to another shard.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,7 +35,45 @@ from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
 from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the state also holds the inputs (shard lists, align pairs) and the data pass
+_TAG_PASS = 31
+# How many names of added or removed shards a message shows.
+_SHOW_NAMES = 3
+
+
+class DataStateMismatch(ValueError):
+    """A saved data position does not belong to these data settings or inputs; the message says what changed."""
+
+
+def pass_seed(seed: int, data_pass: int) -> int:
+    """The seed of data pass `data_pass`: pass 0 is `seed` itself, later passes draw fresh orders."""
+    if data_pass == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, _TAG_PASS, data_pass]).generate_state(1)[0])
+
+
+def describe_list_change(what: str, saved: Sequence[str], now: Sequence[str]) -> str:
+    """One phrase for how a list of inputs (shards, image ids) changed, e.g. `2 shard(s) appended (a, b)`."""
+    saved, now = list(saved), list(now)
+
+    def names(items: list[str]) -> str:
+        more = f", ... {len(items) - _SHOW_NAMES} more" if len(items) > _SHOW_NAMES else ""
+        return ", ".join(items[:_SHOW_NAMES]) + more
+
+    if sorted(saved) == sorted(now):
+        return f"the same {len(now)} {what}(s) in another order"
+    if now[: len(saved)] == saved:
+        return f"{len(now) - len(saved)} {what}(s) appended ({names(now[len(saved) :])})"
+    old, new = set(saved), set(now)
+    added, removed = [u for u in now if u not in old], [u for u in saved if u not in new]
+    parts = [f"{len(saved)} {what}(s) at the checkpoint, {len(now)} now"]
+    if removed:
+        parts.append(f"{len(removed)} removed ({names(removed)})")
+    if added:
+        parts.append(f"{len(added)} added ({names(added)})")
+    if not removed and not added:
+        parts.append("the same names in another order or repeated")
+    return ": ".join(parts[:1]) + ("; " + "; ".join(parts[1:]) if parts[1:] else "")
 
 
 @dataclass
@@ -48,8 +93,11 @@ class Loader:
         rank: int,
         world_size: int,
         worker_init_fn: Callable[[int], None] | None = None,
+        dataset_for_pass: Callable[[int], WorkerDataset] | None = None,
     ):
         self.dataset = dataset
+        self.data_pass = 0
+        self._dataset_for_pass = dataset_for_pass
         self.worker_init_fn = worker_init_fn
         self.cfg = cfg
         self.rank = rank
@@ -153,35 +201,70 @@ class Loader:
             )
         return setup
 
+    def _inputs(self) -> dict[str, list[str]]:
+        """What the stream reads, by name: each source's shard list, or the image ids of the align set."""
+        if self.cfg.kind == "webdataset":
+            return {f"source {n!r}": list(u) for n, u in zip(self.cfg.source_names(), self.dataset.urls)}
+        return {"filter_cap.json": [p.image_id for p in self.dataset.pairs]}
+
     def state_dict(self) -> dict[str, Any]:
         """The position after the last consumed batch (plain ints, strings, lists and dicts)."""
         pos = self._consumed
         return {
             "version": STATE_VERSION,
             "setup": self._fingerprint(),
+            "inputs": self._inputs(),
+            "data_pass": self.data_pass,
             "batches": pos.batches,
             "next_worker": pos.next_worker,
             "workers": {str(w): s for w, s in sorted(pos.workers.items())},
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Continue from a saved position; the data settings that define the stream must be unchanged."""
+    def changes_since(self, sd: dict[str, Any]) -> list[str]:
+        """What differs between a saved state's settings and inputs and this loader's; [] when the saved
+        position can be continued exactly."""
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"data state: expected a dict with version {STATE_VERSION}, got {type(sd).__name__}"
-            )
+            version = sd.get("version") if isinstance(sd, dict) else type(sd).__name__
+            return [f"the data state has version {version!r}, this mgpt4 reads version {STATE_VERSION}"]
         saved, now = sd.get("setup", {}), self._fingerprint()
         changed = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+        saved_inputs = sd.get("inputs", {})
+        for name, items in self._inputs().items():
+            what = "shard" if name.startswith("source") else "pair"
+            before = saved_inputs.get(name)
+            if before is None:
+                changed.append(f"{name}: not in the saved state")
+            elif list(before) != items:
+                changed.append(f"{name}: {describe_list_change(what, before, items)}")
+        return changed
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from a saved position. The data settings and inputs that define the stream must be
+        unchanged: otherwise DataStateMismatch lists every change (a byte offset of one shard list
+        means nothing in another)."""
+        changed = self.changes_since(sd)
         if changed:
-            raise ValueError(
-                "data state was saved with other data settings, so the position cannot be continued: "
+            raise DataStateMismatch(
+                "the data changed since the checkpoint, so its position cannot be continued: "
                 + "; ".join(changed)
             )
+        self.start_pass(int(sd.get("data_pass", 0)))
         self._consumed = _Position(
             int(sd["batches"]), int(sd["next_worker"]), {int(w): s for w, s in sd["workers"].items()}
         )
+
+    def start_pass(self, data_pass: int) -> None:
+        """Start data pass `data_pass` from its beginning: the stream of pass 0 with a fresh seed (shard
+        draws, shard and epoch orders, shuffles, crops and instructions all change), for this loader's
+        ranks, workers and inputs. Skip counts start again at zero."""
+        if data_pass != self.data_pass:
+            if self._dataset_for_pass is None:
+                raise ValueError("this loader was built without a dataset factory: it has only data pass 0")
+            self.dataset = self._dataset_for_pass(data_pass)
+            self.data_pass = data_pass
+        self._consumed = _Position()
         self._pending.clear()
-        self.close()  # a running iteration stops; the next one starts at the loaded position
+        self.close()  # a running iteration stops; the next one starts at the new position
 
     @property
     def batches_consumed(self) -> int:
@@ -229,5 +312,10 @@ def build_loader(
     if num_instructions < 0:
         raise ValueError(f"num_instructions must be 0 or more, got {num_instructions}")
     text = BatchText(tokenizer, max_txt_len, end_sym, num_instructions)
-    dataset = dataset_cls(cfg, text, rank, world_size)
-    return Loader(dataset, cfg, rank, world_size, worker_init_fn)
+
+    def dataset_for_pass(data_pass: int) -> WorkerDataset:
+        return dataset_cls(
+            dataclasses.replace(cfg, seed=pass_seed(cfg.seed, data_pass)), text, rank, world_size
+        )
+
+    return Loader(dataset_for_pass(0), cfg, rank, world_size, worker_init_fn, dataset_for_pass)

@@ -17,12 +17,15 @@ import torch
 from torch import nn
 
 from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN
+from mgpt4.logs import get_logger
 from mgpt4.model.errors import WeightsError
 from mgpt4.model.llm import llm_config_mismatches, read_llm_folder_config
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import interpolate_pos_embed
 
 __all__ = ["WeightsError", "load_weights"]
+
+log = get_logger(__name__)
 
 # Keys of the BLIP-2 stage-1 checkpoint that MiniGPT-4 does not use.
 BLIP2_IGNORED = (
@@ -60,15 +63,64 @@ def _describe_width(width: int) -> str:
     return f"hidden size {width} ({name})" if name else f"hidden size {width}"
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load on CPU; tensors-only files load with weights_only, full training checkpoints fall back."""
+def read_checkpoint(path: str, allow_pickle: bool = False) -> dict:
+    """torch.load on CPU with `weights_only=True`: tensors, numbers, strings and plain containers only,
+    so loading a file never runs code from it. Official files need nothing more: a MiniGPT-4 checkpoint's
+    `config` is a plain dict (the runner saves `OmegaConf.to_container`), its optimizer and scaler states
+    are tensors and numbers.
+
+    A file that needs full unpickling raises WeightsError naming the file and the classes it carries;
+    `allow_pickle=True` (`model.weights.allow_pickle`, for files you trust) loads it anyway.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file {path!r} does not exist")
+    return torch_load(path, allow_pickle)
+
+
+def torch_load(path: str, allow_pickle: bool = False):
+    """`torch.load(path, weights_only=True)` on CPU (memory-mapped where the file allows it), or the
+    refusal of `read_checkpoint`."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError):
-        # Official MiniGPT-4 checkpoints also pickle their OmegaConf config and optimizer state.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files in the pre-1.6 (non-zip) format cannot be memory-mapped; they load the same way.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as e:  # torch's zip reader: a damaged or truncated file
+        raise WeightsError(f"{path}: not a readable torch file: {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError as e:
+        classes = _unsafe_globals(path, e)
+        if not classes:
+            raise WeightsError(f"{path}: not a readable torch file: {_unpickler_reason(e)}") from None
+        if allow_pickle:
+            log.warning(
+                f"{path}: unpickling {', '.join(classes)} because model.weights.allow_pickle is set; "
+                f"this runs whatever code the file names"
+            )
+            return torch.load(path, map_location="cpu", weights_only=False)
+        raise WeightsError(
+            f"{path}: refused: the file carries {', '.join(classes)}, which only full unpickling can "
+            f"rebuild, and full unpickling can run code from the file. Re-save it with plain dicts and "
+            f"tensors, or, if you trust the file, set model.weights.allow_pickle=true"
+        ) from None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The specific line of torch's weights_only error, without its advice paragraphs."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return " ".join(ln for ln in lines if not ln.startswith(boilerplate)) or lines[0]
+
+
+def _unsafe_globals(path: str, error: Exception) -> list[str]:
+    """The classes and functions a torch file names that `weights_only` does not allow."""
+    try:
+        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a legacy or damaged file: the loader's own message names the global
+        found = []
+    return found or re.findall(r"GLOBAL (\S+)", str(error))
 
 
 def _unwrap_model(sd: dict, path: str) -> dict:
@@ -172,7 +224,7 @@ def rename_eva_vit(key: str) -> str:
 
 
 def load_eva_vit(model: MiniGPT4, path: str) -> list[str]:
-    sd = read_checkpoint(path)
+    sd = read_checkpoint(path, model.cfg.weights.allow_pickle)
     if "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
 
@@ -215,7 +267,7 @@ def refuse_without_qformer(model: MiniGPT4, field: str) -> None:
 def load_blip2(model: MiniGPT4, path: str) -> list[str]:
     """ln_vision, the Q-Former and the query tokens from `blip2_pretrained_flant5xxl.pth`."""
     refuse_without_qformer(model, "blip2")
-    sd = _unwrap_model(read_checkpoint(path), path)
+    sd = _unwrap_model(read_checkpoint(path, model.cfg.weights.allow_pickle), path)
     return load_mapped(model, QFORMER_PREFIXES, sd, path, rename_blip2, BLIP2_IGNORED)
 
 
@@ -266,7 +318,9 @@ def split_hf_qkv_bias(sd: dict[str, torch.Tensor], width: int, path: str) -> dic
     return out
 
 
-def read_hf_state(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def read_hf_state(
+    folder: str, prefixes: tuple[str, ...], allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
     """Tensors whose names start with one of `prefixes` from a Hugging Face folder (safetensors or .bin)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Hugging Face folder {folder!r} does not exist")
@@ -285,7 +339,7 @@ def read_hf_state(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Ten
     if not bins:
         raise WeightsError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files found")
     for f in bins:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
+        sd = torch_load(f, allow_pickle)
         out.update({k: v for k, v in sd.items() if k.startswith(prefixes)})
     return out
 
@@ -293,7 +347,7 @@ def read_hf_state(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Ten
 def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
     """ViT, ln_vision, Q-Former and query tokens from a Hugging Face BLIP-2 folder."""
     refuse_without_qformer(model, "blip2_hf")
-    sd = read_hf_state(folder, ("vision_model.", "qformer.", "query_tokens"))
+    sd = read_hf_state(folder, ("vision_model.", "qformer.", "query_tokens"), model.cfg.weights.allow_pickle)
     sd = split_hf_qkv_bias(sd, model.cfg.vision.width, folder)
     depth = model.cfg.vision.depth
     ignored = BLIP2_HF_IGNORED + tuple(
@@ -321,7 +375,7 @@ def _describe_variants(cfg, file_width: int) -> dict[int, str]:
 
 def load_proj(model: MiniGPT4, path: str) -> list[str]:
     """`llama_proj.*` from a MiniGPT-4 checkpoint (`{"model": {...}}`); known buffers are tolerated."""
-    sd = _unwrap_model(read_checkpoint(path), path)
+    sd = _unwrap_model(read_checkpoint(path, model.cfg.weights.allow_pickle), path)
     w = sd.get("llama_proj.weight")
     expected = model.llama_proj.weight.shape
     if w is not None and w.ndim == 2 and w.shape[1] != expected[1]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mgpt4.config import DTYPES, ModelConfig
@@ -91,11 +92,20 @@ class MiniGPT4(nn.Module):
     # Modes
 
     def train(self, mode: bool = True) -> MiniGPT4:
-        """Frozen children stay in eval mode (no dropout, no drop-path) whatever mode is asked."""
+        """Frozen children stay in eval mode (no dropout, no drop-path) whatever mode is asked.
+
+        With gradient checkpointing on, the LLM's decoder layers themselves (not their contents) take
+        the mode: transformers recomputes a layer only while that layer is training, and everything
+        inside it still runs in eval mode, so the recompute has no dropout either.
+        """
         super().train(mode)
         for child in self.children():
             if not any(p.requires_grad for p in child.parameters()):
                 child.train(False)
+        if getattr(self, "_checkpoint_llm", False):
+            for layer in self.llm.modules():
+                if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+                    layer.training = mode
         return self
 
     def _vision_needs_grad(self) -> bool:
@@ -112,6 +122,8 @@ class MiniGPT4(nn.Module):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpoint_llm = True  # the frozen LLM stays in eval mode: see `train`
+        self.train(self.training)
 
     # ------------------------------------------------------------------------------------------
     # Images

@@ -24,7 +24,11 @@ def parse_args(argv: list[str] | None, default_recipe: str, description: str) ->
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and DeepSpeed config, then exit"
     )
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the output folder")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start at step 0; an earlier run's files in the output folder are moved to its archive/, not overwritten",
+    )
     p.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # the deepspeed launcher adds it

@@ -1,9 +1,14 @@
 """The one module that imports DeepSpeed: distributed init, the engine, checkpoints and the export.
 
 Checkpoints hold only the trainable set (the projection) with its optimizer and schedule, plus
-per-rank trainer state (data position, RNG); never the frozen weights. A checkpoint becomes the
-resume point only once every rank has finished writing it: `latest` is replaced atomically last,
-so a crash during a save leaves the previous checkpoint loadable.
+per-rank trainer state (data position, RNG); never the frozen weights. A checkpoint is complete once
+every rank has written its marker, which each writes last; `latest` is replaced atomically after
+that, so a crash during a save leaves the previous checkpoint loadable. Rank 0 also writes the run's
+state in a form any number of ranks can load (full fp32 weights and Adam moments of the trainable set,
+schedule, counters), which a resume on another number of ranks starts from.
+
+Frozen parts keep the dtypes the model was built with (`model.precision.*`): the engine's mixed
+precision applies to the trainable set only, and the model casts where the parts meet.
 """
 
 from __future__ import annotations
@@ -11,15 +16,23 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pickle
+import shutil
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 
 from mgpt4 import logs
 from mgpt4.config import DTYPES, Config
@@ -32,11 +45,13 @@ from mgpt4.train.checkpoints import (
     LATEST_FILE,
     PROJ_FILE,
     RANK_STATE,
+    RUN_STATE,
+    ResumeError,
     checkpoint_root,
-    latest_tag,
     rotate,
     step_dir_name,
     write_atomic,
+    write_done,
 )
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.optim import build_optimizer
@@ -130,21 +145,29 @@ class ZeroSetup:
             self.hf_ds_config = HfDeepSpeedConfig(ds_config)
 
     def cast_for_engine(self, model: MiniGPT4) -> None:
-        """With a pre-partitioned LLM the engine skips its own dtype cast, so the other parts are cast here."""
+        """With a pre-partitioned LLM the engine skips its own dtype cast, so the trainable set is cast
+        here; the frozen parts keep their `model.precision` dtypes, as under ZeRO-2."""
         if self.zero3 and self.dtype != torch.float32:
-            for part in (model.visual_encoder, model.ln_vision, model.qformer, model.llama_proj):
-                if part is not None:  # no Q-Former in the LLaMA-2 variant
-                    part.to(self.dtype)
-            if model.query_tokens is not None:
-                model.query_tokens.data = model.query_tokens.data.to(self.dtype)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(self.dtype)
 
 
 def create_engine(model: MiniGPT4, cfg: Config, ds_config: dict[str, Any]):
-    """deepspeed.initialize with AdamW over the trainable set and the official schedule."""
+    """deepspeed.initialize with AdamW over the trainable set and the official schedule.
+
+    Under bf16/fp16 the engine casts every parameter it finds to its dtype; the frozen ones get their
+    own dtype back (`model.precision.*`, e.g. an fp32 vision path), from the values kept before the cast.
+    """
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.steps)
+    dtype = DTYPES[cfg.train.precision]
+    frozen = {p: p.data for p in model.parameters() if not p.requires_grad and p.dtype != dtype}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    for p, data in frozen.items():
+        if p.dtype != data.dtype and not hasattr(p, "ds_id"):
+            p.data = data.to(p.device)
     return engine, optimizer, scheduler
 
 
@@ -181,6 +204,12 @@ def memory_report(engine, optimizer, model: MiniGPT4) -> dict[str, Any]:
         "llm_params": full_param_numel(model.llm),
         "optimizer_state_numel_per_rank": [g[0] for g in gathered],
         "llm_params_per_rank": [g[1] for g in gathered],
+        # The dtype each part's parameters are stored in, after the engine's cast.
+        "dtypes": {
+            name: str(next(part.parameters()).dtype).removeprefix("torch.")
+            for name, part in model.named_children()
+            if next(part.parameters(), None) is not None
+        },
     }
 
 
@@ -196,22 +225,72 @@ def projection_state(model: MiniGPT4) -> dict[str, torch.Tensor]:
     }
 
 
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def trainable_state(optimizer, model: MiniGPT4) -> dict[str, Any]:
+    """The trainable set as any number of ranks can load it: full fp32 weights and Adam moments by
+    parameter name, and Adam's step count; gathered on every rank (a collective call)."""
+    _link_adam_state(optimizer)
+    params: dict[str, torch.Tensor] = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in ADAM_KEYS}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        params[name] = safe_get_full_fp32_param(p).detach().float().cpu()
+        for key in ADAM_KEYS:
+            moments[key][name] = safe_get_full_optimizer_state(p, key).detach().float().cpu()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    steps = {int(s["step"]) for s in inner.state.values() if "step" in s}
+    return {"params": params, **moments, "adam_step": max(steps, default=0)}
+
+
+def _link_adam_state(optimizer) -> None:
+    """ZeRO-1/2 link each parameter to its slice of Adam's state once, after the first step of the
+    first param group, when the other groups (the projection's bias) have no state yet; DeepSpeed's
+    full-tensor getters and setters then fail for them. Linking again once all state exists fixes that."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def save_checkpoint(
-    engine, model: MiniGPT4, cfg: Config, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]
+    engine,
+    model: MiniGPT4,
+    cfg: Config,
+    step: int,
+    client_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    run_state: dict[str, Any],
 ) -> str:
-    """Write checkpoint `step_N` on every rank; `latest` moves to it only when all of it is on disk."""
+    """Write checkpoint `step_N` on every rank; `latest` moves to it only when all of it is on disk.
+
+    `rank_state` is this rank's (data position, RNG); `run_state` (rank 0's) is completed with the
+    trainable set, the schedule and the engine's counters into RUN_STATE. Every file loads with
+    `torch.load(weights_only=True)` except DeepSpeed's own.
+    """
     root = checkpoint_root(cfg.train.output_dir)
     tag = step_dir_name(step)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder = os.path.join(root, tag)
+    if rank == 0 and os.path.isdir(folder):
+        # Left by an attempt that crashed mid-save (or superseded by a rollback of `latest`): its stale
+        # markers must not vouch for the files written now.
+        shutil.rmtree(folder)
+    barrier()
     engine.save_checkpoint(
         root, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )
-    folder = os.path.join(root, tag)
     torch.save(rank_state, os.path.join(folder, RANK_STATE.format(rank=rank)))
     proj = projection_state(model)
+    trainable = trainable_state(engine.optimizer, model)
     if rank == 0:
         save_projection(proj, os.path.join(folder, PROJ_FILE))
         write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
+        counters = {"global_steps": engine.global_steps, "global_samples": engine.global_samples}
+        state = {**run_state, **trainable, **counters, "scheduler": engine.lr_scheduler.state_dict()}
+        torch.save({**state, "world_size": world}, os.path.join(folder, RUN_STATE))
+    write_done(folder, rank, world, step)  # last: this rank's part is complete
     barrier()
     if rank == 0:
         write_atomic(os.path.join(root, LATEST_FILE), tag)
@@ -220,27 +299,78 @@ def save_checkpoint(
     return folder
 
 
-def load_checkpoint(engine, cfg: Config) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Restore the newest complete checkpoint: (client_state, this rank's trainer state), or None."""
-    root = checkpoint_root(cfg.train.output_dir)
-    tag = latest_tag(root)
-    if tag is None:
-        return None
-    folder = os.path.join(root, tag)
+def load_checkpoint(engine, folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore checkpoint `folder` exactly, on the number of ranks that wrote it: (client_state, this
+    rank's trainer state)."""
+    root, tag = os.path.split(folder)
     rank_file = os.path.join(folder, RANK_STATE.format(rank=dist.get_rank()))
-    written = len([f for f in os.listdir(folder) if f.startswith("trainer_state_rank")])
-    if written != dist.get_world_size() or not os.path.isfile(rank_file):
-        raise SystemExit(
-            f"{folder}: written by {written} ranks but this run has {dist.get_world_size()}; "
-            f"resume with the same number of ranks, or start a new output_dir"
-        )
     _, client_state = engine.load_checkpoint(
         root, tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if client_state is None:
-        raise SystemExit(f"{folder}: DeepSpeed could not load this checkpoint")
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return client_state, rank_state
+        raise ResumeError(f"{folder}: DeepSpeed could not load this checkpoint")
+    return client_state, _load_rank_state(rank_file)
+
+
+def _load_rank_state(path: str) -> dict[str, Any]:
+    """A rank's trainer state with weights_only=True; one written before mgpt4 kept numpy's RNG state
+    as a list also needs the numpy array type (and nothing else) to load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy 1.x
+            from numpy.core.multiarray import _reconstruct
+        with torch.serialization.safe_globals(
+            [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+        ):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_run_state(engine, model: MiniGPT4, folder: str) -> dict[str, Any]:
+    """Restore the trainable weights, their Adam moments and step count, the schedule and the engine's
+    counters from RUN_STATE, whatever number of ranks wrote it (ZeRO-1, 2 or 3); returns the state
+    (step, samples seen, data pass, sample images). The fp16 loss scale starts afresh."""
+    state = torch.load(os.path.join(folder, RUN_STATE), map_location="cpu", weights_only=True)
+    optimizer = engine.optimizer
+    hp_groups = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if hp_groups is None:
+        hp_groups = getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if hp_groups is None:
+        raise ResumeError(f"{folder}: resuming on another number of ranks needs ZeRO stage 1, 2 or 3")
+    # Adam's state exists only after a first step: create it, then fill it through DeepSpeed's
+    # full-tensor setters, which find this rank's slice of each parameter.
+    inner = optimizer.optimizer
+    for hp in hp_groups:
+        inner.state[hp] = {
+            "step": torch.tensor(float(state["adam_step"])),
+            **{key: torch.zeros_like(hp) for key in ADAM_KEYS},
+        }
+    _link_adam_state(optimizer)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = sorted({n for n, _ in trainable} - set(state["params"]))
+    if missing:
+        raise ResumeError(f"{folder}: {RUN_STATE} has no {', '.join(missing)}")
+    for name, p in trainable:  # the setters copy this rank's slice wherever the state lives
+        safe_set_full_fp32_param(p, state["params"][name])
+        for key in ADAM_KEYS:
+            safe_set_full_optimizer_state(p, state[key][name], key)
+    # The module's own (low-precision) copy of each weight follows the fp32 master.
+    if hasattr(optimizer, "update_lp_params"):
+        optimizer.update_lp_params()
+    else:
+        params = [p for _, p in trainable]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if dist.get_rank() == 0:
+                for name, p in trainable:
+                    p.data.copy_(state["params"][name].to(device=p.device, dtype=p.dtype))
+    engine.lr_scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(inner.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps = int(state["global_steps"])
+    engine.global_samples = int(state["global_samples"])
+    return state
 
 
 def is_zero3(engine) -> bool:

@@ -5,6 +5,7 @@ sizes and source ratios), the same for any Hugging Face decoder, and tiny CPU on
 A recipe is a function returning the whole typed config tree. Paths to weights and data follow the
 official download layout under `weights/` and `data/`; override them from the command line, e.g.
 `--set model.weights.llm=/models/vicuna-13b --set data.sources.0.shards='/laion/{00000..10488}.tar'`.
+Each recipe writes to its own folder, `outputs/<recipe>`, so stage 2 never lands in stage 1's run.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def _stage1(model_fn, llm: str, name: str) -> Config:
             resampled=True,
         ),
         optim=OptimConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000, weight_decay=0.05),
-        train=TrainConfig(steps=20000, global_batch_size=256, save_every=1000, sample_every=1000),
+        train=TrainConfig(
+            steps=20000,
+            global_batch_size=256,
+            save_every=1000,
+            sample_every=1000,
+            output_dir=f"outputs/{name}",
+        ),
     )
 
 
@@ -58,7 +65,9 @@ def _stage2(model_fn, llm: str, name: str) -> Config:
         model=model,
         data=DataConfig(kind="align", align_root="data/cc_sbu_align", num_workers=4),
         optim=OptimConfig(lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=200, weight_decay=0.05),
-        train=TrainConfig(steps=1000, global_batch_size=12, save_every=200, sample_every=200),
+        train=TrainConfig(
+            steps=1000, global_batch_size=12, save_every=200, sample_every=200, output_dir=f"outputs/{name}"
+        ),
     )
 
 
@@ -98,7 +107,7 @@ def stage2_decoder() -> Config:
     return _stage2(decoder, "decoder", "stage2_decoder")
 
 
-def _tiny_train(steps: int) -> TrainConfig:
+def _tiny_train(steps: int, name: str) -> TrainConfig:
     return TrainConfig(
         steps=steps,
         eval_every=steps // 2,
@@ -107,7 +116,7 @@ def _tiny_train(steps: int) -> TrainConfig:
         log_every=5,
         sample_every=0,
         num_sample_images=4,
-        output_dir="outputs/tiny",
+        output_dir=f"outputs/{name}",
         demo_assets=True,
     )
 
@@ -131,7 +140,7 @@ def tiny_stage1() -> Config:
             val=ValConfig(samples=DEMO_VAL_SAMPLES),
         ),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
-        train=_tiny_train(40),
+        train=_tiny_train(40, "tiny_stage1"),
     )
 
 
@@ -150,7 +159,7 @@ def tiny_stage2() -> Config:
             val=ValConfig(samples=DEMO_VAL_SAMPLES),  # a held-out synthetic cc_sbu_align folder
         ),
         optim=OptimConfig(lr=3e-4, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5),
-        train=_tiny_train(20),
+        train=_tiny_train(20, "tiny_stage2"),
     )
 
 

@@ -16,7 +16,7 @@ from mgpt4.data.shard_stream import check_readers
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.assets import fill_demo_paths
 from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint
-from mgpt4.train.ds_config import build_ds_config, resolve_batch
+from mgpt4.train.ds_config import build_ds_config, resolve_batch, zero_stage
 
 
 def resolve_config(
@@ -41,6 +41,7 @@ def resolve_config(
     resolve_batch(cfg, world_size)
     cfg.validate()
     ds_config = build_ds_config(ds_path, cfg, world_size)
+    check_precision(cfg, zero_stage(ds_config))
     missing = (
         [*find_missing_inputs(cfg, world_size, demo), *find_missing_val(cfg.data, demo)]
         if check_inputs
@@ -49,6 +50,27 @@ def resolve_config(
     if missing and not missing_ok:
         raise FileNotFoundError("\n  ".join(["inputs not found:", *missing]))
     return cfg, ds_config, missing
+
+
+def check_precision(cfg: Config, stage: int) -> None:
+    """`model.precision.*` against the engine's `train.precision`: honoured or refused, never ignored.
+
+    The frozen vision path and Q-Former keep their dtypes under any engine (the model casts where they
+    meet the projection), and so does the frozen LLM under ZeRO-2. Refused: a projection dtype other
+    than fp32 (the engine computes it in train.precision from fp32 master weights), and under ZeRO-3 an
+    LLM dtype other than the engine's (transformers creates the partitioned LLM in the engine's dtype).
+    """
+    p, engine = cfg.model.precision, cfg.train.precision
+    if p.proj != "fp32":
+        raise ConfigError(
+            f"model.precision.proj={p.proj}: in training the projection keeps fp32 master weights and "
+            f"computes in train.precision ({engine}); set model.precision.proj=fp32"
+        )
+    if stage == 3 and p.llm != engine:
+        raise ConfigError(
+            f"model.precision.llm={p.llm}: under ZeRO-3 the LLM is created partitioned in the engine's dtype "
+            f"(train.precision={engine}); set model.precision.llm={engine}, or use ZeRO-2 to keep it in {p.llm}"
+        )
 
 
 def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> list[str]:

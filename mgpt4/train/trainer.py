@@ -1,7 +1,8 @@
 """The trainer: an explicit build order, then a training loop that fits on a screen.
 
-Build order: dist -> config (resolved and checked, nothing written) -> demo assets -> seed -> model
-(build, load, freeze) -> engine -> data -> checkpoint (resume) -> metrics -> loop.
+Build order: dist -> config (resolved and checked, nothing written) -> where to start (the checkpoints
+checked, nothing written) -> demo assets -> seed -> model (build, load, freeze) -> engine -> data ->
+checkpoint (resume) -> run folder (its first write) -> metrics -> loop.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from mgpt4.data.loader import build_loader
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
-from mgpt4.strict_config import to_dict
 from mgpt4.train import engine as eng_mod
+from mgpt4.train import resume as resume_mod
 from mgpt4.train.assets import ensure_demo_assets
-from mgpt4.train.checkpoints import CONFIG_FILE
 from mgpt4.train.flops import device_peak_tflops, train_flops_per_sample
 from mgpt4.train.metrics import Metrics, device_memory_gb
 from mgpt4.train.preemption import Preemption
@@ -39,21 +39,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def sequence_length(model: MiniGPT4) -> int:
@@ -105,15 +90,12 @@ def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch
 def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
+    start = resume_mod.plan_start(cfg, d.world_size, resume)  # the checkpoints checked, no writes
     if d.rank == 0:  # 3. demo assets: rank 0 generates, the others then find them (or make their
         ensure_demo_assets(cfg)  # node's copy where nodes do not share the cache folder)
     eng_mod.barrier()
     if d.rank != 0:
         ensure_demo_assets(cfg)
-    os.makedirs(cfg.train.output_dir, exist_ok=True)
-    if d.rank == 0:
-        with open(os.path.join(cfg.train.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({"config": to_dict(cfg), "deepspeed": ds_config}, f, indent=2)
     seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
     text = cfg.model.text
@@ -127,20 +109,11 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         num_instructions=len(text.instructions),
     )
     validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once
-    restored = eng_mod.load_checkpoint(engine, cfg) if resume else None  # 9. checkpoint
-    step, samples_seen, sample_images = 0, 0, None
-    if restored is not None:
-        client, rank_state = restored
-        step, samples_seen, sample_images = (
-            client["step"],
-            client["samples_seen"],
-            rank_state["sample_images"],
-        )
-        loader.load_state_dict(rank_state["data"])
-        set_rng_state(rank_state["rng"])
-        log.info(f"resumed from step {step} ({samples_seen} samples seen)")
+    step, samples_seen, sample_images = resume_mod.restore(start, engine, model, loader, d.world_size)  # 9.
+    resume_mod.prepare_output(cfg, start, ds_config, d.rank)  # 10. the run folder's first write
+    eng_mod.barrier()
     feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
-    seq = sequence_length(model)  # 10. metrics
+    seq = sequence_length(model)  # 11. metrics
     peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])
     metrics = Metrics(
         cfg.train.output_dir,
@@ -171,9 +144,11 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
 
 
 def save(run: Run) -> None:
-    rank_state = {"data": run.feeder.state_dict(), "rng": rng_state(), "sample_images": run.sample_images}
-    client = {"step": run.step, "samples_seen": run.samples_seen}
-    folder = eng_mod.save_checkpoint(run.engine, run.model, run.cfg, run.step, client, rank_state)
+    data = run.feeder.state_dict()
+    rank_state = {"data": data, "rng": resume_mod.rng_state(), "sample_images": run.sample_images}
+    client = {"step": run.step, "samples_seen": run.samples_seen, "data_pass": data["data_pass"]}
+    shared = {**client, "sample_images": run.sample_images}  # what a resume on other ranks starts from
+    folder = eng_mod.save_checkpoint(run.engine, run.model, run.cfg, run.step, client, rank_state, shared)
     log.info(f"saved {folder}")
 
 
