@@ -286,3 +286,24 @@ def test_generation_errors_are_recorded_and_a_run_of_them_stops_the_step(
     assert sorted(state.records) == ["broken", "img_00", "img_01", "img_02"]  # two batches, then the stop
     assert "unreadable image" in state.records["broken"]["error"]
     assert state.records["img_01"]["error"] == "generation failed: RuntimeError: out of memory"
+
+
+def test_describe_asks_in_the_models_conversation_template():
+    """The paper's question and its "Continue" turn, in the template of the model that describes: the
+    paper's exact prompts for Vicuna v0, Llama-2-Chat turns for the LLaMA-2 variant."""
+    from types import SimpleNamespace
+
+    from mgpt4.curate.describe import describe_prompts
+    from mgpt4.model.prompts import LLAMA2_CHAT, VICUNA_V0, Conversation
+
+    cfg = DescribeConfig(images=["x"], out="y")
+    vicuna = SimpleNamespace(new_conversation=lambda: Conversation(VICUNA_V0))
+    first, cont = describe_prompts(vicuna, cfg)
+    assert first == DESCRIBE_PROMPT and cont("a dog.") == DESCRIBE_PROMPT + "a dog." + CONTINUE_PROMPT
+    llama2 = SimpleNamespace(new_conversation=lambda: Conversation(LLAMA2_CHAT))
+    first, cont = describe_prompts(llama2, cfg)
+    question = "Describe this image in detail. Give as many details as possible. Say everything you see."
+    assert first.endswith(f"<s>[INST] <Img><ImageHere></Img> {question} [/INST] ")
+    assert cont("a dog.") == first + "a dog.<s>[INST] Continue [/INST] "
+    given = DescribeConfig(images=["x"], out="y", prompt="<Img><ImageHere></Img> What is it? ")
+    assert describe_prompts(llama2, given)[0] == "<Img><ImageHere></Img> What is it? "  # used as given

@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=dd.continue_below_tokens,
         help="answers under this many tokens get the 'Continue' turn (0: never)",
     )
-    d.add_argument("--prompt", default=dd.prompt, help="describe prompt with one <ImageHere>")
+    d.add_argument(
+        "--prompt",
+        default=dd.prompt,
+        help="describe prompt with one <ImageHere> (default: the paper's question in the model's template)",
+    )
     d.add_argument(
         "--sample",
         dest="sample_count",

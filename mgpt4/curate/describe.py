@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mgpt4.curate import ranks
 from mgpt4.curate.images import decode_rgb
-from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
+from mgpt4.curate.prompts import CONTINUE_PROMPT, CONTINUE_QUESTION, DESCRIBE_PROMPT, DESCRIBE_QUESTION
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import (
     DONE,
@@ -35,7 +35,7 @@ from mgpt4.images import eval_transform
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, VICUNA_V0
 from mgpt4.strict_config import ConfigError
 
 STEP = "describe"
@@ -46,8 +46,10 @@ log = get_logger(__name__)
 class DescribeConfig:
     images: list[str]  # folders, .tar shards (brace ranges and globs work) or list files
     out: str  # the item store folder
-    prompt: str = DESCRIBE_PROMPT
-    continue_prompt: str = CONTINUE_PROMPT
+    # None: the paper's question in the model's conversation template (exactly the paper's prompts for
+    # a Vicuna v0 model). A prompt given here is used as it is, with `continue_prompt` after the answer.
+    prompt: str | None = None
+    continue_prompt: str | None = None
     # 0 turns the "Continue" turn off.
     continue_below_tokens: int = 80
     batch_size: int = 8
@@ -65,7 +67,7 @@ class DescribeConfig:
     def validate(self) -> None:
         if not self.images:
             raise ConfigError("describe: give at least one image folder, shard or list file")
-        if self.prompt.count(IMAGE_PLACEHOLDER) != 1:
+        if self.prompt is not None and self.prompt.count(IMAGE_PLACEHOLDER) != 1:
             raise ConfigError(f"describe prompt must contain {IMAGE_PLACEHOLDER!r} once, got {self.prompt!r}")
         if self.batch_size < 1:
             raise ConfigError("describe: batch_size must be at least 1")
@@ -145,15 +147,40 @@ def generate_rows(
         return model.generate_from_embeds([model.encode_img(images)], prompts, settings, **fields)
 
 
+def describe_prompts(model: MiniGPT4, cfg: DescribeConfig) -> tuple[str, Callable[[str], str]]:
+    """(the first prompt, answer -> the "Continue" prompt that follows that answer).
+
+    The paper's question and "Continue" turn are asked in the model's own conversation template:
+    the paper's exact prompts for Vicuna v0, `<s>[INST] ... [/INST] ` turns for Llama-2-Chat, the
+    tokenizer's chat template for another decoder. A prompt given in `cfg` is used as it is.
+    """
+    if cfg.prompt is not None or model.new_conversation().template == VICUNA_V0:
+        first = cfg.prompt if cfg.prompt is not None else DESCRIBE_PROMPT
+        after = cfg.continue_prompt if cfg.continue_prompt is not None else CONTINUE_PROMPT
+        return first, lambda answer: first + answer + after
+
+    def rendered(answer: str | None) -> str:
+        conv = model.new_conversation()
+        conv.add_image()
+        conv.ask(DESCRIBE_QUESTION)
+        if answer is not None:
+            conv.add_reply(answer)
+            conv.ask(cfg.continue_prompt if cfg.continue_prompt is not None else CONTINUE_QUESTION)
+        return conv.prompt_for_reply()
+
+    return rendered(None), rendered
+
+
 def describe_images(model: MiniGPT4, images: torch.Tensor, cfg: DescribeConfig) -> list[dict[str, Any]]:
     """Descriptions of a batch of normalised images: [{"text", "answers", "tokens"}] per row."""
-    first = model.generate(images, cfg.prompt, cfg.decoding)
+    prompt, continued = describe_prompts(model, cfg)
+    first = model.generate(images, prompt, cfg.decoding)
     tok = model.tokenizer
     counts = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in first]
     results = [{"text": a, "answers": [a], "tokens": n} for a, n in zip(first, counts)]
     short = [i for i, n in enumerate(counts) if n < cfg.continue_below_tokens]
     if short:
-        prompts = [cfg.prompt + first[i] + cfg.continue_prompt for i in short]
+        prompts = [continued(first[i]) for i in short]
         more = generate_rows(model, images[short], prompts, cfg.decoding)
         for i, extra in zip(short, more):
             results[i]["answers"].append(extra)
