@@ -151,8 +151,7 @@ def test_the_same_file_gives_the_same_tensor_on_every_path(case, tmp_path):
     """Chat (and the demo, which uses its session), describe, filter's cc_sbu_align copy read by stage-2
     training, and stage-1 shards: the same pixels, upright, at the model's input."""
     from mgpt4.chat.session import ChatSession
-    from mgpt4.curate.describe import _ImageDataset
-    from mgpt4.curate.images import write_jpeg
+    from mgpt4.curate.images import EvalImages, write_jpeg
     from mgpt4.curate.sources import list_images
 
     data, upright = CASES[case]()
@@ -169,7 +168,7 @@ def test_the_same_file_gives_the_same_tensor_on_every_path(case, tmp_path):
     assert (_levels(chat) - _levels(reference)).abs().max() <= 1.01
 
     [item] = list_images([str(folder)])
-    _, described, error = _ImageDataset([item], S)[0]
+    _, described, error = EvalImages([item], S)[0]
     assert error is None
     assert torch.equal(described, chat)  # the same function, exactly
 

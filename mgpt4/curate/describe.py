@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mgpt4.curate import ranks
-from mgpt4.curate.images import decode_rgb
+from mgpt4.curate.images import EvalImages
 from mgpt4.curate.prompts import CONTINUE_PROMPT, CONTINUE_QUESTION, DESCRIBE_PROMPT, DESCRIBE_QUESTION
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import (
@@ -31,7 +31,6 @@ from mgpt4.curate.store import (
     record,
     unchanged_failure,
 )
-from mgpt4.images import eval_transform
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
@@ -94,24 +93,6 @@ class DescribeReport:
     continued: int = 0
     unchanged: int = 0  # images that failed to decode before and have not changed since: not retried
     problems: list[str] = field(default_factory=list)
-
-
-class _ImageDataset(Dataset):
-    """Decodes in DataLoader workers; a bad image becomes an error string, never an exception."""
-
-    def __init__(self, items: list[ImageItem], size: int):
-        self.items = items
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        item = self.items[i]
-        try:
-            return i, eval_transform(decode_rgb(item.read_bytes()), self.size), None
-        except Exception as e:  # any decoder failure is this item's, not the run's
-            return i, None, f"unreadable image {item.describe()}: {type(e).__name__}: {e}"
 
 
 def _collate(batch: list) -> list:
@@ -290,7 +271,7 @@ def _describe_items(
         torch.manual_seed(cfg.seed + info.rank)
     device = next(model.llama_proj.parameters()).device
     loader = DataLoader(
-        _ImageDataset(items, model.cfg.vision.image_size),
+        EvalImages(items, model.cfg.vision.image_size),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,

@@ -16,15 +16,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mgpt4.curate import ranks
-from mgpt4.curate.images import decode_rgb
+from mgpt4.curate.images import EvalImages
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.eval.references import References, check_matches, load_references
 from mgpt4.eval.scores import METRICS, format_table, score_captions
-from mgpt4.images import eval_transform
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
@@ -83,25 +82,6 @@ def first_caption(reply: str, end_sym: str) -> str:
     return (reply.split(end_sym)[0] if end_sym else reply).strip()
 
 
-class _Images(Dataset):
-    """Decodes in DataLoader workers with the official eval transform; a bad image becomes an error
-    string, never an exception."""
-
-    def __init__(self, items: list[ImageItem], size: int):
-        self.items = items
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        item = self.items[i]
-        try:
-            return i, eval_transform(decode_rgb(item.read_bytes()), self.size), None
-        except Exception as e:  # any decoder failure is this image's, not the run's
-            return i, None, f"{item.describe()}: {type(e).__name__}: {e}"
-
-
 def generate_captions(
     model: MiniGPT4, items: list[ImageItem], cfg: CaptionEvalConfig, rank: int = 0
 ) -> dict[str, dict[str, Any]]:
@@ -110,7 +90,7 @@ def generate_captions(
     prompt = cfg.prompt or stage_prompt(model)
     device = next(model.llama_proj.parameters()).device
     loader = DataLoader(
-        _Images(items, model.cfg.vision.image_size),
+        EvalImages(items, model.cfg.vision.image_size),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=list,
@@ -121,7 +101,7 @@ def generate_captions(
             good = [(i, t) for i, t, err in batch if err is None]
             for i, _, err in batch:
                 if err is not None:
-                    log.warning(f"unreadable image, scored as an empty caption: {err}")
+                    log.warning(f"scored as an empty caption: {err}")
                     out[items[i].id] = {"caption": "", "error": err}
             if good:
                 replies = model.generate(torch.stack([t for _, t in good]).to(device), prompt, cfg.decoding)
