@@ -109,3 +109,32 @@ def test_a_sample_longer_than_a_row_is_refused():
     packer = RowPacker(rows=2, length=10, slots=4)
     with pytest.raises(ValueError, match="longer than a packed row"):
         packer.place(11)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (gpu marker)")
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_packed_rows_equal_unpacked_ones_on_the_gpu(tokenizer, attn):
+    """transformers' packed-sequence path on CUDA: SDPA with the block mask, or FlashAttention's varlen."""
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    text = stage1_text()
+    cfg = tiny()
+    cfg.text = text
+    cfg.attn_implementation = attn
+    dtype = torch.float32 if attn == "sdpa" else torch.bfloat16
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer)
+    apply_freeze(model)
+    model = model.to("cuda", dtype if attn != "sdpa" else torch.float32).train()
+    images = torch.randn(len(CAPTIONS), 3, 56, 56, device="cuda", dtype=dtype)
+    ids, mask = encode_answers(tokenizer, CAPTIONS, text.end_sym, text.max_txt_len)
+    ids, mask = ids.cuda(), mask.cuda()
+    plain, gw, _ = _loss_and_grad(model, image=images, text_ids=ids, text_mask=mask)
+    slot, pos = _layout((9 + mask.sum(1)).tolist(), rows=2, length=3 * 41, slots=len(CAPTIONS))
+    packed, pw, _ = _loss_and_grad(
+        model, image=images, text_ids=ids, text_mask=mask, pack_slot=slot.cuda(), pack_pos=pos.cuda()
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(packed.loss.float(), plain.loss.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(pw.float(), gw.float(), rtol=tol, atol=tol)

@@ -47,7 +47,7 @@ class DataConfig:
     # Each reader shuffles blocks of this many raw samples (the official shuffle buffer is 1000).
     shuffle_buffer: int = 1000
     align_root: str | None = None
-    batch_size: int = 64  # per rank
+    batch_size: int = 64  # per rank; packed (pack_length > 0): the most samples a batch holds
     num_workers: int = 4  # per rank; 0 reads in the trainer's process
     prefetch: int = 2  # batches each worker keeps ready
     pin_memory: bool = True  # only takes effect when CUDA is available

@@ -61,6 +61,13 @@ def decode_features(data: bytes, shape: Sequence[int], out: torch.Tensor) -> Non
     out.copy_(torch.from_numpy(arr))
 
 
+def weight_bytes(path: str) -> int:
+    """Size of a weight file, or of every file in a weight folder: how a manifest tells weight files apart."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
 def features_folder(root: str, source_name: str) -> str:
     return os.path.join(root, source_name)
 

@@ -69,10 +69,10 @@ class SyntheticData:
     captions: list[str] = field(default_factory=list)  # every caption, e.g. to train a tiny tokenizer
 
 
-def _scene(rng: np.random.Generator) -> Scene:
+def _scene(rng: np.random.Generator, shapes: tuple[int, int] = (1, 3)) -> Scene:
     names = list(COLOURS)
     bg = tuple(str(c) for c in rng.choice(names, size=2, replace=False))
-    n = int(rng.integers(1, 4))
+    n = int(rng.integers(shapes[0], shapes[1] + 1))
     positions = rng.choice(list(POSITIONS), size=n, replace=False)
     shapes = []
     for pos in positions:
@@ -167,8 +167,11 @@ def write_shards(
     quality: Sequence[int] = (80, 95),
     noise: Sequence[float] = (2.0, 4.0),
     seed: int = 0,
+    shapes: tuple[int, int] = (1, 3),
 ) -> tuple[list[str], list[str]]:
-    """img2dataset-format tars `{00000..}.tar` (`KEY.jpg`, `KEY.txt`, `KEY.json`); returns (paths, captions)."""
+    """img2dataset-format tars `{00000..}.tar` (`KEY.jpg`, `KEY.txt`, `KEY.json`); returns (paths, captions).
+
+    Each image has `shapes` (min, max) shapes; a caption has 10 words for one, 5 more for each other."""
     os.makedirs(out_dir, exist_ok=True)
     paths, captions = [], []
     for s in range(shards):
@@ -177,7 +180,7 @@ def write_shards(
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
-                scene = _scene(rng)
+                scene = _scene(rng, shapes)
                 w, h = _size(rng, min_size, max_size)
                 jpg = _jpeg(draw(scene, w, h, rng, float(rng.uniform(*noise))), _quality(rng, quality))
                 caption = short_caption(scene)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from mgpt4 import logs
 from mgpt4.data.feature_shards import FEATURE_DTYPES
 from mgpt4.logs import get_logger
 from mgpt4.strict_config import ConfigError, apply_overrides
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from mgpt4.train.recipes import get_recipe
 
     _, info = launch_env.setup(dict(os.environ))  # this process's environment stays as it was
+    logs.set_rank(info.rank, info.world_size)
     created = False
     try:
         cfg = apply_overrides(get_recipe(args.recipe), args.set)

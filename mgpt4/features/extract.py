@@ -35,6 +35,7 @@ from mgpt4.data.feature_shards import (
     MANIFEST_FILE,
     encode_features,
     features_folder,
+    weight_bytes,
 )
 from mgpt4.data.samples import SKIP_REASONS, SkipCounter, sample_caption, sample_image
 from mgpt4.data.shard_lists import expand_shards, shard_file_name
@@ -388,7 +389,7 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
     for part in ("eva_vit", "blip2", "blip2_hf"):
         path = getattr(m.weights, part)
         if path:
-            weights[part] = {"path": os.path.abspath(path), "bytes": path_bytes(path)}
+            weights[part] = {"path": os.path.abspath(path), "bytes": weight_bytes(path)}
     q = m.qformer
     d = cfg.data
     manifest = {
@@ -420,13 +421,6 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
     }
     write_json_atomic(os.path.join(folder, MANIFEST_FILE), manifest)
     return manifest
-
-
-def path_bytes(path: str) -> int:
-    """Size of a weight file, or of all files in a weight folder."""
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-    return os.path.getsize(path)
 
 
 def extract(

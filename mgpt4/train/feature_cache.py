@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from mgpt4.config import Config
-from mgpt4.data.feature_shards import MANIFEST_FILE, read_manifest
+from mgpt4.data.feature_shards import MANIFEST_FILE, read_manifest, weight_bytes
 from mgpt4.data.shard_lists import local_path
 from mgpt4.data.shard_stream import expand_source
 from mgpt4.strict_config import ConfigError, to_dict
@@ -75,14 +75,8 @@ def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
             continue
         if part not in made_with:
             problems.append(f"model.weights.{part}: {path}, but the cache was made without that file")
-        elif made_with[part].get("bytes") != _bytes(path):
+        elif made_with[part].get("bytes") != weight_bytes(path):
             problems.append(
                 f"model.weights.{part}: {path} is not the file the cache was made with ({made_with[part].get('path')})"
             )
     return problems
-
-
-def _bytes(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-    return os.path.getsize(path)
