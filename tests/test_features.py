@@ -26,6 +26,7 @@ from mgpt4.strict_config import ConfigError
 from mgpt4.train.feature_cache import check_feature_cache
 from mgpt4.train.launch_env import RankInfo
 from mgpt4.train.trainer import context_lengths
+from tests.launch import REPO
 
 ONE_RANK = RankInfo()
 
@@ -266,3 +267,29 @@ def test_damaged_feature_samples_are_skipped_and_counted(assets, tmp_path):
     assert (batch["features"] == 1).all() and "image" not in batch
     assert {k: v for k, v in loader.stats().items() if v} == {"bad_features": 1, "no_features": 1}
     loader.close()
+
+
+@pytest.mark.parametrize("recipe", ["tiny_stage1", "stage1_vicuna13b", "stage1_vicuna7b"])
+def test_every_stage1_recipe_trains_from_a_cache_root(recipe, tmp_path):
+    """One override turns any stage-1 recipe to its cache: the same sources, shard names and ratios."""
+    from mgpt4.strict_config import apply_overrides
+    from mgpt4.train.recipes import get_recipe
+    from mgpt4.train.resolve import resolve_config
+
+    root = tmp_path / "features"
+    cfg = apply_overrides(
+        get_recipe(recipe),
+        ["data.kind=features", f"data.features_root={root}", "data.pack_rows=3", "data.pack_length=1088"],
+    )
+    cfg, _, missing = resolve_config(cfg, os.path.join(REPO, "ds_configs", "z2.json"), 4, missing_ok=True)
+    shards = [m for m in missing if "shard(s) of source" in m]
+    assert len(shards) == len(cfg.data.sources)
+    for name, line in zip(cfg.data.source_names(), shards):
+        assert f"{root}/{name}/0000" in line  # the recipe's own shard names under the cache root
+
+
+def test_settings_a_cache_cannot_honour_are_refused():
+    with pytest.raises(ConfigError, match=r"data\.crops: a feature cache's crops were fixed at extraction"):
+        DataConfig(kind="features", crops="sample", sources=[SourceConfig(shards="x.tar")]).validate()
+    with pytest.raises(ConfigError, match=r"data\.features_root: only kind 'features' reads it"):
+        DataConfig(features_root="/x", sources=[SourceConfig(shards="x.tar")]).validate()

@@ -29,20 +29,15 @@ def batch_counts(batch: dict[str, Any], context: torch.Tensor) -> torch.Tensor:
     slots, answer_len = mask.shape
     if "pack_slot" in batch:
         slot = batch["pack_slot"].flatten() + 1  # 0 = padding
-        ones = torch.ones_like(slot)
         # scatter_add rather than bincount: bincount reads the maximum back to the host every step.
-        lengths = torch.zeros(slots + 1, dtype=torch.int64, device=slot.device).scatter_add_(0, slot, ones)[
-            1:
-        ]
+        lengths = slot.new_zeros(slots + 1).scatter_add_(0, slot, torch.ones_like(slot))[1:]
         tokens, square = lengths.sum(), (lengths * lengths).sum()
-        positions = torch.tensor(slot.numel(), device=slot.device)
+        positions = lengths.new_full((), slot.numel())  # made on the device: a host copy would sync
         return torch.stack([(lengths > 0).sum(), tokens, positions, tokens, square])
     ins = batch.get("instruction")
-    ctx = context.index_select(
-        0, ins[:1] if ins is not None else torch.zeros(1, dtype=torch.int64, device=context.device)
-    )[0]
+    ctx = context.index_select(0, ins[:1] if ins is not None else context.new_zeros(1))[0]
     seq = ctx + answer_len
-    b = torch.tensor(slots, device=mask.device)
+    b = mask.new_full((), slots)
     return torch.stack([b, b * ctx + mask.sum(), b * seq, b * seq, b * seq * seq])
 
 
