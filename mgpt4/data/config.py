@@ -98,7 +98,9 @@ class DataConfig:
             raise ConfigError(f"{path}.crops: expected one of {CROP_DRAWS}, got {self.crops!r}")
         self._validate_packing(path)
         if self.kind == "features" and self.crops != "stream":
-            raise ConfigError(f"{path}.crops: a feature cache's crops were fixed at extraction; leave it 'stream'")
+            raise ConfigError(
+                f"{path}.crops: a feature cache's crops were fixed at extraction; leave it 'stream'"
+            )
         if self.features_root is not None and self.kind != "features":
             raise ConfigError(f"{path}.features_root: only kind 'features' reads it (kind is {self.kind!r})")
         if self.num_workers < 0:
