@@ -34,10 +34,12 @@ from mgpt4.data import DeviceFeeder, SourceConfig, build_loader
 from mgpt4.data.batches import model_inputs
 from mgpt4.data.synthetic import write_shards
 from mgpt4.features.extract import ExtractOptions, extract
+from mgpt4.model import MiniGPT4
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.ds_config import zero_stage
+from mgpt4.train.engine import DistInfo
 from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops
 from mgpt4.train.launch_env import RankInfo
 from mgpt4.train.recipes import RECIPES, get_recipe
@@ -59,7 +61,7 @@ PRESETS = {
 }  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="tiny_stage1", choices=list(RECIPES))
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="a named set of --set overrides")
@@ -118,7 +120,7 @@ def bench_data(cfg: Config, folder: str, samples: int, world_size: int) -> list[
     return paths
 
 
-def prepare(args, d) -> tuple[Config, dict]:
+def prepare(args: argparse.Namespace, d: DistInfo) -> tuple[Config, dict]:
     overrides = (PRESETS[args.preset] if args.preset else []) + args.set
     cfg = apply_overrides(get_recipe(args.recipe), overrides)
     if args.random_weights:
@@ -144,7 +146,7 @@ def mode_config(cfg: Config, mode: str, shards: list[str], cache: str, pack: tup
     return out
 
 
-def take_batches(cfg: Config, model, d, count: int) -> list[dict]:
+def take_batches(cfg: Config, model: MiniGPT4, d: DistInfo, count: int) -> list[dict]:
     q = cfg.model.qformer
     loader = build_loader(
         cfg.data, model.tokenizer, cfg.model.text.max_txt_len, cfg.model.text.end_sym, d.rank, d.world_size,
@@ -157,7 +159,7 @@ def take_batches(cfg: Config, model, d, count: int) -> list[dict]:
     return batches
 
 
-def pack_shape(cfg: Config, model, shards: list[str], args) -> tuple[int, int]:
+def pack_shape(cfg: Config, model: MiniGPT4, shards: list[str], args: argparse.Namespace) -> tuple[int, int]:
     """Rows for the packed modes: `--pack-length` x `--pack-rows`, or one row sized to the batch's mean
     sample length (+5%), measured on the bench captions."""
     from mgpt4.data.tar_reader import TarReader
@@ -203,7 +205,7 @@ def run_steps(engine, job: Job, first: int, count: int) -> None:
             job.tally.add(batch)
 
 
-def time_jobs(engine, model, jobs: list[Job], d, args) -> None:
+def time_jobs(engine, model: MiniGPT4, jobs: list[Job], d: DistInfo, args: argparse.Namespace) -> None:
     """Warm every job up, then time them in interleaved rounds: on a shared machine a burst of someone
     else's load then slows every mode alike instead of the one that happened to run then."""
     rounds = max(1, min(args.rounds, args.steps))
@@ -229,7 +231,7 @@ def time_jobs(engine, model, jobs: list[Job], d, args) -> None:
                 job.peak_memory_gib = max(job.peak_memory_gib or 0.0, peak)
 
 
-def result(job: Job, d, peak: float | None) -> Result:
+def result(job: Job, d: DistInfo, peak: float | None) -> Result:
     job.tally.sync()
     w = job.tally.take_window()
     tflops = w.flops / job.seconds / d.world_size / 1e12
@@ -248,7 +250,7 @@ def result(job: Job, d, peak: float | None) -> Result:
     )
 
 
-def set_checkpointing(model, on: bool) -> None:
+def set_checkpointing(model: MiniGPT4, on: bool) -> None:
     if on:
         model.enable_gradient_checkpointing()
         return
@@ -260,7 +262,7 @@ def set_checkpointing(model, on: bool) -> None:
     disable()
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -312,7 +314,7 @@ def main(argv=None) -> None:
         eng_mod.shutdown()
 
 
-def bench_tokenizer(cfg: Config, shards: list[str], work: str, d):
+def bench_tokenizer(cfg: Config, shards: list[str], work: str, d: DistInfo):
     from mgpt4.data.tar_reader import TarReader
     from mgpt4.tokenizer import load_tokenizer, train_tiny_tokenizer
 
@@ -328,7 +330,9 @@ def bench_tokenizer(cfg: Config, shards: list[str], work: str, d):
     return load_tokenizer(folder)
 
 
-def time_extraction(cfg: Config, model, shards: list[str], out: str, args, d) -> dict:
+def time_extraction(
+    cfg: Config, model: MiniGPT4, shards: list[str], out: str, args: argparse.Namespace, d: DistInfo
+) -> dict:
     """Extract the bench shards with the model's own vision path (fp16, as a real cache); every rank
     takes its share, as `python -m mgpt4.features extract` under a launcher does."""
     ecfg = copy.deepcopy(cfg)
@@ -354,7 +358,17 @@ def time_extraction(cfg: Config, model, shards: list[str], out: str, args, d) ->
     return {"samples": count, "seconds": elapsed, "samples_per_s": count / elapsed}
 
 
-def report(cfg, model, d, args, pack, measured, peak, results: list[Result], extraction: dict) -> None:
+def report(
+    cfg: Config,
+    model: MiniGPT4,
+    d: DistInfo,
+    args: argparse.Namespace,
+    pack: tuple[int, int],
+    measured: float | None,
+    peak: float | None,
+    results: list[Result],
+    extraction: dict,
+) -> None:
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full sizes under ZeRO-3
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
