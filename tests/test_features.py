@@ -4,6 +4,7 @@ training from it equals training from the images with the same crops, for LLMs o
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 
@@ -133,16 +134,17 @@ def test_extraction_writes_the_loader_layout_with_the_training_crop(assets, cach
         }
 
 
-def test_fp16_features_take_48_kib_per_sample_at_the_official_size(assets, tmp_path):
+def test_fp16_features_store_two_bytes_per_value(assets, tmp_path):
+    """What the README's 48 KiB per sample (32 x 768 x 2 bytes) rests on: the stored array and nothing more."""
     out = str(tmp_path / "fp16")
     cfg = _config(assets)
     cfg.data.sources = cfg.data.sources[1:]
     _extract(cfg, out, dtype="fp16")
     reader = TarReader(os.path.join(out, "ccsbu", "00000.tar"))
     _, files = reader.next_sample()
-    header = 128  # the .npy header
-    assert len(files["npy"]) - header == 8 * 64 * 2
-    assert 32 * 768 * 2 == 48 * 1024  # what the same layout takes at the official 32 x 768
+    array = np.lib.format.read_array(io.BytesIO(files["npy"]))
+    assert array.dtype == np.float16 and array.shape == (8, 64)
+    assert len(files["npy"]) == 128 + 8 * 64 * 2  # the .npy header, then the values
 
 
 def _train(cfg: Config, steps: int) -> list[float]:
