@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
             report(cfg, model, d, args, pack, measured, peak, results, extraction)
     finally:
         eng_mod.shutdown()
+        if d.rank == 0:  # the bench's shards, tokenizer and cache
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_tokenizer(cfg: Config, shards: list[str], work: str, d: DistInfo):
