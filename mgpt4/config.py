@@ -17,6 +17,8 @@ from mgpt4.strict_config import ConfigError
 # Precision names used across the config, and the torch dtypes they stand for.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
 # The official EVA ViT-g builder hard-codes this ratio and takes int(width * ratio) as the MLP width.
 OFFICIAL_VIT_MLP_RATIO = 4.3637
 
@@ -149,7 +151,8 @@ class ModelConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
-    # "sdpa" or "eager": the LLM's attention implementation.
+    # "sdpa", "eager" or "flash_attention_2" (CUDA, flash-attn installed): the LLM's attention. Packed
+    # rows use transformers' packed-sequence path under each: a block mask, or FlashAttention's varlen.
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -188,9 +191,9 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.text.instructions[{i}]: must contain '<ImageHere>' exactly once, got {ins!r}"
                 )
-        if self.attn_implementation not in ("sdpa", "eager"):
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(
-                f"model.attn_implementation: expected 'sdpa' or 'eager', got {self.attn_implementation!r}"
+                f"model.attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
             )
 
 
@@ -282,10 +285,24 @@ class Config:
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
         check_eval_schedule(t, self.data)
+        if self.data.kind == "features" and self.model.qformer is None:
+            raise ConfigError(
+                "data.kind: a feature cache holds the Q-Former's output, and model.qformer is null (the "
+                "LLaMA-2 variant, whose 64 x 5632 image tokens per sample a cache would not repay): train "
+                "it from images (data.kind 'webdataset')"
+            )
         if self.data.image_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "
                 f"({self.model.vision.image_size})"
+            )
+        q, v = self.model.qformer, self.model.vision
+        n_img = q.num_query_tokens if q is not None else (v.num_tokens - 1) // PATCHES_PER_IMAGE_TOKEN
+        shortest = 1 + n_img + self.model.text.max_txt_len
+        if self.data.packs() and self.data.pack_length < shortest:
+            raise ConfigError(
+                f"data.pack_length: {self.data.pack_length} tokens cannot hold a sample of BOS + "
+                f"{n_img} image tokens + max_txt_len {self.model.text.max_txt_len} = {shortest}"
             )
         o = self.optim
         if not 0 <= o.min_lr <= o.lr:

@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -20,6 +21,8 @@ SCALARS = {
     "train/lr",
     "train/grad_norm",
     "perf/samples_per_s",
+    "perf/samples_per_step",
+    "perf/padding_fraction",
     "perf/tokens_per_s",
     "perf/tflops_per_device",
     "perf/mfu",
@@ -137,10 +140,27 @@ def test_z3_offload_trains_two_steps(tmp_path, cache):
     assert (out / "checkpoints" / "step_00000002" / "llama_proj.pth").is_file()
 
 
+# Rows of 96 tokens hold about three tiny samples (9 context + 10-20 answer tokens), so two rows often fill
+# before the 8 slots: batches hold varying numbers of samples and samples wait for the next batch.
+PACKED = ["--set", "data.pack_length=96", "--set", "data.pack_rows=2"]
+
+
+def extract_cache(tmp_path, cache) -> list[str]:
+    """The tiny recipe's synthetic shards as a feature cache; the overrides that train from it."""
+    out = tmp_path / "features"
+    proc = run(["python", "-m", "mgpt4.features", "extract", "--out", str(out), "--num-workers", "1"], cache)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return ["--set", "data.kind=features", "--set", f"data.features_root={out}"]
+
+
 @pytest.mark.multirank
-def test_resume_continues_the_same_loss_curve(tmp_path, cache):
+@pytest.mark.parametrize("mode", ["plain", "packed", "packed+cached"])
+def test_resume_continues_the_same_loss_curve(tmp_path, cache, mode):
     common = ["--deepspeed", "ds_configs/z2.json", "--set", "train.steps=6", "--set", "train.log_every=1",
               "--set", "train.save_every=3", "--set", "data.num_workers=2"]  # fmt: skip
+    common += (PACKED if "packed" in mode else []) + (
+        extract_cache(tmp_path, cache) if "cached" in mode else []
+    )
     full, parts = tmp_path / "full", tmp_path / "parts"
     proc = run(deepspeed_cmd("launchers/pretrain.py", 2, *common, "--set", f"train.output_dir={full}"), cache)
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -169,9 +189,57 @@ def test_resume_continues_the_same_loss_curve(tmp_path, cache):
     for ra, rb in zip(a, b):
         assert ra["train/loss"] == rb["train/loss"], (ra["step"], ra["train/loss"], rb["train/loss"])
         assert ra["train/lr"] == rb["train/lr"]
+        # Samples seen are counted exactly and restored with the checkpoint.
+        assert ra["train/samples_seen"] == rb["train/samples_seen"]
+    seen = [r["train/samples_seen"] for r in a]
+    if mode == "plain":
+        assert seen == [16 * step for step in range(1, 7)]
+    else:  # packed steps hold a varying number of samples, never more than the 2 x 8 slots
+        steps = [b - a for a, b in zip([0, *seen], seen)]
+        assert all(0 < n <= 16 for n in steps) and len(set(steps)) > 1, steps
     pa = torch.load(full / "checkpoints" / "step_00000006" / "llama_proj.pth")["model"]
     pb = torch.load(parts / "checkpoints" / "step_00000006" / "llama_proj.pth")["model"]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_a_packed_run_counts_its_samples_exactly(tmp_path, cache):
+    """samples_seen, samples per step and the padding fraction equal what the loader packed, step by step."""
+    out = tmp_path / "run"
+    proc = run(
+        ["python", "launchers/pretrain.py", "--set", f"train.output_dir={out}", "--set", "train.steps=6",
+         "--set", "train.log_every=2", *PACKED],
+        cache,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert re.search(r"samples/s \([0-9.]+/step\) \| [0-9]+ tok/s \| pad [0-9.]+%", proc.stdout), proc.stdout[
+        -2000:
+    ]
+    from mgpt4.config import Config
+    from mgpt4.data import build_loader
+    from mgpt4.model import build_model
+    from mgpt4.strict_config import from_dict
+    from mgpt4.train.trainer import context_lengths
+
+    cfg = from_dict(Config, json.loads((out / "config.json").read_text())["config"])
+    model = build_model(cfg.model)
+    contexts = context_lengths(model)
+    text = cfg.model.text
+    loader = build_loader(cfg.data, model.tokenizer, text.max_txt_len, text.end_sym, context_lengths=contexts)
+    it = iter(loader)
+    samples, tokens = [], []
+    for _ in range(6):
+        batch = next(it)
+        used = int((batch["sample_id"] >= 0).sum())
+        samples.append(used)
+        tokens.append(used * contexts[0] + int(batch["text_mask"].sum()))
+    loader.close()
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["train/samples_seen"] for r in rows] == [sum(samples[:2]), sum(samples[:4]), sum(samples)]
+    for i, r in enumerate(rows):
+        window = slice(2 * i, 2 * i + 2)
+        assert r["perf/samples_per_step"] == pytest.approx(sum(samples[window]) / 2)
+        assert r["perf/padding_fraction"] == pytest.approx(1 - sum(tokens[window]) / (2 * 2 * 96))
+    assert len(set(samples)) > 1 and max(samples) <= 8
 
 
 def _fails_before_training(tmp_path, cache, *overrides: str) -> str:

@@ -202,19 +202,21 @@ def test_schedule_is_a_function_of_the_step():
 
 def test_evaluation_time_is_reported_and_kept_out_of_the_throughput(tmp_path, monkeypatch):
     from mgpt4.train import metrics as metrics_mod
+    from mgpt4.train.tally import Window
 
     clock = [100.0]
     monkeypatch.setattr(metrics_mod.time, "perf_counter", lambda: clock[0])
-    m = metrics_mod.Metrics(str(tmp_path), 0, 1, 10, 1e9, 10, None)
-    m.add_step(8, 0.0)
+    m = metrics_mod.Metrics(str(tmp_path), 0, 1, 10, None)
+    window = Window(samples=8, tokens=80, positions=80, flops=8e9)  # one step of 8 samples
+    m.add_step(0.0)
     clock[0] += 10.0
     m.add_eval({"val/loss": 2.5, "perf/eval_s": 8.0}, 8.0)
-    row = m.write(1, {"train/loss": 3.0, "train/lr": 1e-4}, 0.0, {})
+    row = m.write(1, {"train/loss": 3.0, "train/lr": 1e-4}, 0.0, {}, window)
     assert row["val/loss"] == 2.5 and row["perf/eval_s"] == 8.0
     assert row["perf/samples_per_s"] == pytest.approx(8 / 2.0)  # 10 s of wall time, 8 s of it validation
-    m.add_step(8, 0.0)
+    m.add_step(0.0)
     clock[0] += 4.0
-    row = m.write(2, {"train/loss": 3.0, "train/lr": 1e-4}, 0.0, {})
+    row = m.write(2, {"train/loss": 3.0, "train/lr": 1e-4}, 0.0, {}, window)
     assert "val/loss" not in row and row["perf/samples_per_s"] == pytest.approx(8 / 4.0)
     m.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,40 +1,89 @@
-"""Training-step benchmark: samples/s, tokens/s, TFLOP/s and MFU of a recipe's model under DeepSpeed.
+"""Training-step benchmark: every stage-1 mode on the same captions, and what the feature cache costs.
 
     python -m mgpt4.bench.train --recipe tiny_stage1 --steps 20
-    deepspeed --num_gpus 1 -m mgpt4.bench.train --recipe stage1_vicuna7b --random-weights \
-        --set data.batch_size=16 --set model.gradient_checkpointing=true
+    python -m mgpt4.bench.train --preset small --random-weights          # the issue's CPU size
+    deepspeed --num_gpus 1 --module mgpt4.bench.train --recipe stage1_vicuna7b --random-weights \
+        --set train.precision=bf16 --set data.batch_size=16 --checkpointing both --json out.json
 
-Batches are random tensors of the recipe's static shapes, so only the model step is timed (the data
-pipeline has its own benchmark, mgpt4.bench.data). `--random-weights` drops every weight path: the
-full-size model is built with random weights directly on the device, no files needed. On the CPU the
-machine's measured matmul peak is the MFU denominator and is printed too.
+Modes: `plain` (the official layout: one sample per row, answers padded to max_txt_len), `packed` (whole
+samples packed into rows, `data.pack_length`), `cached` (features from a cache: no decode, ViT or
+Q-Former in the step) and `packed+cached`. Each mode reads the same synthetic image shards (captions of
+10-15 words) through the real loader, with the crops a cache holds (`data.crops: sample`); its batches
+are made before the clock starts, so only the model step is timed (the data pipeline has its own
+benchmark, mgpt4.bench.data). The cache is extracted from those shards first, and timed: a cached step
+skips work that extraction did, so the end-to-end time of one run and of three runs on one cache is
+printed against plain. On the CPU the measured matmul peak is the MFU denominator and is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
-from mgpt4.config import DTYPES, WeightsConfig
+from mgpt4.config import DTYPES, Config, WeightsConfig
+from mgpt4.data import DeviceFeeder, SourceConfig, build_loader
+from mgpt4.data.batches import model_inputs
+from mgpt4.data.synthetic import write_shards
+from mgpt4.features.extract import ExtractOptions, extract
+from mgpt4.model import MiniGPT4
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.ds_config import zero_stage
-from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops, train_flops_per_sample
+from mgpt4.train.engine import DistInfo
+from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops
+from mgpt4.train.launch_env import RankInfo
 from mgpt4.train.recipes import RECIPES, get_recipe
 from mgpt4.train.resolve import resolve_config
-from mgpt4.train.trainer import build_model_and_engine, seed_all, sequence_length
+from mgpt4.train.tally import Tally
+from mgpt4.train.trainer import build_model_and_engine, context_lengths, seed_all
+
+MODES = ("plain", "packed", "cached", "packed+cached")
+# The issue's small CPU size: ViT 224 px / patch 14 / 256 wide / 6 deep; Q-Former 256 wide, 4 layers,
+# 32 queries; LLaMA 512 wide, 4 layers, FFN 1376, a 400-piece tokenizer; batch 8, max_txt_len 32.
+PRESETS = {
+    "small": [
+        "model.vision.image_size=224", "data.image_size=224", "model.vision.width=256", "model.vision.depth=6",
+        "model.vision.heads=4", "model.qformer.width=256", "model.qformer.depth=4", "model.qformer.heads=4",
+        "model.qformer.ffn_dim=1024", "model.qformer.num_query_tokens=32", "model.llm.hidden_size=512",
+        "model.llm.num_layers=4", "model.llm.num_heads=8", "model.llm.intermediate_size=1376",
+        "model.llm.vocab_size=400", "data.batch_size=8", "model.text.max_txt_len=32",
+    ],
+}  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="tiny_stage1", choices=list(RECIPES))
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="a named set of --set overrides")
     p.add_argument("--deepspeed", default="ds_configs/z2.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, per mode")
+    p.add_argument(
+        "--rounds", type=int, default=4, help="the timed steps of all modes run interleaved in rounds"
+    )
+    p.add_argument(
+        "--pack-length", type=int, default=0, help="tokens per packed row; 0: fit one row to the batch"
+    )
+    p.add_argument("--pack-rows", type=int, default=1)
+    p.add_argument("--checkpointing", choices=["config", "off", "on", "both"], default="config")
+    p.add_argument(
+        "--run-samples", type=float, default=5.12e6, help="samples of the run the end-to-end times are for"
+    )
+    p.add_argument("--extract-batch", type=int, default=64, help="images per vision forward in extraction")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file (rank 0)")
     p.add_argument(
         "--random-weights", action="store_true", help="no weight files: random weights at full size"
     )
@@ -42,89 +91,370 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclass
+class Result:
+    mode: str
+    checkpointing: bool
+    flops_per_sample: float
+    samples_per_s: float
+    tokens_per_s: float
+    padding_fraction: float
+    samples_per_step: float
+    tflops_per_device: float
+    mfu: float | None
+    peak_memory_gib: float | None
+    step_ms: float
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    cfg = apply_overrides(get_recipe(args.recipe), args.set)
+def bench_data(cfg: Config, folder: str, samples: int, world_size: int) -> list[str]:
+    """Synthetic image shards with stage-1 captions of 10-15 words (one or two shapes), enough for every
+    batch of every rank; images a little larger than the model's, as web images are."""
+    per_shard = 32
+    shards = max(2 * world_size, math.ceil(samples / per_shard))
+    size = cfg.model.vision.image_size
+    paths, _ = write_shards(folder, shards, per_shard, min_size=size, max_size=int(size * 1.6), shapes=(1, 2))
+    return paths
+
+
+def prepare(args: argparse.Namespace, d: DistInfo) -> tuple[Config, dict]:
+    overrides = (PRESETS[args.preset] if args.preset else []) + args.set
+    cfg = apply_overrides(get_recipe(args.recipe), overrides)
     if args.random_weights:
         cfg.model.weights = WeightsConfig()
         cfg.train.demo_assets = False
-    d = eng_mod.init_distributed(cfg.train.startup_timeout_min)
-    try:
-        if args.random_weights and cfg.data.kind == "webdataset" and not cfg.data.sources:
-            from mgpt4.data.config import SourceConfig
+    if cfg.data.kind != "webdataset":
+        raise SystemExit("mgpt4.bench.train benchmarks stage 1: choose a recipe with data.kind webdataset")
+    cfg.data.sources = [SourceConfig(name="bench", shards="unused.tar")]  # filled with the bench shards
+    cfg, ds_config, _ = resolve_config(cfg, args.deepspeed, d.world_size, check_inputs=False)
+    ensure_demo_assets(cfg)
+    return cfg, ds_config
 
-            cfg.data.sources = [SourceConfig(name="random", shards="unused.tar")]  # batches are random here
-        cfg, ds_config, _ = resolve_config(
-            cfg, args.deepspeed, d.world_size, check_inputs=not args.random_weights
-        )
-        ensure_demo_assets(cfg)
+
+def mode_config(cfg: Config, mode: str, shards: list[str], cache: str, pack: tuple[int, int]) -> Config:
+    out = copy.deepcopy(cfg)
+    dc = out.data
+    dc.sources = [SourceConfig(name="bench", shards=shards)]
+    dc.crops, dc.resampled = "sample", True  # the crops the cache holds, in every mode
+    if "cached" in mode:
+        dc.kind, dc.features_root, dc.crops = "features", cache, "stream"
+    if "packed" in mode:
+        dc.pack_rows, dc.pack_length = pack
+    return out
+
+
+def take_batches(cfg: Config, model: MiniGPT4, d: DistInfo, count: int) -> list[dict]:
+    q = cfg.model.qformer
+    loader = build_loader(
+        cfg.data, model.tokenizer, cfg.model.text.max_txt_len, model.text_spec.end_sym, d.rank, d.world_size,
+        context_lengths=context_lengths(model),
+        feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
+    )  # fmt: skip
+    feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
+    batches = [b for b, _ in zip(feeder, range(count))]
+    loader.close()
+    return batches
+
+
+def pack_shape(cfg: Config, model: MiniGPT4, shards: list[str], args: argparse.Namespace) -> tuple[int, int]:
+    """Rows for the packed modes: `--pack-length` x `--pack-rows`, or one row sized to the batch's mean
+    sample length (+5%), measured on the bench captions."""
+    from mgpt4.data.tar_reader import TarReader
+    from mgpt4.data.transforms import clean_caption
+
+    longest = max(context_lengths(model)) + cfg.model.text.max_txt_len
+    if args.pack_length:
+        return args.pack_rows, max(args.pack_length, longest)
+    captions = []
+    for path in shards[:4]:
+        reader = TarReader(path)
+        while (s := reader.next_sample()) is not None:
+            captions.append(clean_caption(s[1]["txt"].decode()))
+    ids = model.tokenizer([c + model.text_spec.end_sym for c in captions], add_special_tokens=False)[
+        "input_ids"
+    ]
+    mean = context_lengths(model)[0] + statistics.mean(min(len(i), cfg.model.text.max_txt_len) for i in ids)
+    per_row = cfg.data.batch_size * mean * 1.05 / args.pack_rows
+    return args.pack_rows, max(longest, 8 * math.ceil(per_row / 8))
+
+
+@dataclass
+class Job:
+    """One mode under one checkpointing setting: its batches and what its timed steps held."""
+
+    mode: str
+    checkpointing: bool
+    cfg: Config
+    batches: list[dict]
+    tally: Tally
+    seconds: float = 0.0
+    steps: int = 0
+    peak_memory_gib: float | None = None
+
+
+def run_steps(engine, job: Job, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        batch = job.batches[i % len(job.batches)]
+        for _ in range(job.cfg.train.grad_accum):
+            loss = engine(**model_inputs(batch)).loss
+            engine.backward(loss)
+            engine.step()
+            job.tally.add(batch)
+
+
+def time_jobs(engine, model: MiniGPT4, jobs: list[Job], d: DistInfo, args: argparse.Namespace) -> None:
+    """Warm every job up, then time them in interleaved rounds: on a shared machine a burst of someone
+    else's load then slows every mode alike instead of the one that happened to run then."""
+    rounds = max(1, min(args.rounds, args.steps))
+    for job in jobs:
+        set_checkpointing(model, job.checkpointing)
+        run_steps(engine, job, 0, args.warmup)
+        job.tally.sync()
+        job.tally.take_window()
+    for r in range(rounds):
+        count = args.steps // rounds + (1 if r < args.steps % rounds else 0)
+        for job in jobs:
+            set_checkpointing(model, job.checkpointing)
+            if d.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(d.device)
+            _sync(d.device)
+            start = time.perf_counter()
+            run_steps(engine, job, args.warmup + job.steps, count)
+            _sync(d.device)
+            job.seconds += time.perf_counter() - start
+            job.steps += count
+            if d.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(d.device) / 2**30
+                job.peak_memory_gib = max(job.peak_memory_gib or 0.0, peak)
+
+
+def result(job: Job, d: DistInfo, peak: float | None) -> Result:
+    job.tally.sync()
+    w = job.tally.take_window()
+    tflops = w.flops / job.seconds / d.world_size / 1e12
+    return Result(
+        mode=job.mode,
+        checkpointing=job.checkpointing,
+        flops_per_sample=w.flops / max(w.samples, 1),
+        samples_per_s=w.samples / job.seconds,
+        tokens_per_s=w.tokens / job.seconds,
+        padding_fraction=w.padding_fraction,
+        samples_per_step=w.samples / job.steps,
+        tflops_per_device=tflops,
+        mfu=tflops / peak if peak else None,
+        peak_memory_gib=job.peak_memory_gib,
+        step_ms=1000 * job.seconds / job.steps,
+    )
+
+
+def set_checkpointing(model: MiniGPT4, on: bool) -> None:
+    if on:
+        model.enable_gradient_checkpointing()
+        return
+    # Newer transformers renamed the call (as MiniGPT4.enable_gradient_checkpointing handles).
+    disable = (
+        getattr(model.llm, "activation_checkpointing_disable", None)
+        or model.llm.gradient_checkpointing_disable
+    )
+    disable()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
+    d = eng_mod.init_distributed(60.0)
+    work = tempfile.mkdtemp(prefix="mgpt4-bench-") if d.rank == 0 else None
+    try:
+        cfg, ds_config = prepare(args, d)
+        box = [work]
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(box, src=0)
+        work = box[0]
         seed_all(cfg.train.seed)
-        # Random weights are made on the device directly; under ZeRO-3 transformers partitions them.
         built_on = None if cfg.model.weights.llm or zero_stage(ds_config) == 3 else d.device
         _zero, model, engine, _, _ = build_model_and_engine(cfg, ds_config, built_on)
-        run(args, cfg, d, model, engine)
+        samples = (args.warmup + args.steps) * cfg.data.batch_size * d.world_size
+        if d.rank == 0:
+            shards = bench_data(cfg, os.path.join(work, "images"), samples, d.world_size)
+        eng_mod.barrier()
+        shards = sorted(os.path.join(work, "images", f) for f in os.listdir(os.path.join(work, "images")))
+        if (
+            model.tokenizer is None
+        ):  # random weights: a tokenizer of the LLM's vocabulary, trained on the captions
+            model.tokenizer = bench_tokenizer(cfg, shards, work, d)
+        extraction = time_extraction(cfg, model, shards, os.path.join(work, "features"), args, d)
+        pack = pack_shape(cfg, model, shards, args)
+        dtype = DTYPES[cfg.train.precision]
+        measured = measure_matmul_tflops(dtype) if d.device.type == "cpu" else None
+        peak = cfg.train.peak_tflops or measured or device_peak_tflops(d.device, dtype)
+        settings = {"config": [False, True], "off": [False], "on": [True], "both": [False, True]}[
+            args.checkpointing
+        ]
+        if args.checkpointing == "config":
+            settings = [cfg.model.gradient_checkpointing]
+        jobs = []
+        for mode in modes:
+            mcfg = mode_config(cfg, mode, shards, os.path.join(work, "features"), pack)
+            batches = take_batches(mcfg, model, d, args.warmup + args.steps)
+            cached = mcfg.data.kind == "features"
+            for ckpt in settings:  # the same batches with and without checkpointing
+                tally = Tally(mcfg.model, context_lengths(model), cached, d.device)
+                jobs.append(Job(mode, ckpt, mcfg, batches, tally))
+        model.train()
+        time_jobs(engine, model, jobs, d, args)
+        results = [result(job, d, peak) for job in jobs]
+        if d.rank == 0:
+            report(cfg, model, d, args, pack, measured, peak, results, extraction)
     finally:
         eng_mod.shutdown()
+        if d.rank == 0:  # the bench's shards, tokenizer and cache
+            shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args, cfg, d, model, engine) -> None:
-    micro, seq = cfg.data.batch_size, sequence_length(model)
-    size, length = cfg.model.vision.image_size, cfg.model.text.max_txt_len
-    dtype = DTYPES[cfg.train.precision]
-    gen = torch.Generator().manual_seed(d.rank)
-    images = torch.randint(0, 256, (micro, 3, size, size), dtype=torch.uint8, generator=gen)
-    images = ((images.float() / 255 - 0.45) / 0.27).to(d.device, dtype)
-    ids = torch.randint(3, model.llm.config.vocab_size, (micro, length), generator=gen).to(d.device)
-    mask = torch.ones_like(ids)
-    model.train()
+def bench_tokenizer(cfg: Config, shards: list[str], work: str, d: DistInfo):
+    from mgpt4.data.tar_reader import TarReader
+    from mgpt4.tokenizer import load_tokenizer, train_tiny_tokenizer
 
-    def step() -> float:
-        loss = 0.0
-        for _ in range(cfg.train.grad_accum):
-            out = engine(images, ids, mask)
-            engine.backward(out.loss)
-            engine.step()
-            loss = float(out.loss.detach())
-        return loss
+    folder = os.path.join(work, "tokenizer")
+    if d.rank == 0:
+        captions = []
+        for path in shards:
+            reader = TarReader(path)
+            while (s := reader.next_sample()) is not None:
+                captions.append(s[1]["txt"].decode())
+        train_tiny_tokenizer(captions * 4, folder, vocab_size=cfg.model.llm.vocab_size)
+    eng_mod.barrier()
+    return load_tokenizer(folder)
 
-    for _ in range(args.warmup):
-        step()
+
+def time_extraction(
+    cfg: Config, model: MiniGPT4, shards: list[str], out: str, args: argparse.Namespace, d: DistInfo
+) -> dict:
+    """Extract the bench shards with the model's own vision path (fp16, as a real cache); every rank
+    takes its share, as `python -m mgpt4.features extract` under a launcher does."""
+    ecfg = copy.deepcopy(cfg)
+    ecfg.data.sources = [SourceConfig(name="bench", shards=shards)]
+    info = RankInfo(d.rank, d.world_size, d.local_rank)
+    opts = ExtractOptions(
+        out=out, batch_size=args.extract_batch, num_workers=cfg.data.num_workers, dtype="fp16",
+        device=str(d.device) if d.device.type == "cpu" else "cuda",
+    )  # fmt: skip
+    model.eval()
+    eng_mod.barrier()
     _sync(d.device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    reports = extract(ecfg, opts, info, model=model)
     _sync(d.device)
+    eng_mod.barrier()
     elapsed = time.perf_counter() - start
-    samples = args.steps * micro * cfg.train.grad_accum * d.world_size
-    samples_s = samples / elapsed
-    flops = train_flops_per_sample(cfg.model, seq)
-    tflops = flops * samples_s / d.world_size / 1e12
-    measured = measure_matmul_tflops(dtype) if d.device.type == "cpu" else None
-    peak = cfg.train.peak_tflops or measured or device_peak_tflops(d.device, dtype)
-    if d.rank != 0:
-        return
+    samples = sum(r.samples for r in reports)
+    total = torch.tensor([samples], dtype=torch.int64, device=d.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    count = int(total.item())
+    return {"samples": count, "seconds": elapsed, "samples_per_s": count / elapsed}
+
+
+def report(
+    cfg: Config,
+    model: MiniGPT4,
+    d: DistInfo,
+    args: argparse.Namespace,
+    pack: tuple[int, int],
+    measured: float | None,
+    peak: float | None,
+    results: list[Result],
+    extraction: dict,
+) -> None:
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full sizes under ZeRO-3
-    print(f"recipe: {cfg.recipe}  device: {device_name} x {d.world_size}  precision: {cfg.train.precision}")
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    print(f"recipe: {cfg.recipe}  device: {device_name} x {d.world_size}  precision: {cfg.train.precision}")
     print(f"params: {params / 1e6:.1f}M (trainable {trainable:,})")
-    print(f"micro batch: {micro}  grad accum: {cfg.train.grad_accum}  sequence: {seq} tokens")
-    print(f"model FLOPs per sample: {flops / 1e9:.2f} GFLOP")
-    print(f"step time: {elapsed / args.steps * 1000:.1f} ms")
-    print(f"samples/s: {samples_s:.2f}")
-    print(f"tokens/s: {samples_s * seq:.1f}")
-    print(f"TFLOP/s per device: {tflops:.4f}")
+    seq = max(context_lengths(model)) + cfg.model.text.max_txt_len
+    print(
+        f"micro batch: {cfg.data.batch_size}  grad accum: {cfg.train.grad_accum}  unpacked sequence: {seq} tokens  "
+        f"packed: {pack[0]} row(s) x {pack[1]} tokens, at most {cfg.data.batch_size} samples"
+    )
     if measured is not None:
         print(f"CPU matmul peak (measured, {cfg.train.precision}): {measured:.4f} TFLOP/s")
-    if peak:
-        print(f"MFU: {100 * tflops / peak:.2f}% of {peak:.4g} TFLOP/s")
-    if d.device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB")
+    for r in results:
+        print(f"== {r.mode}{' (gradient checkpointing)' if r.checkpointing else ''} ==")
+        print(f"model FLOPs per sample: {r.flops_per_sample / 1e9:.2f} GFLOP")
+        print(f"step time: {r.step_ms:.1f} ms")
+        print(f"samples/s: {r.samples_per_s:.2f}")
+        print(f"tokens/s: {r.tokens_per_s:.1f}")
+        print(f"padding: {100 * r.padding_fraction:.1f}%")
+        print(f"TFLOP/s per device: {r.tflops_per_device:.4f}")
+        if r.mfu is not None:
+            print(f"MFU: {100 * r.mfu:.2f}% of {peak:.4g} TFLOP/s")
+        if r.peak_memory_gib is not None:
+            print(f"peak memory: {r.peak_memory_gib:.2f} GiB")
+    print()
+    print(
+        "| mode | checkpointing | GFLOP/sample | samples/s | tokens/s | padding | samples/step | vs plain | MFU | peak GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        base = next((b for b in results if b.mode == "plain" and b.checkpointing == r.checkpointing), None)
+        ratio = f"{r.samples_per_s / base.samples_per_s:.2f}x" if base else "-"
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
+        mem = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "-"
+        print(
+            f"| {r.mode} | {'on' if r.checkpointing else 'off'} | {r.flops_per_sample / 1e9:.4g} | {r.samples_per_s:.1f} "
+            f"| {r.tokens_per_s:.0f} | {100 * r.padding_fraction:.1f}% | {r.samples_per_step:.1f} | {ratio} | {mfu} | {mem} |"
+        )
+    print()
+    rate = extraction["samples_per_s"]
+    print(
+        f"extraction: {extraction['samples']} samples in {extraction['seconds']:.1f} s = {rate:.1f} samples/s"
+    )
+    costs = end_to_end(results, rate, args.run_samples)
+    if costs:
+        print(f"end to end for {args.run_samples:,.0f} samples, from the rates above (hours):")
+        for name, hours in costs.items():
+            print(f"  {name}: {hours:.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "device": device_name, "world_size": d.world_size, "recipe": cfg.recipe,
+                    "precision": cfg.train.precision, "params": params, "batch_size": cfg.data.batch_size,
+                    "pack": list(pack), "peak_tflops": peak, "extraction": extraction, "end_to_end_hours": costs,
+                    "results": [asdict(r) for r in results],
+                },
+                f, indent=2,
+            )  # fmt: skip
+
+
+def end_to_end(results: list[Result], extract_rate: float, samples: float) -> dict[str, float]:
+    """Hours for one run and for three runs (three LLMs, or three tries) over `samples`: a run from
+    images pays the vision path every time; a cache pays it once, in extraction."""
+    rate = {r.mode: r.samples_per_s for r in results if not r.checkpointing} or {
+        r.mode: r.samples_per_s for r in results
+    }
+    if "plain" not in rate:
+        return {}
+    hours = lambda n: samples / n / 3600  # noqa: E731
+    out = {"one run, plain": hours(rate["plain"])}
+    if "packed" in rate:
+        out["one run, packed"] = hours(rate["packed"])
+    if "packed+cached" in rate:
+        out["one run, extraction + packed+cached"] = hours(extract_rate) + hours(rate["packed+cached"])
+    out["three runs, plain"] = 3 * hours(rate["plain"])
+    if "packed" in rate:
+        out["three runs, packed"] = 3 * hours(rate["packed"])
+    if "packed+cached" in rate:
+        out["three runs on one cache, extraction + 3 x packed+cached"] = hours(extract_rate) + 3 * hours(
+            rate["packed+cached"]
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Static-shape batches: uint8 images and fixed-length answer ids.
+"""Static-shape batches: uint8 images (or cached features) and fixed-length answer ids, plain or packed.
 
-Every batch has the same shapes (images [B, 3, S, S], ids and masks [B, max_txt_len]) so the model
-step can be captured once as a CUDA graph and the allocator never sees a new size.
+Every batch has the same shapes (images [B, 3, S, S], ids and masks [B, max_txt_len]; packed batches
+add a [rows, length] layout) so the model step can be captured once as a CUDA graph and the allocator
+never sees a new size.
 """
 
 from __future__ import annotations
@@ -32,12 +33,30 @@ def image_buffer(batch: int, size: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class BatchText:
     """How a batch's text is made: the answer encoding (from the model's TextConfig) and the number of
-    instructions the loader draws from (0: stage 1, no instruction)."""
+    instructions the loader draws from (0: stage 1, no instruction).
+
+    Packing also needs `context_lengths`: the LLM tokens before the answer (BOS, the wrapped
+    instruction, the image queries), one value without instructions, else one per instruction.
+    """
 
     tokenizer: Any
     max_txt_len: int
     end_sym: str
     num_instructions: int = 0
+    context_lengths: tuple[int, ...] = ()
+
+    def context_length(self, instruction: int | None) -> int:
+        if not self.context_lengths:
+            raise ValueError(
+                "packing needs the context length of each instruction (BatchText.context_lengths)"
+            )
+        return self.context_lengths[instruction or 0]
+
+    def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask int64 [len(captions), max_txt_len] (`mgpt4.tokenizer.encode_answers`)."""
+        return encode_answers(
+            self.tokenizer, list(captions), self.end_sym, self.max_txt_len, pad_to_max_len=True
+        )
 
 
 # The stream tag of the instruction draw, apart from the other random streams under one seed.
@@ -57,15 +76,57 @@ def make_batch(
     The instruction is drawn uniformly (as the official `random.choice` per batch) from a generator
     seeded by `draw_key` (seed and the batch's position), so a resumed run draws the same ones.
     """
-    ids, mask = encode_answers(
-        text.tokenizer, list(captions), text.end_sym, text.max_txt_len, pad_to_max_len=True
-    )
+    ids, mask = text.encode(captions)
     batch = {"image": images, "text_ids": ids, "text_mask": mask}
-    if text.num_instructions:
-        rng = np.random.default_rng([_TAG_INSTRUCTION, *draw_key])
-        batch["instruction"] = torch.full(
-            (len(captions),), int(rng.integers(text.num_instructions)), dtype=torch.int64
-        )
+    instruction = draw_instruction(text, draw_key)
+    if instruction is not None:
+        batch["instruction"] = torch.full((len(captions),), instruction, dtype=torch.int64)
     if extra:
         batch.update(extra)
     return batch
+
+
+def draw_instruction(text: BatchText, draw_key: Sequence[int]) -> int | None:
+    """The batch's instruction index, uniform (the official `random.choice` per batch) from a generator
+    seeded by `draw_key`; None without instructions."""
+    if not text.num_instructions:
+        return None
+    return int(np.random.default_rng([_TAG_INSTRUCTION, *draw_key]).integers(text.num_instructions))
+
+
+def make_packed_batch(
+    payload: tuple[str, torch.Tensor],
+    ids: Sequence[torch.Tensor],
+    layout: tuple[torch.Tensor, torch.Tensor],
+    text: BatchText,
+    instruction: int | None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The packed batch contract: the payload (`image` uint8 [N,3,S,S] or `features` [N,Q,W]) with one slot
+    per sample, the first len(ids) of them used; text_ids / text_mask int64 [N, max_txt_len] (empty slots:
+    pad, mask 0); `pack_slot` / `pack_pos` int64 [rows, length] (`mgpt4.data.packing`); with
+    instructions, `instruction` int64 [N], the batch's one index.
+    """
+    key, data = payload
+    slots = data.shape[0]
+    text_ids = torch.full((slots, text.max_txt_len), text.tokenizer.pad_token_id, dtype=torch.int64)
+    text_mask = torch.zeros((slots, text.max_txt_len), dtype=torch.int64)
+    for n, row in enumerate(ids):
+        text_ids[n, : len(row)] = row
+        text_mask[n, : len(row)] = 1
+    batch = {key: data, "text_ids": text_ids, "text_mask": text_mask}
+    batch["pack_slot"], batch["pack_pos"] = layout
+    if instruction is not None:
+        batch["instruction"] = torch.full((slots,), instruction, dtype=torch.int64)
+    if extra:
+        batch.update(extra)
+    return batch
+
+
+# The batch entries MiniGPT4.forward takes; the rest (source, sample_id, ...) are for bookkeeping.
+MODEL_INPUTS = ("image", "features", "text_ids", "text_mask", "instruction", "pack_slot", "pack_pos")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of `MiniGPT4.forward` for a plain or packed, image or feature batch."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 
 from mgpt4.strict_config import ConfigError
 
-KINDS = ("webdataset", "align")
+KINDS = ("webdataset", "align", "features")
+# The stage-1 kinds: image shards, or feature shards extracted from them.
+STAGE1_KINDS = ("webdataset", "features")
 MIX_MODES = ("batch", "sample")
 TRANSFORMS = ("train", "eval")
+CROP_DRAWS = ("stream", "sample")
 
 
 @dataclass
@@ -67,19 +70,19 @@ class ValConfig:
                     f"held-out samples to evaluate"
                 )
             return
-        if kind == "webdataset":
+        if kind in STAGE1_KINDS:  # 'features' too: held-out images go through the model's vision path
             if given != ["shards"]:
                 wrong = [n for n in given if n != "shards"]
                 raise ConfigError(
                     f"{path}.{wrong[0]}: only for kind 'align'"
                     if wrong
-                    else f"{path}.shards: kind 'webdataset' validates on held-out shards; give them "
+                    else f"{path}.shards: kind {kind!r} validates on held-out shards (of images); give them "
                     f"(or set {path}.samples=0)"
                 )
             return
         if "shards" in given:
             raise ConfigError(
-                f"{path}.shards: only for kind 'webdataset'; use {path}.align_root or {path}.holdout"
+                f"{path}.shards: only for the stage-1 kinds {STAGE1_KINDS}; use {path}.align_root or {path}.holdout"
             )
         if len(given) != 1:
             raise ConfigError(
@@ -94,7 +97,9 @@ class ValConfig:
 
 @dataclass
 class DataConfig:
-    # "webdataset": stage-1 shards from `sources`; "align": the stage-2 cc_sbu_align folder `align_root`.
+    # "webdataset": stage-1 shards from `sources`; "align": the stage-2 cc_sbu_align folder `align_root`;
+    # "features": feature shards written by `python -m mgpt4.features extract` (the Q-Former's output per
+    # sample instead of its image: no decode, no ViT and no Q-Former in the step), mixed as `sources`.
     kind: str = "webdataset"
     sources: list[SourceConfig] = field(default_factory=list)
     # "batch": every batch comes from one source drawn by ratio (the official MultiIterLoader);
@@ -106,7 +111,7 @@ class DataConfig:
     # Each reader shuffles blocks of this many raw samples (the official shuffle buffer is 1000).
     shuffle_buffer: int = 1000
     align_root: str | None = None
-    batch_size: int = 64  # per rank
+    batch_size: int = 64  # per rank; packed (pack_length > 0): the most samples a batch holds
     num_workers: int = 4  # per rank; 0 reads in the trainer's process
     prefetch: int = 2  # batches each worker keeps ready
     pin_memory: bool = True  # only takes effect when CUDA is available
@@ -128,6 +133,21 @@ class DataConfig:
     dct_margin: float = 1.0
     seed: int = 0
     val: ValConfig = field(default_factory=ValConfig)
+    # "stream": each crop is drawn from the reader's position, so a sample gets a fresh crop every time
+    # it comes round (the official RandomResizedCrop). "sample": drawn from the sample's shard file name
+    # and key, the same crop every time: the one crop a feature cache holds (extraction draws it so).
+    crops: str = "stream"
+    # kind "features": source i reads features_root/<source name>/<file name of each of its shards>, the
+    # layout extraction writes, so a recipe's own shard patterns name the feature shards. None: the
+    # sources' `shards` are the feature shards themselves.
+    features_root: str | None = None
+    # Packing (stage 1). 0: one sample per row, its answer padded to max_txt_len (the official layout).
+    # N: each batch is `pack_rows` rows of N tokens, each row holding whole samples one after another
+    # (attention, positions and labels never cross samples), and `batch_size` becomes the most samples a
+    # batch holds: a batch ends when its rows or its batch_size slots are full, so it holds about (not
+    # exactly) batch_size samples when pack_rows x pack_length ~ batch_size x the mean sample length.
+    pack_length: int = 0
+    pack_rows: int = 0
 
     def validate(self, path: str = "data") -> None:
         if self.kind not in KINDS:
@@ -139,6 +159,15 @@ class DataConfig:
         for name in ("batch_size", "image_size", "shuffle_buffer", "prefetch", "caption_max_words"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if self.crops not in CROP_DRAWS:
+            raise ConfigError(f"{path}.crops: expected one of {CROP_DRAWS}, got {self.crops!r}")
+        self._validate_packing(path)
+        if self.kind == "features" and self.crops != "stream":
+            raise ConfigError(
+                f"{path}.crops: a feature cache's crops were fixed at extraction; leave it 'stream'"
+            )
+        if self.features_root is not None and self.kind != "features":
+            raise ConfigError(f"{path}.features_root: only kind 'features' reads it (kind is {self.kind!r})")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers: expected 0 or more, got {self.num_workers!r}")
         if self.dct_margin < 1.0:
@@ -150,9 +179,9 @@ class DataConfig:
             raise ConfigError(
                 f"{path}.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi!r}"
             )
-        if self.kind == "webdataset":
+        if self.kind in STAGE1_KINDS:
             if not self.sources:
-                raise ConfigError(f"{path}.sources: kind 'webdataset' needs at least one source with shards")
+                raise ConfigError(f"{path}.sources: kind {self.kind!r} needs at least one source with shards")
             names = set()
             for i, src in enumerate(self.sources):
                 where = f"{path}.sources[{i}]"
@@ -168,10 +197,30 @@ class DataConfig:
             raise ConfigError(f"{path}.align_root: kind 'align' needs the cc_sbu_align folder")
         self.val.validate(self.kind, f"{path}.val")
 
+    def _validate_packing(self, path: str) -> None:
+        if self.pack_length < 0 or self.pack_rows < 0:
+            raise ConfigError(f"{path}.pack_length / pack_rows: expected 0 or more")
+        if self.pack_length == 0:
+            if self.pack_rows:
+                raise ConfigError(f"{path}.pack_rows: set {path}.pack_length too (0 packs nothing)")
+            return
+        if self.kind == "align":
+            raise ConfigError(
+                f"{path}.pack_length: packing is for the stage-1 kinds 'webdataset' and 'features', not 'align'"
+            )
+        if self.pack_rows < 1:
+            raise ConfigError(
+                f"{path}.pack_rows: packing needs the number of rows per batch; choose pack_rows x pack_length "
+                f"about {path}.batch_size ({self.batch_size}) x the mean sample length in tokens"
+            )
+
+    def packs(self) -> bool:
+        return self.pack_length > 0
+
     def source_names(self) -> list[str]:
         return [s.name or f"source{i}" for i, s in enumerate(self.sources)]
 
     def cleans_captions(self) -> bool:
         if self.clean_captions is not None:
             return self.clean_captions
-        return self.kind == "webdataset"
+        return self.kind in STAGE1_KINDS

@@ -18,7 +18,7 @@ from mgpt4.data.transforms import normalize_uint8
 
 class DeviceFeeder:
     """Wraps a batch iterable (normally a `Loader`); yields the same dicts on `device` with
-    `"image"` CLIP-normalised to `dtype`.
+    `"image"` CLIP-normalised to `dtype` (feature batches have none).
 
     `last_wait_s` is how long the latest `next()` was blocked waiting for the loader (the data-wait
     metric); `total_wait_s` and `steps` accumulate it.
@@ -51,7 +51,8 @@ class DeviceFeeder:
                     value = value.pin_memory()
                 value = value.to(self.device, non_blocking=True)
             out[key] = value
-        out["image"] = normalize_uint8(out["image"], self.dtype)
+        if "image" in out:  # cached features come as they are used
+            out["image"] = normalize_uint8(out["image"], self.dtype)
         return out
 
     def _next(self, it: Iterator[dict[str, Any]]) -> tuple[dict[str, Any] | None, float]:

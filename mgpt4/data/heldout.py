@@ -118,7 +118,7 @@ def read_heldout(cfg: DataConfig, num_instructions: int = 0, rank: int = 0, worl
     skips = SkipCounter()
     transform = ImageTransform(cfg.image_size, train=False, fast=cfg.fast_decode, dct_margin=cfg.dct_margin)
     clean = cfg.cleans_captions()
-    samples = _shard_samples(cfg, skips) if cfg.kind == "webdataset" else _align_samples(cfg, skips)
+    samples = _shard_samples(cfg, skips) if cfg.kind != "align" else _align_samples(cfg, skips)
     captions: list[str] = []
     images: dict[int, torch.Tensor] = {}
     buffer = torch.empty(3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
@@ -138,7 +138,7 @@ def read_heldout(cfg: DataConfig, num_instructions: int = 0, rank: int = 0, worl
     samples.close()  # closes the shard it stopped in
     skipped = {k: v for k, v in skips.counts.items() if v}
     if len(captions) < want:
-        source = "data.val.shards" if cfg.kind == "webdataset" else "data.val"
+        source = "data.val.shards" if cfg.kind != "align" else "data.val"
         raise ValueError(
             f"{source}: the held-out source has {len(captions)} usable samples, data.val.samples asks for "
             f"{want}" + (f" (skipped: {skipped})" if skipped else "")

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from mgpt4.data.align import AlignDataset
 from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
+from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
 from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset
@@ -192,13 +193,17 @@ class Loader:
         }
         if cfg.kind == "align" and cfg.val.holdout:  # the held-out pairs are not in the stream
             setup["val_holdout"] = cfg.val.holdout
-        if cfg.kind == "webdataset":
+        if cfg.kind != "align":
             setup.update(
                 resampled=cfg.resampled,
                 shuffle_buffer=cfg.shuffle_buffer,
                 mix=cfg.mix,
                 sources=cfg.source_names(),
             )
+        if cfg.packs():  # only when set, so positions saved before packing existed still load
+            setup.update(pack_length=cfg.pack_length, pack_rows=cfg.pack_rows)
+        if cfg.crops != "stream":
+            setup["crops"] = cfg.crops
         return setup
 
     def _inputs(self) -> dict[str, list[str]]:
@@ -295,9 +300,16 @@ def build_loader(
     world_size: int = 1,
     worker_init_fn: Callable[[int], None] | None = None,
     num_instructions: int = 0,
+    context_lengths: Sequence[int] = (),
+    feature_shape: Sequence[int] | None = None,
 ) -> Loader:
     """The loader of one rank. `max_txt_len`, `end_sym` and the number of instructions to draw from
-    (`len(instructions)`, 0 for stage 1) come from the model's TextConfig."""
+    (`len(instructions)`, 0 for stage 1) come from the model's TextConfig.
+
+    Packing (`cfg.pack_length`) also needs `context_lengths`, the LLM tokens before the answer per
+    instruction (one value without instructions; see `BatchText`); kind 'features' needs
+    `feature_shape`, (num_query_tokens, qformer width). ValueError names what is missing or too long.
+    """
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -308,14 +320,34 @@ def build_loader(
     if cfg.num_workers > 0:
         # The tokenizer's thread pool must not be used in the parent before workers fork.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    dataset_cls = ShardDataset if cfg.kind == "webdataset" else AlignDataset
     if num_instructions < 0:
         raise ValueError(f"num_instructions must be 0 or more, got {num_instructions}")
-    text = BatchText(tokenizer, max_txt_len, end_sym, num_instructions)
+    text = BatchText(tokenizer, max_txt_len, end_sym, num_instructions, tuple(context_lengths))
+    if cfg.packs():
+        check_packing(cfg, text)
 
     def dataset_for_pass(data_pass: int) -> WorkerDataset:
-        return dataset_cls(
-            dataclasses.replace(cfg, seed=pass_seed(cfg.seed, data_pass)), text, rank, world_size
-        )
+        # A fresh data pass (train.resume_data: fresh) is the same stream under a seed of its own.
+        pass_cfg = dataclasses.replace(cfg, seed=pass_seed(cfg.seed, data_pass))
+        if cfg.kind == "align":
+            return AlignDataset(pass_cfg, text, rank, world_size)
+        dataset_cls = PackedShardDataset if cfg.packs() else ShardDataset
+        return dataset_cls(pass_cfg, text, rank, world_size, feature_shape)
 
     return Loader(dataset_for_pass(0), cfg, rank, world_size, worker_init_fn, dataset_for_pass)
+
+
+def check_packing(cfg: DataConfig, text: BatchText) -> None:
+    """Every sample must fit a row: the longest context plus max_txt_len answer tokens."""
+    expected = max(1, text.num_instructions)
+    if len(text.context_lengths) != expected:
+        raise ValueError(
+            f"data.pack_length: packing needs the context length of each of the {expected} instruction(s), "
+            f"got {len(text.context_lengths)}"
+        )
+    longest = max(text.context_lengths) + text.max_txt_len
+    if cfg.pack_length < longest:
+        raise ValueError(
+            f"data.pack_length: {cfg.pack_length} tokens cannot hold the longest sample, "
+            f"{max(text.context_lengths)} context + {text.max_txt_len} answer tokens = {longest}"
+        )

@@ -17,6 +17,8 @@ SKIP_REASONS = (
     "no_image",
     "no_caption",
     "bad_json",
+    "no_features",
+    "bad_features",
     "shard_open_failed",
     "truncated_shard",
     "corrupt_shard",

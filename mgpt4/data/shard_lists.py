@@ -62,3 +62,18 @@ def check_local_shards(urls: Sequence[str], where: str, name: str) -> None:
 def missing_local_shards(urls: Sequence[str]) -> list[str]:
     """The local shards (plain paths and file://) that do not exist, in list order."""
     return [p for p in (local_path(u) for u in urls) if p is not None and not os.path.exists(p)]
+
+
+_TAR_NAME = re.compile(r"([^\s/'\"=:]+\.tar)(?![\w.])")
+
+
+def shard_file_name(url: str) -> str:
+    """The file name of a shard, whatever holds it: `/d/00001.tar`, `https://h/00001.tar?x=1` and
+    `pipe:aws s3 cp s3://b/00001.tar -` are all `00001.tar`. Raises ValueError when no `*.tar` is named."""
+    path = local_path(url)
+    if path is not None:
+        return os.path.basename(path)
+    found = _TAR_NAME.findall(url.split("?", 1)[0] if url.startswith("http") else url)
+    if not found:
+        raise ValueError(f"cannot tell the shard file name of {url!r}: no '*.tar' in it")
+    return found[-1]

@@ -12,19 +12,32 @@ block of raw bytes.
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from mgpt4.data.batches import BatchText, image_buffer, make_batch
+from mgpt4.data.batches import BatchText, make_batch
 from mgpt4.data.config import DataConfig
-from mgpt4.data.samples import SkipCounter, sample_caption, sample_image
-from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards, missing_local_shards
+from mgpt4.data.feature_shards import features_folder
+from mgpt4.data.payloads import PAYLOAD_ERRORS, make_payload
+from mgpt4.data.samples import SkipCounter, sample_caption
+from mgpt4.data.shard_lists import (
+    check_local_shards,
+    check_url,
+    expand_shards,
+    missing_local_shards,
+    shard_file_name,
+)
 from mgpt4.data.tar_reader import ShardError, TarReader
-from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
+from mgpt4.data.transforms import (
+    CROP_UNIFORMS,
+    clean_caption,
+    sample_crop_uniforms,
+)
 from mgpt4.data.workers import DataSourceError, WorkerDataset
 
 log = logging.getLogger("mgpt4.data")
@@ -46,9 +59,9 @@ def source_urls(cfg: DataConfig, rank_count: int, workers: int, rank: int = 0) -
     and counted as `shard_open_failed`).
     """
     out = []
-    for i, src in enumerate(cfg.sources):
+    for i in range(len(cfg.sources)):
         where = f"data.sources[{i}].shards"
-        urls = expand_shards(src.shards, where)
+        urls = expand_source(cfg, i)
         for url in urls:
             check_url(url, where)
         check_local_shards(urls, where, cfg.source_names()[i])
@@ -69,6 +82,16 @@ def warn_missing(urls: Sequence[str], where: str, name: str) -> None:
             f"({', '.join(missing[:_NAME_MISSING])}{more}); training on the other {len(urls) - len(missing)}, "
             f"each draw of a missing shard is skipped and counted as shard_open_failed"
         )
+
+
+def expand_source(cfg: DataConfig, index: int) -> list[str]:
+    """The shard URLs of source `index`. Kind 'features' with `features_root`: the feature shards of the
+    same file names under features_root/<source name>/ (the layout `mgpt4.features extract` writes)."""
+    urls = expand_shards(cfg.sources[index].shards, f"data.sources[{index}].shards")
+    if cfg.kind == "features" and cfg.features_root:
+        folder = features_folder(cfg.features_root, cfg.source_names()[index])
+        urls = [os.path.join(folder, shard_file_name(u)) for u in urls]
+    return urls
 
 
 def check_readers(cfg: DataConfig, index: int, urls: Sequence[str], rank_count: int, workers: int) -> None:
@@ -209,6 +232,14 @@ class ShardStream:
         self._close()
 
 
+class Taken(NamedTuple):
+    """A usable sample written into its slot: caption, stable id, and its stream's position before it."""
+
+    caption: str
+    sample_id: int
+    before: dict[str, int]
+
+
 class ShardBatches:
     """The batches of one reader (rank, worker): sources drawn by ratio per batch or per sample."""
 
@@ -222,6 +253,7 @@ class ShardBatches:
         worker: int,
         num_workers: int,
         state: dict[str, Any] | None = None,
+        feature_shape: Sequence[int] | None = None,
     ):
         self.cfg = cfg
         self.text = text
@@ -240,7 +272,7 @@ class ShardBatches:
         ]
         self.batches = int(state.get("batches", 0))
         self.skips = SkipCounter(state.get("counts"), state.get("failed_shards", ()))
-        self.transform = image_transform(cfg)
+        self.payload = make_payload(cfg, feature_shape)
         self.clean = cfg.cleans_captions()
 
     def state(self) -> dict[str, Any]:
@@ -260,9 +292,10 @@ class ShardBatches:
             return np.full(size, rng.choice(n, p=self.ratios), dtype=np.int64)
         return rng.choice(n, size=size, p=self.ratios).astype(np.int64)
 
-    def _fill_slot(self, stream: ShardStream, out: torch.Tensor) -> tuple[str, int]:
-        """Decode the next usable sample of `stream` into `out`; returns its caption and sample id."""
+    def _fill_slot(self, stream: ShardStream, out: torch.Tensor) -> Taken:
+        """Decode the next usable sample of `stream` into `out`; skipped ones are counted."""
         while True:
+            before = stream.state()
             entry, u = stream.next()
             if entry[0] != "ok":
                 self.skips.add(entry[0], entry[1], entry[2])
@@ -277,30 +310,36 @@ class ShardBatches:
             if caption is None:
                 self.skips.add("no_caption", where, "no .json caption and no .txt")
                 continue
-            data = sample_image(files)
+            data = self.payload.find(files)
             if data is None:
-                self.skips.add("no_image", where, f"no image file among {sorted(files)}")
+                reason = self.payload.missing_reason
+                self.skips.add(reason, where, f"no {self.payload.key} file among {sorted(files)}")
                 continue
+            if self.cfg.crops == "sample":
+                u = sample_crop_uniforms(self.cfg.seed, shard_file_name(url), key)
             try:
-                self.transform(data, u, out)
-            except ImageError as e:
+                self.payload.fill(data, u, out)
+            except PAYLOAD_ERRORS as e:
                 self.skips.add(e.reason, where, str(e))
                 continue
             if self.clean:
                 caption = clean_caption(caption, self.cfg.caption_max_words)
-            return caption, sample_id(url, key)
+            return Taken(caption, sample_id(url, key), before)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         sources = self._sources()
-        images = image_buffer(self.cfg.batch_size, self.cfg.image_size)
+        images = self.payload.buffer(self.cfg.batch_size)
         filled = [self._fill_slot(self.streams[s], images[i]) for i, s in enumerate(sources)]
         self.batches += 1
         extra = {
             "source": torch.from_numpy(sources),
-            "sample_id": torch.tensor([f[1] for f in filled], dtype=torch.int64),
+            "sample_id": torch.tensor([f.sample_id for f in filled], dtype=torch.int64),
         }
         key = (self.cfg.seed, self.reader, self.batches - 1)
-        return make_batch(images, [f[0] for f in filled], self.text, key, extra)
+        batch = make_batch(images, [f.caption for f in filled], self.text, key, extra)
+        if self.payload.key != "image":
+            batch[self.payload.key] = batch.pop("image")
+        return batch
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         try:
@@ -321,6 +360,7 @@ class ShardDataset(WorkerDataset):
         text: BatchText,
         rank: int = 0,
         world_size: int = 1,
+        feature_shape: Sequence[int] | None = None,
     ):
         super().__init__(cfg.num_workers)
         self.cfg = cfg
@@ -328,10 +368,14 @@ class ShardDataset(WorkerDataset):
         self.text = text
         self.rank = rank
         self.world_size = world_size
+        self.feature_shape = feature_shape
+        make_payload(cfg, feature_shape)  # a kind that cannot make batches fails here, not in a worker
+
+    batches_class = ShardBatches
 
     def worker_batches(self, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[dict, dict]]:
         return iter(
-            ShardBatches(
+            self.batches_class(
                 self.cfg,
                 self.urls,
                 self.text,
@@ -340,5 +384,6 @@ class ShardDataset(WorkerDataset):
                 worker,
                 self.cfg.num_workers,
                 state,
+                self.feature_shape,
             )
         )

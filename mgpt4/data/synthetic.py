@@ -76,10 +76,10 @@ class SyntheticData:
     val_align_root: str | None = None
 
 
-def _scene(rng: np.random.Generator) -> Scene:
+def _scene(rng: np.random.Generator, shapes: tuple[int, int] = (1, 3)) -> Scene:
     names = list(COLOURS)
     bg = tuple(str(c) for c in rng.choice(names, size=2, replace=False))
-    n = int(rng.integers(1, 4))
+    n = int(rng.integers(shapes[0], shapes[1] + 1))
     positions = rng.choice(list(POSITIONS), size=n, replace=False)
     shapes = []
     for pos in positions:
@@ -175,10 +175,12 @@ def write_shards(
     noise: Sequence[float] = (2.0, 4.0),
     seed: int = 0,
     stream: int = 1,
+    shapes: tuple[int, int] = (1, 3),
 ) -> tuple[list[str], list[str]]:
     """img2dataset-format tars `{00000..}.tar` (`KEY.jpg`, `KEY.txt`, `KEY.json`); returns (paths, captions).
 
-    `stream` keeps sets apart under one seed (held-out shards use another than the training ones)."""
+    `stream` keeps sets apart under one seed (held-out shards use another than the training ones).
+    Each image has `shapes` (min, max) shapes; a caption has 10 words for one, 5 more for each other."""
     os.makedirs(out_dir, exist_ok=True)
     paths, captions = [], []
     for s in range(shards):
@@ -187,7 +189,7 @@ def write_shards(
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
-                scene = _scene(rng)
+                scene = _scene(rng, shapes)
                 w, h = _size(rng, min_size, max_size)
                 jpg = _jpeg(draw(scene, w, h, rng, float(rng.uniform(*noise))), _quality(rng, quality))
                 caption = short_caption(scene)

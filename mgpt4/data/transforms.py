@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,6 +43,8 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _DCT_SCALES = (8, 4, 2)
 # The JPEG colour spaces libjpeg-turbo turns into RGB exactly as PIL does.
 _TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")
+# The stream tag of per-sample crops (data.crops: sample), apart from the reader's random streams.
+_TAG_SAMPLE_CROP = 41
 
 
 def crop_box(
@@ -77,6 +80,13 @@ def crop_box(
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_crop_uniforms(seed: int, shard: str, key: str) -> np.ndarray:
+    """The CROP_UNIFORMS of a sample drawn from its shard's file name and its key (`data.crops: sample`):
+    the same crop whenever and wherever the sample is read, in training or in feature extraction."""
+    tag = [seed, _TAG_SAMPLE_CROP, zlib.crc32(shard.encode()), zlib.crc32(key.encode())]
+    return np.random.default_rng(tag).random(CROP_UNIFORMS)
 
 
 def dct_factor(box_h: int, box_w: int, size: int, margin: float = 1.0) -> int:

@@ -28,6 +28,7 @@ from mgpt4.model.generation import (
     stop_sequences,
 )
 from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
+from mgpt4.model.packing import pack_sequences
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER, Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, resolve_text
@@ -129,11 +130,14 @@ class MiniGPT4(nn.Module):
     # Images
 
     def encode_img(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B,3,S,S] -> LLM input embeddings [B, num_image_tokens, llm hidden].
+        """Normalised images [B,3,S,S] -> LLM input embeddings [B, num_image_tokens, llm hidden]."""
+        return self.project_features(self.image_features(image))
 
-        The image tokens are the Q-Former's queries, or without a Q-Former the ViT's patch tokens
-        concatenated 4 by 4 (official LLaMA-2 variant: 256 x 1408 -> 64 x 5632 at 224 px).
-        """
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B,3,S,S] -> the image tokens before the projection, [B, num_image_tokens,
+        width]: the Q-Former's queries (what a feature cache holds, `mgpt4.features`), or without a
+        Q-Former the ViT's patch tokens concatenated 4 by 4 (official LLaMA-2 variant: 256 x 1408 ->
+        64 x 5632 at 224 px)."""
         # The frozen vision path runs without autograd: no activations are kept for it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
             # The vision path may sit on another device than the LLM (chat's --vision-device cpu).
@@ -142,16 +146,20 @@ class MiniGPT4(nn.Module):
                 self.visual_encoder.forward_features(image.to(device=w.device, dtype=w.dtype))
             )
             if self.qformer is None:
-                out = concat_patch_tokens(feats)
-            else:
-                q_dtype = self.query_tokens.dtype
-                queries = self.query_tokens.expand(feats.shape[0], -1, -1)
-                feats = feats.to(q_dtype)
-                atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=feats.device)
-                out = self.qformer(
-                    query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=atts
-                ).last_hidden_state
-        img = self.llama_proj(out.to(self.llama_proj.weight.dtype))
+                return concat_patch_tokens(feats)
+            q_dtype = self.query_tokens.dtype
+            queries = self.query_tokens.expand(feats.shape[0], -1, -1)
+            feats = feats.to(q_dtype)
+            atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=feats.device)
+            return self.qformer(
+                query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=atts
+            ).last_hidden_state
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, N, W] (from `image_features` or a feature cache) -> LLM input embeddings
+        [B, N, llm hidden], in the dtype and on the device of the LLM's embedding table."""
+        w = self.llama_proj.weight
+        img = self.llama_proj(features.to(device=w.device, dtype=w.dtype))
         table = self.llm.get_input_embeddings().weight
         return img.to(device=table.device, dtype=table.dtype)
 
@@ -242,11 +250,14 @@ class MiniGPT4(nn.Module):
 
     def forward(
         self,
-        image: torch.Tensor,
-        text_ids: torch.Tensor,
-        text_mask: torch.Tensor,
+        image: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
         prompt: str | None = None,
         instruction: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        pack_slot: torch.Tensor | None = None,
+        pack_pos: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Loss on a batch of normalised images and answer ids (from `mgpt4.tokenizer.encode_answers`).
 
@@ -254,13 +265,22 @@ class MiniGPT4(nn.Module):
         into the config's instruction list that the data loader drew (int64 [B], one value per batch);
         `prompt`, a wrapped instruction containing `<ImageHere>`; or neither, and then one is drawn
         with Python's `random` as the official code does (stage 1: none).
+
+        `features` [B, Q, W] (a feature cache) replace `image`: the frozen vision path is skipped.
+        `pack_slot` / `pack_pos` [rows, length] (the loader's packed layout, `mgpt4.model.packing`) lay the
+        B samples side by side into rows; the loss stays the mean over all answer tokens.
         """
-        img_embeds = self.encode_img(image)
+        if text_ids is None or text_mask is None or (image is None) == (features is None):
+            raise ValueError("MiniGPT4.forward needs text_ids, text_mask and one of image or features")
+        img_embeds = self.project_features(features) if features is not None else self.encode_img(image)
         if instruction is not None:
             prompt = self.instruction_prompt(instruction)
         elif prompt is None:
             prompt = self.sample_prompt()
         inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
+        if pack_slot is not None:
+            inputs, positions, labels = pack_sequences(inputs, labels, pack_slot, pack_pos)
+            return self.llm(inputs_embeds=inputs, position_ids=positions, labels=labels, use_cache=False)
         return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def instruction_prompt(self, instruction: torch.Tensor) -> str:

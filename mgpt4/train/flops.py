@@ -7,6 +7,10 @@ Counted: the forward of every part; the backward of the LLM, which computes acti
 only (its weights are frozen, so no weight gradients), to carry the gradient back to the
 projection; and the projection's weight gradient. Recomputation from gradient checkpointing is not
 counted (model FLOPs, not hardware FLOPs). A matmul of [m,k]x[k,n] is 2mkn FLOPs.
+
+Unpacked batches count every position the LLM computes (the answer padded to max_txt_len, as the
+official layout computes it). Packed rows count each sample's own tokens and attention, not the row's
+padding; batches from a feature cache count no ViT or Q-Former (their cost is extraction's).
 """
 
 from __future__ import annotations
@@ -62,20 +66,56 @@ def qformer_flops(m: ModelConfig) -> float:
 
 
 def llm_forward_flops(c: LLMSizes, seq_len: int) -> float:
+    return llm_tokens_forward_flops(c, seq_len, seq_len * seq_len)
+
+
+def llm_tokens_forward_flops(c: LLMSizes, tokens: float, square_tokens: float) -> float:
+    """LLM forward FLOPs over sequences of `tokens` tokens in all, `square_tokens` being the sum of each
+    sequence's length squared: attention is counted per sequence (QK^T and AV over the full square), so
+    samples packed into one row count only their own attention, not the row's."""
     h, attn_width = c.hidden_size, c.num_heads * c.head_dim
     kv = c.num_kv_heads * c.head_dim
     per_token_layer = 2 * (2 * h * attn_width + 2 * h * kv + 3 * h * c.intermediate_size)
-    attn = 4 * seq_len * seq_len * attn_width  # QK^T and AV over the full (unmasked-count) square
-    return c.num_layers * (seq_len * per_token_layer + attn) + 2 * seq_len * h * c.vocab_size
+    return (
+        c.num_layers * (tokens * per_token_layer + 4 * square_tokens * attn_width)
+        + 2 * tokens * h * c.vocab_size
+    )
 
 
-def train_flops_per_sample(m: ModelConfig, seq_len: int, llm: LLMSizes | None = None) -> float:
-    """FLOPs of one training sample of `seq_len` LLM tokens; `llm` defaults to the sizes of
-    `resolve_llm_config(m)` (the folder's config.json when there is a folder)."""
-    llm = llm or llm_sizes(resolve_llm_config(m))
+def frozen_vision_flops(m: ModelConfig) -> float:
+    """ViT and Q-Former forward per sample: the work a feature cache does once, outside the step."""
+    return vit_flops(m) + qformer_flops(m)
+
+
+def projection_flops(m: ModelConfig, llm: LLMSizes) -> float:
+    """The projection's forward and weight gradient per sample."""
     n_img, width = image_token_shape(m)
-    proj = 2 * n_img * width * llm.hidden_size
-    return vit_flops(m) + qformer_flops(m) + 2 * proj + 2 * llm_forward_flops(llm, seq_len)
+    return 2 * (2 * n_img * width * llm.hidden_size)
+
+
+def train_flops_per_sample(
+    m: ModelConfig, seq_len: int, llm: LLMSizes | None = None, cached: bool = False
+) -> float:
+    """FLOPs of one training sample of `seq_len` LLM tokens; `cached`: from a feature cache, without the
+    vision path. `llm` defaults to the sizes of `resolve_llm_config(m)` (the folder's config.json when
+    there is a folder)."""
+    return train_flops(m, 1, seq_len, seq_len * seq_len, cached, llm)
+
+
+def train_flops(
+    m: ModelConfig,
+    samples: float,
+    tokens: float,
+    square_tokens: float,
+    cached: bool,
+    llm: LLMSizes | None = None,
+) -> float:
+    """A step's model FLOPs from its exact counts (see `llm_tokens_forward_flops`)."""
+    llm = llm or llm_sizes(resolve_llm_config(m))
+    vision = 0.0 if cached else frozen_vision_flops(m)
+    return samples * (vision + projection_flops(m, llm)) + 2 * llm_tokens_forward_flops(
+        llm, tokens, square_tokens
+    )
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:

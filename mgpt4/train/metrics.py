@@ -11,6 +11,7 @@ import torch
 
 from mgpt4.images import CLIP_MEAN, CLIP_STD
 from mgpt4.logs import get_logger
+from mgpt4.train.tally import Window
 
 log = get_logger(__name__)
 
@@ -37,15 +38,11 @@ class Metrics:
         rank: int,
         world_size: int,
         total_steps: int,
-        flops_per_sample: float,
-        tokens_per_sample: int,
         peak_tflops: float | None,
     ):
         self.rank = rank
         self.world_size = world_size
         self.total_steps = total_steps
-        self.flops_per_sample = flops_per_sample
-        self.tokens_per_sample = tokens_per_sample
         self.peak_tflops = peak_tflops
         self.writer = None
         self.jsonl = None
@@ -55,7 +52,6 @@ class Metrics:
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
         self._window_start = time.perf_counter()
-        self._window_samples = 0
         self._window_wait = 0.0
         self._window_steps = 0
         self._run_start = time.perf_counter()
@@ -65,9 +61,8 @@ class Metrics:
         self._window_excluded = 0.0
         self._run_excluded = 0.0
 
-    def add_step(self, samples: int, data_wait_s: float) -> None:
-        """Count one optimizer step of `samples` (global) samples; called on every rank."""
-        self._window_samples += samples
+    def add_step(self, data_wait_s: float) -> None:
+        """Count one optimizer step; called on every rank (what it held is counted by `Tally`)."""
         self._window_wait += data_wait_s
         self._window_steps += 1
         self._run_steps += 1
@@ -79,17 +74,20 @@ class Metrics:
         self._run_excluded += seconds
 
     def write(
-        self, step: int, scalars: dict[str, float], memory_gb: float, skipped: dict[str, int]
+        self, step: int, scalars: dict[str, float], memory_gb: float, skipped: dict[str, int], window: Window
     ) -> dict[str, float]:
-        """Close the window: throughput figures, TensorBoard scalars, a JSON line and the console line."""
+        """Close the window: throughput figures from the window's exact counts over all ranks (tokens
+        are the samples' own, padding excluded), TensorBoard scalars, a JSON line and the console line."""
         elapsed = max(time.perf_counter() - self._window_start - self._window_excluded, 1e-9)
-        samples_s = self._window_samples / elapsed
-        tflops = self.flops_per_sample * samples_s / self.world_size / 1e12
+        samples_s = window.samples / elapsed
+        tflops = window.flops / elapsed / self.world_size / 1e12
         row = dict(scalars)
         row.update(
             {
                 "perf/samples_per_s": samples_s,
-                "perf/tokens_per_s": samples_s * self.tokens_per_sample,
+                "perf/samples_per_step": window.samples / max(self._window_steps, 1),
+                "perf/tokens_per_s": window.tokens / elapsed,
+                "perf/padding_fraction": window.padding_fraction,
                 "perf/tflops_per_device": tflops,
                 "perf/data_wait_s": self._window_wait / max(self._window_steps, 1),
                 "perf/step_time_s": elapsed / max(self._window_steps, 1),
@@ -112,28 +110,30 @@ class Metrics:
             log.info(
                 f"step {step}/{self.total_steps} | loss {row['train/loss']:.4f} | lr {row['train/lr']:.2e}"
                 f" | gnorm {row.get('train/grad_norm', float('nan')):.3f} | {samples_s:.1f} samples/s"
-                f" | {row['perf/tokens_per_s']:.0f} tok/s | {tflops:.3g} TFLOP/s{mfu}"
+                f" ({row['perf/samples_per_step']:.1f}/step) | {row['perf/tokens_per_s']:.0f} tok/s"
+                f" | pad {100 * window.padding_fraction:.1f}% | {tflops:.3g} TFLOP/s{mfu}"
                 f" | wait {1000 * row['perf/data_wait_s']:.0f} ms | mem {memory_gb:.2f} GB"
                 f" | skipped {sum(skipped.values())} | eta {_fmt_eta(rate * (self.total_steps - step))}"
             )
         self._window_start = time.perf_counter()
-        self._window_samples = 0
         self._window_wait = 0.0
         self._window_steps = 0
         self._pending = {}
         self._window_excluded = 0.0
         return row
 
-    def write_samples(self, step: int, images: torch.Tensor, captions: list[str]) -> None:
-        """Generated captions for the fixed sample images, as text and as an image grid."""
+    def write_samples(self, step: int, images: torch.Tensor | None, captions: list[str]) -> None:
+        """Generated captions for the fixed sample images, as text and as an image grid (none when the
+        run reads cached features: there are no pixels)."""
         if self.rank != 0:
             return
-        from torchvision.utils import make_grid
+        if images is not None:
+            from torchvision.utils import make_grid
 
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1)
-        self.writer.add_image("samples/images", make_grid(pixels, nrow=len(captions)), step)
+            mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+            std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+            pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1)
+            self.writer.add_image("samples/images", make_grid(pixels, nrow=len(captions)), step)
         table = "\n".join(f"| {i} | {c.replace('|', '/') or '(empty)'} |" for i, c in enumerate(captions))
         self.writer.add_text("samples/captions", "| image | caption |\n|---|---|\n" + table, step)
         self.writer.flush()

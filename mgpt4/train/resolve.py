@@ -12,11 +12,12 @@ from mgpt4.config import Config
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.config import DataConfig
 from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
-from mgpt4.data.shard_stream import check_readers
+from mgpt4.data.shard_stream import check_readers, expand_source
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.assets import fill_demo_paths
 from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint
 from mgpt4.train.ds_config import build_ds_config, resolve_batch, zero_stage
+from mgpt4.train.feature_cache import check_feature_cache
 
 
 def resolve_config(
@@ -93,9 +94,9 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
             except FileNotFoundError as e:
                 missing.append(f"data.align_root: {e}")
         return missing
-    for i, src in enumerate(d.sources):
+    for i in range(len(d.sources)):
         where = f"data.sources[{i}].shards"
-        urls = expand_shards(src.shards, where)
+        urls = expand_source(d, i)  # kind 'features' with features_root: the feature shards
         for url in urls:
             check_url(url, where)
         check_readers(d, i, urls, world_size, d.num_workers)
@@ -104,7 +105,7 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
                 check_local_shards(urls, where, d.source_names()[i])
             except ValueError as e:
                 missing.append(str(e))
-    return missing
+    return missing + check_feature_cache(cfg)
 
 
 def find_missing_val(d: DataConfig, will_exist: set[str]) -> list[str]:
@@ -113,7 +114,7 @@ def find_missing_val(d: DataConfig, will_exist: set[str]) -> list[str]:
     val = d.val
     if not val.enabled():
         return []
-    if d.kind == "webdataset":
+    if d.kind != "align":
         urls = expand_shards(val.shards, "data.val.shards")
         for url in urls:
             check_url(url, "data.val.shards")

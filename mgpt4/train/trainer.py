@@ -18,18 +18,21 @@ import torch
 import torch.distributed as dist
 
 from mgpt4.config import DTYPES, Config
+from mgpt4.data.batches import model_inputs
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
+from mgpt4.model.llm import llm_sizes
 from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
 from mgpt4.train.assets import ensure_demo_assets
-from mgpt4.train.flops import device_peak_tflops, train_flops_per_sample
+from mgpt4.train.flops import device_peak_tflops
 from mgpt4.train.metrics import Metrics, device_memory_gb
 from mgpt4.train.preemption import Preemption
 from mgpt4.train.resolve import resolve_config
+from mgpt4.train.tally import Tally
 from mgpt4.train.validation import Validation, build_validation
 
 log = get_logger(__name__)
@@ -43,14 +46,20 @@ def seed_all(seed: int) -> None:
 
 def sequence_length(model: MiniGPT4) -> int:
     """Tokens per sample the LLM sees: BOS, the longest wrapped instruction, the image tokens, the answer."""
+    return max(context_lengths(model)) + model.cfg.text.max_txt_len
+
+
+def context_lengths(model: MiniGPT4) -> tuple[int, ...]:
+    """LLM tokens before the answer (BOS when the model adds one, the wrapped instruction, the image
+    tokens): one value without instructions, else one per instruction, in the order the loader draws
+    them. Counted as `MiniGPT4.build_inputs` lays a sample out."""
     t = model.cfg.text
-    prompts = [model.wrap_instruction(i) for i in t.instructions]
-    text = max(
-        (sum(len(model.segment_ids(seg)) for seg in p.split(IMAGE_PLACEHOLDER) if seg) for p in prompts),
-        default=0,
-    )
-    bos = int(model.text_spec.bos_id is not None)
-    return bos + text + model.num_image_tokens + t.max_txt_len
+    out = []
+    for prompt in [model.wrap_instruction(i) for i in t.instructions] or [""]:
+        segments = [model.segment_ids(seg) if seg else [] for seg in prompt.split(IMAGE_PLACEHOLDER)]
+        bos = len(model.bos_prefix(segments[0]))
+        out.append(bos + sum(len(ids) for ids in segments) + model.num_image_tokens)
+    return tuple(out)
 
 
 @dataclass
@@ -69,9 +78,10 @@ class Run:
     preemption: Preemption
     step: int = 0
     samples_seen: int = 0
-    sample_images: torch.Tensor | None = None
+    sample_images: torch.Tensor | None = None  # or, from a feature cache, their features
     reported: bool = False
     validation: Validation | None = None  # data.val: the held-out loss
+    tally: Tally | None = None  # what the steps since the last sync held, exactly
 
 
 def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch.device | None = None):
@@ -98,8 +108,8 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         ensure_demo_assets(cfg)
     seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
-    text = cfg.model.text
-    loader = build_loader(  # 8. data: the loader draws each batch's instruction
+    text, q = cfg.model.text, cfg.model.qformer
+    loader = build_loader(  # 8. data: the loader draws each batch's instruction (and packs its rows)
         cfg.data,
         model.tokenizer,
         text.max_txt_len,
@@ -107,22 +117,18 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         d.rank,
         d.world_size,
         num_instructions=len(text.instructions),
+        context_lengths=context_lengths(model),
+        feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
     )
     validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once
     step, samples_seen, sample_images = resume_mod.restore(start, engine, model, loader, d.world_size)  # 9.
     resume_mod.prepare_output(cfg, start, ds_config, d.rank)  # 10. the run folder's first write
     eng_mod.barrier()
     feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
-    seq = sequence_length(model)  # 11. metrics
-    peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])
-    metrics = Metrics(
-        cfg.train.output_dir,
-        d.rank,
-        d.world_size,
-        cfg.train.steps,
-        train_flops_per_sample(cfg.model, seq),
-        seq,
-        peak,
+    peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])  # 11. metrics
+    metrics = Metrics(cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, peak)
+    tally = Tally(
+        cfg.model, context_lengths(model), cfg.data.kind == "features", d.device, llm_sizes(model.llm.config)
     )
     preemption = Preemption(d.rank)  # SIGUSR1 -> save and requeue at the next step boundary
     return Run(
@@ -140,10 +146,12 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         samples_seen,
         sample_images,
         validation=validation,
+        tally=tally,
     )
 
 
 def save(run: Run) -> None:
+    run.samples_seen += run.tally.sync()  # exact over all ranks, packed or not
     data = run.feeder.state_dict()
     rank_state = {"data": data, "rng": resume_mod.rng_state(), "sample_images": run.sample_images}
     client = {"step": run.step, "samples_seen": run.samples_seen, "data_pass": data["data_pass"]}
@@ -157,15 +165,22 @@ def write_samples(run: Run) -> None:
     text = run.cfg.model.text
     prompt = run.model.wrap_instruction(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
     run.model.eval()
-    captions = run.model.generate(
-        run.sample_images, prompt, max_new_tokens=text.max_txt_len, synced_gpus=eng_mod.is_zero3(run.engine)
-    )
+    images = run.sample_images if run.sample_images.dim() == 4 else None  # features from a cache: no pixels
+    with torch.no_grad():
+        encode = run.model.encode_img if images is not None else run.model.project_features
+        captions = run.model.generate_from_embeds(
+            [encode(run.sample_images)],
+            prompt,
+            max_new_tokens=text.max_txt_len,
+            synced_gpus=eng_mod.is_zero3(run.engine),
+        )
     run.model.train()
-    run.metrics.write_samples(run.step, run.sample_images, [c.split("\n")[0].strip() for c in captions])
+    run.metrics.write_samples(run.step, images, [c.split("\n")[0].strip() for c in captions])
 
 
 def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
     loss = eng_mod.all_mean(float(loss_sum.item()) / max(steps, 1), run.dist.device)
+    run.samples_seen += run.tally.sync()
     grad_norm = run.engine.get_global_grad_norm()
     scalars = {
         "train/loss": loss,
@@ -180,7 +195,7 @@ def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
     for c in counts:
         for reason, n in c.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    run.metrics.write(run.step, scalars, device_memory_gb(run.dist.device), skipped)
+    run.metrics.write(run.step, scalars, device_memory_gb(run.dist.device), skipped, run.tally.take_window())
     if not run.reported:
         # Adam's state exists only after the first step, so where memory lives is reported here.
         report = eng_mod.memory_report(run.engine, run.optimizer, run.model)
@@ -192,9 +207,8 @@ def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
 
 
 def train_loop(run: Run) -> None:
-    t, cfg = run.cfg.train, run.cfg
+    t = run.cfg.train
     end = min(t.stop_at or t.steps, t.steps)
-    global_batch = cfg.data.batch_size * t.grad_accum * run.dist.world_size
     batches = iter(run.feeder)
     run.model.train()
     loss_sum, window = torch.zeros((), device=run.dist.device), 0
@@ -205,19 +219,18 @@ def train_loop(run: Run) -> None:
             batch = next(batches)
             waited += run.feeder.last_wait_s
             if run.sample_images is None:
-                run.sample_images = batch["image"][: t.num_sample_images].detach().clone().cpu()
-            loss = run.engine(
-                batch["image"], batch["text_ids"], batch["text_mask"], instruction=batch.get("instruction")
-            ).loss
+                pixels_or_features = batch["image"] if "image" in batch else batch["features"]
+                run.sample_images = pixels_or_features[: t.num_sample_images].detach().clone().cpu()
+            loss = run.engine(**model_inputs(batch)).loss
             run.engine.backward(loss)
             run.engine.step()
+            run.tally.add(batch)
             loss_sum += loss.detach().float() / t.grad_accum
         run.step += 1
         if run.step == first:  # start-up is over: a hung collective now means a dead rank
             eng_mod.set_step_timeout(t.comm_timeout_min)
         window += 1
-        run.samples_seen += global_batch
-        run.metrics.add_step(global_batch, waited)
+        run.metrics.add_step(waited)
         last = run.step == end
         if run.validation is not None and run.validation.due(run.step):
             run.metrics.add_eval(*run.validation.evaluate(run.engine, run.model))

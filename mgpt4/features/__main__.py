@@ -1,0 +1,96 @@
+"""`python -m mgpt4.features extract`: run the frozen vision path once over a recipe's image shards.
+
+    python -m mgpt4.features extract --recipe stage1_vicuna13b --out /data/features \
+        --set data.sources.0.shards='/data/laion/{00000..10488}.tar'
+    deepspeed --num_gpus 8 --module mgpt4.features extract --recipe stage1_vicuna13b --out /data/features
+    srun --ntasks=8 python -m mgpt4.features extract ...       # ranks wired as training wires them
+
+Each source of the recipe becomes `<out>/<source name>/` with one feature shard per image shard (same
+file names) and a `features.json` manifest. Running it again does only the shards that are missing.
+Train from it with `--set data.kind=features --set data.features_root=<out>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mgpt4 import logs
+from mgpt4.data.feature_shards import FEATURE_DTYPES
+from mgpt4.logs import get_logger
+from mgpt4.strict_config import ConfigError, apply_overrides
+
+log = get_logger("mgpt4.features")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mgpt4.features.extract import ExtractOptions
+    from mgpt4.train.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(prog="python -m mgpt4.features", description=__doc__.split("\n\n")[0])
+    # The deepspeed launcher puts --local_rank before the command; LOCAL_RANK is what is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("extract", help="image shards -> feature shards (resumable, multi-rank)")
+    defaults = ExtractOptions(out="")
+    e.add_argument("--recipe", default="tiny_stage1", choices=list(RECIPES), help="model, weights and data")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    e.add_argument("--out", required=True, help="folder of the cache: <out>/<source name>/<shard>.tar")
+    e.add_argument("--sources", nargs="+", default=None, help="source names (default: all of the recipe)")
+    e.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per vision forward")
+    e.add_argument("--num-workers", type=int, default=defaults.num_workers, help="decoding workers per rank")
+    e.add_argument(
+        "--dtype", choices=list(FEATURE_DTYPES), default=defaults.dtype, help="stored feature dtype"
+    )
+    e.add_argument("--device", default=defaults.device, help="auto (this rank's GPU, else CPU), cuda or cpu")
+    e.add_argument(
+        "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from mgpt4.features.extract import ExtractOptions, barrier, extract, join_ranks
+    from mgpt4.model import WeightsError
+    from mgpt4.train import launch_env
+    from mgpt4.train.assets import ensure_demo_assets, fill_demo_paths
+    from mgpt4.train.recipes import get_recipe
+
+    _, info = launch_env.setup(dict(os.environ))  # this process's environment stays as it was
+    logs.set_rank(info.rank, info.world_size)
+    created = False
+    try:
+        cfg = apply_overrides(get_recipe(args.recipe), args.set)
+        fill_demo_paths(cfg)
+        cfg.validate()
+        created = join_ranks(info)
+        if info.rank == 0:  # the tiny recipes' demo weights and shards: rank 0 makes them, then the rest
+            ensure_demo_assets(cfg)
+        barrier()
+        if info.rank != 0:
+            ensure_demo_assets(cfg)
+        opts = ExtractOptions(
+            out=args.out,
+            sources=args.sources,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            dtype=args.dtype,
+            device=args.device,
+        )
+        extract(cfg, opts, info)
+        if info.rank == 0:
+            log.info(f"train from it: --set data.kind=features --set data.features_root={args.out}")
+    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("MGPT4_DEBUG"):
+            raise
+        raise SystemExit(f"mgpt4.features: error: {e}") from None
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""Extraction: image shards -> feature shards of the same names, over any number of ranks, resumable.
+
+The unit of work is one image shard. Ranks list what is already done (a finished feature shard exists
+under its final name: it is renamed into place only when complete), meet once, and then each takes every
+world_size-th pending shard, so a re-run does only what is missing. Inside a rank, DataLoader workers
+read and decode whole shards (the training transform with `data.crops: sample`); the main process runs
+the frozen vision path on the device and writes. Bad samples are skipped and counted by the same
+reasons as in training; a shard that cannot be opened is reported by name and tried again next run.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mgpt4.config import Config, LLMConfig, ModelConfig, WeightsConfig
+from mgpt4.data.batches import image_buffer
+from mgpt4.data.config import DataConfig
+from mgpt4.data.feature_shards import (
+    FEATURE_DTYPES,
+    FEATURE_EXT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    encode_features,
+    features_folder,
+    weight_bytes,
+)
+from mgpt4.data.samples import SKIP_REASONS, SkipCounter, sample_caption, sample_image
+from mgpt4.data.shard_lists import expand_shards, shard_file_name
+from mgpt4.data.tar_reader import ShardError, TarReader
+from mgpt4.data.transforms import ImageError, image_transform, normalize_uint8, sample_crop_uniforms
+from mgpt4.logs import get_logger
+from mgpt4.model import MiniGPT4, load_weights
+from mgpt4.strict_config import to_dict
+from mgpt4.train.launch_env import RankInfo
+
+log = get_logger(__name__)
+
+STATS_SUFFIX = ".stats.json"
+# Ranks meet after listing what is done (all start together) and when every share is written.
+STARTUP_TIMEOUT_MIN = 60.0
+FINISH_TIMEOUT_MIN = 24 * 60.0
+
+
+@dataclass
+class ExtractOptions:
+    """How to extract: where to, in what batches and dtype, on which device."""
+
+    out: str
+    sources: list[str] | None = None  # source names; None: every source of the config
+    batch_size: int = 64
+    num_workers: int = 4
+    dtype: str = "fp16"  # of the stored features: fp16 (48 KiB per sample at 32 x 768) or fp32
+    device: str = "auto"  # "auto": this rank's GPU when there is one, else the CPU
+
+
+@dataclass
+class SourceReport:
+    """What one rank did for one source."""
+
+    name: str
+    shards_total: int = 0
+    shards_pending: int = 0
+    shards_written: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    failed_shards: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen vision path without the LLM
+
+
+def vision_only_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with a one-layer, 8-wide stand-in LLM and only the vision weights: extraction never runs
+    the LLM, so a 13B one is never built or read."""
+    out = copy.deepcopy(cfg)
+    out.llm = LLMConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, max_position_embeddings=8
+    )
+    w = cfg.weights
+    out.weights = WeightsConfig(eva_vit=w.eva_vit, blip2=w.blip2, blip2_hf=w.blip2_hf)
+    out.precision.llm = out.precision.proj = "fp32"
+    return out
+
+
+def build_vision_model(cfg: ModelConfig, device: torch.device) -> MiniGPT4:
+    """The ViT, ln_vision, Q-Former and query tokens of `cfg`, loaded strictly from its weight files
+    (random when none are named), frozen, in eval mode, on `device`."""
+    model = MiniGPT4(vision_only_config(cfg))
+    load_weights(model)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and decoding (DataLoader workers)
+
+
+class ShardImages(IterableDataset):
+    """Whole image shards, each in chunks of up to `batch_size` decoded samples; the last chunk of a shard
+    has `end` set and carries the shard's skip counts. Worker w reads shards w, w + W, ..."""
+
+    def __init__(self, urls: Sequence[str], cfg: DataConfig, batch_size: int):
+        self.urls = list(urls)
+        self.cfg = cfg
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        transform = image_transform(self.cfg)
+        for index in range(worker, len(self.urls), workers):
+            yield from self._shard(index, transform)
+
+    def _chunk(
+        self, index: int, images: torch.Tensor, keys: list[str], captions: list[str]
+    ) -> dict[str, Any]:
+        return {
+            "shard": index,
+            "image": images[: len(keys)],
+            "keys": keys,
+            "captions": captions,
+            "end": False,
+        }
+
+    def _shard(self, index: int, transform) -> Iterator[dict[str, Any]]:
+        url = self.urls[index]
+        name = shard_file_name(url)
+        skips = SkipCounter()
+        keys: list[str] = []
+        captions: list[str] = []
+        images = image_buffer(self.batch_size, self.cfg.image_size)
+        opened = True
+        try:
+            reader = TarReader(url)
+        except ShardError as e:
+            skips.add(e.reason, url, str(e))
+            opened, reader = False, None
+        while reader is not None:
+            try:
+                sample = reader.next_sample()
+            except ShardError as e:  # cut short or damaged: keep what was read, as training does
+                skips.add(e.reason, url, str(e))
+                opened = reader.samples_read > 0
+                sample = None
+            if sample is None:
+                reader.close()
+                break
+            key, files = sample
+            where = f"{key} in {url}"
+            try:
+                caption = sample_caption(files)
+            except ValueError as e:
+                skips.add("bad_json", where, str(e))
+                continue
+            if caption is None:
+                skips.add("no_caption", where, "no .json caption and no .txt")
+                continue
+            data = sample_image(files)
+            if data is None:
+                skips.add("no_image", where, f"no image file among {sorted(files)}")
+                continue
+            try:
+                transform(data, sample_crop_uniforms(self.cfg.seed, name, key), images[len(keys)])
+            except ImageError as e:
+                skips.add(e.reason, where, str(e))
+                continue
+            keys.append(key)
+            captions.append(caption)
+            if len(keys) == self.batch_size:
+                yield self._chunk(index, images, keys, captions)
+                keys, captions = [], []
+                images = image_buffer(self.batch_size, self.cfg.image_size)
+        last = self._chunk(index, images, keys, captions)
+        last.update(end=True, counts=dict(skips.counts), opened=opened)
+        yield last
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class FeatureShardWriter:
+    """One feature shard, written under a temporary name and renamed into place when complete."""
+
+    def __init__(self, path: str, image_shard: str):
+        self.path = path
+        self.image_shard = image_shard
+        self.tmp = path + ".tmp"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in finish)
+        self.samples = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, caption: str, features) -> None:
+        self._add(f"{key}.{FEATURE_EXT}", encode_features(features))
+        self._add(f"{key}.txt", caption.encode("utf-8"))
+        meta = {"key": key, "caption": caption, "image_shard": self.image_shard}
+        self._add(f"{key}.json", json.dumps(meta).encode("utf-8"))
+        self.samples += 1
+
+    def finish(self, skipped: dict[str, int], seconds: float) -> None:
+        self.tar.close()
+        stats = {
+            "image_shard": self.image_shard,
+            "samples": self.samples,
+            "skipped": skipped,
+            "seconds": seconds,
+        }
+        write_json_atomic(self.path[: -len(".tar")] + STATS_SUFFIX, stats)
+        os.replace(self.tmp, self.path)  # the shard counts as done only from here on
+
+    def abandon(self) -> None:
+        self.tar.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks
+
+
+def join_ranks(info: RankInfo) -> bool:
+    """A gloo group when there are several ranks (True when this call made it): ranks only meet to
+    start together and to sum their reports, so gloo serves with or without GPUs."""
+    if info.world_size == 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{info.master_addr}:{info.master_port}",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(minutes=STARTUP_TIMEOUT_MIN),
+    )
+    return True
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's value on every rank, waiting as long as the slowest share takes."""
+    if not dist.is_initialized():
+        return [value]
+    dist.set_timeout(datetime.timedelta(minutes=FINISH_TIMEOUT_MIN))
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def rank_device(device: str, info: RankInfo) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# One source
+
+
+def source_shards(cfg: Config, index: int) -> list[str]:
+    """The image shard URLs of source `index`; their file names must be unique (they name the outputs)."""
+    src = cfg.data.sources[index]
+    urls = expand_shards(src.shards, f"data.sources[{index}].shards")
+    names = [shard_file_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[:3]
+        raise ValueError(
+            f"data.sources[{index}].shards: shard file names repeat ({', '.join(dup)}); they name the feature "
+            f"shards, so each must be unique within a source"
+        )
+    return urls
+
+
+def extract_source(
+    cfg: Config,
+    index: int,
+    model: MiniGPT4,
+    opts: ExtractOptions,
+    info: RankInfo,
+    device: torch.device,
+) -> SourceReport:
+    """This rank's share of one source's pending shards (a collective call: ranks meet once first)."""
+    name = cfg.data.source_names()[index]
+    urls = source_shards(cfg, index)
+    folder = features_folder(opts.out, name)
+    os.makedirs(folder, exist_ok=True)
+    pending = [i for i, u in enumerate(urls) if not os.path.exists(os.path.join(folder, shard_file_name(u)))]
+    barrier()  # every rank has listed the same pending shards before any rank writes one
+    mine = pending[info.rank :: info.world_size]
+    report = SourceReport(name, len(urls), len(pending))
+    if not mine:
+        return report
+    loader = DataLoader(
+        ShardImages([urls[i] for i in mine], cfg.data, opts.batch_size),
+        batch_size=None,
+        num_workers=min(opts.num_workers, len(mine)),
+        prefetch_factor=2 if opts.num_workers > 0 else None,
+    )
+    store = FEATURE_DTYPES[opts.dtype]
+    writers: dict[int, tuple[FeatureShardWriter, float]] = {}
+    start = time.perf_counter()
+    try:
+        for chunk in loader:
+            shard = chunk["shard"]
+            url = urls[mine[shard]]
+            if shard not in writers:
+                path = os.path.join(folder, shard_file_name(url))
+                writers[shard] = (FeatureShardWriter(path, shard_file_name(url)), time.perf_counter())
+            writer, began = writers[shard]
+            if chunk["keys"]:
+                images = normalize_uint8(chunk["image"].to(device, non_blocking=True))
+                with torch.no_grad():
+                    feats = model.image_features(images).float().cpu().numpy().astype(store)
+                for key, caption, f in zip(chunk["keys"], chunk["captions"], feats):
+                    writer.add(key, caption, f)
+            if chunk["end"]:
+                for reason, n in chunk["counts"].items():
+                    report.skipped[reason] = report.skipped.get(reason, 0) + n
+                if not chunk["opened"]:  # nothing was read: no output, so the next run tries again
+                    writers.pop(shard)[0].abandon()
+                    report.failed_shards.append(url)
+                    continue
+                writer.finish(chunk["counts"], time.perf_counter() - began)
+                del writers[shard]
+                report.shards_written += 1
+                report.samples += writer.samples
+                log.info(
+                    f"extract {name}: {shard_file_name(url)} ({writer.samples} samples) "
+                    f"[{report.shards_written}/{len(mine)} of this rank]"
+                )
+    finally:
+        for writer, _ in writers.values():  # an interrupted shard leaves no final file behind
+            writer.abandon()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Sequence[SourceReport]) -> dict:
+    """Rank 0, after every rank is done: the folder's `features.json`, with totals over all its shards
+    (those of earlier runs included, from their stats files)."""
+    name = cfg.data.source_names()[index]
+    folder = features_folder(opts.out, name)
+    urls = source_shards(cfg, index)
+    samples, skipped, done = 0, dict.fromkeys(SKIP_REASONS, 0), 0
+    for url in urls:
+        stem = shard_file_name(url)[: -len(".tar")]
+        path = os.path.join(folder, stem + STATS_SUFFIX)
+        if os.path.exists(os.path.join(folder, stem + ".tar")) and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                stats = json.load(f)
+            done += 1
+            samples += int(stats["samples"])
+            for reason, n in stats["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + int(n)
+    m = cfg.model
+    weights = {}
+    for part in ("eva_vit", "blip2", "blip2_hf"):
+        path = getattr(m.weights, part)
+        if path:
+            weights[part] = {"path": os.path.abspath(path), "bytes": weight_bytes(path)}
+    q = m.qformer
+    d = cfg.data
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": name,
+        "shards": len(urls),
+        "shards_done": done,
+        "samples": samples,
+        "skipped": skipped,
+        "failed_shards": sorted({u for r in reports for u in r.failed_shards}),
+        "shape": [q.num_query_tokens, q.width],
+        "dtype": opts.dtype,
+        "model": {
+            "vision": to_dict(m.vision),
+            "qformer": to_dict(m.qformer),
+            "precision": {"vit": m.precision.vit, "qformer": m.precision.qformer},
+        },
+        "weights": weights,
+        "crops": {
+            "draw": "sample",
+            "seed": d.seed,
+            "transform": d.transform,
+            "image_size": d.image_size,
+            "crop_scale": list(d.crop_scale),
+            "fast_decode": d.fast_decode,
+            "dct_margin": d.dct_margin,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(os.path.join(folder, MANIFEST_FILE), manifest)
+    return manifest
+
+
+def extract(
+    cfg: Config, opts: ExtractOptions, info: RankInfo, model: MiniGPT4 | None = None
+) -> list[SourceReport]:
+    """Every selected source, this rank's share (collective: every rank calls it with the same arguments).
+
+    `model` may be a whole MiniGPT4 already built (the benchmark); otherwise the vision path of
+    `cfg.model` is built and loaded here. Returns this rank's reports; rank 0 also writes the manifests.
+    """
+    d = cfg.data
+    if d.kind != "webdataset":
+        raise ValueError(f"extract reads image shards: data.kind must be 'webdataset', not {d.kind!r}")
+    if opts.dtype not in FEATURE_DTYPES:
+        raise ValueError(f"--dtype: expected one of {tuple(FEATURE_DTYPES)}, got {opts.dtype!r}")
+    if opts.batch_size < 1 or opts.num_workers < 0:
+        raise ValueError("--batch-size must be positive and --num-workers 0 or more")
+    names = d.source_names()
+    chosen = opts.sources or names
+    unknown = [s for s in chosen if s not in names]
+    if unknown:
+        raise ValueError(f"--sources: {unknown} are not sources of this config (it has {names})")
+    device = rank_device(opts.device, info)
+    if model is None:
+        model = build_vision_model(cfg.model, device)
+    reports = []
+    for index, name in enumerate(names):
+        if name not in chosen:
+            continue
+        report = extract_source(cfg, index, model, opts, info, device)
+        everyone = gather(report)
+        if info.rank == 0:
+            write_manifest(cfg, index, opts, everyone)
+            summarize(everyone, info.world_size)
+        reports.append(report)
+    return reports
+
+
+def summarize(reports: Sequence[SourceReport], world_size: int) -> None:
+    r0 = reports[0]
+    samples = sum(r.samples for r in reports)
+    skipped = {k: sum(r.skipped.get(k, 0) for r in reports) for k in SKIP_REASONS}
+    seconds = max((r.seconds for r in reports), default=0.0)
+    rate = f", {samples / seconds:.1f} samples/s" if seconds > 0 and samples else ""
+    failed = [u for r in reports for u in r.failed_shards]
+    log.info(
+        f"extract {r0.name}: {r0.shards_total - r0.shards_pending} of {r0.shards_total} shards were done before, "
+        f"{sum(r.shards_written for r in reports)} written now on {world_size} rank(s): {samples} samples, "
+        f"{sum(skipped.values())} skipped { ({k: v for k, v in skipped.items() if v}) }{rate}"
+    )
+    if failed:
+        log.warning(
+            f"extract {r0.name}: {len(failed)} shard(s) could not be read, run again to retry: {failed[:5]}"
+        )
+
+
+__all__ = ["ExtractOptions", "SourceReport", "build_vision_model", "extract", "join_ranks"]

@@ -1,0 +1,82 @@
+"""Training from a feature cache: the cache must come from this model's vision path.
+
+A cache holds the Q-Former's output of one ViT + Q-Former with one set of weights. Training a
+projection on features of another one would run without error and learn the wrong thing, so before
+training every local cache folder's `features.json` is compared with the model config.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mgpt4.config import Config
+from mgpt4.data.feature_shards import MANIFEST_FILE, read_manifest, weight_bytes
+from mgpt4.data.shard_lists import local_path
+from mgpt4.data.shard_stream import expand_source
+from mgpt4.strict_config import ConfigError, to_dict
+
+
+def cache_folders(cfg: Config) -> list[tuple[str, str]]:
+    """(source name, folder) of every local feature shard folder the sources read."""
+    out = []
+    for i, name in enumerate(cfg.data.source_names()):
+        folders = {os.path.dirname(p) for p in map(local_path, expand_source(cfg.data, i)) if p is not None}
+        out.extend((name, f) for f in sorted(folders))
+    return out
+
+
+def check_feature_cache(cfg: Config) -> list[str]:
+    """Messages for cache folders without a finished extraction (a missing input, like a missing shard);
+    raises ConfigError when a cache was made by another vision path than `cfg.model`'s."""
+    if cfg.data.kind != "features":
+        return []
+    missing = []
+    for name, folder in cache_folders(cfg):
+        if not os.path.isdir(folder):
+            continue  # the shard check reports missing folders
+        manifest = read_manifest(folder)
+        if manifest is None:
+            missing.append(
+                f"data.sources ({name}): {folder} has no {MANIFEST_FILE}: the extraction has not finished "
+                f"(run `python -m mgpt4.features extract` again; it does only what is missing)"
+            )
+            continue
+        problems = manifest_mismatches(cfg, manifest)
+        if problems:
+            raise ConfigError(
+                f"the feature cache in {folder} was not made by this model's vision path:\n  "
+                + "\n  ".join(problems)
+            )
+    return missing
+
+
+def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
+    """Where a cache's manifest and the model config disagree, one line each."""
+    m = cfg.model
+    problems = []
+    shape = [m.qformer.num_query_tokens, m.qformer.width]
+    if manifest.get("shape") != shape:
+        problems.append(
+            f"features are {manifest.get('shape')} per sample; model.qformer gives {shape} (num_query_tokens, width)"
+        )
+    for part, ours in (("vision", to_dict(m.vision)), ("qformer", to_dict(m.qformer))):
+        theirs = manifest.get("model", {}).get(part, {})
+        for key, value in ours.items():
+            if theirs.get(key) != value:
+                problems.append(
+                    f"model.{part}.{key}: the cache has {theirs.get(key)!r}, the config {value!r}"
+                )
+    # Weight files named by the config must be the ones the cache was made with; unnamed ones are fine
+    # (the step never runs the vision path, so its weights do not matter then).
+    made_with = manifest.get("weights", {})
+    for part in ("eva_vit", "blip2", "blip2_hf"):
+        path = getattr(m.weights, part)
+        if not path or not os.path.exists(path):
+            continue
+        if part not in made_with:
+            problems.append(f"model.weights.{part}: {path}, but the cache was made without that file")
+        elif made_with[part].get("bytes") != weight_bytes(path):
+            problems.append(
+                f"model.weights.{part}: {path} is not the file the cache was made with ({made_with[part].get('path')})"
+            )
+    return problems
