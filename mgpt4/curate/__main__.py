@@ -180,9 +180,9 @@ def rules_from_args(args: argparse.Namespace) -> RulesConfig:
 
 
 def _describe(args: argparse.Namespace) -> None:
+    from mgpt4 import ranks
     from mgpt4.chat.flags import check_model_flags, settings_from_args
     from mgpt4.chat.placement import model_from_args
-    from mgpt4.curate import ranks
     from mgpt4.curate.describe import run_describe
 
     cfg = DescribeConfig(

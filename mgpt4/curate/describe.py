@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mgpt4.curate import ranks
+from mgpt4 import ranks
 from mgpt4.curate.images import EvalImages
 from mgpt4.curate.prompts import CONTINUE_PROMPT, CONTINUE_QUESTION, DESCRIBE_PROMPT, DESCRIBE_QUESTION
 from mgpt4.curate.sources import ImageItem, list_images

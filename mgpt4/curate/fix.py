@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mgpt4.curate import ranks
+from mgpt4 import ranks
 from mgpt4.curate.chat_api import Cancelled, ChatAPIConfig, ChatClient, FatalAPIError, ItemError
 from mgpt4.curate.hf_rewriter import HFRewriter, HFRewriterConfig, folder_stamp
 from mgpt4.curate.prompts import FIX_PROMPT, fix_message

@@ -88,9 +88,9 @@ def _run_folder(checkpoint_dir: str) -> tuple[str, int]:
 
 
 def _captions(args: argparse.Namespace) -> None:
+    from mgpt4 import ranks
     from mgpt4.chat.flags import model_config_from_args, settings_from_args
     from mgpt4.chat.placement import model_from_args
-    from mgpt4.curate import ranks
     from mgpt4.eval.captions import CaptionEvalConfig, run_caption_eval
     from mgpt4.train.checkpoints import find_checkpoint
 

@@ -3,7 +3,7 @@
 Every rank checks the inputs (images against references) before any model is loaded, takes every
 world_size-th image, generates its captions in batches and hands them over in one gather at the
 end; rank 0 writes `predictions.jsonl` and `metrics.json`, prints the table and, when asked, logs
-the scores to a run's TensorBoard. Ranks are wired as training wires them (`mgpt4.curate.ranks`).
+the scores to a run's TensorBoard. Ranks are wired as training wires them (`mgpt4.ranks`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mgpt4.curate import ranks
+from mgpt4 import ranks
 from mgpt4.curate.images import EvalImages
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.eval.references import References, check_matches, load_references

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from mgpt4.features.extract import ExtractOptions, barrier, extract, join_ranks
+    from mgpt4 import ranks
+    from mgpt4.features.extract import ExtractOptions, extract
     from mgpt4.model import WeightsError
     from mgpt4.train import launch_env
     from mgpt4.train.assets import ensure_demo_assets, fill_demo_paths
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = apply_overrides(get_recipe(args.recipe), args.set)
         fill_demo_paths(cfg)
         cfg.validate()
-        created = join_ranks(info)
+        created = ranks.init_group(info)
         if info.rank == 0:  # the tiny recipes' demo weights and shards: rank 0 makes them, then the rest
             ensure_demo_assets(cfg)
-        barrier()
+        ranks.barrier()
         if info.rank != 0:
             ensure_demo_assets(cfg)
         opts = ExtractOptions(
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         raise SystemExit(f"mgpt4.features: error: {e}") from None
     finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        ranks.close_group(created)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mgpt4 import ranks
 from mgpt4.config import Config, LLMConfig, ModelConfig, WeightsConfig
 from mgpt4.data.batches import image_buffer
 from mgpt4.data.config import DataConfig
@@ -50,8 +50,6 @@ log = get_logger(__name__)
 
 STATS_SUFFIX = ".stats.json"
 # Ranks meet after listing what is done (all start together) and when every share is written.
-STARTUP_TIMEOUT_MIN = 60.0
-FINISH_TIMEOUT_MIN = 24 * 60.0
 
 
 @dataclass
@@ -243,49 +241,6 @@ def write_json_atomic(path: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ranks
-
-
-def join_ranks(info: RankInfo) -> bool:
-    """A gloo group when there are several ranks (True when this call made it): ranks only meet to
-    start together and to sum their reports, so gloo serves with or without GPUs."""
-    if info.world_size == 1 or dist.is_initialized():
-        return False
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{info.master_addr}:{info.master_port}",
-        rank=info.rank,
-        world_size=info.world_size,
-        timeout=datetime.timedelta(minutes=STARTUP_TIMEOUT_MIN),
-    )
-    return True
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather(value: Any) -> list[Any]:
-    """Every rank's value on every rank, waiting as long as the slowest share takes."""
-    if not dist.is_initialized():
-        return [value]
-    dist.set_timeout(datetime.timedelta(minutes=FINISH_TIMEOUT_MIN))
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def rank_device(device: str, info: RankInfo) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
-    return torch.device(device)
-
-
-# ---------------------------------------------------------------------------------------------
 # One source
 
 
@@ -317,8 +272,8 @@ def extract_source(
     folder = features_folder(opts.out, name)
     os.makedirs(folder, exist_ok=True)
     pending = [i for i, u in enumerate(urls) if not os.path.exists(os.path.join(folder, shard_file_name(u)))]
-    barrier()  # every rank has listed the same pending shards before any rank writes one
-    mine = pending[info.rank :: info.world_size]
+    ranks.barrier()  # every rank has listed the same pending shards before any rank writes one
+    mine = ranks.share(pending, info)
     report = SourceReport(name, len(urls), len(pending))
     if not mine:
         return report
@@ -443,7 +398,7 @@ def extract(
     unknown = [s for s in chosen if s not in names]
     if unknown:
         raise ValueError(f"--sources: {unknown} are not sources of this config (it has {names})")
-    device = rank_device(opts.device, info)
+    device = torch.device(ranks.rank_device(opts.device, info))
     if model is None:
         model = build_vision_model(cfg.model, device)
     reports = []
@@ -451,7 +406,7 @@ def extract(
         if name not in chosen:
             continue
         report = extract_source(cfg, index, model, opts, info, device)
-        everyone = gather(report)
+        everyone = ranks.gather(report)
         if info.rank == 0:
             write_manifest(cfg, index, opts, everyone)
             summarize(everyone, info.world_size)
@@ -477,4 +432,4 @@ def summarize(reports: Sequence[SourceReport], world_size: int) -> None:
         )
 
 
-__all__ = ["ExtractOptions", "SourceReport", "build_vision_model", "extract", "join_ranks"]
+__all__ = ["ExtractOptions", "SourceReport", "build_vision_model", "extract"]

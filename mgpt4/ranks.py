@@ -1,15 +1,17 @@
-"""Ranks for the heavy steps: wired as training wires them, and the pending items shared out.
+"""Ranks of the offline jobs (curation's describe and fix, caption evaluation, feature extraction):
+wired as training wires them, and the pending items shared out.
 
-Items are independent, so ranks never talk during the work. The one collective is a barrier after
-every rank has read what is already done and before any rank writes, so that all ranks split the
-same pending list; each rank then writes its own store part.
+Items are independent, so ranks never talk during the work. They meet at the start (a barrier once
+every rank has read what is already done, so that all split the same pending list) and at the end
+(one gather of their reports, so rank 0 can speak for all). gloo serves both, with or without GPUs.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,8 @@ from mgpt4.train import launch_env
 from mgpt4.train.launch_env import RankInfo
 
 __all__ = ["RankInfo", "barrier", "close_group", "gather", "init_group", "rank_device", "rank_info", "share"]
+
+T = TypeVar("T")
 
 # Ranks meet twice: after reading the store (all start together), and when every share is done.
 STARTUP_TIMEOUT_MIN = 60.0
@@ -67,13 +71,16 @@ def close_group(created: bool) -> None:
         dist.destroy_process_group()
 
 
-def share(ids: list[str], info: RankInfo) -> list[str]:
-    """This rank's part of the pending ids: every world_size-th one, so ranks get equal shares."""
-    return ids[info.rank :: info.world_size]
+def share(items: Sequence[T], info: RankInfo) -> list[T]:
+    """This rank's part of the pending items: every world_size-th one, so ranks get equal shares."""
+    return list(items[info.rank :: info.world_size])
 
 
 def rank_device(device: str, info: RankInfo) -> str:
-    """A bare `cuda` means this rank's GPU (LOCAL_RANK) when several ranks run on a node."""
+    """A bare `cuda` means this rank's GPU (LOCAL_RANK) when several ranks run on a node; `auto` is
+    that GPU when there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
         return f"cuda:{info.local_rank}"
