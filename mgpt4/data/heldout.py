@@ -22,9 +22,8 @@ import torch
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
-from mgpt4.data.samples import SkipCounter, sample_caption, sample_image
+from mgpt4.data.samples import ShardSamples, SkipCounter
 from mgpt4.data.shard_lists import expand_shards
-from mgpt4.data.tar_reader import ShardError, TarReader
 from mgpt4.data.transforms import ImageError, ImageTransform, clean_caption
 from mgpt4.tokenizer import encode_answers
 
@@ -54,39 +53,10 @@ class HeldOut:
 
 
 def _shard_samples(cfg: DataConfig, skips: SkipCounter) -> Iterator[tuple[str, bytes, str]]:
-    """(where, image bytes, caption) of every sample of the held-out shards, in order."""
+    """(where, image bytes, caption) of every usable sample of the held-out shards, in order."""
     for url in expand_shards(cfg.val.shards, "data.val.shards"):
-        try:
-            reader = TarReader(url)
-        except ShardError as e:
-            skips.add(e.reason, url, str(e))
-            continue
-        try:
-            while True:
-                try:
-                    sample = reader.next_sample()
-                except ShardError as e:
-                    skips.add(e.reason, url, str(e))
-                    break
-                if sample is None:
-                    break
-                key, files = sample
-                where = f"{key} in {url}"
-                try:
-                    caption = sample_caption(files)
-                except ValueError as e:
-                    skips.add("bad_json", where, str(e))
-                    continue
-                if caption is None:
-                    skips.add("no_caption", where, "no .json caption and no .txt")
-                    continue
-                image = sample_image(files)
-                if image is None:
-                    skips.add("no_image", where, f"no image file among {sorted(files)}")
-                    continue
-                yield where, image, caption
-        finally:
-            reader.close()
+        for _, where, image, caption in ShardSamples(url, skips):
+            yield where, image, caption
 
 
 def _align_samples(cfg: DataConfig, skips: SkipCounter) -> Iterator[tuple[str, bytes, str]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+from mgpt4.data.tar_reader import ShardError, TarReader
 
 log = logging.getLogger("mgpt4.data")
 
@@ -82,3 +84,57 @@ def sample_image(files: dict[str, bytes]) -> bytes | None:
         if data is not None:
             return data
     return None
+
+
+class ShardSamples:
+    """The usable samples of one shard in order, as (key, where, image bytes, caption), for readers that
+    take a shard whole (validation's held-out shards, feature extraction).
+
+    Counted in `skips` and passed over: samples with bad JSON, no caption or no image, and the shard's
+    own failure (it cannot be opened, is damaged or cut short: the samples before the damage are kept).
+    Afterwards `error` holds that failure, if any, and `read` how many samples the shard gave.
+    """
+
+    def __init__(self, url: str, skips: SkipCounter):
+        self.url = url
+        self.skips = skips
+        self.error: ShardError | None = None
+        self.read = 0
+
+    def __iter__(self) -> Iterator[tuple[str, str, bytes, str]]:
+        try:
+            reader = TarReader(self.url)
+        except ShardError as e:
+            self._fail(e)
+            return
+        try:
+            while True:
+                try:
+                    sample = reader.next_sample()
+                except ShardError as e:
+                    self._fail(e)
+                    return
+                if sample is None:
+                    return
+                self.read += 1
+                key, files = sample
+                where = f"{key} in {self.url}"
+                try:
+                    caption = sample_caption(files)
+                except ValueError as e:
+                    self.skips.add("bad_json", where, str(e))
+                    continue
+                if caption is None:
+                    self.skips.add("no_caption", where, "no .json caption and no .txt")
+                    continue
+                image = sample_image(files)
+                if image is None:
+                    self.skips.add("no_image", where, f"no image file among {sorted(files)}")
+                    continue
+                yield key, where, image, caption
+        finally:
+            reader.close()
+
+    def _fail(self, e: ShardError) -> None:
+        self.error = e
+        self.skips.add(e.reason, self.url, str(e))

@@ -37,9 +37,8 @@ from mgpt4.data.feature_shards import (
     features_folder,
     weight_bytes,
 )
-from mgpt4.data.samples import SKIP_REASONS, SkipCounter, sample_caption, sample_image
+from mgpt4.data.samples import SKIP_REASONS, ShardSamples, SkipCounter
 from mgpt4.data.shard_lists import expand_shards, shard_file_name
-from mgpt4.data.tar_reader import ShardError, TarReader
 from mgpt4.data.transforms import ImageError, image_transform, normalize_uint8, sample_crop_uniforms
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, load_weights
@@ -142,36 +141,8 @@ class ShardImages(IterableDataset):
         keys: list[str] = []
         captions: list[str] = []
         images = image_buffer(self.batch_size, self.cfg.image_size)
-        opened = True
-        try:
-            reader = TarReader(url)
-        except ShardError as e:
-            skips.add(e.reason, url, str(e))
-            opened, reader = False, None
-        while reader is not None:
-            try:
-                sample = reader.next_sample()
-            except ShardError as e:  # cut short or damaged: keep what was read, as training does
-                skips.add(e.reason, url, str(e))
-                opened = reader.samples_read > 0
-                sample = None
-            if sample is None:
-                reader.close()
-                break
-            key, files = sample
-            where = f"{key} in {url}"
-            try:
-                caption = sample_caption(files)
-            except ValueError as e:
-                skips.add("bad_json", where, str(e))
-                continue
-            if caption is None:
-                skips.add("no_caption", where, "no .json caption and no .txt")
-                continue
-            data = sample_image(files)
-            if data is None:
-                skips.add("no_image", where, f"no image file among {sorted(files)}")
-                continue
+        shard = ShardSamples(url, skips)
+        for key, where, data, caption in shard:
             try:
                 transform(data, sample_crop_uniforms(self.cfg.seed, name, key), images[len(keys)])
             except ImageError as e:
@@ -184,7 +155,8 @@ class ShardImages(IterableDataset):
                 keys, captions = [], []
                 images = image_buffer(self.batch_size, self.cfg.image_size)
         last = self._chunk(index, images, keys, captions)
-        last.update(end=True, counts=dict(skips.counts), opened=opened)
+        # A shard that gave samples before its damage is written with them, as training reads it.
+        last.update(end=True, counts=dict(skips.counts), opened=shard.error is None or shard.read > 0)
         yield last
 
 
