@@ -54,7 +54,7 @@ def test_two_ranks_through_the_deepspeed_launcher(cache, one_rank, tmp_path):
 def test_two_ranks_under_srun(slurm, cache, one_rank, tmp_path):  # noqa: F811
     out = tmp_path / "feat"
     env = launcher_env(cache)
-    env.update(SLURM_CONF=slurm, PYTHONPATH=REPO)
+    env.update(SLURM_CONF=slurm.conf, PYTHONPATH=REPO)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = ["srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", "mgpt4.features", "extract",

@@ -207,8 +207,9 @@ class Loader:
         return setup
 
     def _inputs(self) -> dict[str, list[str]]:
-        """What the stream reads, by name: each source's shard list, or the image ids of the align set."""
-        if self.cfg.kind == "webdataset":
+        """What the stream reads, by name: each source's shard list (image or feature shards), or the image
+        ids of the align set."""
+        if self.cfg.kind != "align":
             return {f"source {n!r}": list(u) for n, u in zip(self.cfg.source_names(), self.dataset.urls)}
         return {"filter_cap.json": [p.image_id for p in self.dataset.pairs]}
 
