@@ -19,7 +19,9 @@ import os
 import pickle
 import shutil
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -85,12 +87,33 @@ def init_distributed(startup_timeout_min: float) -> DistInfo:
         extra=logs.ALL_RANKS,
     )
     acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        _unlink_cpu_allreduce_buffers(dist.get_rank())
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cpu_allreduce_buffer(rank: int, env: Mapping[str, str] = os.environ) -> Path:
+    """The /dev/shm segment that DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp, built when
+    every rank is on one node) creates for `rank`: named by uid, MASTER_ADDR and MASTER_PORT."""
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_cpu_allreduce_buffers(rank: int) -> None:
+    """Remove this rank's all-reduce segment name once every rank has mapped it.
+
+    DeepSpeed never unlinks these segments (64 MiB a rank), so each CPU run on a new port used to
+    leave them in /dev/shm, which is memory: a few hundred runs filled a 24 GiB machine. Each rank
+    maps all its peers' segments inside `init_distributed`; after the barrier no one opens a name
+    again, and the memory itself lives until the last process that maps it exits.
+    """
+    dist.barrier()
+    cpu_allreduce_buffer(rank).unlink(missing_ok=True)
 
 
 def set_step_timeout(minutes: float) -> None:
