@@ -37,6 +37,8 @@ setup(
         "eval": ["pycocoevalcap>=1.2,<2"],
         "dev": [
             "pytest>=8,<10",
+            # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
+            "pytest-xdist>=3.5,<4",
             "ruff>=0.6",
             "import-linter>=2.1,<3",
             "mpi4py>=3.1,<5",
