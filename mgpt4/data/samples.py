@@ -78,6 +78,19 @@ def sample_caption(files: dict[str, bytes]) -> str | None:
     return None
 
 
+def caption_or_skip(files: dict[str, bytes], where: str, skips: SkipCounter) -> str | None:
+    """`sample_caption`, with a sample that has none (or an unreadable .json) counted in `skips`
+    (`no_caption` or `bad_json`) and None returned, so every reader of shards skips alike."""
+    try:
+        caption = sample_caption(files)
+    except ValueError as e:
+        skips.add("bad_json", where, str(e))
+        return None
+    if caption is None:
+        skips.add("no_caption", where, "no .json caption and no .txt")
+    return caption
+
+
 def sample_image(files: dict[str, bytes]) -> bytes | None:
     for ext in IMAGE_EXTS:
         data = files.get(ext)
@@ -119,13 +132,8 @@ class ShardSamples:
                 self.read += 1
                 key, files = sample
                 where = f"{key} in {self.url}"
-                try:
-                    caption = sample_caption(files)
-                except ValueError as e:
-                    self.skips.add("bad_json", where, str(e))
-                    continue
+                caption = caption_or_skip(files, where, self.skips)
                 if caption is None:
-                    self.skips.add("no_caption", where, "no .json caption and no .txt")
                     continue
                 image = sample_image(files)
                 if image is None:

@@ -24,7 +24,7 @@ from mgpt4.data.batches import BatchText, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.feature_shards import features_folder
 from mgpt4.data.payloads import PAYLOAD_ERRORS, make_payload
-from mgpt4.data.samples import SkipCounter, sample_caption
+from mgpt4.data.samples import SkipCounter, caption_or_skip
 from mgpt4.data.shard_lists import (
     check_local_shards,
     check_url,
@@ -302,13 +302,8 @@ class ShardBatches:
                 continue
             _, url, key, files = entry
             where = f"{key} in {url}"
-            try:
-                caption = sample_caption(files)
-            except ValueError as e:
-                self.skips.add("bad_json", where, str(e))
-                continue
+            caption = caption_or_skip(files, where, self.skips)
             if caption is None:
-                self.skips.add("no_caption", where, "no .json caption and no .txt")
                 continue
             data = self.payload.find(files)
             if data is None:
