@@ -538,6 +538,40 @@ def test_missing_weight_files_are_named_not_silently_random(checkpoint, image, c
         curate(["describe", "--images", image, "--out", "unused", "--preset", "tiny", *full[4:]])
 
 
+def test_the_llama2_variant_needs_no_blip2_file(checkpoint, tmp_path):
+    """No Q-Former, so no --blip2: the README's LLaMA-2 chat command is accepted as written."""
+    from mgpt4.chat.flags import model_config_from_args
+
+    files, _ = _weight_flags(checkpoint)
+    argv = ["--preset", "tiny_llama2", "--eva-vit", files["eva_vit"], "--llm", files["llm"]]
+    cfg = model_config_from_args(model_args(*argv, "--proj", files["proj"]))
+    assert cfg.qformer is None and cfg.weights.blip2 is None
+    with pytest.raises(SystemExit, match=r"^no weight file for --proj:"):
+        model_config_from_args(model_args(*argv))
+
+
+def test_weight_paths_and_overrides_are_checked_in_one_line(checkpoint, tmp_path):
+    from mgpt4.chat.flags import model_config_from_args
+
+    files, full = _weight_flags(checkpoint)
+    with pytest.raises(SystemExit, match=r"^--set: .*'bogus'"):
+        model_config_from_args(model_args("--preset", "tiny", *full, "--set", "bogus=1"))
+    with pytest.raises(SystemExit, match=r"^--set: .*max_txt_len"):
+        model_config_from_args(model_args("--preset", "tiny", *full, "--set", "text.max_txt_len=abc"))
+    run_folder = os.path.dirname(os.path.dirname(files["proj"]))
+    with pytest.raises(
+        SystemExit,
+        match=r"^--proj .*: expected a weight file, got a folder \(for a run folder, use --checkpoint\)",
+    ):
+        model_config_from_args(model_args("--preset", "tiny", *full[:6], "--proj", run_folder))
+    with pytest.raises(SystemExit, match=r"^--llm .*: expected a Hugging Face model folder, got a file"):
+        model_config_from_args(model_args("--preset", "tiny", *full[:4], "--llm", files["proj"], *full[6:]))
+    with pytest.raises(SystemExit, match=r"^--eva-vit .*nowhere.pth: no such file or folder$"):
+        model_config_from_args(
+            model_args("--preset", "tiny", "--eva-vit", str(tmp_path / "nowhere.pth"), *full[2:])
+        )
+
+
 def test_a_wrong_device_or_preset_ends_in_one_error_line(checkpoint, image, tmp_path, capsys):
     from mgpt4.chat.web import main as web
 

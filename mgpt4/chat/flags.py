@@ -16,7 +16,7 @@ from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.presets import MODEL_PRESETS, model_preset
-from mgpt4.strict_config import apply_overrides, from_dict
+from mgpt4.strict_config import ConfigError, apply_overrides, from_dict
 from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
 
 log = get_logger(__name__)
@@ -120,26 +120,59 @@ def model_config_from_args(args: argparse.Namespace, warn: bool = True) -> Model
         value = getattr(args, flag)
         if value:
             setattr(cfg.weights, field, value)
-    cfg = apply_overrides(cfg, args.set) if args.set else cfg
+    try:
+        cfg = apply_overrides(cfg, args.set) if args.set else cfg
+    except ConfigError as e:
+        raise SystemExit(f"--set: {e}") from None
     # getattr: callers that build their Namespace by hand may not have the low-memory flags.
     if getattr(args, "llm_dtype", None):
         cfg.precision.llm = args.llm_dtype
     why = "the checkpoint's config names no file for it" if args.checkpoint else ""
     _refuse_random_parts(cfg, args, why, warn)
+    _check_weight_paths(cfg, args)
     return cfg
 
 
-def missing_weight_flags(weights) -> list[str]:
-    """The flags of the parts that no weight file fills (`cfg.weights`), in model order."""
-    missing = []
+def missing_weight_flags(cfg: ModelConfig) -> list[str]:
+    """The flags of the parts that no weight file fills (`cfg.weights`), in model order.
+
+    The LLaMA-2 variant (`cfg.qformer` None) has no Q-Former, so it needs no --blip2."""
+    weights, missing = cfg.weights, []
+    vision = ("eva_vit", "blip2") if cfg.qformer is not None else ("eva_vit",)
     if not weights.blip2_hf:
-        missing += [WEIGHT_FLAGS[k] for k in ("eva_vit", "blip2") if not getattr(weights, k)]
+        missing += [WEIGHT_FLAGS[k] for k in vision if not getattr(weights, k)]
     missing += [WEIGHT_FLAGS[k] for k in ("llm", "proj") if not getattr(weights, k)]
     return missing
 
 
+def _check_weight_paths(cfg: ModelConfig, args: argparse.Namespace) -> None:
+    """Each weight path is there and of the right kind (a file, or the folder --llm and --blip2-hf
+    name), said before anything loads, with where the path came from when no flag gave it."""
+    for field, flag, folder in (
+        ("eva_vit", "--eva-vit", False),
+        ("blip2", "--blip2", False),
+        ("proj", "--proj", False),
+        ("llm", "--llm", True),
+        ("blip2_hf", "--blip2-hf", True),
+    ):
+        path = getattr(cfg.weights, field)
+        if not path:
+            continue
+        given = getattr(args, field, None) == path or field == "proj"
+        origin = (
+            "" if given else f" (named by the {'checkpoint' if args.checkpoint else 'preset'}; give {flag})"
+        )
+        if not os.path.exists(path):
+            raise SystemExit(f"{flag} {path}: no such file or folder{origin}")
+        if folder and not os.path.isdir(path):
+            raise SystemExit(f"{flag} {path}: expected a Hugging Face model folder, got a file{origin}")
+        if not folder and os.path.isdir(path):
+            hint = " (for a run folder, use --checkpoint)" if flag == "--proj" else origin
+            raise SystemExit(f"{flag} {path}: expected a weight file, got a folder{hint}")
+
+
 def _refuse_random_parts(cfg: ModelConfig, args: argparse.Namespace, why: str, warn: bool) -> None:
-    missing = missing_weight_flags(cfg.weights)
+    missing = missing_weight_flags(cfg)
     if not missing:
         return
     if not getattr(args, "allow_random_weights", False):
