@@ -106,6 +106,12 @@ def test_checkpoints_none_complete_and_legacy_ones(tmp_path):
         (old / f"trainer_state_rank{r}.pt").write_bytes(b"")
     (legacy / "checkpoints" / "latest").write_text("step_00000003")
     assert find_resume_point(str(legacy)).world_size == 3
+    # A writer with run_state.pt leaves markers: a folder of it without them is incomplete, even when
+    # `latest` names it (markers lost, a copy cut short), and the newest complete one is used.
+    _checkpoint(legacy / "checkpoints", 2, [0, 1], 2)
+    (old / "run_state.pt").write_bytes(b"")
+    point = find_resume_point(str(legacy))
+    assert point.tag == "step_00000002" and "step_00000003, which is incomplete" in point.note
 
 
 def test_rotation_keeps_complete_checkpoints_and_drops_crashed_saves(tmp_path):

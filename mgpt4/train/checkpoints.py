@@ -195,9 +195,10 @@ def find_resume_point(output_dir: str) -> ResumePoint | None:
 
 def _legacy_size(folder: str) -> int:
     """Ranks of a checkpoint written before the markers existed (0 if it has markers or no rank state):
-    those writers moved `latest` only after every rank had written, so `latest` vouches for it."""
+    those writers moved `latest` only after every rank had written, so `latest` vouches for it. A folder
+    with `run_state.pt` was written by a writer that leaves markers: without them it is incomplete."""
     names = os.listdir(folder)
-    if any(_DONE.fullmatch(n) for n in names):
+    if RUN_STATE in names or any(_DONE.fullmatch(n) for n in names):
         return 0
     return sum(1 for n in names if re.fullmatch(r"trainer_state_rank\d+\.pt", n))
 
