@@ -255,7 +255,10 @@ def check_eval_schedule(t: TrainConfig, data: DataConfig) -> None:
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every: expected 0 (only at the end) or more, got {t.eval_every!r}")
     if t.eval_every and not data.val.enabled():
-        raise ConfigError("train.eval_every: set, but there is nothing to validate on; set data.val")
+        raise ConfigError(
+            f"train.eval_every: {t.eval_every}, but there is nothing to validate on; set data.val, "
+            "or train.eval_every=0 when there is none"
+        )
     if t.eval_every % t.log_every:
         raise ConfigError(
             f"train.eval_every ({t.eval_every}) must be a multiple of train.log_every ({t.log_every}): "
