@@ -7,6 +7,8 @@ import copy
 import io
 import json
 import os
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -241,6 +243,44 @@ def test_a_cache_of_another_vision_path_is_refused(assets, cache):
         ConfigError, match=r"model\.weights\.eva_vit: .* is not the file the cache was made with"
     ):
         check_feature_cache(cfg)
+    # A file of the same size (the same architecture, other weights): told apart by its contents.
+    cfg = _config(assets, kind="features", features_root=cache, crops="stream")
+    other = assets["root"] / "other_eva_vit_g.pth"
+    data = bytearray(pathlib.Path(cfg.model.weights.eva_vit).read_bytes())
+    data[-100] ^= 0xFF
+    other.write_bytes(bytes(data))
+    cfg.model.weights.eva_vit = str(other)
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.weights\.eva_vit: .*other_eva_vit_g.pth is not the file the cache was made with",
+    ):
+        check_feature_cache(cfg)
+    # Other image shards under the cache's file names: one with other first bytes but the same size
+    # (tar sizes come in 10 KiB steps, so sets often agree there), one of another size, one the cache
+    # never saw; the unchanged one passes.
+    others = assets["root"] / "other_laion"
+    others.mkdir()
+    for path in assets["laion"]:
+        shutil.copy(path, others)
+    with open(others / "00000.tar", "r+b") as f:
+        f.seek(600)  # inside the first image, past its tar header
+        f.write(b"other pixels")
+    with open(others / "00001.tar", "ab") as f:
+        f.write(bytes(10240))
+    shutil.copy(others / "00002.tar", others / "00099.tar")
+    cfg = _config(assets, kind="features", features_root=cache, crops="stream")
+    cfg.data.sources[0].shards = sorted(str(p) for p in others.iterdir())
+    with pytest.raises(ConfigError) as refused:
+        check_feature_cache(cfg)
+    size = os.path.getsize(assets["laion"][1])
+    assert [line.split("other_laion/")[1] for line in str(refused.value).splitlines()[1:]] == [
+        "00000.tar begins with other bytes than the 00000.tar the cache was made from",
+        f"00001.tar has {size + 10240} bytes; the cache was made from a 00001.tar of {size} bytes",
+        "00099.tar: the cache holds no shard of that name",
+    ]
+    # The cache's own image shards pass.
+    cfg.data.sources[0].shards = assets["laion"]
+    assert check_feature_cache(cfg) == []
     unfinished = assets["root"] / "unfinished"
     os.makedirs(unfinished / "laion")
     os.makedirs(unfinished / "ccsbu")

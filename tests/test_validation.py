@@ -176,7 +176,10 @@ def test_config_refuses_what_it_cannot_honour():
         cfg.validate()
 
     check(data__val=ValConfig(samples=4, shards="v.tar"), train__eval_every=10)
-    with pytest.raises(ConfigError, match=r"train.eval_every: \d+, but there is nothing to validate on; set data.val, or train.eval_every=0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.eval_every: \d+, but there is nothing to validate on; set data.val, or train.eval_every=0",
+    ):
         check(train__eval_every=10)
     with pytest.raises(
         ConfigError, match=r"train.eval_every \(7\) must be a multiple of train.log_every \(5\)"

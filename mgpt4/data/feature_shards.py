@@ -15,6 +15,7 @@ resume as image shards.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mgpt4.data.shard_lists import local_path
 
 FEATURE_EXT = "npy"
 MANIFEST_FILE = "features.json"
@@ -66,6 +69,33 @@ def weight_bytes(path: str) -> int:
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     return os.path.getsize(path)
+
+
+def weight_digest(path: str) -> str:
+    """sha256 of a weight file, or of every file in a weight folder (with its relative path): two
+    files of one architecture have the same size, so only their contents tell them apart. Reads the
+    whole file (about 1 s a GB)."""
+    digest = hashlib.sha256()
+    files = (
+        sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+        if os.path.isdir(path)
+        else [""]
+    )
+    for rel in files:
+        digest.update(rel.encode() + b"\0")
+        with open(os.path.join(path, rel) if rel else path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def shard_identity(url: str) -> list | None:
+    """[size in bytes, sha256 of the first 4 KiB] of a local image shard, None for a pipe or a missing
+    file: what tells one set of shards from another under the same file names, without reading them."""
+    path = local_path(url)
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return [os.path.getsize(path), hashlib.sha256(f.read(4096)).hexdigest()]
 
 
 def features_folder(root: str, source_name: str) -> str:

@@ -35,7 +35,9 @@ from mgpt4.data.feature_shards import (
     MANIFEST_FILE,
     encode_features,
     features_folder,
+    shard_identity,
     weight_bytes,
+    weight_digest,
 )
 from mgpt4.data.samples import SKIP_REASONS, ShardSamples, SkipCounter
 from mgpt4.data.shard_lists import expand_shards, shard_file_name
@@ -316,13 +318,21 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
     for part in ("eva_vit", "blip2", "blip2_hf"):
         path = getattr(m.weights, part)
         if path:
-            weights[part] = {"path": os.path.abspath(path), "bytes": weight_bytes(path)}
+            weights[part] = {
+                "path": os.path.abspath(path),
+                "bytes": weight_bytes(path),
+                "sha256": weight_digest(path),
+            }
     q = m.qformer
     d = cfg.data
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": name,
         "shards": len(urls),
+        # Each image shard by file name, [size, sha256 of its first 4 KiB]: training from the cache
+        # checks that its sources still name these shards (tar sizes come in 10 KiB steps, so the
+        # first header and bytes of image data tell two sets apart where sizes agree).
+        "image_shards": {shard_file_name(u): shard_identity(u) for u in urls},
         "shards_done": done,
         "samples": samples,
         "skipped": skipped,

@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 
 from mgpt4.config import Config
-from mgpt4.data.feature_shards import MANIFEST_FILE, read_manifest, weight_bytes
-from mgpt4.data.shard_lists import local_path
+from mgpt4.data.feature_shards import (
+    MANIFEST_FILE,
+    read_manifest,
+    shard_identity,
+    weight_bytes,
+    weight_digest,
+)
+from mgpt4.data.shard_lists import expand_shards, local_path, shard_file_name
 from mgpt4.data.shard_stream import expand_source
 from mgpt4.strict_config import ConfigError, to_dict
 
@@ -41,13 +47,45 @@ def check_feature_cache(cfg: Config) -> list[str]:
                 f"(run `python -m mgpt4.features extract` again; it does only what is missing)"
             )
             continue
-        problems = manifest_mismatches(cfg, manifest)
+        problems = manifest_mismatches(cfg, manifest) + image_shard_mismatches(cfg, name, manifest)
         if problems:
             raise ConfigError(
-                f"the feature cache in {folder} was not made by this model's vision path:\n  "
+                f"the feature cache in {folder} was not made by this model's vision path from these shards:\n  "
                 + "\n  ".join(problems)
             )
     return missing
+
+
+def image_shard_mismatches(cfg: Config, source: str, manifest: dict, checked: int = 32) -> list[str]:
+    """The source's image shards (those on this machine) that are not the ones the cache was made
+    from: a name the cache does not hold, another size, or (for `checked` shards spread over the list,
+    so that a start-up reads 4 KiB of a few files, not of ten thousand) other first bytes. One line
+    each, the first five."""
+    made_from = manifest.get("image_shards")
+    if not cfg.data.features_root or made_from is None:
+        return []  # shards that name feature shards directly, or a cache that did not record them
+    index = cfg.data.source_names().index(source)
+    field = f"data.sources[{index}].shards"
+    urls = expand_shards(cfg.data.sources[index].shards, field)
+    read = set(urls[:: max(1, len(urls) // checked)])
+    problems = []
+    for url in urls:
+        path = local_path(url)
+        if path is None or not os.path.isfile(path):
+            continue
+        name, size = shard_file_name(url), os.path.getsize(path)
+        theirs = made_from.get(name, False)
+        if theirs is False:
+            problems.append(f"{field}: {path}: the cache holds no shard of that name")
+        elif theirs is not None and theirs[0] != size:
+            problems.append(
+                f"{field}: {path} has {size} bytes; the cache was made from a {name} of {theirs[0]} bytes"
+            )
+        elif theirs is not None and url in read and shard_identity(url) != theirs:
+            problems.append(
+                f"{field}: {path} begins with other bytes than the {name} the cache was made from"
+            )
+    return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
 
 
 def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
@@ -75,7 +113,9 @@ def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
             continue
         if part not in made_with:
             problems.append(f"model.weights.{part}: {path}, but the cache was made without that file")
-        elif made_with[part].get("bytes") != weight_bytes(path):
+        elif made_with[part].get("bytes") != weight_bytes(path) or made_with[part].get(
+            "sha256"
+        ) != weight_digest(path):
             problems.append(
                 f"model.weights.{part}: {path} is not the file the cache was made with ({made_with[part].get('path')})"
             )
