@@ -7,6 +7,8 @@ Configs are plain dataclasses, one per component; `Config` nests them all (the d
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -157,6 +159,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
+        for part in ("vision", "qformer", "llm"):
+            sizes = getattr(self, part)
+            for f in dataclasses.fields(sizes) if sizes is not None else ():
+                value = getattr(sizes, f.name)
+                size = f.type in (int, "int", "int | None") and not f.name.endswith("_id")
+                if size and isinstance(value, int) and value < 1:
+                    raise ConfigError(f"model.{part}.{f.name}: expected a positive integer, got {value!r}")
+        if self.text.max_txt_len < 1:
+            raise ConfigError(
+                f"model.text.max_txt_len: expected a positive integer, got {self.text.max_txt_len!r}"
+            )
         for name in ("vit", "qformer", "proj", "llm"):
             value = getattr(self.precision, name)
             if value not in DTYPES:
@@ -194,6 +207,12 @@ class ModelConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(
                 f"model.attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            # Said here, so that a dry run says it too, not transformers' traceback when the LLM is built.
+            raise ConfigError(
+                "model.attn_implementation: flash_attention_2 needs the flash-attn package (and a CUDA GPU), "
+                "which is not installed here; `pip install flash-attn`, or use sdpa"
             )
 
 

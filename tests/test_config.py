@@ -44,6 +44,33 @@ def test_validation_names_the_field():
         cfg.validate()
 
 
+def test_sizes_and_settings_a_run_would_crash_on_are_refused_by_the_config(monkeypatch):
+    """Found by the dry run, not by a traceback at step 1 after the run folder was written."""
+    for override, field in (
+        (
+            "qformer.num_query_tokens=0",
+            r"model\.qformer\.num_query_tokens: expected a positive integer, got 0",
+        ),
+        ("vision.depth=-1", r"model\.vision\.depth: expected a positive integer, got -1"),
+        ("llm.num_heads=0", r"model\.llm\.num_heads: expected a positive integer, got 0"),
+        ("text.max_txt_len=0", r"model\.text\.max_txt_len: expected a positive integer, got 0"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            apply_overrides(tiny(), [override]).validate()
+    cfg = tiny()
+    cfg.llm.bos_token_id = 0  # a token id, not a size: 0 is a valid one
+    cfg.validate()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a)
+    )
+    cfg.attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match=r"flash_attention_2 needs the flash-attn package .* use sdpa"):
+        cfg.validate()
+
+
 def test_presets():
     assert model_preset("vicuna13b").llm.hidden_size == 5120
     assert model_preset("vicuna7b").llm.hidden_size == 4096
