@@ -39,6 +39,7 @@ class Metrics:
         world_size: int,
         total_steps: int,
         peak_tflops: float | None,
+        start_step: int = 0,
     ):
         self.rank = rank
         self.world_size = world_size
@@ -49,8 +50,12 @@ class Metrics:
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+            # A run resumed from an older checkpoint (a crash after it, or a rollback) repeats the steps
+            # after it: their earlier rows go, in TensorBoard (purge_step) and in metrics.jsonl alike.
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+            path = os.path.join(output_dir, "metrics.jsonl")
+            drop_rows_after(path, start_step)
+            self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self._window_start = time.perf_counter()
         self._window_wait = 0.0
         self._window_steps = 0
@@ -144,3 +149,22 @@ class Metrics:
         if self.rank == 0:
             self.writer.close()
             self.jsonl.close()
+
+
+def drop_rows_after(path: str, step: int) -> None:
+    """Keep the rows of `path` (metrics.jsonl) up to `step`; a line cut short by a crash goes too."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

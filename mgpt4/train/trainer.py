@@ -126,7 +126,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     eng_mod.barrier()
     feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
     peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])  # 11. metrics
-    metrics = Metrics(cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, peak)
+    metrics = Metrics(cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, peak, start_step=step)
     tally = Tally(
         cfg.model, context_lengths(model), cfg.data.kind == "features", d.device, llm_sizes(model.llm.config)
     )
