@@ -538,6 +538,14 @@ def test_missing_weight_files_are_named_not_silently_random(checkpoint, image, c
         curate(["describe", "--images", image, "--out", "unused", "--preset", "tiny", *full[4:]])
 
 
+def test_a_bad_checkpoint_or_conflicting_flags_are_said_before_loading(checkpoint, image, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^--checkpoint and --preset tiny: give one"):
+        chat.main(["--image", image, "--checkpoint", checkpoint, "--preset", "tiny"])
+    with pytest.raises(SystemExit, match=r"^--checkpoint .*nowhere: no mgpt4 checkpoint found there"):
+        chat.main(["--image", image, "--checkpoint", str(tmp_path / "nowhere")])
+    assert "Loading the model" not in capsys.readouterr().out
+
+
 def test_the_llama2_variant_needs_no_blip2_file(checkpoint, tmp_path):
     """No Q-Former, so no --blip2: the README's LLaMA-2 chat command is accepted as written."""
     from mgpt4.chat.flags import model_config_from_args

@@ -98,6 +98,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def model_config_from_args(args: argparse.Namespace, warn: bool = True) -> ModelConfig:
     """The model config the flags describe; exits naming the flags when a part would be random."""
     check_device_flags(args)
+    if args.checkpoint and args.preset:
+        raise SystemExit(
+            f"--checkpoint and --preset {args.preset}: give one; a checkpoint's config already names its model"
+        )
     if args.checkpoint:
         ckpt = find_checkpoint(args.checkpoint)
         if ckpt is None:
@@ -222,9 +226,14 @@ def check_model_flags(args: argparse.Namespace) -> None:
     """The checks that read no file: devices, and with --preset the weight flags given.
 
     Tools call it before any slow step (listing images, binding a port, loading the model); a
-    --checkpoint's own config is checked when it is read (`model_config_from_args`).
+    --checkpoint's own config is checked when it is read (`model_config_from_args`), which a tool
+    that may have nothing to do (describe) does only when it has.
     """
     check_device_flags(args)
+    if args.checkpoint and args.preset:
+        raise SystemExit(
+            f"--checkpoint and --preset {args.preset}: give one; a checkpoint's config already names its model"
+        )
     if args.preset and not args.checkpoint:
         model_config_from_args(args, warn=False)
 

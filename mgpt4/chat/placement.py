@@ -37,9 +37,11 @@ def model_from_args(args: argparse.Namespace) -> MiniGPT4:
 
 def load_model_or_exit(args: argparse.Namespace) -> MiniGPT4:
     """`model_from_args` for a command line: a model that cannot be built from these flags (weight
-    files made for another size than --preset, a missing file, a bad --set) ends in one error line."""
+    files made for another size than --preset, a missing file, a bad --set, no checkpoint where
+    --checkpoint points) ends in one error line, said before "Loading the model ..."."""
     try:
         _check_llm_folder(model_config_from_args(args, warn=False))
+        print("Loading the model ...", flush=True)
         return model_from_args(args)
     except (WeightsError, ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

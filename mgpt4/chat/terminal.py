@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    print("Loading the model ...", flush=True)
     session = ChatSession(load_model_or_exit(args), limits)
     if not set_image(session, args.image):
         sys.exit(2)

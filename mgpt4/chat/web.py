@@ -258,7 +258,6 @@ def main(argv: list[str] | None = None) -> None:
     _import_gradio()
     check_model_flags(args)
     check_port(args.host, args.port)
-    print("Loading the model ...", flush=True)
     demo = build_demo(load_model_or_exit(args), settings, limits)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     # One size limit: Gradio refuses a larger file in the browser, before it is sent, with the same

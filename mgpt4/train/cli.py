@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
         if os.environ.get("MGPT4_DEBUG"):
             raise
         prefix = "config error" if isinstance(e, ConfigError) else "mgpt4: error"
+        # Every rank says it: tagged like the logger's warnings, so that a log of many ranks reads.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            prefix = f"[rank {os.environ.get('RANK', '?')}] {prefix}"
         raise SystemExit(f"{prefix}: {e}") from None
 
 
