@@ -184,6 +184,13 @@ class ModelConfig:
         q = self.qformer
         if q is not None and q.width % q.heads:
             raise ConfigError(f"model.qformer.width: {q.width} is not divisible by heads {q.heads}")
+        for field_name in ("blip2", "blip2_hf"):
+            if q is None and getattr(self.weights, field_name):
+                raise ConfigError(
+                    f"model.weights.{field_name} is set, but model.qformer is null: this model has no Q-Former "
+                    f"(the LLaMA-2 variant) and reads no BLIP-2 file. Unset model.weights.{field_name}, or give "
+                    "model.qformer sizes."
+                )
         if q is None and (v.num_tokens - 1) % PATCHES_PER_IMAGE_TOKEN:
             raise ConfigError(
                 f"model.qformer is null, so every {PATCHES_PER_IMAGE_TOKEN} ViT patch tokens become one "
@@ -326,6 +333,10 @@ class Config:
                 f"data.pack_length: {self.data.pack_length} tokens cannot hold a sample of BOS + "
                 f"{n_img} image tokens + max_txt_len {self.model.text.max_txt_len} = {shortest}"
             )
+        if not t.output_dir.strip():
+            raise ConfigError("train.output_dir: empty; give the run's folder (default outputs/<recipe>)")
         o = self.optim
+        if not o.lr > 0:
+            raise ConfigError(f"optim.lr: expected a positive learning rate, got {o.lr!r}")
         if not 0 <= o.min_lr <= o.lr:
             raise ConfigError(f"optim.min_lr: expected 0 <= min_lr <= lr ({o.lr}), got {o.min_lr}")

@@ -52,6 +52,29 @@ def test_unknown_key_fails(capsys, monkeypatch):
         dry_run(capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "train.stepz=10")
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.output_dir=", r"train\.output_dir: empty"),
+        ("optim.lr=-1", r"optim\.lr: expected a positive learning rate, got -1\.0"),
+        (
+            "model.qformer.num_query_tokens=0",
+            r"model\.qformer\.num_query_tokens: expected a positive integer",
+        ),
+        ("model.qformer=null", r"model\.weights\.blip2 is set, but model\.qformer is null"),
+    ],
+)
+def test_the_dry_run_refuses_what_the_real_run_would_crash_on(override, message, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match=rf"^config error: {message}"):
+        dry_run(capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", override)
+
+
+def test_a_multi_rank_error_line_names_its_rank(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(SystemExit, match=r"^\[rank 3\] config error: optim\.lr"):
+        dry_run(capsys, monkeypatch, 4, "--recipe", "stage1_vicuna7b", "--set", "optim.lr=0")
+
+
 def test_list_overrides_by_index(capsys, monkeypatch):
     out = dry_run(
         capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "data.sources.1.shards=/cc/{0..3}.tar"

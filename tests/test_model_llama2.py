@@ -15,6 +15,7 @@ import torch
 from mgpt4.model import WeightsError, apply_freeze, build_model, from_config, load_weights
 from mgpt4.model.presets import llama2_7b, stage1_text, stage2_text, tiny, tiny_llama2, vicuna7b
 from mgpt4.model.prompts import LLAMA2_CHAT, STAGE2_INSTRUCTIONS, VICUNA_V0_SYSTEM, Conversation
+from mgpt4.strict_config import ConfigError
 from mgpt4.tokenizer import encode_answers, load_tokenizer
 from tests.official_files import eva_vit_state
 from tests.test_model_forward import CAPTIONS, reference_loss
@@ -152,7 +153,12 @@ def test_full_size_projection_mismatch_names_5632_and_768(tmp_path):
 def test_a_blip2_file_is_refused_without_a_qformer(tmp_path):
     path = tmp_path / "blip2_pretrained_flant5xxl.pth"
     torch.save({"model": {}}, path)
-    model = build_model(_with_weights(tiny_llama2(), blip2=str(path)))
+    # Refused by the config itself, so that a dry run says it too (before: only when loading).
+    with pytest.raises(ConfigError, match=r"model.weights.blip2 is set, but model.qformer is null"):
+        build_model(_with_weights(tiny_llama2(), blip2=str(path)))
+    # And by the loader, for a model whose config was changed after it was built.
+    model = build_model(tiny_llama2())
+    model.cfg.weights.blip2 = str(path)
     with pytest.raises(WeightsError, match=r"model.weights.blip2 is set, but model.qformer is null"):
         load_weights(model)
 
