@@ -255,6 +255,16 @@ def test_bad_inputs_fail_before_the_model_loads_and_a_finished_run_loads_nothing
     )
 
 
+def test_a_bad_set_is_refused_before_anything_is_written(stage1, images, tmp_path, capsys):
+    from mgpt4.curate.__main__ import main
+
+    out = tmp_path / "desc"
+    argv = ["describe", "--images", images, "--out", str(out), "--checkpoint", stage1, "--set", "bogus=1"]
+    with pytest.raises(SystemExit, match=r"^--set: .*unknown key 'bogus'"):
+        main(argv)
+    assert not out.exists()
+
+
 def test_a_rerun_with_only_unchanged_unreadable_images_loads_no_model(model, images, tmp_path, capsys):
     """Issue 16.5: what is pending, and whether it can succeed, is decided before the model loads."""
     from mgpt4.curate.__main__ import main

@@ -223,7 +223,7 @@ def check_device_flags(args: argparse.Namespace) -> None:
 
 
 def check_model_flags(args: argparse.Namespace) -> None:
-    """The checks that read no file: devices, and with --preset the weight flags given.
+    """The checks that need no model: devices, with --preset the weight flags given, and --set.
 
     Tools call it before any slow step (listing images, binding a port, loading the model); a
     --checkpoint's own config is checked when it is read (`model_config_from_args`), which a tool
@@ -234,7 +234,8 @@ def check_model_flags(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"--checkpoint and --preset {args.preset}: give one; a checkpoint's config already names its model"
         )
-    if args.preset and not args.checkpoint:
+    # --set needs the config it changes: a checkpoint's is read for it (a small JSON file).
+    if (args.preset and not args.checkpoint) or getattr(args, "set", None):
         model_config_from_args(args, warn=False)
 
 
