@@ -97,3 +97,11 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, tiny_cfg):
     path.write_text("<html><body>403 Forbidden</body></html>")
     with pytest.raises(WeightsError, match=rf"{path}: not a readable torch file"):
         load_proj(build_model(tiny_cfg), str(path))
+    # A real weight file cut short at any length (a copy or download that stopped) is named the same way.
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": proj_state(tiny_cfg)}, whole)
+    data = whole.read_bytes()
+    for cut in (100, 1000, 5000, len(data) // 2, len(data) - 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match=rf"{path}: not a readable torch file"):
+            load_proj(build_model(tiny_cfg), str(path))

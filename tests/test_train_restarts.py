@@ -128,6 +128,14 @@ def test_chat_and_stage2_find_a_checkpoint_past_a_dangling_latest(tmp_path):
     (root / "step_00000004" / "llama_proj.pth").write_bytes(b"")
     (root / "latest").write_text("step_00000009")
     assert find_checkpoint(str(tmp_path)) == folder
+    # `latest` naming a folder whose ranks did not all finish (its projection may be cut short): the
+    # newest complete one, as a resume takes; a folder named by the user is still taken as named.
+    crashed = _checkpoint(root, 6, [], 1)
+    (root / "step_00000006" / "llama_proj.pth").write_bytes(b"")
+    (root / "step_00000006" / "run_state.pt").write_bytes(b"")
+    (root / "latest").write_text("step_00000006")
+    assert find_checkpoint(str(tmp_path)) == folder
+    assert find_checkpoint(crashed) == crashed
 
 
 def test_rank_state_loads_with_weights_only_and_restores_every_rng(tmp_path):

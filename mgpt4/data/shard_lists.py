@@ -55,7 +55,7 @@ def check_local_shards(urls: Sequence[str], where: str, name: str) -> None:
     if local and len(local) == len(urls) and not any(os.path.exists(p) for p in local):
         raise ValueError(
             f"{where}: none of the {len(local)} shard(s) of source {name!r} exist (first: {local[0]!r}); "
-            f"check the path or brace pattern, e.g. --set '{where.replace('[', '.').replace(']', '')}=/data/laion/{{00000..10488}}.tar'"
+            f"check the path or brace pattern, e.g. --set '{where.replace('[', '.').replace(']', '')}=/data/{name}/{{00000..00999}}.tar'"
         )
 
 

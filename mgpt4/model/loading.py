@@ -88,8 +88,10 @@ def torch_load(path: str, allow_pickle: bool = False):
                 raise
             # Files in the pre-1.6 (non-zip) format cannot be memory-mapped; they load the same way.
             return torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as e:  # torch's zip reader: a damaged or truncated file
-        raise WeightsError(f"{path}: not a readable torch file: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, OSError, EOFError) as e:  # torch's zip reader or mmap: a damaged or truncated file
+        raise WeightsError(
+            f"{path}: not a readable torch file: {(str(e).splitlines() or [repr(e)])[0]}"
+        ) from None
     except pickle.UnpicklingError as e:
         classes = _unsafe_globals(path, e)
         if not classes:

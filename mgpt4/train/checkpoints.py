@@ -62,15 +62,21 @@ def find_checkpoint(path: str) -> str | None:
         )
 
     if usable(path):
-        return path
+        return path  # a checkpoint folder named by the user is taken as named
     for root in (os.path.join(path, CHECKPOINTS_DIR), path):
         named = latest_tag(root)
-        if named and usable(os.path.join(root, named)):
+        # As a resume does: `latest` is followed to a complete checkpoint only (see find_resume_point).
+        if named and usable(os.path.join(root, named)) and _trusted(os.path.join(root, named)):
             return os.path.join(root, named)
         found = newest_complete(root)
         if found is not None:
             return os.path.join(root, found[0])
     return None
+
+
+def _trusted(folder: str) -> bool:
+    """Complete by its markers, or a checkpoint written before markers existed."""
+    return completeness(folder)[0] is not None or bool(_legacy_size(folder))
 
 
 def read_checkpoint_config(ckpt_dir: str) -> dict:
