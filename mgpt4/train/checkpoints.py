@@ -75,8 +75,13 @@ def find_checkpoint(path: str) -> str | None:
 
 
 def _trusted(folder: str) -> bool:
-    """Complete by its markers, or a checkpoint written before markers existed."""
-    return completeness(folder)[0] is not None or bool(_legacy_size(folder))
+    """Complete by its markers, or not written by a run that leaves them (a checkpoint from before
+    markers existed, or a config and projection put together by hand): only a save that a crash cut
+    short is passed over."""
+    if completeness(folder)[0] is not None:
+        return True
+    names = os.listdir(folder)
+    return not (RUN_STATE in names or any(_DONE.fullmatch(n) for n in names))
 
 
 def read_checkpoint_config(ckpt_dir: str) -> dict:
