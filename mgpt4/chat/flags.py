@@ -97,11 +97,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def model_config_from_args(args: argparse.Namespace, warn: bool = True) -> ModelConfig:
     """The model config the flags describe; exits naming the flags when a part would be random."""
-    check_device_flags(args)
-    if args.checkpoint and args.preset:
-        raise SystemExit(
-            f"--checkpoint and --preset {args.preset}: give one; a checkpoint's config already names its model"
-        )
+    _check_flags_alone(args)
     if args.checkpoint:
         ckpt = find_checkpoint(args.checkpoint)
         if ckpt is None:
@@ -222,6 +218,15 @@ def check_device_flags(args: argparse.Namespace) -> None:
             raise SystemExit(f"{flag} {value}: Apple's MPS is not available here; use {flag} cpu")
 
 
+def _check_flags_alone(args: argparse.Namespace) -> None:
+    """What the flags say by themselves: devices this machine has, and one source of the model."""
+    check_device_flags(args)
+    if args.checkpoint and args.preset:
+        raise SystemExit(
+            f"--checkpoint and --preset {args.preset}: give one; a checkpoint's config already names its model"
+        )
+
+
 def check_model_flags(args: argparse.Namespace) -> None:
     """The checks that need no model: devices, with --preset the weight flags given, and --set.
 
@@ -229,11 +234,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
     --checkpoint's own config is checked when it is read (`model_config_from_args`), which a tool
     that may have nothing to do (describe) does only when it has.
     """
-    check_device_flags(args)
-    if args.checkpoint and args.preset:
-        raise SystemExit(
-            f"--checkpoint and --preset {args.preset}: give one; a checkpoint's config already names its model"
-        )
+    _check_flags_alone(args)
     # --set needs the config it changes: a checkpoint's is read for it (a small JSON file).
     if (args.preset and not args.checkpoint) or getattr(args, "set", None):
         model_config_from_args(args, warn=False)

@@ -9,13 +9,11 @@ before the pending sample, so a resumed run reads it again and packs exactly as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from mgpt4.data.batches import BatchText, draw_instruction, make_packed_batch
-from mgpt4.data.config import DataConfig
+from mgpt4.data.batches import draw_instruction, make_packed_batch
 from mgpt4.data.packing import RowPacker
 from mgpt4.data.shard_stream import ShardBatches, ShardDataset, Taken
 
@@ -31,19 +29,8 @@ class Pending(NamedTuple):
 class PackedShardBatches(ShardBatches):
     """The packed batches of one reader (rank, worker); see the module docstring."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        urls: Sequence[Sequence[str]],
-        text: BatchText,
-        rank: int,
-        world_size: int,
-        worker: int,
-        num_workers: int,
-        state: dict[str, Any] | None = None,
-        feature_shape: Sequence[int] | None = None,
-    ):
-        super().__init__(cfg, urls, text, rank, world_size, worker, num_workers, state, feature_shape)
+    def __init__(self, *args: Any, **kwargs: Any):  # ShardBatches' arguments
+        super().__init__(*args, **kwargs)
         self.pending: list[Pending | None] = [None] * len(self.streams)
 
     def state(self) -> dict[str, Any]:

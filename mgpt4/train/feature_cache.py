@@ -7,6 +7,7 @@ training every local cache folder's `features.json` is compared with the model c
 
 from __future__ import annotations
 
+import functools
 import os
 
 from mgpt4.config import Config
@@ -74,8 +75,8 @@ def image_shard_mismatches(cfg: Config, source: str, manifest: dict, checked: in
         if path is None or not os.path.isfile(path):
             continue
         name, size = shard_file_name(url), os.path.getsize(path)
-        theirs = made_from.get(name, False)
-        if theirs is False:
+        theirs = made_from.get(name)
+        if name not in made_from:
             problems.append(f"{field}: {path}: the cache holds no shard of that name")
         elif theirs is not None and theirs[0] != size:
             problems.append(
@@ -113,10 +114,23 @@ def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
             continue
         if part not in made_with:
             problems.append(f"model.weights.{part}: {path}, but the cache was made without that file")
-        elif made_with[part].get("bytes") != weight_bytes(path) or made_with[part].get(
-            "sha256"
-        ) != weight_digest(path):
+        elif not _same_file(made_with[part], path):
             problems.append(
                 f"model.weights.{part}: {path} is not the file the cache was made with ({made_with[part].get('path')})"
             )
     return problems
+
+
+def _same_file(recorded: dict, path: str) -> bool:
+    """Whether `path` is the weight file (or folder) a manifest recorded: its size first, then its
+    contents, hashed once per process for each file as it is now (a check per cache folder would
+    otherwise read a 2 GB ViT file once for every source)."""
+    if recorded.get("bytes") != weight_bytes(path):
+        return False
+    stat = os.stat(path)
+    return recorded.get("sha256") == _digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return weight_digest(path)
