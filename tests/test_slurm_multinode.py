@@ -8,6 +8,7 @@ and a failure on the other node, and a cluster that leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -99,7 +100,8 @@ def test_preemption_on_two_nodes(slurm2, tmp_path, tmp_path_factory):
     folder = tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
     for g in range(4):
         assert (folder / f"trainer_state_rank{g}.pt").is_file()
-        assert (folder / f"zero_pp_rank_{g}_mp_rank_00_optim_states.pt").is_file()
+        assert json.loads((folder / f"done_rank{g}.json").read_text())["world_size"] == 4
+    assert (folder / "run_state.pt").is_file()
     assert f"resumed from step {step}" in log
     # The requeued job came back with the same wiring over both nodes.
     first, second = log.split(saved.group(0))

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mgpt4.train.checkpoints import (
+    FORMAT_VERSION,
     ResumeError,
     find_checkpoint,
     find_resume_point,
@@ -152,19 +153,55 @@ def test_rank_state_loads_with_weights_only_and_restores_every_rng(tmp_path):
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == draws
 
 
-def test_rank_state_of_an_older_run_loads_but_nothing_that_runs_code(tmp_path):
-    import numpy as np
+def test_a_checkpoint_of_another_format_version_is_refused_with_what_to_do(tmp_path):
+    from mgpt4.train.checkpoints import check_resume_point
+    from mgpt4.train.run_state import read_checkpoint
 
-    from mgpt4.train.engine import _load_rank_state
+    root = tmp_path / "checkpoints"
+    folder = _checkpoint(root, 4, [0], 1)
+    marker = pathlib.Path(folder, "done_rank0.json")
+    assert json.loads(marker.read_text())["format_version"] == FORMAT_VERSION
+    point = find_resume_point(str(tmp_path))
+    check_resume_point(point, str(tmp_path), "tiny_stage1", 1, False)  # this version: taken
+    marker.write_text(json.dumps({"rank": 0, "world_size": 1, "step": 4, "format_version": 0}))
+    point = find_resume_point(str(tmp_path))
+    with pytest.raises(ResumeError) as refused:  # before anything is built, from the markers alone
+        check_resume_point(point, str(tmp_path), "tiny_stage1", 1, False)
+    message = str(refused.value)
+    assert (
+        f"{folder} is a checkpoint of format version 0 and this mgpt4 reads format version {FORMAT_VERSION}"
+        in message
+    )
+    assert f"--set model.weights.proj={folder}" in message and "--no-resume" in message
+    # Written before markers existed: no version at all, refused the same way.
+    legacy = tmp_path / "legacy" / "checkpoints" / "step_00000003"
+    legacy.mkdir(parents=True)
+    (legacy / "trainer_state_rank0.pt").write_bytes(b"")
+    (legacy.parent / "latest").write_text("step_00000003")
+    point = find_resume_point(str(tmp_path / "legacy"))
+    with pytest.raises(ResumeError, match="is a checkpoint of no format version and this mgpt4 reads"):
+        check_resume_point(point, str(tmp_path / "legacy"), "", 1, False)
+    # The files carry the version too, and are checked again when read (a folder copied by hand).
+    torch.save({"format_version": 0, "step": 4}, pathlib.Path(folder, "run_state.pt"))
+    with pytest.raises(ResumeError, match=r"run_state\.pt: .* is a checkpoint of format version 0"):
+        read_checkpoint(folder, None)
+    torch.save({"format_version": FORMAT_VERSION, "step": 4}, pathlib.Path(folder, "run_state.pt"))
+    torch.save(
+        {"format_version": FORMAT_VERSION, "data": {}, "rng": {}},
+        pathlib.Path(folder, "trainer_state_rank0.pt"),
+    )
+    assert read_checkpoint(folder, 0) == {"step": 4, "rank": {"data": {}, "rng": {}}}
+    with pytest.raises(ResumeError, match=r"trainer_state_rank1\.pt is missing"):
+        read_checkpoint(folder, 1)
 
-    old = tmp_path / "old.pt"
-    torch.save({"rng": {"numpy": np.random.get_state()}}, old)  # how mgpt4 wrote it before
-    assert _load_rank_state(str(old))["rng"]["numpy"][1].dtype == np.uint32
+
+def test_a_checkpoint_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    from mgpt4.train.run_state import read_checkpoint
+
     marker = tmp_path / "code-ran"
-    bad = tmp_path / "bad.pt"
-    torch.save({"rng": _RunsCode(str(marker))}, bad)
+    torch.save({"format_version": FORMAT_VERSION, "rng": _RunsCode(str(marker))}, tmp_path / "run_state.pt")
     with pytest.raises(pickle.UnpicklingError):
-        _load_rank_state(str(bad))
+        read_checkpoint(str(tmp_path), None)
     assert not marker.exists()
 
 
@@ -336,6 +373,29 @@ def test_resume_on_another_number_of_ranks(tmp_path, cache, ds_json, before, aft
     assert f"written by {before} rank(s) and this run has {after}" in stdout
     assert "--set train.resume_data=fresh" in stdout
 
+    # What the new number of ranks restored, before any step: the saved weights, both Adam moments, the
+    # step count, the schedule, the engine's counters and the loss scale, exactly.
+    fresh = ["--set", "train.resume_data=fresh", "--set", "train.stop_at=4"]
+    probe = run(deepspeed_cmd("tests/restore_probe.py", after, "--probe-out", str(tmp_path / "restored.pt"),
+                              *common, *fresh), cache)  # fmt: skip
+    assert probe.returncode == 0, probe.stdout[-3000:]
+    saved = torch.load(ckpt3 / "run_state.pt", weights_only=True)
+    restored = torch.load(tmp_path / "restored.pt", weights_only=True)
+    assert (saved["format_version"], saved["world_size"]) == (FORMAT_VERSION, before)
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert (
+            set(restored["trainable"][key])
+            == set(saved["trainable"][key])
+            == {"llama_proj.weight", "llama_proj.bias"}
+        )
+        for name, tensor in saved["trainable"][key].items():
+            assert torch.equal(restored["trainable"][key][name], tensor), (key, name)
+    assert any(bool(t.abs().sum()) for t in saved["trainable"]["exp_avg_sq"].values())  # real moments
+    for key in ("adam_step", "scheduler", "global_steps", "global_samples", "skipped_steps", "loss_scale"):
+        assert restored["trainable"][key] == saved["trainable"][key], key
+    assert (restored["step"], restored["samples_seen"]) == (saved["step"], saved["samples_seen"])
+    assert torch.equal(restored["sample_images"], saved["sample_images"])
+
     second = run(
         deepspeed_cmd("launchers/pretrain.py", after, *common, "--set", "train.stop_at=4",
                       "--set", "train.resume_data=fresh"),
@@ -346,20 +406,21 @@ def test_resume_on_another_number_of_ranks(tmp_path, cache, ds_json, before, aft
     s3 = torch.load(ckpt3 / "run_state.pt", weights_only=True)
     s4 = torch.load(out / "checkpoints" / "step_00000004" / "run_state.pt", weights_only=True)
     batch = get_recipe("tiny_stage1").data.batch_size
-    assert (s3["step"], s3["adam_step"], s3["world_size"]) == (3, 3, before)
-    assert (s4["step"], s4["adam_step"], s4["world_size"], s4["data_pass"]) == (4, 4, after, 1)
+    assert (s3["step"], s3["trainable"]["adam_step"], s3["world_size"]) == (3, 3, before)
+    assert (s4["step"], s4["trainable"]["adam_step"], s4["world_size"], s4["data_pass"]) == (4, 4, after, 1)
     assert s4["samples_seen"] == s3["samples_seen"] + batch * after == 3 * batch * before + batch * after
     # Step 4 is AdamW's update of the saved step-3 state: it holds only if the weights, both moments, the
     # step count (bias correction) and the schedule's lr were all carried over.
     o = get_recipe("tiny_stage1").optim
     b1, b2 = o.betas
     lr = lr_at(3, 6, o)
-    for name, w3 in s3["params"].items():
+    t3, t4 = s3["trainable"], s4["trainable"]
+    for name, w3 in t3["params"].items():
         m3, v3, m4, v4 = (
-            s3["exp_avg"][name],
-            s3["exp_avg_sq"][name],
-            s4["exp_avg"][name],
-            s4["exp_avg_sq"][name],
+            t3["exp_avg"][name],
+            t3["exp_avg_sq"][name],
+            t4["exp_avg"][name],
+            t4["exp_avg_sq"][name],
         )
         grad = (m4 - b1 * m3) / (1 - b1)
         torch.testing.assert_close(
@@ -368,7 +429,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, cache, ds_json, before, aft
         decay = o.weight_decay if w3.ndim >= 2 else 0.0
         denom = v4.sqrt() / math.sqrt(1 - b2**4) + o.eps
         expected = w3 * (1 - lr * decay) - lr / (1 - b1**4) * m4 / denom
-        torch.testing.assert_close(s4["params"][name], expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(t4["params"][name], expected, rtol=1e-5, atol=1e-7)
     rows = read_jsonl(str(out / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["train/lr"] == pytest.approx(lr_at(4, 6, o), rel=1e-6)

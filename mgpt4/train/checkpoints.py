@@ -5,10 +5,9 @@ evaluation read.
 <output>/checkpoints/step_00000100/      one checkpoint
     config.json                          the resolved config tree (its "model" part rebuilds the model)
     llama_proj.pth                       the projection in the official MiniGPT-4 format
-    run_state.pt                         what any number of ranks can resume from (rank 0 writes it)
-    trainer_state_rank{r}.pt             rank r's data position, RNG and sample images
+    run_state.pt                         the run's state on any number of ranks (rank 0 writes it)
+    trainer_state_rank{r}.pt             rank r's data position and RNG
     done_rank{r}.json                    rank r finished writing: every rank writes its marker last
-    ...                                  DeepSpeed's own files (optimizer partitions, schedule)
 <output>/archive/<time>/                 an earlier run's files, moved aside by --no-resume
 
 A checkpoint is complete when every rank of the run that wrote it left its marker. `latest` moves to a
@@ -29,11 +28,16 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 CONFIG_FILE = "config.json"
 PROJ_FILE = "llama_proj.pth"
-# Per-rank trainer state (data position, RNG, sample images) beside DeepSpeed's own files.
-RANK_STATE = "trainer_state_rank{rank}.pt"
 # The run's state in a form that does not depend on the number of ranks (step, samples seen, data
-# pass, schedule, the trainable weights in fp32 with their Adam moments); rank 0 writes it.
+# pass, sample images, the trainable weights in fp32 with their Adam moments and step, the schedule,
+# the engine's counters, the fp16 loss scale); rank 0 writes it.
 RUN_STATE = "run_state.pt"
+# Each rank's part of the same state: its data position and RNG, which only the same number of
+# ranks can continue.
+RANK_STATE = "trainer_state_rank{rank}.pt"
+# The layout of RUN_STATE and RANK_STATE, written into both and into every marker. A checkpoint of
+# another version is refused (by `check_resume_point`, before anything is built, and again when read).
+FORMAT_VERSION = 1
 DONE_FILE = "done_rank{rank}.json"
 ARCHIVE_DIR = "archive"
 # What a run folder holds besides its checkpoints; --no-resume moves these aside with them.
@@ -113,7 +117,7 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_done(folder: str, rank: int, world_size: int, step: int) -> None:
     """Rank `rank` has written all of its files of this checkpoint (call it last, after them)."""
-    record = {"rank": rank, "world_size": world_size, "step": step}
+    record = {"rank": rank, "world_size": world_size, "step": step, "format_version": FORMAT_VERSION}
     write_atomic(os.path.join(folder, DONE_FILE.format(rank=rank)), json.dumps(record))
 
 
@@ -169,6 +173,7 @@ class ResumePoint:
     recipe: str
     # Why this one and not what `latest` names ("" when `latest` named it).
     note: str = ""
+    format_version: int | None = None  # from its markers; None: written before versions existed
 
 
 def find_resume_point(output_dir: str) -> ResumePoint | None:
@@ -220,14 +225,36 @@ def _point(root: str, tag: str, note: str) -> ResumePoint:
     recipe = ""
     if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
         recipe = read_checkpoint_config(folder).get("recipe", "")
-    return ResumePoint(folder, tag, int(size or 0), recipe, note)
+    return ResumePoint(folder, tag, int(size or 0), recipe, note, marker_format_version(folder))
+
+
+def marker_format_version(folder: str) -> int | None:
+    """The format version rank 0's marker in `folder` names (None: no marker, or one without it)."""
+    try:
+        with open(os.path.join(folder, DONE_FILE.format(rank=0)), encoding="utf-8") as f:
+            version = json.load(f).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
+
+
+def format_refusal(folder: str, version: object) -> str:
+    """Why a checkpoint of another format version cannot be resumed, and what to do instead."""
+    found = "no format version" if version is None else f"format version {version!r}"
+    return (
+        f"{folder} is a checkpoint of {found} and this mgpt4 reads format version {FORMAT_VERSION}: it was "
+        f"written by another mgpt4. Resume it with the mgpt4 that wrote it; or start from its projection in "
+        f"a folder of its own (--set train.output_dir=<new folder> --set model.weights.proj={folder}); or "
+        f"start over in this folder with --no-resume (its checkpoints are moved aside, not deleted)"
+    )
 
 
 def check_resume_point(
     point: ResumePoint, output_dir: str, recipe: str, world_size: int, fresh_data: bool
 ) -> None:
-    """Refuse to continue a checkpoint of another recipe, or one written by another number of ranks
-    unless a fresh data pass was asked for (`train.resume_data=fresh`). Raises ResumeError."""
+    """Refuse to continue a checkpoint of another recipe or another format version, or one written by
+    another number of ranks unless a fresh data pass was asked for (`train.resume_data=fresh`). Raises
+    ResumeError."""
     if point.recipe != recipe:
         raise ResumeError(
             f"{output_dir} holds checkpoints of recipe {point.recipe!r} (newest: {point.tag}) and this run "
@@ -235,17 +262,14 @@ def check_resume_point(
             f"its own folder: --set train.output_dir=<new folder> --set model.weights.proj={output_dir}. "
             f"To start over in this folder, --no-resume (the old checkpoints are moved aside, not deleted)"
         )
+    if point.format_version != FORMAT_VERSION:
+        raise ResumeError(format_refusal(point.folder, point.format_version))
     if point.world_size != world_size and not fresh_data:
         raise ResumeError(
             f"{point.folder} was written by {point.world_size} rank(s) and this run has {world_size}: each "
             f"rank's data position belongs to its rank. Resume with {point.world_size} rank(s), or "
             f"--set train.resume_data=fresh to keep the projection, its optimizer moments, the schedule, step "
             f"and samples seen, and start a fresh data pass for {world_size} rank(s)"
-        )
-    if point.world_size != world_size and not os.path.isfile(os.path.join(point.folder, RUN_STATE)):
-        raise ResumeError(
-            f"{point.folder} has no {RUN_STATE} (written by an older mgpt4), so it can only be resumed on "
-            f"the {point.world_size} rank(s) that wrote it"
         )
 
 

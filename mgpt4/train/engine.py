@@ -1,11 +1,11 @@
-"""The one module that imports DeepSpeed: distributed init, the engine, checkpoints and the export.
+"""The one module that imports DeepSpeed: distributed init, the engine, and the trainable set's part of
+a checkpoint.
 
-Checkpoints hold only the trainable set (the projection) with its optimizer and schedule, plus
-per-rank trainer state (data position, RNG); never the frozen weights. A checkpoint is complete once
-every rank has written its marker, which each writes last; `latest` is replaced atomically after
-that, so a crash during a save leaves the previous checkpoint loadable. Rank 0 also writes the run's
-state in a form any number of ranks can load (full fp32 weights and Adam moments of the trainable set,
-schedule, counters), which a resume on another number of ranks starts from.
+A checkpoint holds only the trainable set (the projection), never the frozen weights: its full fp32
+weights and Adam moments by parameter name, gathered and restored through DeepSpeed's public
+full-tensor API (`deepspeed.utils.safe_get_full_*` / `safe_set_full_*`), so that any number of ranks
+under ZeRO-1, 2 or 3 loads what any other number wrote. The format and its files are
+`train/run_state.py`'s.
 
 Frozen parts keep the dtypes the model was built with (`model.precision.*`): the engine's mixed
 precision applies to the trainable set only, and the model casts where the parts meet.
@@ -14,10 +14,7 @@ precision applies to the trainable set only, and the model casts where the parts
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import pickle
-import shutil
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (
+    lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
@@ -39,24 +36,10 @@ from deepspeed.utils import (
 from mgpt4 import logs
 from mgpt4.config import DTYPES, Config
 from mgpt4.model import MiniGPT4
-from mgpt4.model.export import save_projection
-from mgpt4.strict_config import to_dict
 from mgpt4.train import launch_env
-from mgpt4.train.checkpoints import (
-    CONFIG_FILE,
-    LATEST_FILE,
-    PROJ_FILE,
-    RANK_STATE,
-    RUN_STATE,
-    ResumeError,
-    checkpoint_root,
-    rotate,
-    step_dir_name,
-    write_atomic,
-    write_done,
-)
+from mgpt4.train.checkpoints import ResumeError
 from mgpt4.train.ds_config import zero_stage
-from mgpt4.train.optim import build_optimizer
+from mgpt4.train.optim import build_optimizer, param_groups
 
 log = logs.get_logger(__name__)
 
@@ -237,163 +220,129 @@ def memory_report(engine, optimizer, model: MiniGPT4) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: the trainable set's part of the run state, through DeepSpeed's public full-tensor API
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# The loss scaler's state: `optimizer.loss_scaler` (DeepSpeed's LossScaler, or DynamicLossScaler under
+# fp16, whose whole object DeepSpeed's own checkpoints pickle): the scale (`cur_scale`, what
+# `optimizer.cur_scale` reads), the iteration it counts its growth window from, its last overflow and
+# what is left of its hysteresis. Plain numbers, so the file loads with weights_only=True.
+LOSS_SCALE_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
-def projection_state(model: MiniGPT4) -> dict[str, torch.Tensor]:
-    """The projection's full fp32 (master) weights, gathered on every rank; a collective call."""
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW `create_engine` handed to DeepSpeed: its param groups hold this rank's flat fp32
+    partition of each group, and its `state` their Adam moments and step."""
+    return engine.optimizer.optimizer
+
+
+def _trainable(model: MiniGPT4) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def require_zero(engine) -> None:
+    """Checkpoints gather the trainable set through ZeRO's full-tensor API: raise ValueError without it."""
+    if engine.zero_optimization_stage() not in (1, 2, 3):
+        raise ValueError(
+            f"checkpoints need ZeRO stage 1, 2 or 3 (zero_optimization.stage in the --deepspeed file), "
+            f"got stage {engine.zero_optimization_stage()}"
+        )
+
+
+def _link_adam_state(engine, model: MiniGPT4) -> None:
+    """ZeRO-1/2: point each parameter at its slice of Adam's state in every param group.
+
+    DeepSpeed links them once, after the first group's first step, before the other groups (the
+    projection's bias) have any state: their full-tensor getters and setters then fail. Linking every
+    group once all their state exists fixes that (DeepSpeed links again, to the same tensors, at the
+    next step of a restored run). ZeRO-3 finds the state at each call."""
+    if engine.zero_optimization_stage() >= 3:
+        return
+    base = _base_optimizer(engine)
+    # The grouping `create_engine` gave DeepSpeed (weight decay aside), group for group.
+    for lp_group, hp_group in zip(param_groups(model, 0.0), base.param_groups):
+        for hp in hp_group["params"]:
+            lazy_init_hp_params_optimizer_state(lp_group["params"], hp, base.state)
+
+
+def trainable_state_dict(engine, model: MiniGPT4) -> dict[str, Any]:
+    """The trainable set as any number of ranks can load it: full fp32 weights and Adam moments by
+    parameter name, Adam's step count, the schedule, the engine's counters and the loss scaler's state.
+    Gathered on every rank (a collective call)."""
+    require_zero(engine)
+    base = _base_optimizer(engine)
+    steps = {int(s["step"]) for s in base.state.values() if "step" in s}
+    if steps:
+        _link_adam_state(engine, model)
+    params: dict[str, torch.Tensor] = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in ADAM_KEYS}
+    for name, p in _trainable(model):
+        params[name] = safe_get_full_fp32_param(p).detach().float().cpu()
+        for key in ADAM_KEYS:  # no state yet when every step so far overflowed (fp16): zeros, as Adam starts
+            full = safe_get_full_optimizer_state(p, key) if steps else torch.zeros_like(params[name])
+            moments[key][name] = full.detach().float().cpu()
+    scaler = engine.optimizer.loss_scaler
     return {
-        f"llama_proj.{n}": safe_get_full_fp32_param(p).detach().cpu()
-        for n, p in model.llama_proj.named_parameters()
+        "params": params,
+        **moments,
+        "adam_step": max(steps, default=0),
+        "scheduler": engine.lr_scheduler.state_dict(),
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(engine.skipped_steps),
+        "loss_scale": {k: _plain(getattr(scaler, k)) for k in LOSS_SCALE_KEYS if hasattr(scaler, k)},
     }
 
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
-def trainable_state(optimizer, model: MiniGPT4) -> dict[str, Any]:
-    """The trainable set as any number of ranks can load it: full fp32 weights and Adam moments by
-    parameter name, and Adam's step count; gathered on every rank (a collective call)."""
-    _link_adam_state(optimizer)
-    params: dict[str, torch.Tensor] = {}
-    moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in ADAM_KEYS}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        params[name] = safe_get_full_fp32_param(p).detach().float().cpu()
-        for key in ADAM_KEYS:
-            moments[key][name] = safe_get_full_optimizer_state(p, key).detach().float().cpu()
-    inner = getattr(optimizer, "optimizer", optimizer)
-    steps = {int(s["step"]) for s in inner.state.values() if "step" in s}
-    return {"params": params, **moments, "adam_step": max(steps, default=0)}
-
-
-def _link_adam_state(optimizer) -> None:
-    """ZeRO-1/2 link each parameter to its slice of Adam's state once, after the first step of the
-    first param group, when the other groups (the projection's bias) have no state yet; DeepSpeed's
-    full-tensor getters and setters then fail for them. Linking again once all state exists fixes that."""
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def save_checkpoint(
-    engine,
-    model: MiniGPT4,
-    cfg: Config,
-    step: int,
-    client_state: dict[str, Any],
-    rank_state: dict[str, Any],
-    run_state: dict[str, Any],
-) -> str:
-    """Write checkpoint `step_N` on every rank; `latest` moves to it only when all of it is on disk.
-
-    `rank_state` is this rank's (data position, RNG); `run_state` (rank 0's) is completed with the
-    trainable set, the schedule and the engine's counters into RUN_STATE. Every file loads with
-    `torch.load(weights_only=True)` except DeepSpeed's own.
-    """
-    root = checkpoint_root(cfg.train.output_dir)
-    tag = step_dir_name(step)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    folder = os.path.join(root, tag)
-    if rank == 0 and os.path.isdir(folder):
-        # Left by an attempt that crashed mid-save (or superseded by a rollback of `latest`): its stale
-        # markers must not vouch for the files written now.
-        shutil.rmtree(folder)
-    barrier()
-    engine.save_checkpoint(
-        root, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
-    )
-    torch.save(rank_state, os.path.join(folder, RANK_STATE.format(rank=rank)))
-    proj = projection_state(model)
-    trainable = trainable_state(engine.optimizer, model)
-    if rank == 0:
-        save_projection(proj, os.path.join(folder, PROJ_FILE))
-        write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
-        counters = {"global_steps": engine.global_steps, "global_samples": engine.global_samples}
-        state = {**run_state, **trainable, **counters, "scheduler": engine.lr_scheduler.state_dict()}
-        torch.save({**state, "world_size": world}, os.path.join(folder, RUN_STATE))
-    write_done(folder, rank, world, step)  # last: this rank's part is complete
-    barrier()
-    if rank == 0:
-        write_atomic(os.path.join(root, LATEST_FILE), tag)
-        rotate(root, keep=cfg.train.keep_last, newest=tag)
-    barrier()
-    return folder
-
-
-def load_checkpoint(engine, folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore checkpoint `folder` exactly, on the number of ranks that wrote it: (client_state, this
-    rank's trainer state)."""
-    root, tag = os.path.split(folder)
-    rank_file = os.path.join(folder, RANK_STATE.format(rank=dist.get_rank()))
-    _, client_state = engine.load_checkpoint(
-        root, tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if client_state is None:
-        raise ResumeError(f"{folder}: DeepSpeed could not load this checkpoint")
-    return client_state, _load_rank_state(rank_file)
-
-
-def _load_rank_state(path: str) -> dict[str, Any]:
-    """A rank's trainer state with weights_only=True; one written before mgpt4 kept numpy's RNG state
-    as a list also needs the numpy array type (and nothing else) to load."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            from numpy._core.multiarray import _reconstruct
-        except ImportError:  # numpy 1.x
-            from numpy.core.multiarray import _reconstruct
-        with torch.serialization.safe_globals(
-            [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
-        ):
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_run_state(engine, model: MiniGPT4, folder: str) -> dict[str, Any]:
-    """Restore the trainable weights, their Adam moments and step count, the schedule and the engine's
-    counters from RUN_STATE, whatever number of ranks wrote it (ZeRO-1, 2 or 3); returns the state
-    (step, samples seen, data pass, sample images). The fp16 loss scale starts afresh."""
-    state = torch.load(os.path.join(folder, RUN_STATE), map_location="cpu", weights_only=True)
-    optimizer = engine.optimizer
-    hp_groups = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
-    if hp_groups is None:
-        hp_groups = getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-    if hp_groups is None:
-        raise ResumeError(f"{folder}: resuming on another number of ranks needs ZeRO stage 1, 2 or 3")
-    # Adam's state exists only after a first step: create it, then fill it through DeepSpeed's
-    # full-tensor setters, which find this rank's slice of each parameter.
-    inner = optimizer.optimizer
-    for hp in hp_groups:
-        inner.state[hp] = {
-            "step": torch.tensor(float(state["adam_step"])),
-            **{key: torch.zeros_like(hp) for key in ADAM_KEYS},
-        }
-    _link_adam_state(optimizer)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    missing = sorted({n for n, _ in trainable} - set(state["params"]))
-    if missing:
-        raise ResumeError(f"{folder}: {RUN_STATE} has no {', '.join(missing)}")
-    for name, p in trainable:  # the setters copy this rank's slice wherever the state lives
+def load_trainable_state_dict(engine, model: MiniGPT4, state: dict[str, Any]) -> None:
+    """Restore what `trainable_state_dict` returned, on any number of ranks (ZeRO-1, 2 or 3): this rank
+    takes its slice of each full tensor. Raises ResumeError when a trainable parameter is missing or has
+    another size."""
+    require_zero(engine)
+    trainable = _trainable(model)
+    for name, p in trainable:
+        saved = state["params"].get(name)
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # the full shape, also of a ZeRO-3 partition
+        if saved is None or tuple(saved.shape) != shape:
+            found = "nothing" if saved is None else f"shape {tuple(saved.shape)}"
+            raise ResumeError(f"it holds {found} for the trainable parameter {name} of shape {shape}")
+    # Adam's state exists only after a first step: create it in the torch optimizer (zeros, the saved
+    # step count), then fill it through DeepSpeed's full-tensor setters, which copy this rank's slice.
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for hp in group["params"]:
+            base.state[hp] = {
+                "step": torch.tensor(float(state["adam_step"])),
+                **{key: torch.zeros_like(hp) for key in ADAM_KEYS},
+            }
+    _link_adam_state(engine, model)
+    for name, p in trainable:
         safe_set_full_fp32_param(p, state["params"][name])
         for key in ADAM_KEYS:
             safe_set_full_optimizer_state(p, state[key][name], key)
     # The module's own (low-precision) copy of each weight follows the fp32 master.
-    if hasattr(optimizer, "update_lp_params"):
-        optimizer.update_lp_params()
+    if hasattr(engine.optimizer, "update_lp_params"):  # ZeRO-1/2
+        engine.optimizer.update_lp_params()
     else:
         params = [p for _, p in trainable]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if dist.get_rank() == 0:
                 for name, p in trainable:
-                    p.data.copy_(state["params"][name].to(device=p.device, dtype=p.dtype))
+                    p.data.copy_(state["params"][name].to(device=p.device, dtype=p.dtype).view_as(p))
     engine.lr_scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(inner.param_groups, engine.lr_scheduler.get_last_lr()):
+    for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
     engine.global_steps = int(state["global_steps"])
     engine.global_samples = int(state["global_samples"])
-    return state
+    engine.skipped_steps = int(state["skipped_steps"])
+    scaler = engine.optimizer.loss_scaler
+    for key, value in state["loss_scale"].items():
+        if hasattr(scaler, key):
+            setattr(scaler, key, value)
 
 
 def is_zero3(engine) -> bool:

@@ -4,11 +4,13 @@ number of ranks).
 
     start = plan_start(cfg, world_size, resume)        # reads files only: before anything is built
     ... build the model, engine and loader ...
-    step, samples_seen, images = restore(start, engine, model, loader, world_size)
+    run = Run(...)                                     # the model, engine and data it holds
+    restore(start, run, rank, world_size)              # run.load_state_dict(checkpoint)
     prepare_output(cfg, start, ds_config, rank)        # the first write into the run folder
 
-Every refusal (no complete checkpoint, another recipe's checkpoints, another number of ranks, changed
-inputs) is raised before `prepare_output`, so a refused run leaves the folder as it found it.
+Every refusal (no complete checkpoint, another recipe's checkpoints, another format version, another
+number of ranks, changed inputs) is raised before `prepare_output`, so a refused run leaves the folder
+as it found it.
 """
 
 from __future__ import annotations
@@ -17,17 +19,15 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from mgpt4.config import Config
-from mgpt4.data.loader import DataStateMismatch, Loader
+from mgpt4.data.loader import DataStateMismatch
 from mgpt4.logs import get_logger
-from mgpt4.model import MiniGPT4
 from mgpt4.strict_config import to_dict
-from mgpt4.train import engine as eng_mod
 from mgpt4.train.checkpoints import (
     CONFIG_FILE,
     ResumeError,
@@ -36,6 +36,7 @@ from mgpt4.train.checkpoints import (
     check_resume_point,
     find_resume_point,
 )
+from mgpt4.train.run_state import read_checkpoint
 
 log = get_logger(__name__)
 
@@ -87,39 +88,39 @@ def plan_start(cfg: Config, world_size: int, resume: bool) -> Start:
     return Start(point, fresh_data=fresh)
 
 
-def restore(
-    start: Start, engine, model: MiniGPT4, loader: Loader, world_size: int
-) -> tuple[int, int, torch.Tensor | None]:
-    """Load what `start` names into the engine and the loader: (step, samples seen, sample images)."""
+class Restorable(Protocol):
+    """What `restore` loads a checkpoint into: the trainer's `Run`."""
+
+    def load_state_dict(self, state: dict[str, Any], fresh_data: bool = False) -> None: ...
+
+
+def restore(start: Start, run: Restorable, rank: int, world_size: int) -> None:
+    """Load the checkpoint `start` names into `run`, through the one restore path: exactly (the data
+    position and RNG of this rank too) on the number of ranks that wrote it, else with a fresh data
+    pass. Raises ResumeError with what to do."""
     point = start.point
     if point is None:
-        return 0, 0, None
+        return
     if point.note:
         log.warning(point.note)
-    if point.world_size == world_size:
-        client, rank_state = eng_mod.load_checkpoint(engine, point.folder)
-        step, seen, images = client["step"], client["samples_seen"], rank_state["sample_images"]
-        set_rng_state(rank_state["rng"])
-        if not start.fresh_data:
-            try:
-                loader.load_state_dict(rank_state["data"])
-            except DataStateMismatch as e:
-                raise ResumeError(
-                    f"{point.folder}: {e}. Give the data of the checkpoint to continue exactly, or {FRESH_HINT}"
-                ) from None
-            log.info(f"resumed from step {step} ({seen} samples seen)")
-            return step, seen, images
-        data_pass = int(client.get("data_pass", 0)) + 1
+    same_ranks = point.world_size == world_size
+    state = read_checkpoint(point.folder, rank if same_ranks else None)
+    try:
+        run.load_state_dict(state, fresh_data=start.fresh_data)
+    except DataStateMismatch as e:
+        raise ResumeError(
+            f"{point.folder}: {e}. Give the data of the checkpoint to continue exactly, or {FRESH_HINT}"
+        ) from None
+    except ResumeError as e:
+        raise ResumeError(f"{point.folder}: {e}") from None
+    step, seen = int(state["step"]), int(state["samples_seen"])
+    if same_ranks and not start.fresh_data:
+        log.info(f"resumed from step {step} ({seen} samples seen)")
     else:
-        state = eng_mod.load_run_state(engine, model, point.folder)
-        step, seen, images = int(state["step"]), int(state["samples_seen"]), state["sample_images"]
-        data_pass = int(state["data_pass"]) + 1
-    loader.start_pass(data_pass)
-    log.info(
-        f"resumed from step {step} ({seen} samples seen, written by {point.world_size} rank(s)) with a fresh "
-        f"data pass ({data_pass}) for {world_size} rank(s)"
-    )
-    return step, seen, images
+        log.info(
+            f"resumed from step {step} ({seen} samples seen, written by {point.world_size} rank(s)) with a "
+            f"fresh data pass ({int(state['data_pass']) + 1}) for {world_size} rank(s)"
+        )
 
 
 def prepare_output(cfg: Config, start: Start, ds_config: dict[str, Any], rank: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from mgpt4.train.flops import device_peak_tflops
 from mgpt4.train.metrics import Metrics, device_memory_gb
 from mgpt4.train.preemption import Preemption
 from mgpt4.train.resolve import resolve_config
+from mgpt4.train.run_state import save_checkpoint
 from mgpt4.train.tally import Tally
 from mgpt4.train.validation import Validation, build_validation
 
@@ -62,9 +63,9 @@ def context_lengths(model: MiniGPT4) -> tuple[int, ...]:
     return tuple(out)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """What the loop needs, in the order it was built."""
+    """What the loop needs, and what a restart needs: `state_dict()` / `load_state_dict()`."""
 
     cfg: Config
     dist: eng_mod.DistInfo
@@ -74,14 +75,49 @@ class Run:
     scheduler: Any
     zero: eng_mod.ZeroSetup  # holds HfDeepSpeedConfig alive as long as the engine
     feeder: DeviceFeeder
-    metrics: Metrics
+    tally: Tally  # what the steps since the last sync held, exactly
     preemption: Preemption
+    validation: Validation | None = None  # data.val: the held-out loss
+    metrics: Metrics = field(init=False)  # made after the restore: its first write comes after every check
     step: int = 0
     samples_seen: int = 0
     sample_images: torch.Tensor | None = None  # or, from a feature cache, their features
     reported: bool = False
-    validation: Validation | None = None  # data.val: the held-out loss
-    tally: Tally | None = None  # what the steps since the last sync held, exactly
+
+    def __post_init__(self) -> None:
+        eng_mod.require_zero(self.engine)  # at the start, not at the first save
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs (a collective call: the trainable set is gathered from every rank):
+        the trainable weights with their Adam moments and step, the schedule, the engine's counters and
+        the fp16 loss scale ("trainable"), step, samples seen, the data pass, the same on every rank, and
+        the sample images (rank 0's are saved: only rank 0 writes the sample grid); and under "rank"
+        this rank's data position and RNG. The tally holds nothing more once synced (`save` syncs it):
+        its window is the log window, which restarts with the run as the loss and timing windows do."""
+        data = self.feeder.state_dict()
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "data_pass": int(data["data_pass"]),
+            "sample_images": self.sample_images,
+            "trainable": eng_mod.trainable_state_dict(self.engine, self.model),
+            "rank": {"data": data, "rng": resume_mod.rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], fresh_data: bool = False) -> None:
+        """Continue from `state` (a `state_dict()`, from any number of ranks). Without a "rank" part, or
+        with `fresh_data`, the data starts the pass after the saved one; raises DataStateMismatch when
+        the saved position belongs to other data, ResumeError when the trainable set does not match."""
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.sample_images = state["sample_images"]
+        eng_mod.load_trainable_state_dict(self.engine, self.model, state["trainable"])
+        own = state.get("rank")
+        if own is not None:
+            resume_mod.set_rng_state(own["rng"])
+        if own is None or fresh_data:
+            self.feeder.source.start_pass(int(state["data_pass"]) + 1)
+        else:
+            self.feeder.load_state_dict(own["data"])
 
 
 def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch.device | None = None):
@@ -121,42 +157,38 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
     )
     validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once
-    step, samples_seen, sample_images = resume_mod.restore(start, engine, model, loader, d.world_size)  # 9.
+    run = Run(
+        cfg=cfg,
+        dist=d,
+        model=model,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        zero=zero,
+        feeder=DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision]),
+        tally=Tally(
+            cfg.model,
+            context_lengths(model),
+            cfg.data.kind == "features",
+            d.device,
+            llm_sizes(model.llm.config),
+        ),
+        preemption=Preemption(d.rank),  # SIGUSR1 -> save and requeue at the next step boundary
+        validation=validation,
+    )
+    resume_mod.restore(start, run, d.rank, d.world_size)  # 9. checkpoint
     resume_mod.prepare_output(cfg, start, ds_config, d.rank)  # 10. the run folder's first write
     eng_mod.barrier()
-    feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
     peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])  # 11. metrics
-    metrics = Metrics(cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, peak, start_step=step)
-    tally = Tally(
-        cfg.model, context_lengths(model), cfg.data.kind == "features", d.device, llm_sizes(model.llm.config)
+    run.metrics = Metrics(
+        cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, peak, start_step=run.step
     )
-    preemption = Preemption(d.rank)  # SIGUSR1 -> save and requeue at the next step boundary
-    return Run(
-        cfg,
-        d,
-        model,
-        engine,
-        optimizer,
-        scheduler,
-        zero,
-        feeder,
-        metrics,
-        preemption,
-        step,
-        samples_seen,
-        sample_images,
-        validation=validation,
-        tally=tally,
-    )
+    return run
 
 
 def save(run: Run) -> None:
     run.samples_seen += run.tally.sync()  # exact over all ranks, packed or not
-    data = run.feeder.state_dict()
-    rank_state = {"data": data, "rng": resume_mod.rng_state(), "sample_images": run.sample_images}
-    client = {"step": run.step, "samples_seen": run.samples_seen, "data_pass": data["data_pass"]}
-    shared = {**client, "sample_images": run.sample_images}  # what a resume on other ranks starts from
-    folder = eng_mod.save_checkpoint(run.engine, run.model, run.cfg, run.step, client, rank_state, shared)
+    folder = save_checkpoint(run.cfg, run.state_dict())
     log.info(f"saved {folder}")
 
 

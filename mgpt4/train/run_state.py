@@ -1,0 +1,109 @@
+"""The one checkpoint format: a run's state (`Run.state_dict()`) written to and read from a checkpoint
+folder, whatever number of ranks wrote or reads it.
+
+    save_checkpoint(cfg, run.state_dict())             # every rank, at a step boundary (collective)
+    run.load_state_dict(read_checkpoint(folder, rank)) # rank=None: another number of ranks
+
+The state is one dict, the same on every rank except its "rank" part (this rank's data position and
+RNG). Rank 0 writes the shared part to RUN_STATE (with the format version and the world size), every
+rank its "rank" part to RANK_STATE, then its marker; `latest` moves only when every rank's marker is
+on disk. Every file loads with `torch.load(weights_only=True)`. Beside them: the projection in the
+official format and the resolved config, what chat, curation and stage 2 read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mgpt4.config import Config
+from mgpt4.model.export import save_projection
+from mgpt4.strict_config import to_dict
+from mgpt4.train import engine as eng_mod
+from mgpt4.train.checkpoints import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    PROJ_FILE,
+    RANK_STATE,
+    RUN_STATE,
+    ResumeError,
+    checkpoint_root,
+    format_refusal,
+    rotate,
+    step_dir_name,
+    write_atomic,
+    write_done,
+)
+
+PROJ_PREFIX = "llama_proj."
+
+
+def save_checkpoint(cfg: Config, state: dict[str, Any]) -> str:
+    """Write `state` as checkpoint `step_N` of `cfg.train.output_dir` (every rank calls it); returns the
+    folder. `latest` moves to it, and older ones are rotated away, only once all of it is on disk."""
+    root = checkpoint_root(cfg.train.output_dir)
+    tag = step_dir_name(int(state["step"]))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder = os.path.join(root, tag)
+    if rank == 0:
+        if os.path.isdir(folder):
+            # Left by an attempt that crashed mid-save (or superseded by a rollback of `latest`): its
+            # stale markers must not vouch for the files written now.
+            shutil.rmtree(folder)
+        os.makedirs(folder)
+    eng_mod.barrier()
+    shared = {k: v for k, v in state.items() if k != "rank"}
+    _save(folder, RANK_STATE.format(rank=rank), {"format_version": FORMAT_VERSION, **state["rank"]})
+    if rank == 0:
+        params = shared["trainable"]["params"]
+        save_projection(
+            {k: v for k, v in params.items() if k.startswith(PROJ_PREFIX)}, os.path.join(folder, PROJ_FILE)
+        )
+        write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
+        _save(folder, RUN_STATE, {"format_version": FORMAT_VERSION, "world_size": world, **shared})
+    write_done(folder, rank, world, int(state["step"]))  # last: this rank's part is complete
+    eng_mod.barrier()
+    if rank == 0:
+        write_atomic(os.path.join(root, LATEST_FILE), tag)
+        rotate(root, keep=cfg.train.keep_last, newest=tag)
+    eng_mod.barrier()
+    return folder
+
+
+def _save(folder: str, name: str, obj: dict[str, Any]) -> None:
+    tmp = os.path.join(folder, f"{name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def read_checkpoint(folder: str, rank: int | None) -> dict[str, Any]:
+    """The state saved in `folder`, with rank `rank`'s part under "rank" (no "rank" when `rank` is None:
+    a run on another number of ranks, which starts a fresh data pass). Raises ResumeError for a file
+    of another format version."""
+    state = _load(folder, RUN_STATE)
+    if rank is not None:
+        state["rank"] = _load(folder, RANK_STATE.format(rank=rank))
+    return state
+
+
+def _load(folder: str, name: str) -> dict[str, Any]:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path) and name == RUN_STATE:
+        raise ResumeError(f"{path} is missing: {format_refusal(folder, None)}")
+    if not os.path.isfile(path):  # its markers vouch for it, so the folder was changed by hand
+        raise ResumeError(
+            f"{path} is missing: --set train.resume_data=fresh keeps all but this rank's data position "
+            f"and RNG and starts a fresh data pass"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise ResumeError(f"{path}: {format_refusal(folder, version)}")
+    del state["format_version"]
+    return state
