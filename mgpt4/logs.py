@@ -17,25 +17,11 @@ import logging
 import os
 import sys
 
+from mgpt4.dist import process_rank
+
 ROOT = "mgpt4"
 _FORMAT = "%(asctime)s %(levelname)s %(rank_tag)s%(name)s: %(message)s"
 _DATEFMT = "%Y-%m-%d %H:%M:%S"
-
-
-def _env_rank() -> int:
-    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
-
-
-def _env_world() -> int:
-    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 1
 
 
 def _shown_ranks(spec: str | None) -> set[int] | None:
@@ -51,19 +37,21 @@ def _shown_ranks(spec: str | None) -> set[int] | None:
 
 
 class RankFilter(logging.Filter):
-    """Passes warnings from every rank and informational lines from the shown ranks; tags each line."""
+    """Passes warnings from every rank and informational lines from the shown ranks; tags each line.
+
+    The rank is `mgpt4.dist.process_rank()`'s when the line is written: the process group's once
+    there is one, the launcher's variables before that."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.rank = _env_rank()
-        self.world_size = _env_world()
         self.shown = _shown_ranks(os.environ.get("MGPT4_LOG_RANKS"))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank_tag = f"[rank {self.rank}] " if self.world_size > 1 else ""
+        rank, world_size = process_rank()
+        record.rank_tag = f"[rank {rank}] " if world_size > 1 else ""
         if record.levelno >= logging.WARNING or getattr(record, "all_ranks", False):
             return True
-        return self.shown is None or self.rank in self.shown
+        return self.shown is None or rank in self.shown
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -81,11 +69,11 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _install() -> tuple[logging.Handler, RankFilter]:
+def _install() -> logging.Handler:
     logger = logging.getLogger(ROOT)
     for h in logger.handlers:
         if isinstance(h, _StderrHandler):
-            return h, next(f for f in h.filters if isinstance(f, RankFilter))
+            return h
     handler = _StderrHandler()
     rank_filter = RankFilter()
     handler.addFilter(rank_filter)
@@ -93,19 +81,13 @@ def _install() -> tuple[logging.Handler, RankFilter]:
     logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
-    return handler, rank_filter
+    return handler
 
 
-_HANDLER, _FILTER = _install()
+_HANDLER = _install()
 
 # `log.info(..., extra=ALL_RANKS)`: a line every rank must write (who it is, where it runs).
 ALL_RANKS = {"all_ranks": True}
-
-
-def set_rank(rank: int, world_size: int) -> None:
-    """Tell the filter this process's rank once the process group knows it (mpirun sets it late)."""
-    _FILTER.rank = rank
-    _FILTER.world_size = world_size
 
 
 def get_logger(name: str) -> logging.Logger:

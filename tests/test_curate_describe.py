@@ -19,8 +19,8 @@ from mgpt4.curate.__main__ import build_parser
 from mgpt4.curate.describe import DescribeConfig, describe_images, generate_rows, run_describe
 from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.store import DONE, PartWriter, open_store, part_path, read_store, record
+from mgpt4.dist import RankInfo
 from mgpt4.model.generation import GREEDY
-from mgpt4.ranks import RankInfo
 from tests.curate_fixtures import draw_images, make_stage1_checkpoint, one_torch_thread
 
 

@@ -29,7 +29,7 @@ from mgpt4.curate.fix import FixConfig, run_fix
 from mgpt4.curate.hf_rewriter import PLAIN_TEMPLATE, HFRewriter, HFRewriterConfig
 from mgpt4.curate.prompts import FIX_PROMPT, fix_message
 from mgpt4.curate.store import read_store
-from mgpt4.ranks import RankInfo
+from mgpt4.dist import RankInfo
 from tests.chat_fixtures import REPO, subprocess_env
 from tests.curate_fixtures import (
     ChatServer,

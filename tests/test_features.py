@@ -22,12 +22,12 @@ from mgpt4.data.feature_shards import MANIFEST_FILE, decode_features, read_manif
 from mgpt4.data.synthetic import write_shards
 from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import ImageTransform, normalize_uint8, sample_crop_uniforms
+from mgpt4.dist import RankInfo
 from mgpt4.features.extract import ExtractOptions, FeatureShardWriter, extract
 from mgpt4.model import from_config
 from mgpt4.model.presets import stage1_text, tiny
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.feature_cache import check_feature_cache
-from mgpt4.train.launch_env import RankInfo
 from mgpt4.train.trainer import context_lengths
 from tests.launch import REPO
 

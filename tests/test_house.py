@@ -1,18 +1,18 @@
 """House rules that hold the layout together: one set of decoding settings behind every tool's flags,
-console logging with a rank filter, the two-phase collective timeout, the layer contracts."""
+console logging with a rank filter, the two-phase collective timeout on every process group, the layer
+contracts."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import subprocess
-import sys
 
 import pytest
 
 from mgpt4.logs import RankFilter
 from mgpt4.model.generation import GREEDY, GenerationSettings
-from tests.launch import REPO, launcher_env
+from tests.launch import REPO, deepspeed_cmd, run
 
 
 def _parsers():
@@ -75,29 +75,62 @@ def test_rank_filter_shows_rank_0_and_every_rank_on_request(monkeypatch):
     assert RankFilter().filter(_record(logging.INFO))
 
 
-def test_collectives_get_a_long_start_up_timeout_then_a_short_one():
-    script = (
-        "import os, torch, torch.distributed as dist\n"
-        "from mgpt4.train import engine\n"
-        "engine.init_distributed(45)\n"
-        "b = lambda g: g._get_backend(torch.device('cpu')).options._timeout.total_seconds()\n"
-        "groups = list(dist.distributed_c10d._world.pg_map)\n"
-        "print('start', [b(g) for g in groups])\n"
-        "engine.set_step_timeout(0.5)\n"
-        "print('steps', [b(g) for g in groups])\n"
-        "engine.shutdown()\n"
-    )
-    env = launcher_env(str(REPO))
-    env.pop("MASTER_PORT", None)
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    lines = dict(
-        line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("start", "steps"))
-    )
-    assert eval(lines["start"]) and set(eval(lines["start"])) == {45 * 60.0}
-    assert set(eval(lines["steps"])) == {30.0}
+# Run by the deepspeed launcher on 2 ranks: the start-up and step timeouts of every process group, the
+# world group's and those DeepSpeed makes in `deepspeed.initialize` (named by DeepSpeed's engine).
+_TIMEOUTS = """
+import sys
+
+import torch
+import torch.distributed as tdist
+
+from mgpt4 import dist
+from mgpt4.train import engine
+
+seconds = lambda g: g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+show = lambda phase, groups: print(phase, tdist.get_pg_count(), [seconds(g) for g in groups], flush=True)
+
+engine.init_distributed(45)
+show("joined", dist.groups())
+model = torch.nn.Linear(4, 4)
+config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": int(sys.argv[-1])}}
+eng, _, _, _ = engine.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+made = [eng.data_parallel_group, eng.seq_data_parallel_group, eng.optimizer.dp_process_group]
+print("owned", [g is not tdist.group.WORLD and any(g is k for k in dist.groups()) for g in made], flush=True)
+show("start", dist.groups())
+show("start-deepspeed", made)
+eng.backward(eng(torch.randn(2, 4)).sum())
+eng.step()
+dist.set_timeout(0.5)
+show("steps", dist.groups())
+show("steps-deepspeed", made)
+dist.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", [2, 3])
+def test_collectives_get_a_long_start_up_timeout_then_a_short_one(tmp_path, stage):
+    """A hung collective fails after the start-up timeout while weights load, and after the step
+    timeout from the first step on, on every group: also on the group DeepSpeed clones from the world
+    group for ZeRO's collectives, which torch would otherwise give its default (30 min on gloo)."""
+    script = tmp_path / "timeouts.py"
+    script.write_text(_TIMEOUTS)
+    proc = run(deepspeed_cmd(str(script), 2, str(stage)), str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    lines = [line.split(" ", 1) for line in proc.stdout.splitlines()]
+    seen: dict[str, list[str]] = {}
+    for key, value in (pair for pair in lines if len(pair) == 2):
+        seen.setdefault(key, []).append(value)
+    assert all(len(seen[k]) == 2 for k in ("joined", "owned", "start", "steps")), proc.stdout[-4000:]
+    # Each line: the number of process groups this process has (torch's count), then timeouts in seconds.
+    assert set(seen["joined"]) == {"1 [2700.0]"}
+    assert set(seen["owned"]) == {"[True, True, True]"}  # DeepSpeed's own groups, under mgpt4.dist
+    assert set(seen["start"]) == {"2 [2700.0, 2700.0]"}  # every group of the process, the start-up timeout
+    assert set(seen["start-deepspeed"]) == {"2 [2700.0, 2700.0, 2700.0]"}
+    assert set(seen["steps"]) == {"2 [30.0, 30.0]"}
+    assert set(seen["steps-deepspeed"]) == {"2 [30.0, 30.0, 30.0]"}
+    assert "made outside mgpt4.dist" not in proc.stdout
 
 
 def test_layer_contracts_hold():

@@ -34,15 +34,14 @@ from mgpt4.config import DTYPES, Config, WeightsConfig
 from mgpt4.data import DeviceFeeder, SourceConfig, build_loader
 from mgpt4.data.batches import model_inputs
 from mgpt4.data.synthetic import write_shards
+from mgpt4.dist import DistInfo, RankInfo, barrier, shutdown
 from mgpt4.features.extract import ExtractOptions, extract
 from mgpt4.model import MiniGPT4
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.ds_config import zero_stage
-from mgpt4.train.engine import DistInfo
 from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops
-from mgpt4.train.launch_env import RankInfo
 from mgpt4.train.recipes import RECIPES, get_recipe
 from mgpt4.train.resolve import resolve_config
 from mgpt4.train.tally import Tally
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         samples = (args.warmup + args.steps) * cfg.data.batch_size * d.world_size
         if d.rank == 0:
             shards = bench_data(cfg, os.path.join(work, "images"), samples, d.world_size)
-        eng_mod.barrier()
+        barrier()
         shards = sorted(os.path.join(work, "images", f) for f in os.listdir(os.path.join(work, "images")))
         if (
             model.tokenizer is None
@@ -312,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         if d.rank == 0:
             report(cfg, model, d, args, pack, measured, peak, results, extraction)
     finally:
-        eng_mod.shutdown()
+        shutdown()
         if d.rank == 0:  # the bench's shards, tokenizer and cache
             shutil.rmtree(work, ignore_errors=True)
 
@@ -329,7 +328,7 @@ def bench_tokenizer(cfg: Config, shards: list[str], work: str, d: DistInfo):
             while (s := reader.next_sample()) is not None:
                 captions.append(s[1]["txt"].decode())
         train_tiny_tokenizer(captions * 4, folder, vocab_size=cfg.model.llm.vocab_size)
-    eng_mod.barrier()
+    barrier()
     return load_tokenizer(folder)
 
 
@@ -346,12 +345,12 @@ def time_extraction(
         device=str(d.device) if d.device.type == "cpu" else "cuda",
     )  # fmt: skip
     model.eval()
-    eng_mod.barrier()
+    barrier()
     _sync(d.device)
     start = time.perf_counter()
     reports = extract(ecfg, opts, info, model=model)
     _sync(d.device)
-    eng_mod.barrier()
+    barrier()
     elapsed = time.perf_counter() - start
     samples = sum(r.samples for r in reports)
     total = torch.tensor([samples], dtype=torch.int64, device=d.device)

@@ -180,7 +180,7 @@ def rules_from_args(args: argparse.Namespace) -> RulesConfig:
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from mgpt4 import ranks
+    from mgpt4 import dist
     from mgpt4.chat.flags import check_model_flags, settings_from_args
     from mgpt4.chat.placement import model_from_args
     from mgpt4.curate.describe import run_describe
@@ -199,8 +199,8 @@ def _describe(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     cfg.validate()
-    info = ranks.rank_info()
-    args.device = ranks.rank_device(args.device, info)
+    info = dist.rank_info()
+    args.device = dist.rank_device(args.device, info)
     # Flags that cannot give a usable model fail now, not after the images are listed.
     check_model_flags(args)
     run_describe(lambda: model_from_args(args), cfg, info)

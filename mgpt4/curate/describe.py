@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mgpt4 import ranks
+from mgpt4 import dist
 from mgpt4.curate.images import EvalImages
 from mgpt4.curate.prompts import CONTINUE_PROMPT, CONTINUE_QUESTION, DESCRIBE_PROMPT, DESCRIBE_QUESTION
 from mgpt4.curate.sources import ImageItem, list_images
@@ -177,7 +177,7 @@ def _select(items: list[ImageItem], cfg: DescribeConfig) -> list[ImageItem]:
 
 
 def run_describe(
-    model: MiniGPT4 | Callable[[], MiniGPT4], cfg: DescribeConfig, info: ranks.RankInfo | None = None
+    model: MiniGPT4 | Callable[[], MiniGPT4], cfg: DescribeConfig, info: dist.RankInfo | None = None
 ) -> DescribeReport:
     """Describe every pending image of this rank's share; every item ends done or failed in the store.
 
@@ -185,9 +185,9 @@ def run_describe(
     only if this rank has work, so a bad path fails in seconds and a finished run loads nothing.
     """
     cfg.validate()
-    info = info or ranks.rank_info()
+    info = info or dist.rank_info()
     report = DescribeReport()
-    created = ranks.init_group(info)
+    created = dist.init_group(info)
     try:
         items = _select(list_images(cfg.images, report.problems), cfg)
         for p in report.problems:
@@ -206,16 +206,16 @@ def run_describe(
             )
         todo = pending_ids(list(by_id), state, cfg.retry_failed, failed_on)
         # Every rank has read the store before any rank writes: they all split the same list.
-        ranks.barrier()
-        mine = [by_id[i] for i in ranks.share(todo, info)]
+        dist.barrier()
+        mine = [by_id[i] for i in dist.share(todo, info)]
         report.mine = len(mine)
         if mine:
             if not isinstance(model, MiniGPT4):
                 model = model()
             _describe_items(model, mine, cfg, info, report)
-        reports = ranks.gather(report)
+        reports = dist.gather(report)
     finally:
-        ranks.close_group(created)
+        dist.close_group(created)
     # Rank 0 speaks for all: each rank's share, then one total.
     for r, rep in enumerate(reports):
         log.info(
@@ -265,7 +265,7 @@ def _describe_batch(
 
 
 def _describe_items(
-    model: MiniGPT4, items: list[ImageItem], cfg: DescribeConfig, info: ranks.RankInfo, report: DescribeReport
+    model: MiniGPT4, items: list[ImageItem], cfg: DescribeConfig, info: dist.RankInfo, report: DescribeReport
 ) -> None:
     if cfg.decoding.do_sample:
         torch.manual_seed(cfg.seed + info.rank)

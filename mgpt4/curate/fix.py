@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mgpt4 import ranks
+from mgpt4 import dist
 from mgpt4.curate.chat_api import Cancelled, ChatAPIConfig, ChatClient, FatalAPIError, ItemError
 from mgpt4.curate.hf_rewriter import HFRewriter, HFRewriterConfig, folder_stamp
 from mgpt4.curate.prompts import FIX_PROMPT, fix_message
@@ -160,7 +160,7 @@ class _FailedOn:
 
 def run_fix(
     cfg: FixConfig,
-    info: ranks.RankInfo | None = None,
+    info: dist.RankInfo | None = None,
     client: ChatClient | None = None,
     rewriter: HFRewriter | None = None,
 ) -> FixReport:
@@ -172,9 +172,9 @@ def run_fix(
     pending for the next run.
     """
     cfg.validate()
-    info = info or ranks.rank_info()
+    info = info or dist.rank_info()
     report = FixReport()
-    created = ranks.init_group(info)
+    created = dist.init_group(info)
     try:
         items = _input_items(cfg)
         open_store(cfg.out, STEP, cfg.settings(), cfg.input, info.rank)
@@ -189,15 +189,15 @@ def run_fix(
                 unchanged_failure(i, r, failed_on) for i, r in state.failed().items() if i in items
             )
         todo = pending_ids(ids, state, cfg.retry_failed, failed_on)
-        ranks.barrier()
-        mine = ranks.share(todo, info)
+        dist.barrier()
+        mine = dist.share(todo, info)
         report.mine = len(mine)
         if mine:
             _fix_items(cfg, mine, items, info, report, client, rewriter, failed_on)
         # Ranks meet only when they all finished: an interrupted or stopped rank speaks for itself.
-        reports = [report] if report.interrupted or report.aborted else ranks.gather(report)
+        reports = [report] if report.interrupted or report.aborted else dist.gather(report)
     finally:
-        ranks.close_group(created)
+        dist.close_group(created)
     _log_reports(cfg, info, reports)
     if report.interrupted:
         raise Interrupted(
@@ -210,7 +210,7 @@ def run_fix(
     return report
 
 
-def _log_reports(cfg: FixConfig, info: ranks.RankInfo, reports: list[FixReport]) -> None:
+def _log_reports(cfg: FixConfig, info: dist.RankInfo, reports: list[FixReport]) -> None:
     """Each rank's counts and failure reasons (whole, with URLs folded), then one total."""
     for r, rep in enumerate(reports):
         rank = info.rank if len(reports) == 1 else r
@@ -237,7 +237,7 @@ class _Recorder:
     """Writes records as they come, and keeps the counts, the progress bar and the failure reasons."""
 
     def __init__(
-        self, writer: PartWriter, total: int, info: ranks.RankInfo, report: FixReport, progress: bool
+        self, writer: PartWriter, total: int, info: dist.RankInfo, report: FixReport, progress: bool
     ):
         self.writer = writer
         self.report = report
@@ -261,7 +261,7 @@ def _fix_items(
     cfg: FixConfig,
     mine: list[str],
     items: dict[str, dict[str, Any]],
-    info: ranks.RankInfo,
+    info: dist.RankInfo,
     report: FixReport,
     client: ChatClient | None,
     rewriter: HFRewriter | None,
@@ -291,7 +291,7 @@ def _fix_items(
             else:
                 if rewriter is None:
                     assert cfg.hf is not None
-                    cfg.hf.device = ranks.rank_device(cfg.hf.device, info)
+                    cfg.hf.device = dist.rank_device(cfg.hf.device, info)
                     rewriter = HFRewriter(cfg.hf)
                 _fix_hf(cfg, rewriter, mine, items, emit, failed_on)
         except FatalAPIError as e:

@@ -88,7 +88,7 @@ def _run_folder(checkpoint_dir: str) -> tuple[str, int]:
 
 
 def _captions(args: argparse.Namespace) -> None:
-    from mgpt4 import ranks
+    from mgpt4 import dist
     from mgpt4.chat.flags import model_config_from_args, settings_from_args
     from mgpt4.chat.placement import model_from_args
     from mgpt4.eval.captions import CaptionEvalConfig, run_caption_eval
@@ -123,8 +123,8 @@ def _captions(args: argparse.Namespace) -> None:
         checkpoint=ckpt,
     )
     cfg.validate()
-    info = ranks.rank_info()
-    args.device = ranks.rank_device(args.device, info)
+    info = dist.rank_info()
+    args.device = dist.rank_device(args.device, info)
     run_caption_eval(lambda: model_from_args(args), cfg, info)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mgpt4 import ranks
+from mgpt4 import dist
 from mgpt4.curate.images import EvalImages
 from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.eval.references import References, check_matches, load_references
@@ -112,7 +112,7 @@ def generate_captions(
 
 
 def run_caption_eval(
-    model: MiniGPT4 | Callable[[], MiniGPT4], cfg: CaptionEvalConfig, info: ranks.RankInfo | None = None
+    model: MiniGPT4 | Callable[[], MiniGPT4], cfg: CaptionEvalConfig, info: dist.RankInfo | None = None
 ) -> CaptionReport | None:
     """Caption every image, then score on rank 0 (which returns the report; other ranks return None).
 
@@ -121,8 +121,8 @@ def run_caption_eval(
     on every rank before anything is generated.
     """
     cfg.validate()
-    info = info or ranks.rank_info()
-    created = ranks.init_group(info)
+    info = info or dist.rank_info()
+    created = dist.init_group(info)
     try:
         problems: list[str] = []
         items = list_images(cfg.images, problems)
@@ -131,7 +131,7 @@ def run_caption_eval(
         refs = load_references(cfg.references)
         check_matches([it.id for it in items], refs, " ".join(cfg.images))
         by_id = {it.id: it for it in items}
-        mine = [by_id[i] for i in ranks.share(list(by_id), info)]
+        mine = [by_id[i] for i in dist.share(list(by_id), info)]
         start = time.perf_counter()
         captions: dict[str, dict[str, Any]] = {}
         if mine:
@@ -139,9 +139,9 @@ def run_caption_eval(
                 model = model()
             captions = generate_captions(model, mine, cfg, info.rank)
         log.info(f"captions: {len(mine)} images on rank {info.rank} in {time.perf_counter() - start:.1f} s")
-        parts = ranks.gather(captions)
+        parts = dist.gather(captions)
     finally:
-        ranks.close_group(created)
+        dist.close_group(created)
     if info.rank != 0:
         return None
     merged = {k: v for part in parts for k, v in part.items()}

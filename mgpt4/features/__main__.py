@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from mgpt4 import logs
 from mgpt4.data.feature_shards import FEATURE_DTYPES
 from mgpt4.logs import get_logger
 from mgpt4.strict_config import ConfigError, apply_overrides
@@ -51,26 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from mgpt4 import ranks
+    from mgpt4 import dist
     from mgpt4.features.extract import ExtractOptions, extract
     from mgpt4.model import WeightsError
-    from mgpt4.train import launch_env
     from mgpt4.train.assets import ensure_demo_assets, fill_demo_paths
     from mgpt4.train.recipes import get_recipe
 
-    _, info = launch_env.setup(dict(os.environ))  # this process's environment stays as it was
-    logs.set_rank(info.rank, info.world_size)
+    info = dist.rank_info()  # this process's environment stays as it was
     created = False
     try:
         cfg = apply_overrides(get_recipe(args.recipe), args.set)
         fill_demo_paths(cfg)
         cfg.validate()
-        created = ranks.init_group(info)
-        if info.rank == 0:  # the tiny recipes' demo weights and shards: rank 0 makes them, then the rest
-            ensure_demo_assets(cfg)
-        ranks.barrier()
-        if info.rank != 0:
-            ensure_demo_assets(cfg)
+        created = dist.init_group(info)
+        ensure_demo_assets(cfg)  # the tiny recipes' demo weights and shards: rank 0 makes them first
         opts = ExtractOptions(
             out=args.out,
             sources=args.sources,
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         raise SystemExit(f"mgpt4.features: error: {e}") from None
     finally:
-        ranks.close_group(created)
+        dist.close_group(created)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mgpt4 import ranks
+from mgpt4 import dist
 from mgpt4.config import Config, LLMConfig, ModelConfig, WeightsConfig
 from mgpt4.data.batches import image_buffer
 from mgpt4.data.config import DataConfig
@@ -42,10 +42,10 @@ from mgpt4.data.feature_shards import (
 from mgpt4.data.samples import SKIP_REASONS, ShardSamples, SkipCounter
 from mgpt4.data.shard_lists import expand_shards, shard_file_name
 from mgpt4.data.transforms import ImageError, image_transform, normalize_uint8, sample_crop_uniforms
+from mgpt4.dist import RankInfo
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, load_weights
 from mgpt4.strict_config import to_dict
-from mgpt4.train.launch_env import RankInfo
 
 log = get_logger(__name__)
 
@@ -246,8 +246,8 @@ def extract_source(
     folder = features_folder(opts.out, name)
     os.makedirs(folder, exist_ok=True)
     pending = [i for i, u in enumerate(urls) if not os.path.exists(os.path.join(folder, shard_file_name(u)))]
-    ranks.barrier()  # every rank has listed the same pending shards before any rank writes one
-    mine = ranks.share(pending, info)
+    dist.barrier()  # every rank has listed the same pending shards before any rank writes one
+    mine = dist.share(pending, info)
     report = SourceReport(name, len(urls), len(pending))
     if not mine:
         return report
@@ -380,7 +380,7 @@ def extract(
     unknown = [s for s in chosen if s not in names]
     if unknown:
         raise ValueError(f"--sources: {unknown} are not sources of this config (it has {names})")
-    device = torch.device(ranks.rank_device(opts.device, info))
+    device = torch.device(dist.rank_device(opts.device, info))
     if model is None:
         model = build_vision_model(cfg.model, device)
     reports = []
@@ -388,7 +388,7 @@ def extract(
         if name not in chosen:
             continue
         report = extract_source(cfg, index, model, opts, info, device)
-        everyone = ranks.gather(report)
+        everyone = dist.gather(report)
         if info.rank == 0:
             write_manifest(cfg, index, opts, everyone)
             summarize(everyone, info.world_size)

@@ -4,8 +4,9 @@ Two separate steps, so that a dry run stays dry:
 - `fill_demo_paths(cfg)` (pure): every data or weight path the user left unset points to where the
   assets live in the cache (MGPT4_CACHE, default ~/.cache/mgpt4); paths the user set are kept, so
   `--set data.sources.0.shards=...` or `--set model.weights.proj=...` take effect.
-- `ensure_demo_assets(cfg)`: the first step of a real run; generates whichever of those cache paths
-  are missing, once, and reuses them afterwards.
+- `ensure_demo_assets(cfg)`: the first step of a real run (training, feature extraction, the
+  benchmark); generates whichever of those cache paths are missing, once, and reuses them afterwards.
+  Rank 0 generates them, the other ranks wait for it and then find them.
 The tiny model goes through the same strict loaders as the real files, so the default job exercises
 the real path.
 """
@@ -20,6 +21,7 @@ import torch
 
 from mgpt4.config import Config, ModelConfig, WeightsConfig
 from mgpt4.data.synthetic import ensure_synthetic, synthetic_location
+from mgpt4.dist import barrier, process_rank
 from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, STAGE2_TEMPLATE, VICUNA_V0_SYSTEM
 
 ASSETS_VERSION = 1
@@ -122,11 +124,24 @@ def fill_demo_paths(cfg: Config) -> list[str]:
 def ensure_demo_assets(cfg: Config) -> None:
     """Generate the cache files that `fill_demo_paths` pointed the config to, where missing.
 
-    The synthetic set is made when the data uses it or a tiny model is still to be made (its
-    tokenizer is trained on the synthetic captions). Safe on several ranks at once (atomic renames).
+    Rank 0 generates them, every rank meets it (a barrier, when there is a process group), then the
+    others find them, or make their node's copy where nodes do not share the cache folder: called
+    by every rank of a job. Nothing without demo assets (the same on every rank: the config is).
     """
     if not cfg.train.demo_assets:
         return
+    rank = process_rank()[0]
+    if rank == 0:
+        _make_missing(cfg)
+    barrier()
+    if rank != 0:
+        _make_missing(cfg)
+
+
+def _make_missing(cfg: Config) -> None:
+    """What `ensure_demo_assets` does on one rank. The synthetic set is made when the data uses it or a
+    tiny model is still to be made (its tokenizer is trained on the synthetic captions). Safe on
+    several ranks at once (atomic renames)."""
     d, w = cfg.data, cfg.model.weights
     synthetic = synthetic_location(val=DEMO_VAL_SAMPLES)
     data_paths = (

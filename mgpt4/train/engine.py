@@ -13,12 +13,6 @@ precision applies to the trainable set only, and the model casts where the parts
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -35,8 +29,9 @@ from deepspeed.utils import (
 
 from mgpt4 import logs
 from mgpt4.config import DTYPES, Config
+from mgpt4.dist import DistInfo, adopt, barrier, held_groups
+from mgpt4.dist import init as dist_init
 from mgpt4.model import MiniGPT4
-from mgpt4.train import launch_env
 from mgpt4.train.checkpoints import ResumeError
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.optim import build_optimizer, param_groups
@@ -44,89 +39,35 @@ from mgpt4.train.optim import build_optimizer, param_groups
 log = logs.get_logger(__name__)
 
 
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
 def init_distributed(startup_timeout_min: float) -> DistInfo:
-    """Join the process group: deepspeed/torchrun variables, srun's, mpirun (mpi4py) or a world of one.
+    """Join the process group through DeepSpeed's comm layer (`deepspeed.init_distributed`, which
+    DeepSpeed's collectives need); the launcher, the timeouts and the device are `mgpt4.dist.init`'s.
 
     Collectives get `startup_timeout_min` while weights load and workers start (minutes on a big
-    model); `set_step_timeout` shortens it once training runs, so a dead rank fails the job fast.
+    model); `mgpt4.dist.set_timeout` shortens it once training runs, so a dead rank fails the job fast.
     """
-    launcher, _ = launch_env.setup(os.environ)
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=startup_timeout_min))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    logs.set_rank(dist.get_rank(), dist.get_world_size())
-    # Every rank says who it is and where, once: what a log of many nodes is read against (which
-    # process is which rank, on which node, and whether all of them met at the same address).
-    log.info(
-        f"rank {dist.get_rank()}/{dist.get_world_size()} local_rank {local_rank} node {socket.gethostname()} "
-        f"pid {os.getpid()} rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({launcher})",
-        extra=logs.ALL_RANKS,
+    return dist_init(
+        startup_timeout_min,
+        join=lambda timeout: deepspeed.init_distributed(timeout=timeout),
+        device_type=get_accelerator().device_name(),
     )
-    acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        _unlink_cpu_allreduce_buffers(dist.get_rank())
-    if acc.device_name() == "cuda":
-        acc.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def cpu_allreduce_buffer(rank: int, env: Mapping[str, str] = os.environ) -> Path:
-    """The /dev/shm segment that DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp, built when
-    every rank is on one node) creates for `rank`: named by uid, MASTER_ADDR and MASTER_PORT."""
-    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def initialize(**kwargs: Any):
+    """`deepspeed.initialize(**kwargs)`, with the process groups DeepSpeed makes for the engine put
+    under `mgpt4.dist`'s timeouts: (engine, optimizer, dataloader, lr scheduler).
 
-
-def _unlink_cpu_allreduce_buffers(rank: int) -> None:
-    """Remove this rank's all-reduce segment name once every rank has mapped it.
-
-    DeepSpeed never unlinks these segments (64 MiB a rank), so each CPU run on a new port used to
-    leave them in /dev/shm, which is memory: a few hundred runs filled a 24 GiB machine. Each rank
-    maps all its peers' segments inside `init_distributed`; after the barrier no one opens a name
-    again, and the memory itself lives until the last process that maps it exits.
+    DeepSpeed makes its groups here (a clone of the world group for ZeRO's collectives) with torch's
+    default timeout, and runs its first collectives on them at once: the ranks meet on the world
+    group first, under the start-up timeout, however long each took to load its weights. Adopted
+    after, those groups keep the start-up timeout until the first step is done and then take the
+    step timeout with the world group. (Under ZeRO-3 the LLM is partitioned on the world group
+    itself, before this.)
     """
-    dist.barrier()
-    cpu_allreduce_buffer(rank).unlink(missing_ok=True)
-
-
-def set_step_timeout(minutes: float) -> None:
-    """The timeout of every collective from now on, in every process group this rank belongs to
-    (DeepSpeed makes its own groups beside the default one)."""
-    timeout = datetime.timedelta(minutes=minutes)
-    groups = list(getattr(dist.distributed_c10d._world, "pg_map", {})) or [None]
-    for group in groups:
-        dist.set_timeout(timeout, group)
-
-
-def shutdown(clean: bool = True) -> None:
-    """Leave the process group. After a clean run every rank meets first (without it, 1 run in 3
-    crashed at exit); after a failure it does not: a peer may be dead, and a barrier would hang
-    this rank for another full timeout on top of the error that is already on its way out."""
-    if dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    barrier()
+    out = deepspeed.initialize(**kwargs)
+    adopt(*held_groups(out[0], out[0].optimizer))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +109,7 @@ def create_engine(model: MiniGPT4, cfg: Config, ds_config: dict[str, Any]):
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.steps)
     dtype = DTYPES[cfg.train.precision]
     frozen = {p: p.data for p in model.parameters() if not p.requires_grad and p.dtype != dtype}
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, optimizer, _, scheduler = initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     for p, data in frozen.items():

@@ -21,6 +21,7 @@ from mgpt4.config import DTYPES, Config
 from mgpt4.data.batches import model_inputs
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
+from mgpt4.dist import all_mean, set_timeout, shutdown
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.llm import llm_sizes
@@ -137,11 +138,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
     start = resume_mod.plan_start(cfg, d.world_size, resume)  # the checkpoints checked, no writes
-    if d.rank == 0:  # 3. demo assets: rank 0 generates, the others then find them (or make their
-        ensure_demo_assets(cfg)  # node's copy where nodes do not share the cache folder)
-    eng_mod.barrier()
-    if d.rank != 0:
-        ensure_demo_assets(cfg)
+    ensure_demo_assets(cfg)  # 3. demo assets: rank 0 generates, the others then find them
     seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
     text, q = cfg.model.text, cfg.model.qformer
@@ -211,7 +208,7 @@ def write_samples(run: Run) -> None:
 
 
 def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
-    loss = eng_mod.all_mean(float(loss_sum.item()) / max(steps, 1), run.dist.device)
+    loss = all_mean(float(loss_sum.item()) / max(steps, 1), run.dist.device)
     run.samples_seen += run.tally.sync()
     grad_norm = run.engine.get_global_grad_norm()
     scalars = {
@@ -260,7 +257,7 @@ def train_loop(run: Run) -> None:
             loss_sum += loss.detach().float() / t.grad_accum
         run.step += 1
         if run.step == first:  # start-up is over: a hung collective now means a dead rank
-            eng_mod.set_step_timeout(t.comm_timeout_min)
+            set_timeout(t.comm_timeout_min)
         window += 1
         run.metrics.add_step(waited)
         last = run.step == end
@@ -295,4 +292,4 @@ def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
             run.feeder.source.close()
         clean = True
     finally:
-        eng_mod.shutdown(clean)
+        shutdown(clean)
