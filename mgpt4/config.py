@@ -325,14 +325,8 @@ class Config:
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "
                 f"({self.model.vision.image_size})"
             )
-        q, v = self.model.qformer, self.model.vision
-        n_img = q.num_query_tokens if q is not None else (v.num_tokens - 1) // PATCHES_PER_IMAGE_TOKEN
-        shortest = 1 + n_img + self.model.text.max_txt_len
-        if self.data.packs() and self.data.pack_length < shortest:
-            raise ConfigError(
-                f"data.pack_length: {self.data.pack_length} tokens cannot hold a sample of BOS + "
-                f"{n_img} image tokens + max_txt_len {self.model.text.max_txt_len} = {shortest}"
-            )
+        # data.pack_length against the longest sample is checked where the sample layout is known, with
+        # the tokenizer (`mgpt4.data.loader.check_packing`, fed by `MiniGPT4.sample_layouts`).
         if not t.output_dir.strip():
             raise ConfigError("train.output_dir: empty; give the run's folder (default outputs/<recipe>)")
         o = self.optim

@@ -396,7 +396,8 @@ def test_ten_long_turns_keep_the_image_in_the_context(model, image, monkeypatch)
     assert _holds(contexts[-1][0], session.img_embeds[0].to(contexts[-1].dtype))
     assert contexts[-1].shape[1] <= settings.max_context - settings.max_new_tokens
     prompt = session.conversation.prompt_for_reply()
-    assert prompt.startswith(session.conversation.system) and "<Img><ImageHere></Img>" in prompt
+    system = session.conversation.template.system
+    assert system and prompt.startswith(system) and prompt.count("<Img><ImageHere></Img>") == 1
     assert "part 0 of" not in prompt and "part 9 of the picture" in prompt  # the oldest turns went
     notices = session.take_notices()  # everything said over the ten turns: once
     assert len(notices) == 1 and "oldest questions and answers are left out" in notices[0]

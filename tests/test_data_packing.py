@@ -12,9 +12,11 @@ from data_fixtures import bad_shard, sample_files, tiny_tokenizer, write_tar
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.packing import RowPacker, suggest_rows
+from mgpt4.model.layout import IMAGE_ONLY, layout
 
 L = 12  # max_txt_len
-CONTEXT = 9  # BOS + 8 queries (the tiny model)
+# A stage-1 sample of the tiny model before its answer: BOS and 8 image tokens (no text to tokenize).
+CONTEXT = layout(IMAGE_ONLY, tokenize=list, bos_id=1, image_tokens=8).context_length
 WORDS = [
     "red",
     "green",

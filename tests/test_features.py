@@ -28,7 +28,6 @@ from mgpt4.model import from_config
 from mgpt4.model.presets import stage1_text, tiny
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.feature_cache import check_feature_cache
-from mgpt4.train.trainer import context_lengths
 from tests.launch import REPO
 
 ONE_RANK = RankInfo()
@@ -159,7 +158,7 @@ def _train(cfg: Config, steps: int) -> list[float]:
         model.tokenizer,
         cfg.model.text.max_txt_len,
         cfg.model.text.end_sym,
-        context_lengths=context_lengths(model),
+        context_lengths=[lay.context_length for lay in model.sample_layouts()],
         feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

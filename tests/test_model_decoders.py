@@ -17,7 +17,7 @@ from mgpt4.model.export import save_projection
 from mgpt4.model.generation import stop_sequences
 from mgpt4.model.llm import llm_sizes
 from mgpt4.model.presets import decoder, stage2_text, tiny
-from mgpt4.model.prompts import STAGE2_INSTRUCTIONS
+from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, clean_reply
 from mgpt4.strict_config import ConfigError
 from mgpt4.tokenizer import encode_answers
 from mgpt4.train.flops import llm_forward_flops, train_flops_per_sample
@@ -165,7 +165,8 @@ def test_stop_text_comes_from_the_config(folders, vision_files):
     assert model.text_spec.stops == ("circle",) and model.new_conversation().template.stops == ("circle",)
     seqs = stop_sequences(model.tokenizer, model.text_spec.stops)
     assert seqs and all("circle" in model.tokenizer.decode(s) for s in seqs)
-    assert model.new_conversation().clean_reply("a red circle on blue") == "a red"
+    template = model.new_conversation().template
+    assert clean_reply("a red circle on blue", template.stops, template.echo) == "a red"
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -134,11 +134,28 @@ def test_sequence_layout_and_labels(model_factory, tokenizer):
     assert torch.equal(attn[:, n_ctx:], mask) and (attn[:, :n_ctx] == 1).all()
 
 
-def test_stage2_draws_one_instruction_per_batch(model_factory):
+def test_the_batch_carries_its_instruction_and_the_model_draws_none(model_factory, tokenizer):
+    """forward takes tensors only: the loader's instruction index picks the prompt, the same one that
+    `loss(instruction=...)` wraps; a stage-2 batch without one, or a stage-1 batch with one, is refused."""
     model = model_factory(stage2_text())
-    drawn = {model.sample_prompt() for _ in range(200)}
-    assert drawn == {STAGE2_TEMPLATE.format(i) for i in STAGE2_INSTRUCTIONS}
-    assert model_factory(stage1_text()).sample_prompt() is None
+    assert model.sample_prompts() == [STAGE2_TEMPLATE.format(i) for i in STAGE2_INSTRUCTIONS]
+    images = torch.randn(3, 3, 56, 56)
+    ids, mask = encode_answers(tokenizer, CAPTIONS, "###", 160, pad_to_max_len=False)
+    with torch.no_grad():
+        for k, instruction in enumerate(STAGE2_INSTRUCTIONS):
+            index = torch.full((3,), k, dtype=torch.int64)
+            ours = model(image=images, text_ids=ids, text_mask=mask, instruction=index).loss
+            assert torch.equal(ours, model.loss(images, CAPTIONS, instruction, pad_to_max_len=False))
+        with pytest.raises(ValueError, match="must carry its instruction index"):
+            model(image=images, text_ids=ids, text_mask=mask)
+        with pytest.raises(ValueError, match="pass instruction="):
+            model.loss(images, CAPTIONS)
+        with pytest.raises(ValueError, match="indices differ"):
+            model(image=images, text_ids=ids, text_mask=mask, instruction=torch.tensor([0, 1, 0]))
+        stage1 = model_factory(stage1_text())
+        assert stage1.sample_prompts() == ["<ImageHere>"]
+        with pytest.raises(ValueError, match="outside the 0 instructions"):
+            stage1(image=images, text_ids=ids, text_mask=mask, instruction=torch.zeros(3, dtype=torch.int64))
 
 
 def test_static_shapes_across_batches(model_factory, tokenizer):

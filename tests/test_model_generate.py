@@ -20,7 +20,7 @@ def test_conversation_template_matches_the_official_format():
     conv.add_reply("A red circle.")
     conv.ask("Where is it?")
     assert conv.prompt_for_reply() == first + "A red circle.###Human: Where is it?###Assistant: "
-    assert conv.num_images == 1
+    assert conv.prompt_for_reply().count("<ImageHere>") == 1
 
 
 def test_clean_reply():

@@ -56,7 +56,8 @@ def test_packed_loss_and_projection_gradient_equal_the_unpacked_ones(tokenizer, 
     if stage == "stage2":
         extra["instruction"] = torch.full((len(CAPTIONS),), 2, dtype=torch.int64)
         before, after = model.instruction_prompt(extra["instruction"]).split("<ImageHere>")
-        context += len(model.segment_ids(before)) + len(model.segment_ids(after))
+        context += sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (before, after))
+    assert context == model.sample_layouts()[2 if stage == "stage2" else 0].context_length
     plain, gw, gb = _loss_and_grad(model, image=images, text_ids=ids, text_mask=mask, **extra)
 
     lengths = (context + mask.sum(1)).tolist()

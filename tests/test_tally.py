@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mgpt4.data.packing import RowPacker
+from mgpt4.model.layout import IMAGE_ONLY, layout
 from mgpt4.model.presets import tiny, vicuna7b, vicuna13b
 from mgpt4.train.flops import train_flops, train_flops_per_sample
 from mgpt4.train.tally import Tally, batch_counts
@@ -33,7 +34,8 @@ def test_packed_batches_count_each_sample_and_its_own_attention():
 
 def test_the_window_sums_steps_and_turns_them_into_flops():
     cfg = tiny()
-    tally = Tally(cfg, (9,), cached=False, device=torch.device("cpu"))
+    # A stage-1 sample of the tiny model: BOS and 8 image tokens before the answer.
+    tally = Tally(cfg, (layout(IMAGE_ONLY, list, 1, 8),), cached=False, device=torch.device("cpu"))
     mask = torch.ones(2, 32, dtype=torch.int64)
     for _ in range(3):
         tally.add({"text_mask": mask})

@@ -220,11 +220,10 @@ def test_a_packed_run_counts_its_samples_exactly(tmp_path, cache):
     from mgpt4.data import build_loader
     from mgpt4.model import build_model
     from mgpt4.strict_config import from_dict
-    from mgpt4.train.trainer import context_lengths
 
     cfg = from_dict(Config, json.loads((out / "config.json").read_text())["config"])
     model = build_model(cfg.model)
-    contexts = context_lengths(model)
+    contexts = [lay.context_length for lay in model.sample_layouts()]
     text = cfg.model.text
     loader = build_loader(cfg.data, model.tokenizer, text.max_txt_len, text.end_sym, context_lengths=contexts)
     it = iter(loader)

@@ -45,7 +45,7 @@ from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops
 from mgpt4.train.recipes import RECIPES, get_recipe
 from mgpt4.train.resolve import resolve_config
 from mgpt4.train.tally import Tally
-from mgpt4.train.trainer import build_model_and_engine, context_lengths, seed_all
+from mgpt4.train.trainer import build_model_and_engine, seed_all
 
 MODES = ("plain", "packed", "cached", "packed+cached")
 # The small CPU size: ViT 224 px / patch 14 / 256 wide / 6 deep; Q-Former 256 wide, 4 layers,
@@ -150,7 +150,7 @@ def take_batches(cfg: Config, model: MiniGPT4, d: DistInfo, count: int) -> list[
     q = cfg.model.qformer
     loader = build_loader(
         cfg.data, model.tokenizer, cfg.model.text.max_txt_len, model.text_spec.end_sym, d.rank, d.world_size,
-        context_lengths=context_lengths(model),
+        context_lengths=[lay.context_length for lay in model.sample_layouts()],
         feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
     )  # fmt: skip
     feeder = DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision])
@@ -165,7 +165,7 @@ def pack_shape(cfg: Config, model: MiniGPT4, shards: list[str], args: argparse.N
     from mgpt4.data.tar_reader import TarReader
     from mgpt4.data.transforms import clean_caption
 
-    longest = max(context_lengths(model)) + cfg.model.text.max_txt_len
+    longest = max(lay.length for lay in model.sample_layouts())  # answers of max_txt_len tokens
     if args.pack_length:
         return args.pack_rows, max(args.pack_length, longest)
     captions = []
@@ -176,7 +176,9 @@ def pack_shape(cfg: Config, model: MiniGPT4, shards: list[str], args: argparse.N
     ids = model.tokenizer([c + model.text_spec.end_sym for c in captions], add_special_tokens=False)[
         "input_ids"
     ]
-    mean = context_lengths(model)[0] + statistics.mean(min(len(i), cfg.model.text.max_txt_len) for i in ids)
+    mean = model.sample_layouts()[0].context_length + statistics.mean(
+        min(len(i), cfg.model.text.max_txt_len) for i in ids
+    )
     per_row = cfg.data.batch_size * mean * 1.05 / args.pack_rows
     return args.pack_rows, max(longest, 8 * math.ceil(per_row / 8))
 
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             batches = take_batches(mcfg, model, d, args.warmup + args.steps)
             cached = mcfg.data.kind == "features"
             for ckpt in settings:  # the same batches with and without checkpointing
-                tally = Tally(mcfg.model, context_lengths(model), cached, d.device)
+                tally = Tally(mcfg.model, model.sample_layouts(), cached, d.device)
                 jobs.append(Job(mode, ckpt, mcfg, batches, tally))
         model.train()
         time_jobs(engine, model, jobs, d, args)
@@ -376,7 +378,7 @@ def report(
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     print(f"recipe: {cfg.recipe}  device: {device_name} x {d.world_size}  precision: {cfg.train.precision}")
     print(f"params: {params / 1e6:.1f}M (trainable {trainable:,})")
-    seq = max(context_lengths(model)) + cfg.model.text.max_txt_len
+    seq = max(lay.length for lay in model.sample_layouts())
     print(
         f"micro batch: {cfg.data.batch_size}  grad accum: {cfg.train.grad_accum}  unpacked sequence: {seq} tokens  "
         f"packed: {pack[0]} row(s) x {pack[1]} tokens, at most {cfg.data.batch_size} samples"

@@ -25,7 +25,7 @@ from mgpt4.chat.streaming import ReplyStreamer
 from mgpt4.images import eval_transform, to_rgb
 from mgpt4.model.generation import GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER, IMAGE_TAG, SEP, Conversation
+from mgpt4.model.prompts import IMAGE_TAG, SEP, Conversation
 
 
 class ImageRejected(ValueError):
@@ -188,10 +188,6 @@ class ChatSession:
         self.reset()
         return img
 
-    def clear_image(self) -> None:
-        self.img_embeds = None
-        self.reset()
-
     def cancel(self) -> None:
         """Stop the reply being written, if any (from another thread: a reset button, a new upload)."""
         self._stop.set()
@@ -210,16 +206,12 @@ class ChatSession:
         return out
 
     def _ids(self, text: str) -> list[int]:
-        # As `MiniGPT4.segment_ids` tokenizes a segment, without adding every prompt to its cache.
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_tokens(self, prompt: str) -> int:
-        """Tokens of `prompt` in the LLM's context: BOS (when the model adds one), the text, and the
-        image embeddings."""
-        per_image = self.img_embeds.shape[1] if self.img_embeds is not None else 0
-        segments = [self._ids(seg) for seg in prompt.split(IMAGE_PLACEHOLDER)]
-        bos = len(self.model.bos_prefix(segments[0]))
-        return bos + prompt.count(IMAGE_PLACEHOLDER) * per_image + sum(len(ids) for ids in segments)
+        """Positions of `prompt` in the LLM's context, as the model lays it out (`MiniGPT4.layout`):
+        BOS (when the model adds one), the text, and the image embeddings."""
+        return self.model.layout(prompt).length
 
     def fit_context(self, settings: GenerationSettings) -> None:
         """Drop the oldest exchanges until the prompt and the reply fit in `settings.max_context`;

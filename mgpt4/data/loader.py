@@ -307,8 +307,9 @@ def build_loader(
     """The loader of one rank. `max_txt_len`, `end_sym` and the number of instructions to draw from
     (`len(instructions)`, 0 for stage 1) come from the model's TextConfig.
 
-    Packing (`cfg.pack_length`) also needs `context_lengths`, the LLM tokens before the answer per
-    instruction (one value without instructions; see `BatchText`); kind 'features' needs
+    Packing (`cfg.pack_length`) also needs `context_lengths`, the LLM positions before the answer under
+    each instruction (one value without instructions): `Layout.context_length` of each of
+    `MiniGPT4.sample_layouts()` (`mgpt4.model.layout`), in the same order; kind 'features' needs
     `feature_shape`, (num_query_tokens, qformer width). ValueError names what is missing or too long.
     """
     cfg.validate()
@@ -339,7 +340,8 @@ def build_loader(
 
 
 def check_packing(cfg: DataConfig, text: BatchText) -> None:
-    """Every sample must fit a row: the longest context plus max_txt_len answer tokens."""
+    """Every sample must fit a row: a sample is its context (from its layout) and then its answer,
+    so the longest is the longest context and max_txt_len answer tokens."""
     expected = max(1, text.num_instructions)
     if len(text.context_lengths) != expected:
         raise ValueError(

@@ -1,7 +1,7 @@
 """MiniGPT-4: frozen EVA ViT -> ln_vision -> frozen Q-Former -> trainable llama_proj -> frozen LLM.
 
 Single-device model code: no DeepSpeed, no ranks. The forward pass follows the official
-MiniGPT-4 (see shared/reference/README.md, "The forward pass"):
+MiniGPT-4 (see shared/reference/README.md, "The forward pass"), in the layout of `mgpt4.model.layout`:
 `[BOS] [prompt before <ImageHere>] [32 image embeddings] [prompt after] [answer + end_sym] [pad]`.
 Without a Q-Former (`model.qformer: null`, the official LLaMA-2 variant) the image embeddings are
 the ViT's patch tokens concatenated 4 by 4; the LLM is any Hugging Face decoder (`mgpt4.model.llm`).
@@ -10,7 +10,6 @@ the ViT's patch tokens concatenated 4 by 4; the LLM is any Hugging Face decoder 
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +26,10 @@ from mgpt4.model.generation import (
     eos_token_ids,
     stop_sequences,
 )
+from mgpt4.model.layout import IMAGE, IMAGE_ONLY, Layout, layout, sample_prompts, wrap_instruction
 from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
 from mgpt4.model.packing import pack_sequences
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER, Conversation, clean_reply
+from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, resolve_text
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens, image_token_shape
@@ -86,8 +86,9 @@ class MiniGPT4(nn.Module):
             self.query_tokens.data = self.query_tokens.data.to(DTYPES[p.qformer])
         self.llama_proj.to(DTYPES[p.proj])
         self.num_image_tokens = n_img
-        self._segment_cache: dict[str, list[int]] = {}
-        self._text: tuple[object, TextSpec] | None = None
+        # The tokenizer, `cfg.text` resolved against it, and the layouts of training prompts made with it
+        # (they repeat every step: the tokenizer stays off the hot path).
+        self._text: tuple[object, TextSpec, dict[str, Layout]] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Modes
@@ -174,39 +175,55 @@ class MiniGPT4(nn.Module):
     @property
     def text_spec(self) -> TextSpec:
         """`cfg.text` resolved against the tokenizer: templates, end_sym, BOS and stop text."""
+        return self._resolved_text()[0]
+
+    def _resolved_text(self) -> tuple[TextSpec, dict[str, Layout]]:
         if self._text is None or self._text[0] is not self.tokenizer:
             spec = resolve_text(self.cfg.text, self.tokenizer, self.llm.config.bos_token_id)
-            self._text = (self.tokenizer, spec)
-        return self._text[1]
-
-    def bos_prefix(self, first_ids: Sequence[int]) -> list[int]:
-        """[BOS] before a sequence whose first segment has `first_ids`, unless that already starts with
-        it (chat templates such as Llama 3's write their own) or no BOS is added (`cfg.text.add_bos`)."""
-        bos = self.text_spec.bos_id
-        return [] if bos is None or (first_ids and first_ids[0] == bos) else [bos]
+            self._text = (self.tokenizer, spec, {})
+        return self._text[1], self._text[2]
 
     def new_conversation(self) -> Conversation:
         """An empty conversation in the template that belongs to this model."""
         return Conversation(self.text_spec.template)
 
-    def segment_ids(self, text: str) -> list[int]:
-        # Prompt segments repeat every step; tokenizing them once keeps the tokenizer off the hot path.
-        if text not in self._segment_cache:
-            self._segment_cache[text] = self._tok()(text, add_special_tokens=False)["input_ids"]
-        return self._segment_cache[text]
-
-    def sample_prompt(self) -> str | None:
-        """One wrapped instruction for the whole batch (stage 2), or None (stage 1)."""
-        t = self.cfg.text
-        if not t.instructions:
-            return None
-        return self.text_spec.instruction.format(random.choice(t.instructions))
-
     def wrap_instruction(self, instruction: str) -> str:
         """An instruction such as `<Img><ImageHere></Img> What is this?` wrapped in the template."""
-        if instruction.count(IMAGE_PLACEHOLDER) != 1:
-            raise ValueError(f"instruction must contain {IMAGE_PLACEHOLDER!r} once, got {instruction!r}")
-        return self.text_spec.instruction.format(instruction)
+        return wrap_instruction(self.text_spec.instruction, instruction)
+
+    def layout(self, prompt: str, answer_tokens: int = 0) -> Layout:
+        """The layout (`mgpt4.model.layout`) of `prompt`, each `<ImageHere>` taking `num_image_tokens`,
+        followed by `answer_tokens` answer tokens."""
+        spec, tok = self.text_spec, self._tok()
+        return layout(
+            prompt,
+            lambda text: tok(text, add_special_tokens=False)["input_ids"],
+            spec.bos_id,
+            self.num_image_tokens,
+            answer_tokens,
+        )
+
+    def sample_prompts(self) -> list[str]:
+        """The prompt of each instruction of `cfg.text.instructions`, in the order the loader draws
+        their indices; stage 1: one prompt, the image alone (`<ImageHere>`)."""
+        return sample_prompts(self.text_spec.instruction, self.cfg.text.instructions)
+
+    def sample_layouts(self, answer_tokens: int | None = None) -> tuple[Layout, ...]:
+        """The layout of a training sample under each instruction, in the order the loader draws their
+        indices (stage 1: one). Answers take `answer_tokens` (default `cfg.text.max_txt_len`, the
+        longest); `Layout.context_length` is what the loader packs and the tally counts before them."""
+        n = self.cfg.text.max_txt_len if answer_tokens is None else answer_tokens
+        return tuple(self.layout(p, n) for p in self.sample_prompts())
+
+    def _prompt_layout(self, prompt: str) -> Layout:
+        """The layout of a training prompt (one image, no answer), made once per prompt."""
+        _, layouts = self._resolved_text()
+        if prompt not in layouts:
+            made = self.layout(prompt)
+            if made.num_images != 1:
+                raise ValueError(f"a training prompt holds one image, {made.num_images} in {prompt!r}")
+            layouts[prompt] = made
+        return layouts[prompt]
 
     def build_inputs(
         self,
@@ -215,13 +232,15 @@ class MiniGPT4(nn.Module):
         text_mask: torch.Tensor,
         prompt: str | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Splice image embeddings into the prompt and append the answer: (inputs_embeds, attention_mask, labels)."""
+        """Splice image embeddings [B, num_image_tokens, H] into `prompt` (one `<ImageHere>`; None: the
+        image alone, stage 1) and append the answers (ids, mask int64 [B, T]), as `self.layout` lays
+        them out: (inputs_embeds [B, L, H], attention_mask [B, L], labels [B, L]), L = context + T."""
         bsz, n_img, _ = img_embeds.shape
         device = img_embeds.device
-        before, after = prompt.split(IMAGE_PLACEHOLDER) if prompt else ("", "")
-        before_ids = self.segment_ids(before) if before else []
-        prefix = self.bos_prefix(before_ids) + before_ids
-        suffix = self.segment_ids(after) if after else []
+        lay = self._prompt_layout(IMAGE_ONLY if prompt is None else prompt)
+        if lay.count(IMAGE) != n_img:
+            raise ValueError(f"the layout has {lay.count(IMAGE)} image tokens, the image embeddings {n_img}")
+        prefix, suffix = lay.text_runs()
         ctx_ids = torch.tensor(prefix + suffix, dtype=torch.long, device=device).expand(bsz, -1)
         text_ids = text_ids.to(device)
         # One embedding call: under ZeRO-3 each call gathers the embedding table.
@@ -231,7 +250,7 @@ class MiniGPT4(nn.Module):
             [embeds[:, :n_pre], img_embeds, embeds[:, n_pre : n_pre + n_suf], embeds[:, n_pre + n_suf :]],
             dim=1,
         )
-        n_ctx = n_pre + n_img + n_suf
+        n_ctx = lay.context_length
         text_mask = text_mask.to(device=device, dtype=torch.long)
         attention_mask = torch.cat(
             [torch.ones(bsz, n_ctx, dtype=torch.long, device=device), text_mask], dim=1
@@ -253,7 +272,6 @@ class MiniGPT4(nn.Module):
         image: torch.Tensor | None = None,
         text_ids: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-        prompt: str | None = None,
         instruction: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
         pack_slot: torch.Tensor | None = None,
@@ -261,37 +279,50 @@ class MiniGPT4(nn.Module):
     ) -> CausalLMOutputWithPast:
         """Loss on a batch of normalised images and answer ids (from `mgpt4.tokenizer.encode_answers`).
 
-        The instruction of the batch (stage 2) is given one of three ways: `instruction`, the index
-        into the config's instruction list that the data loader drew (int64 [B], one value per batch);
-        `prompt`, a wrapped instruction containing `<ImageHere>`; or neither, and then one is drawn
-        with Python's `random` as the official code does (stage 1: none).
-
-        `features` [B, Q, W] (a feature cache) replace `image`: the frozen vision path is skipped.
+        With instructions (stage 2), `instruction` is the index into `cfg.text.instructions` that the
+        loader drew for the batch (int64 [B], one value per batch); stage 1 has none. `features`
+        [B, Q, W] (a feature cache) replace `image`: the frozen vision path is skipped.
         `pack_slot` / `pack_pos` [rows, length] (the loader's packed layout, `mgpt4.model.packing`) lay the
         B samples side by side into rows; the loss stays the mean over all answer tokens.
         """
         if text_ids is None or text_mask is None or (image is None) == (features is None):
             raise ValueError("MiniGPT4.forward needs text_ids, text_mask and one of image or features")
+        prompt = self.instruction_prompt(instruction)
         img_embeds = self.project_features(features) if features is not None else self.encode_img(image)
-        if instruction is not None:
-            prompt = self.instruction_prompt(instruction)
-        elif prompt is None:
-            prompt = self.sample_prompt()
+        return self._loss(img_embeds, text_ids, text_mask, prompt, pack_slot, pack_pos)
+
+    def _loss(
+        self,
+        img_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        prompt: str | None,
+        pack_slot: torch.Tensor | None = None,
+        pack_pos: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
         inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
         if pack_slot is not None:
             inputs, positions, labels = pack_sequences(inputs, labels, pack_slot, pack_pos)
             return self.llm(inputs_embeds=inputs, position_ids=positions, labels=labels, use_cache=False)
         return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
 
-    def instruction_prompt(self, instruction: torch.Tensor) -> str:
-        """The wrapped prompt of a batch's instruction index (int64 [B], all equal, as the loader draws)."""
+    def instruction_prompt(self, instruction: torch.Tensor | None) -> str | None:
+        """The prompt of a batch's instruction index (int64 [B], all equal, as the loader draws), or
+        None for a model without instructions (stage 1). ValueError for a missing or bad index."""
         t = self.cfg.text
+        if instruction is None:
+            if t.instructions:
+                raise ValueError(
+                    f"this model trains with {len(t.instructions)} instructions (model.text.instructions): "
+                    "the batch must carry its instruction index (`instruction`, int64 [B]), as the loader draws it"
+                )
+            return None
         first = int(instruction.reshape(-1)[0])
         if not bool((instruction == first).all()):
             raise ValueError("one instruction per batch: the batch's instruction indices differ")
         if not 0 <= first < len(t.instructions):
             raise ValueError(f"instruction index {first} is outside the {len(t.instructions)} instructions")
-        return self.text_spec.instruction.format(t.instructions[first])
+        return self.sample_prompts()[first]
 
     def loss(
         self,
@@ -302,32 +333,40 @@ class MiniGPT4(nn.Module):
     ) -> torch.Tensor:
         """Mean token loss for (images, captions, optional instruction) as the official training computes it.
 
-        `instruction` is unwrapped (`<Img><ImageHere></Img> Describe this image in detail.`); it is
-        put into the config's prompt template. Without one, the config decides (stage 1: none).
+        `instruction` is unwrapped (`<Img><ImageHere></Img> Describe this image in detail.`), any text
+        with `<ImageHere>` once; it is put into the config's prompt template. A model with
+        `cfg.text.instructions` (stage 2) needs one; without one, the sample is the image alone (stage 1).
         """
         t = self.cfg.text
         pad = t.pad_to_max_len if pad_to_max_len is None else pad_to_max_len
         ids, mask = encode_answers(self._tok(), list(captions), self.text_spec.end_sym, t.max_txt_len, pad)
+        if instruction is None and t.instructions:
+            raise ValueError(
+                f"this model trains with {len(t.instructions)} instructions (model.text.instructions): "
+                "pass instruction=, e.g. model.cfg.text.instructions[0]"
+            )
         prompt = self.wrap_instruction(instruction) if instruction is not None else None
-        return self.forward(images, ids, mask, prompt).loss
+        return self._loss(self.encode_img(images), ids, mask, prompt).loss
 
     # ------------------------------------------------------------------------------------------
     # Generation
 
     def context_embeds(self, prompt: str, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Embed a prompt whose `<ImageHere>` placeholders take `images` ([B, n, H] each), BOS on the first segment."""
-        segments = prompt.split(IMAGE_PLACEHOLDER)
-        if len(segments) != len(images) + 1:
+        """Embed a prompt whose `<ImageHere>` placeholders take `images` ([B, num_image_tokens, H] each),
+        as `self.layout` lays it out (BOS before the first text): [B, context length, H]."""
+        lay = self.layout(prompt)
+        if lay.num_images != len(images):
             raise ValueError(
-                f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images were given"
+                f"prompt has {lay.num_images} <ImageHere> placeholders but {len(images)} images were given"
             )
+        for img in images:
+            if img.shape[1] != self.num_image_tokens:
+                raise ValueError(f"an image has {img.shape[1]} tokens, the model {self.num_image_tokens}")
         bsz = images[0].shape[0] if images else 1
         device = self.llm.get_input_embeddings().weight.device if not images else images[0].device
         embed = self.llm.get_input_embeddings()
         parts: list[torch.Tensor] = []
-        for i, seg in enumerate(segments):
-            ids = self.segment_ids(seg) if seg else []
-            ids = self.bos_prefix(ids) + ids if i == 0 else ids
+        for i, ids in enumerate(lay.text_runs()):
             if ids:
                 parts.append(embed(torch.tensor(ids, device=device)).unsqueeze(0).expand(bsz, -1, -1))
             if i < len(images):

@@ -117,18 +117,6 @@ class Conversation:
     def add_reply(self, text: str) -> None:
         self.messages.append([self.template.roles[1], text])
 
-    def clean_reply(self, text: str) -> str:
-        return clean_reply(text, self.template.stops, self.template.echo)
-
-    @property
-    def system(self) -> str:
-        """The system text the prompt starts with ("" for a template without one)."""
-        return getattr(self.template, "system", "") or ""
-
-    @property
-    def num_images(self) -> int:
-        return sum(str(m).count(IMAGE_PLACEHOLDER) for _, m in self.messages)
-
 
 def clean_reply(text: str, stops: Sequence[str] = (SEP,), echo: str | None = "Assistant:") -> str:
     """The reply shown to a person: text before the first stop (`###`), after any echoed role."""

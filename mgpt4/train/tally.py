@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mgpt4.config import ModelConfig
+from mgpt4.model.layout import Layout
 from mgpt4.model.llm import LLMSizes, llm_sizes, resolve_llm_config
 from mgpt4.train.flops import train_flops
 
@@ -24,8 +25,9 @@ COUNTS = ("samples", "tokens", "positions", "flop_tokens", "flop_square")
 
 
 def batch_counts(batch: dict[str, Any], context: torch.Tensor) -> torch.Tensor:
-    """int64 [len(COUNTS)] on the batch's device. `context` holds the tokens before the answer per
-    instruction (`trainer.context_lengths`), on the same device."""
+    """int64 [len(COUNTS)] on the batch's device. `context` int64 [instructions] holds the positions
+    before the answer under each instruction (`Layout.context_length` of `MiniGPT4.sample_layouts`), on
+    the same device; a sample is its context, then its answer tokens."""
     mask = batch["text_mask"]
     slots, answer_len = mask.shape
     if "pack_slot" in batch:
@@ -58,12 +60,13 @@ class Window:
 
 class Tally:
     """Per-rank counts summed on the device; `sync` adds every rank's to the window and returns the
-    number of samples it added (a collective call)."""
+    number of samples it added (a collective call). `layouts` are the samples' under each instruction
+    (`MiniGPT4.sample_layouts`), in the loader's order."""
 
     def __init__(
         self,
         model: ModelConfig,
-        context_lengths: Sequence[int],
+        layouts: Sequence[Layout],
         cached: bool,
         device: torch.device,
         llm: LLMSizes | None = None,
@@ -71,7 +74,8 @@ class Tally:
         self.model = model
         self.llm = llm or llm_sizes(resolve_llm_config(model))  # read once, not at every window
         self.cached = cached
-        self.context = torch.tensor(list(context_lengths), dtype=torch.int64, device=device)
+        context = [lay.context_length for lay in layouts]
+        self.context = torch.tensor(context, dtype=torch.int64, device=device)
         self._pending = torch.zeros(len(COUNTS), dtype=torch.int64, device=device)
         self._window = torch.zeros(len(COUNTS), dtype=torch.int64)
 

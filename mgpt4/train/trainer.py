@@ -46,24 +46,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sequence_length(model: MiniGPT4) -> int:
-    """Tokens per sample the LLM sees: BOS, the longest wrapped instruction, the image tokens, the answer."""
-    return max(context_lengths(model)) + model.cfg.text.max_txt_len
-
-
-def context_lengths(model: MiniGPT4) -> tuple[int, ...]:
-    """LLM tokens before the answer (BOS when the model adds one, the wrapped instruction, the image
-    tokens): one value without instructions, else one per instruction, in the order the loader draws
-    them. Counted as `MiniGPT4.build_inputs` lays a sample out."""
-    t = model.cfg.text
-    out = []
-    for prompt in [model.wrap_instruction(i) for i in t.instructions] or [""]:
-        segments = [model.segment_ids(seg) if seg else [] for seg in prompt.split(IMAGE_PLACEHOLDER)]
-        bos = len(model.bos_prefix(segments[0]))
-        out.append(bos + sum(len(ids) for ids in segments) + model.num_image_tokens)
-    return tuple(out)
-
-
 @dataclass(kw_only=True)
 class Run:
     """What the loop needs, and what a restart needs: `state_dict()` / `load_state_dict()`."""
@@ -142,6 +124,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
     text, q = cfg.model.text, cfg.model.qformer
+    layouts = model.sample_layouts()  # one per instruction: what the loader packs and the tally counts
     loader = build_loader(  # 8. data: the loader draws each batch's instruction (and packs its rows)
         cfg.data,
         model.tokenizer,
@@ -150,7 +133,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         d.rank,
         d.world_size,
         num_instructions=len(text.instructions),
-        context_lengths=context_lengths(model),
+        context_lengths=[lay.context_length for lay in layouts],
         feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
     )
     validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once
@@ -163,13 +146,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
         scheduler=scheduler,
         zero=zero,
         feeder=DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision]),
-        tally=Tally(
-            cfg.model,
-            context_lengths(model),
-            cfg.data.kind == "features",
-            d.device,
-            llm_sizes(model.llm.config),
-        ),
+        tally=Tally(cfg.model, layouts, cfg.data.kind == "features", d.device, llm_sizes(model.llm.config)),
         preemption=Preemption(d.rank),  # SIGUSR1 -> save and requeue at the next step boundary
         validation=validation,
     )
