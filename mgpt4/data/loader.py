@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,10 +33,10 @@ from mgpt4.data.config import DataConfig
 from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
+from mgpt4.data.streams import Stream, stream_seed
 from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset
 
 STATE_VERSION = 2  # 2: the state also holds the inputs (shard lists, align pairs) and the data pass
-_TAG_PASS = 31
 # How many names of added or removed shards a message shows.
 _SHOW_NAMES = 3
 
@@ -50,7 +49,7 @@ def pass_seed(seed: int, data_pass: int) -> int:
     """The seed of data pass `data_pass`: pass 0 is `seed` itself, later passes draw fresh orders."""
     if data_pass == 0:
         return seed
-    return int(np.random.SeedSequence([seed, _TAG_PASS, data_pass]).generate_state(1)[0])
+    return int(stream_seed(Stream.DATA_PASS, seed=seed, data_pass=data_pass).generate_state(1)[0])
 
 
 def describe_list_change(what: str, saved: Sequence[str], now: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ from mgpt4.data.shard_lists import (
     missing_local_shards,
     shard_file_name,
 )
+from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.tar_reader import ShardError, TarReader
 from mgpt4.data.transforms import (
     CROP_UNIFORMS,
@@ -42,8 +43,6 @@ from mgpt4.data.workers import DataSourceError, WorkerDataset
 
 log = logging.getLogger("mgpt4.data")
 
-# Stream tags keep the random streams of different purposes apart under one seed.
-_TAG_RESAMPLE, _TAG_EPOCH, _TAG_BLOCK, _TAG_MIX = 11, 12, 13, 14
 # A run of this many shards without one sample means the source is unusable, not unlucky.
 _MAX_BAD_RUN = 100
 # How many absent shards the start-up warning names.
@@ -147,11 +146,15 @@ class ShardStream:
     def url(self, k: int) -> str:
         n = len(self.urls)
         if self.resampled:
-            rng = np.random.default_rng([self.seed, _TAG_RESAMPLE, self.index, self.reader, k])
+            rng = stream_rng(
+                Stream.SHARD_RESAMPLE, seed=self.seed, shards=self.index, reader=self.reader, draw=k
+            )
             return self.urls[int(rng.integers(n))]
         epoch = k // n
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            rng = np.random.default_rng([self.seed, _TAG_EPOCH, self.index, self.reader, epoch])
+            rng = stream_rng(
+                Stream.SHARD_EPOCH, seed=self.seed, shards=self.index, reader=self.reader, epoch=epoch
+            )
             self._epoch_order = (epoch, rng.permutation(n))
         return self.urls[int(self._epoch_order[1][k % n])]
 
@@ -204,7 +207,9 @@ class ShardStream:
             offset = tar.next_offset
             entries.append(("ok", tar.url, sample[0], sample[1]))
         self._next_cursor = (k, offset)
-        rng = np.random.default_rng([self.seed, _TAG_BLOCK, self.index, self.reader, self.j])
+        rng = stream_rng(
+            Stream.SHARD_BLOCK, seed=self.seed, shards=self.index, reader=self.reader, block=self.j
+        )
         order = rng.permutation(len(entries))
         self._uniforms = rng.random((len(entries), CROP_UNIFORMS))
         self._block = [entries[i] for i in order]
@@ -284,7 +289,7 @@ class ShardBatches:
         }
 
     def _sources(self) -> np.ndarray:
-        rng = np.random.default_rng([self.cfg.seed, _TAG_MIX, self.reader, self.batches])
+        rng = stream_rng(Stream.SHARD_MIX, seed=self.cfg.seed, reader=self.reader, batch=self.batches)
         n, size = len(self.streams), self.cfg.batch_size
         if n == 1:
             return np.zeros(size, dtype=np.int64)
