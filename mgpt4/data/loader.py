@@ -92,13 +92,11 @@ class Loader:
         cfg: DataConfig,
         rank: int,
         world_size: int,
-        worker_init_fn: Callable[[int], None] | None = None,
         dataset_for_pass: Callable[[int], WorkerDataset] | None = None,
     ):
         self.dataset = dataset
         self.data_pass = 0
         self._dataset_for_pass = dataset_for_pass
-        self.worker_init_fn = worker_init_fn
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
@@ -130,7 +128,6 @@ class Loader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch if workers > 0 else None,
             persistent_workers=False,
-            worker_init_fn=self.worker_init_fn,
         )
         self._dl_iter = iter(dl)
         return self._dl_iter
@@ -298,7 +295,6 @@ def build_loader(
     end_sym: str,
     rank: int = 0,
     world_size: int = 1,
-    worker_init_fn: Callable[[int], None] | None = None,
     num_instructions: int = 0,
     context_lengths: Sequence[int] = (),
     feature_shape: Sequence[int] | None = None,
@@ -334,7 +330,7 @@ def build_loader(
         dataset_cls = PackedShardDataset if cfg.packs() else ShardDataset
         return dataset_cls(pass_cfg, text, rank, world_size, feature_shape)
 
-    return Loader(dataset_for_pass(0), cfg, rank, world_size, worker_init_fn, dataset_for_pass)
+    return Loader(dataset_for_pass(0), cfg, rank, world_size, dataset_for_pass)
 
 
 def check_packing(cfg: DataConfig, text: BatchText) -> None:
