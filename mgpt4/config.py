@@ -159,6 +159,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
+        """Every check of the model settings (ConfigError naming the field). A config that passes is
+        remembered as validated as it is now, so that `validate_once` (building the model, loading its
+        files) trusts it instead of checking it again; any later change makes it unchecked again."""
         for part in ("vision", "qformer", "llm"):
             sizes = getattr(self, part)
             for f in dataclasses.fields(sizes) if sizes is not None else ():
@@ -184,8 +187,11 @@ class ModelConfig:
         q = self.qformer
         if q is not None and q.width % q.heads:
             raise ConfigError(f"model.qformer.width: {q.width} is not divisible by heads {q.heads}")
+        w = self.weights
+        if w.blip2_hf and (w.eva_vit or w.blip2):
+            raise ConfigError("model.weights: give either blip2_hf or eva_vit + blip2, not both")
         for field_name in ("blip2", "blip2_hf"):
-            if q is None and getattr(self.weights, field_name):
+            if q is None and getattr(w, field_name):
                 raise ConfigError(
                     f"model.weights.{field_name} is set, but model.qformer is null: this model has no Q-Former "
                     f"(the LLaMA-2 variant) and reads no BLIP-2 file. Unset model.weights.{field_name}, or give "
@@ -221,6 +227,14 @@ class ModelConfig:
                 "model.attn_implementation: flash_attention_2 needs the flash-attn package (and a CUDA GPU), "
                 "which is not installed here; `pip install flash-attn`, or use sdpa"
             )
+        # Not a field: dataclasses.replace and the config files leave it out. repr covers every field.
+        self._validated_as = repr(self)
+
+    def validate_once(self) -> None:
+        """`validate`, unless this config passed it as it is now (a config checked by `Config.validate`
+        at config time is not checked again when the model is built and loaded)."""
+        if getattr(self, "_validated_as", None) != repr(self):
+            self.validate()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Image files -> the RGB pixels the model sees, and the official eval transform; one module for
 training data, chat, the web demo and curation, so the same file gives the same pixels everywhere.
 
-The rules, applied by `to_rgb` (and so by `decode_rgb`, `load_rgb` and `eval_transform`):
+The rules, applied by `to_rgb` (and so by `decode_rgb` and `eval_transform`):
 - **EXIF orientation is applied**: a phone photo stored sideways with an orientation tag is turned
   upright, as every image viewer, the web demo's upload and the person writing its caption see it. The
   official training pipeline ignores the tag (PIL's `open().convert("RGB")`) while its Gradio demo
@@ -17,7 +17,6 @@ The rules, applied by `to_rgb` (and so by `decode_rgb`, `load_rgb` and `eval_tra
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
@@ -173,18 +172,11 @@ def decode_rgb(data: bytes, reduce: int = 1) -> Image.Image:
         raise _damage(e) from None
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """An image file -> RGB PIL image by the module's rules; OSError if it cannot be read, else
-    ImageError with a reason."""
-    with open(path, "rb") as f:
-        return decode_rgb(f.read())
-
-
 def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
     """The official eval transform: bicubic resize to size x size, to [0, 1], CLIP normalisation -> [3,S,S].
 
     The image is first made RGB by the module's rules (`to_rgb`), so a PIL image straight from
-    `Image.open` gives the same tensor as one from `load_rgb`.
+    `Image.open` gives the same tensor as one from `decode_rgb`.
     """
     img = to_rgb(img).resize((size, size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255)

@@ -155,3 +155,32 @@ def test_the_tiny_run_takes_your_own_shards_and_fills_in_only_the_rest(tmp_path,
     untouched = get_recipe("tiny_stage1")
     fill_demo_paths(untouched)
     assert all(p.startswith(str(tmp_path / "cache")) for p in untouched.data.sources[0].shards)
+
+
+def test_a_model_config_is_validated_once_where_it_is_built_and_loaded(monkeypatch, tokenizer):
+    """Config time validates; the build and the loader trust a validated config, and check a changed one."""
+    from mgpt4.model import build_model, load_weights
+
+    calls = []
+    real = ModelConfig.validate
+    monkeypatch.setattr(ModelConfig, "validate", lambda self: (calls.append(1), real(self))[1])
+    # The Python API: a config nobody validated is validated by the build, once, and not by the loader.
+    cfg = tiny()
+    model = build_model(cfg, tokenizer)
+    load_weights(model)
+    assert len(calls) == 1
+    # The trainer: validated at config time, then neither the build nor the loader checks it again.
+    calls.clear()
+    cfg = tiny()
+    cfg.validate()
+    model = build_model(cfg, tokenizer)
+    load_weights(model)
+    assert len(calls) == 1
+    # A change after the check makes it unchecked: the loader validates it before reading a file.
+    cfg.weights.blip2_hf = "/nowhere/blip2"
+    cfg.weights.eva_vit = "/nowhere/eva_vit_g.pth"
+    with pytest.raises(
+        ConfigError, match=r"model\.weights: give either blip2_hf or eva_vit \+ blip2, not both"
+    ):
+        load_weights(model)
+    assert len(calls) == 2

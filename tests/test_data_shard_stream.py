@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -304,3 +305,31 @@ def test_gzip_shards_feed_batches_and_caption_less_samples_are_counted(tmp_path)
         assert torch.equal(batch["text_ids"], ids)
     stats = loader.stats()
     assert stats["no_caption"] >= 8 and stats["corrupt_shard"] == stats["truncated_shard"] == 0
+
+
+def test_shards_are_checked_once_at_config_time_and_trusted_by_the_loader(tmp_path, monkeypatch):
+    from mgpt4.config import Config
+    from mgpt4.data import shard_stream
+    from mgpt4.train.resolve import find_missing_inputs
+
+    paths = numbered_shards(str(tmp_path), 2, 4)
+    checked = []
+    real = shard_stream.check_local_shards
+    monkeypatch.setattr(
+        shard_stream, "check_local_shards", lambda urls, *a: (checked.append(list(urls)), real(urls, *a))[1]
+    )
+    # The Python API: the loader checks the shards nobody checked, once.
+    cfg = _cfg([SourceConfig(name="api", shards=paths)])
+    build_loader(cfg, tiny_tokenizer(), L, "\n").close()
+    assert checked == [paths]
+    # The trainer: the config check (train/resolve.py) checks them, and the loader it builds trusts that.
+    checked.clear()
+    cfg = _cfg([SourceConfig(name="run", shards=paths)])
+    assert find_missing_inputs(Config(data=cfg), 1, set()) == []
+    build_loader(cfg, tiny_tokenizer(), L, "\n").close()
+    assert checked == [paths]
+    # Other readers (ranks x workers) are other checks: split mode needs a shard for each.
+    with pytest.raises(ValueError, match=r"'run' has 2 shard\(s\), fewer than 3 rank\(s\)"):
+        build_loader(
+            dataclasses.replace(cfg, resampled=False), tiny_tokenizer(), L, "\n", rank=0, world_size=3
+        )

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 
 from mgpt4.config import LLMConfig
-from mgpt4.model import WeightsError, build_model, from_config, load_weights
+from mgpt4.model import WeightsError, build_model, from_config
 from mgpt4.model.export import save_projection
 from mgpt4.model.generation import stop_sequences
 from mgpt4.model.llm import llm_sizes
@@ -79,9 +79,8 @@ def test_sizes_come_from_the_folder_config(arch, folders, vision_files):
 def test_preset_sizes_are_still_checked_against_the_folder(folders, vision_files):
     cfg = decoder_cfg(folders["mistral"], vision_files)
     cfg.llm = dataclasses.replace(tiny().llm, model_type="llama")
-    model = build_model(cfg)
-    with pytest.raises(WeightsError) as err:
-        load_weights(model)
+    with pytest.raises(WeightsError) as err:  # by the build, before any part is built
+        build_model(cfg)
     assert "model.llm.model_type: config says llama, config.json has mistral" in str(err.value)
     assert "model.llm.hidden_size: config says 64, config.json has 96" in str(err.value)
 

@@ -15,6 +15,9 @@ def test_policy_is_the_projection():
     assert not is_trainable("llm.model.embed_tokens.weight")
     assert not is_trainable("query_tokens")
     assert not is_trainable("llama_projection_extra.weight")
+    # Names, not patterns: a wildcard is no module of the model.
+    assert not is_trainable("llama_proj.weight", ("llama_*",))
+    assert is_trainable("query_tokens", ("query_tokens",))
 
 
 def test_trainable_set_is_exactly_llama_proj(tiny_cfg, tokenizer):
@@ -59,6 +62,8 @@ def test_unknown_pattern_is_an_error(tiny_cfg):
     model = build_model(tiny_cfg)
     with pytest.raises(ValueError, match="match no parameter"):
         apply_freeze(model, ("llama_projector",))
+    with pytest.raises(ValueError, match=r"\['llama_\*'\] match no parameter of MiniGPT4"):
+        apply_freeze(model, ("llama_*",))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_cfg, tokenizer):

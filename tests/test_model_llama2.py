@@ -156,10 +156,10 @@ def test_a_blip2_file_is_refused_without_a_qformer(tmp_path):
     # Refused by the config itself, so that a dry run says it too (before: only when loading).
     with pytest.raises(ConfigError, match=r"model.weights.blip2 is set, but model.qformer is null"):
         build_model(_with_weights(tiny_llama2(), blip2=str(path)))
-    # And by the loader, for a model whose config was changed after it was built.
+    # And by the same check when loading a model whose config was changed after it was built.
     model = build_model(tiny_llama2())
     model.cfg.weights.blip2 = str(path)
-    with pytest.raises(WeightsError, match=r"model.weights.blip2 is set, but model.qformer is null"):
+    with pytest.raises(ConfigError, match=r"model.weights.blip2 is set, but model.qformer is null"):
         load_weights(model)
 
 

@@ -41,11 +41,6 @@ def _cores() -> tuple[int, int]:
     return cores[-1], cores[0]  # (worker core, trainer core); the same one on a single-core machine
 
 
-def _pin_worker(_: int) -> None:
-    os.sched_setaffinity(0, {_cores()[0]})
-    torch.set_num_threads(1)
-
-
 def corpus(
     root: str, name: str, count: int, min_size: int, max_size: int, quality: Sequence[int]
 ) -> list[str]:
@@ -90,7 +85,6 @@ def official_batches(urls: list[str], tokenizer) -> DataLoader:
         official_dataset(urls),
         batch_size=BATCH,
         num_workers=1,
-        worker_init_fn=_pin_worker,
         prefetch_factor=2,
         drop_last=True,
     )
@@ -104,13 +98,22 @@ def mgpt4_batches(urls: list[str], tokenizer):
         prefetch=2,
         pin_memory=False,
     )
-    return build_loader(cfg, tokenizer, 32, "\n", worker_init_fn=_pin_worker)
+    return build_loader(cfg, tokenizer, 32, "\n")
 
 
 def measure(make: Callable[[], object], batches: int, warmup: int = 2) -> float:
-    """Samples per second a single worker delivers, after `warmup` batches (startup, shuffle fill)."""
+    """Samples per second a single worker delivers, after `warmup` (at least 1) batches (startup,
+    shuffle fill).
+
+    A worker process inherits the core of the process that starts it, and both pipelines have started
+    theirs by the time the first batch arrives (DataLoader takes one thread per worker by itself): this
+    process waits for that batch on the worker core, then goes back to the trainer core."""
+    worker_core, trainer_core = _cores()
+    os.sched_setaffinity(0, {worker_core})
     it = iter(make())
-    for _ in range(warmup):
+    next(it)
+    os.sched_setaffinity(0, {trainer_core})
+    for _ in range(warmup - 1):
         next(it)
     start = time.perf_counter()
     for _ in range(batches):

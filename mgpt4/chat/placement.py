@@ -6,14 +6,13 @@ or the vision path on the CPU while the LLM is on the GPU: the official low-reso
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from mgpt4.chat.flags import model_config_from_args
 from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, from_config, load_weights
-from mgpt4.model.llm import llm_config_mismatches, read_llm_folder_config
+from mgpt4.model.llm import LLMFolderMismatch
 from mgpt4.model.loading import WeightsError
 from mgpt4.strict_config import ConfigError
 
@@ -38,26 +37,21 @@ def model_from_args(args: argparse.Namespace) -> MiniGPT4:
 def load_model_or_exit(args: argparse.Namespace) -> MiniGPT4:
     """`model_from_args` for a command line: a model that cannot be built from these flags (weight
     files made for another size than --preset, a missing file, a bad --set, no checkpoint where
-    --checkpoint points) ends in one error line, said before "Loading the model ..."."""
+    --checkpoint points) ends in one error line. Flag and checkpoint errors come before "Loading the
+    model ..."; an LLM folder of other sizes than --preset right after it, from the build's check of the
+    folder, before any part is built."""
     try:
-        _check_llm_folder(model_config_from_args(args, warn=False))
+        model_config_from_args(args, warn=False)
         print("Loading the model ...", flush=True)
         return model_from_args(args)
+    except LLMFolderMismatch as e:
+        # Found by the model build, before any part is built or any weight read: a wrong --preset.
+        raise SystemExit(
+            f"error: {e.folder}: the LLM does not match the model config (--preset or the checkpoint's): "
+            + "; ".join(e.problems)
+        ) from None
     except (WeightsError, ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def _check_llm_folder(cfg: ModelConfig) -> None:
-    """The LLM folder against the config's sizes (a wrong --preset), before the vision path is built."""
-    folder = cfg.weights.llm
-    if not folder or not os.path.isfile(os.path.join(folder, "config.json")):
-        return  # loading says what is missing
-    problems = llm_config_mismatches(cfg.llm, read_llm_folder_config(folder))
-    if problems:
-        raise WeightsError(
-            f"{cfg.weights.llm}: the LLM does not match the model config (--preset or the checkpoint's): "
-            + "; ".join(problems)
-        )
 
 
 VISION_PARTS = ("visual_encoder", "ln_vision", "qformer", "llama_proj")
@@ -103,10 +97,8 @@ def _from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
         raise SystemExit("--llm-8bit needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    problems = llm_config_mismatches(cfg.llm, read_llm_folder_config(folder))
-    if problems:
-        raise WeightsError(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
-    model = build_model(cfg)  # the LLM stays on the meta device: its weights come from the folder below
+    # The LLM stays on the meta device: its weights come from the folder below, checked by the build.
+    model = build_model(cfg)
     cfg.weights.llm = None
     try:
         load_weights(model)

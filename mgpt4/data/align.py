@@ -22,10 +22,10 @@ import torch
 from mgpt4.data.batches import BatchText, image_buffer, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import SkipCounter
+from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
 from mgpt4.data.workers import WorkerDataset
 
-_TAG_EPOCH, _TAG_CROP, _TAG_HOLDOUT = 21, 22, 23
 # How many entries of one kind of problem the error names before it just gives the count.
 _LIST_MISSING = 20
 
@@ -122,7 +122,7 @@ def split_holdout(pairs: list[AlignPair], holdout: int, where: str = "data.val.h
         return pairs, []
     if holdout >= len(pairs):
         raise ValueError(f"{where}: {holdout} held-out pairs leave none of the {len(pairs)} to train on")
-    held = set(np.random.default_rng([_TAG_HOLDOUT]).permutation(len(pairs))[:holdout].tolist())
+    held = set(stream_rng(Stream.ALIGN_HOLDOUT).permutation(len(pairs))[:holdout].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
@@ -150,7 +150,7 @@ class AlignOrder:
     def indices(self, g: int) -> np.ndarray:
         epoch, b = divmod(g, self.per_epoch)
         if self._cache is None or self._cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, _TAG_EPOCH, epoch]).permutation(self.count)
+            perm = stream_rng(Stream.ALIGN_EPOCH, seed=self.seed, epoch=epoch).permutation(self.count)
             self._cache = (epoch, perm[self.rank :: self.world_size][: self.per_rank])
         return self._cache[1][b * self.batch_size : (b + 1) * self.batch_size]
 
@@ -184,7 +184,9 @@ class AlignDataset(WorkerDataset):
         clean = cfg.cleans_captions()
         while True:
             idx = self.order.indices(g)
-            u = np.random.default_rng([cfg.seed, _TAG_CROP, self.rank, g]).random((len(idx), CROP_UNIFORMS))
+            u = stream_rng(Stream.ALIGN_CROP, seed=cfg.seed, rank=self.rank, batch=g).random(
+                (len(idx), CROP_UNIFORMS)
+            )
             images = image_buffer(cfg.batch_size, cfg.image_size)
             good: list[int] = []
             bad: list[int] = []

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.tokenizer import encode_answers
 
 
@@ -59,10 +59,6 @@ class BatchText:
         )
 
 
-# The stream tag of the instruction draw, apart from the other random streams under one seed.
-_TAG_INSTRUCTION = 31
-
-
 def make_batch(
     images: torch.Tensor,
     captions: Sequence[str],
@@ -74,7 +70,7 @@ def make_batch(
     instructions, `instruction` int64 [B]: the index of the one instruction of this batch.
 
     The instruction is drawn uniformly (as the official `random.choice` per batch) from a generator
-    seeded by `draw_key` (seed and the batch's position), so a resumed run draws the same ones.
+    seeded by `draw_key` (seed, reader, batch: `Stream.INSTRUCTION`), so a resumed run draws the same ones.
     """
     ids, mask = text.encode(captions)
     batch = {"image": images, "text_ids": ids, "text_mask": mask}
@@ -91,7 +87,9 @@ def draw_instruction(text: BatchText, draw_key: Sequence[int]) -> int | None:
     seeded by `draw_key`; None without instructions."""
     if not text.num_instructions:
         return None
-    return int(np.random.default_rng([_TAG_INSTRUCTION, *draw_key]).integers(text.num_instructions))
+    seed, reader, batch = draw_key
+    rng = stream_rng(Stream.INSTRUCTION, seed=seed, reader=reader, batch=batch)
+    return int(rng.integers(text.num_instructions))
 
 
 def make_packed_batch(

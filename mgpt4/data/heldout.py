@@ -16,7 +16,6 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from mgpt4.data.align import load_align, split_holdout
@@ -24,18 +23,16 @@ from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
 from mgpt4.data.samples import ShardSamples, SkipCounter
 from mgpt4.data.shard_lists import expand_shards
+from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.transforms import ImageError, ImageTransform, clean_caption
 from mgpt4.tokenizer import encode_answers
 
 log = logging.getLogger("mgpt4.data")
 
-# The stream tag of the held-out instructions, apart from every other random stream.
-_TAG_INSTRUCTION = 41
-
 
 def sample_instruction(index: int, num_instructions: int) -> int:
     """The instruction of held-out sample `index`: uniform, fixed by the index alone (not the seed)."""
-    return int(np.random.default_rng([_TAG_INSTRUCTION, index]).integers(num_instructions))
+    return int(stream_rng(Stream.HELDOUT_INSTRUCTION, index=index).integers(num_instructions))
 
 
 @dataclass

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,10 +33,10 @@ from mgpt4.data.config import DataConfig
 from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
+from mgpt4.data.streams import Stream, stream_seed
 from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset
 
 STATE_VERSION = 2  # 2: the state also holds the inputs (shard lists, align pairs) and the data pass
-_TAG_PASS = 31
 # How many names of added or removed shards a message shows.
 _SHOW_NAMES = 3
 
@@ -50,7 +49,7 @@ def pass_seed(seed: int, data_pass: int) -> int:
     """The seed of data pass `data_pass`: pass 0 is `seed` itself, later passes draw fresh orders."""
     if data_pass == 0:
         return seed
-    return int(np.random.SeedSequence([seed, _TAG_PASS, data_pass]).generate_state(1)[0])
+    return int(stream_seed(Stream.DATA_PASS, seed=seed, data_pass=data_pass).generate_state(1)[0])
 
 
 def describe_list_change(what: str, saved: Sequence[str], now: Sequence[str]) -> str:
@@ -93,13 +92,11 @@ class Loader:
         cfg: DataConfig,
         rank: int,
         world_size: int,
-        worker_init_fn: Callable[[int], None] | None = None,
         dataset_for_pass: Callable[[int], WorkerDataset] | None = None,
     ):
         self.dataset = dataset
         self.data_pass = 0
         self._dataset_for_pass = dataset_for_pass
-        self.worker_init_fn = worker_init_fn
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
@@ -131,7 +128,6 @@ class Loader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch if workers > 0 else None,
             persistent_workers=False,
-            worker_init_fn=self.worker_init_fn,
         )
         self._dl_iter = iter(dl)
         return self._dl_iter
@@ -299,7 +295,6 @@ def build_loader(
     end_sym: str,
     rank: int = 0,
     world_size: int = 1,
-    worker_init_fn: Callable[[int], None] | None = None,
     num_instructions: int = 0,
     context_lengths: Sequence[int] = (),
     feature_shape: Sequence[int] | None = None,
@@ -336,7 +331,7 @@ def build_loader(
         dataset_cls = PackedShardDataset if cfg.packs() else ShardDataset
         return dataset_cls(pass_cfg, text, rank, world_size, feature_shape)
 
-    return Loader(dataset_for_pass(0), cfg, rank, world_size, worker_init_fn, dataset_for_pass)
+    return Loader(dataset_for_pass(0), cfg, rank, world_size, dataset_for_pass)
 
 
 def check_packing(cfg: DataConfig, text: BatchText) -> None:

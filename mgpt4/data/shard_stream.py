@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,6 +32,7 @@ from mgpt4.data.shard_lists import (
     missing_local_shards,
     shard_file_name,
 )
+from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.tar_reader import ShardError, TarReader
 from mgpt4.data.transforms import (
     CROP_UNIFORMS,
@@ -42,32 +43,63 @@ from mgpt4.data.workers import DataSourceError, WorkerDataset
 
 log = logging.getLogger("mgpt4.data")
 
-# Stream tags keep the random streams of different purposes apart under one seed.
-_TAG_RESAMPLE, _TAG_EPOCH, _TAG_BLOCK, _TAG_MIX = 11, 12, 13, 14
 # A run of this many shards without one sample means the source is unusable, not unlucky.
 _MAX_BAD_RUN = 100
 # How many absent shards the start-up warning names.
 _NAME_MISSING = 5
 
 
-def source_urls(cfg: DataConfig, rank_count: int, workers: int, rank: int = 0) -> list[list[str]]:
-    """Expanded URL lists per source; checks that the shards exist and that split mode has a shard for
-    every reader (ValueError naming the source otherwise).
+def _sources_key(cfg: DataConfig, rank_count: int, workers: int) -> tuple:
+    """What `check_sources` depends on (not the seed: a later data pass reads the same shards)."""
+    return (repr(cfg.sources), cfg.kind, cfg.features_root, cfg.resampled, rank_count, max(1, workers))
 
-    A source whose local shards are all missing is an error; when only some are, rank 0 says how many
-    and names the first few, and the run trains on the rest (each draw of an absent shard is skipped
-    and counted as `shard_open_failed`).
-    """
-    out = []
+
+# The sources `check_sources` passed in this process: the run's config check (`mgpt4.train.resolve`)
+# checks them, and the loader it then builds trusts that instead of checking them again.
+_CHECKED: set[tuple] = set()
+
+
+def check_sources(
+    cfg: DataConfig, rank_count: int, workers: int, will_exist: Collection[str] = ()
+) -> list[str]:
+    """Check every source's shards: URL schemes the reader can open and, in split mode, a shard for
+    each reader (ValueError naming the source otherwise). Returns one message per source whose local
+    shards all miss (a wrong path, not bad luck), leaving out sources whose shards are all in
+    `will_exist`; with none, the sources count as checked for `source_urls`."""
+    missing = []
     for i in range(len(cfg.sources)):
         where = f"data.sources[{i}].shards"
-        urls = expand_source(cfg, i)
+        urls = expand_source(cfg, i)  # kind 'features' with features_root: the feature shards
         for url in urls:
             check_url(url, where)
-        check_local_shards(urls, where, cfg.source_names()[i])
         check_readers(cfg, i, urls, rank_count, workers)
+        if not set(urls) <= set(will_exist):
+            try:
+                check_local_shards(urls, where, cfg.source_names()[i])
+            except ValueError as e:
+                missing.append(str(e))
+    if not missing:
+        _CHECKED.add(_sources_key(cfg, rank_count, workers))
+    return missing
+
+
+def source_urls(cfg: DataConfig, rank_count: int, workers: int, rank: int = 0) -> list[list[str]]:
+    """Expanded URL lists per source, checked by `check_sources` unless the run's config check did so
+    (ValueError naming the source: a bad scheme, too few shards for split mode, no shard there at all).
+
+    When only some of a source's local shards are missing, rank 0 says how many and names the first
+    few, and the run trains on the rest (each draw of an absent shard is skipped and counted as
+    `shard_open_failed`).
+    """
+    if _sources_key(cfg, rank_count, workers) not in _CHECKED:
+        missing = check_sources(cfg, rank_count, workers)
+        if missing:
+            raise ValueError(missing[0])
+    out = []
+    for i in range(len(cfg.sources)):
+        urls = expand_source(cfg, i)
         if rank == 0:
-            warn_missing(urls, where, cfg.source_names()[i])
+            warn_missing(urls, f"data.sources[{i}].shards", cfg.source_names()[i])
         out.append(urls)
     return out
 
@@ -147,11 +179,15 @@ class ShardStream:
     def url(self, k: int) -> str:
         n = len(self.urls)
         if self.resampled:
-            rng = np.random.default_rng([self.seed, _TAG_RESAMPLE, self.index, self.reader, k])
+            rng = stream_rng(
+                Stream.SHARD_RESAMPLE, seed=self.seed, shards=self.index, reader=self.reader, draw=k
+            )
             return self.urls[int(rng.integers(n))]
         epoch = k // n
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            rng = np.random.default_rng([self.seed, _TAG_EPOCH, self.index, self.reader, epoch])
+            rng = stream_rng(
+                Stream.SHARD_EPOCH, seed=self.seed, shards=self.index, reader=self.reader, epoch=epoch
+            )
             self._epoch_order = (epoch, rng.permutation(n))
         return self.urls[int(self._epoch_order[1][k % n])]
 
@@ -204,7 +240,9 @@ class ShardStream:
             offset = tar.next_offset
             entries.append(("ok", tar.url, sample[0], sample[1]))
         self._next_cursor = (k, offset)
-        rng = np.random.default_rng([self.seed, _TAG_BLOCK, self.index, self.reader, self.j])
+        rng = stream_rng(
+            Stream.SHARD_BLOCK, seed=self.seed, shards=self.index, reader=self.reader, block=self.j
+        )
         order = rng.permutation(len(entries))
         self._uniforms = rng.random((len(entries), CROP_UNIFORMS))
         self._block = [entries[i] for i in order]
@@ -284,7 +322,7 @@ class ShardBatches:
         }
 
     def _sources(self) -> np.ndarray:
-        rng = np.random.default_rng([self.cfg.seed, _TAG_MIX, self.reader, self.batches])
+        rng = stream_rng(Stream.SHARD_MIX, seed=self.cfg.seed, reader=self.reader, batch=self.batches)
         n, size = len(self.streams), self.cfg.batch_size
         if n == 1:
             return np.zeros(size, dtype=np.int64)

@@ -25,6 +25,7 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 
+from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.images import (
     CLIP_MEAN,
     CLIP_STD,
@@ -43,8 +44,6 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _DCT_SCALES = (8, 4, 2)
 # The JPEG colour spaces libjpeg-turbo turns into RGB exactly as PIL does.
 _TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")
-# The stream tag of per-sample crops (data.crops: sample), apart from the reader's random streams.
-_TAG_SAMPLE_CROP = 41
 
 
 def crop_box(
@@ -85,8 +84,10 @@ def crop_box(
 def sample_crop_uniforms(seed: int, shard: str, key: str) -> np.ndarray:
     """The CROP_UNIFORMS of a sample drawn from its shard's file name and its key (`data.crops: sample`):
     the same crop whenever and wherever the sample is read, in training or in feature extraction."""
-    tag = [seed, _TAG_SAMPLE_CROP, zlib.crc32(shard.encode()), zlib.crc32(key.encode())]
-    return np.random.default_rng(tag).random(CROP_UNIFORMS)
+    rng = stream_rng(
+        Stream.SAMPLE_CROP, seed=seed, shard_crc=zlib.crc32(shard.encode()), key_crc=zlib.crc32(key.encode())
+    )
+    return rng.random(CROP_UNIFORMS)
 
 
 def dct_factor(box_h: int, box_w: int, size: int, margin: float = 1.0) -> int:

@@ -1,8 +1,6 @@
-"""The freeze policy: a declared set of module patterns that train; everything else is frozen."""
+"""The freeze policy: a declared set of modules that train; everything else is frozen."""
 
 from __future__ import annotations
-
-from fnmatch import fnmatchcase
 
 from torch import nn
 
@@ -10,24 +8,26 @@ from torch import nn
 TRAINABLE_MODULES: tuple[str, ...] = ("llama_proj",)
 
 
-def is_trainable(param_name: str, patterns: tuple[str, ...] = TRAINABLE_MODULES) -> bool:
-    """A parameter trains when its owning module (or the parameter itself) matches a pattern."""
-    return any(fnmatchcase(param_name, p) or fnmatchcase(param_name, f"{p}.*") for p in patterns)
+def is_trainable(param_name: str, modules: tuple[str, ...] = TRAINABLE_MODULES) -> bool:
+    """A parameter trains when it is one of `modules` or belongs to one (dotted names, no wildcards)."""
+    return any(param_name == m or param_name.startswith(f"{m}.") for m in modules)
 
 
-def apply_freeze(model: nn.Module, patterns: tuple[str, ...] = TRAINABLE_MODULES) -> list[str]:
-    """Set requires_grad from the policy and put frozen children in eval mode; returns the trainable names."""
-    if not patterns:
-        raise ValueError("freeze policy: no trainable module patterns given")
+def apply_freeze(model: nn.Module, modules: tuple[str, ...] = TRAINABLE_MODULES) -> list[str]:
+    """Set requires_grad from the policy and put frozen children in eval mode; returns the trainable names.
+
+    ValueError when `modules` is empty or names a module without parameters in `model`."""
+    if not modules:
+        raise ValueError("freeze policy: no trainable modules given")
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable(name, patterns))
+        param.requires_grad_(is_trainable(name, modules))
         if param.requires_grad:
             trainable.append(name)
-    unmatched = [p for p in patterns if not any(is_trainable(n, (p,)) for n in trainable)]
+    unmatched = [m for m in modules if not any(is_trainable(n, (m,)) for n in trainable)]
     if unmatched:
         raise ValueError(
-            f"freeze policy: pattern(s) {unmatched} match no parameter of {type(model).__name__}"
+            f"freeze policy: trainable module(s) {unmatched} match no parameter of {type(model).__name__}"
         )
     # MiniGPT4.train keeps frozen children in eval; calling it re-applies that after the change above.
     model.train(model.training)

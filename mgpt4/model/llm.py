@@ -59,6 +59,15 @@ def llm_config_mismatches(cfg: LLMConfig, hf_config: PretrainedConfig | dict[str
     return problems
 
 
+class LLMFolderMismatch(WeightsError):
+    """The LLM folder's config.json disagrees with fields set in `model.llm` (`problems`, one line each)."""
+
+    def __init__(self, folder: str, problems: list[str]):
+        super().__init__(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
+        self.folder = folder
+        self.problems = problems
+
+
 def read_llm_folder_config(folder: str) -> PretrainedConfig:
     """The Hugging Face config of an LLM folder (its config.json), read locally."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -102,11 +111,12 @@ def random_llm_config(cfg: LLMConfig, attn_implementation: str = "sdpa") -> Pret
     return hf
 
 
-def resolve_llm_config(cfg: ModelConfig, check: bool = True) -> PretrainedConfig:
+def resolve_llm_config(cfg: ModelConfig, check: bool = False) -> PretrainedConfig:
     """The LLM's Hugging Face config: the folder's (`model.weights.llm`), or a random one's.
 
-    With `check`, raises WeightsError naming every `model.llm` field the folder's config.json
-    disagrees with (the model build skips it: the load step checks before reading any weight).
+    With `check`, raises LLMFolderMismatch naming every `model.llm` field the folder's config.json
+    disagrees with. The model build checks (`MiniGPT4`, before any part is built); everything after it,
+    the LLM loader included, trusts the built model's config and reads the folder's sizes unchecked.
     """
     folder = cfg.weights.llm
     if folder is None:
@@ -114,7 +124,7 @@ def resolve_llm_config(cfg: ModelConfig, check: bool = True) -> PretrainedConfig
     hf = read_llm_folder_config(folder)
     problems = llm_config_mismatches(cfg.llm, hf) if check else []
     if problems:
-        raise WeightsError(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
+        raise LLMFolderMismatch(folder, problems)
     hf._attn_implementation = cfg.attn_implementation
     return hf
 

@@ -19,7 +19,6 @@ from torch import nn
 from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN
 from mgpt4.logs import get_logger
 from mgpt4.model.errors import WeightsError
-from mgpt4.model.llm import llm_config_mismatches, read_llm_folder_config
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import interpolate_pos_embed
 
@@ -257,18 +256,9 @@ def rename_blip2(key: str) -> str | None:
     return "qformer." + k
 
 
-def refuse_without_qformer(model: MiniGPT4, field: str) -> None:
-    if model.qformer is None:
-        raise WeightsError(
-            f"model.weights.{field} is set, but model.qformer is null: this model has no Q-Former (the "
-            f"LLaMA-2 variant), and its ln_vision stays freshly initialised as in the official code, so "
-            f"no BLIP-2 file is read. Unset model.weights.{field}, or give model.qformer sizes."
-        )
-
-
 def load_blip2(model: MiniGPT4, path: str) -> list[str]:
-    """ln_vision, the Q-Former and the query tokens from `blip2_pretrained_flant5xxl.pth`."""
-    refuse_without_qformer(model, "blip2")
+    """ln_vision, the Q-Former and the query tokens from `blip2_pretrained_flant5xxl.pth` (a model with
+    a Q-Former: `ModelConfig.validate` refuses a BLIP-2 file without one)."""
     sd = _unwrap_model(read_checkpoint(path, model.cfg.weights.allow_pickle), path)
     return load_mapped(model, QFORMER_PREFIXES, sd, path, rename_blip2, BLIP2_IGNORED)
 
@@ -347,8 +337,8 @@ def read_hf_state(
 
 
 def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
-    """ViT, ln_vision, Q-Former and query tokens from a Hugging Face BLIP-2 folder."""
-    refuse_without_qformer(model, "blip2_hf")
+    """ViT, ln_vision, Q-Former and query tokens from a Hugging Face BLIP-2 folder (a model with a
+    Q-Former, as `load_blip2`)."""
     sd = read_hf_state(folder, ("vision_model.", "qformer.", "query_tokens"), model.cfg.weights.allow_pickle)
     sd = split_hf_qkv_bias(sd, model.cfg.vision.width, folder)
     depth = model.cfg.vision.depth
@@ -409,10 +399,7 @@ def load_llm(model: MiniGPT4, folder: str) -> None:
     (`AutoModelForCausalLM`); sizes set in `model.llm` must match its config.json."""
     from transformers import AutoModelForCausalLM
 
-    # Every field that differs is named before any weight is read.
-    problems = llm_config_mismatches(model.cfg.llm, read_llm_folder_config(folder))
-    if problems:
-        raise WeightsError(f"{folder}: the LLM does not match the config:\n  " + "\n  ".join(problems))
+    # The folder's sizes were checked against model.llm when the model was built (`MiniGPT4`).
     llm, info = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=DTYPES[model.cfg.precision.llm],
@@ -427,10 +414,12 @@ def load_llm(model: MiniGPT4, folder: str) -> None:
 
 
 def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
-    """Load every file named in `model.cfg.weights`; returns the ignored keys per file."""
+    """Load every file named in `model.cfg.weights`; returns the ignored keys per file.
+
+    The config was validated when the model was built; one changed since is validated again here
+    (ConfigError), so a file the model cannot take is refused before any is read."""
+    model.cfg.validate_once()
     w = model.cfg.weights
-    if w.blip2_hf and (w.eva_vit or w.blip2):
-        raise WeightsError("model.weights: give either blip2_hf or eva_vit + blip2, not both")
     ignored: dict[str, list[str]] = {}
     if w.eva_vit:
         ignored[w.eva_vit] = load_eva_vit(model, w.eva_vit)

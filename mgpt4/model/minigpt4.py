@@ -54,12 +54,13 @@ class MiniGPT4(nn.Module):
         device: str | torch.device | None = None,
     ):
         super().__init__()
-        cfg.validate()
+        cfg.validate_once()  # a config validated at config time (the trainer's) is not checked again
         self.cfg = cfg
         self.tokenizer = tokenizer
         ctx = torch.device(device) if device is not None else contextlib.nullcontext()
-        # The folder's config.json when there is a folder; the load step checks it against cfg.llm.
-        hf_llm = resolve_llm_config(cfg, check=False)
+        # The folder's config.json when there is a folder, checked against cfg.llm here, once: before any
+        # part is built, and the load step trusts it.
+        hf_llm = resolve_llm_config(cfg, check=True)
         n_img, img_width = image_token_shape(cfg)
         with ctx:
             self.visual_encoder = build_eva_vit(cfg.vision)

@@ -12,7 +12,7 @@ from mgpt4.config import Config
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.config import DataConfig
 from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
-from mgpt4.data.shard_stream import check_readers, expand_source
+from mgpt4.data.shard_stream import check_sources
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.assets import fill_demo_paths
 from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint
@@ -94,18 +94,8 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
             except FileNotFoundError as e:
                 missing.append(f"data.align_root: {e}")
         return missing
-    for i in range(len(d.sources)):
-        where = f"data.sources[{i}].shards"
-        urls = expand_source(d, i)  # kind 'features' with features_root: the feature shards
-        for url in urls:
-            check_url(url, where)
-        check_readers(d, i, urls, world_size, d.num_workers)
-        if not set(urls) <= will_exist:
-            try:
-                check_local_shards(urls, where, d.source_names()[i])
-            except ValueError as e:
-                missing.append(str(e))
-    return missing + check_feature_cache(cfg)
+    # The loader built from this config trusts these checks (`check_sources` remembers them).
+    return missing + check_sources(d, world_size, d.num_workers, will_exist) + check_feature_cache(cfg)
 
 
 def find_missing_val(d: DataConfig, will_exist: set[str]) -> list[str]:
