@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,26 @@ def describe_list_change(what: str, saved: Sequence[str], now: Sequence[str]) ->
     return ": ".join(parts[:1]) + ("; " + "; ".join(parts[1:]) if parts[1:] else "")
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How the loader starts its workers: forked from a fork server, not from the trainer.
+
+    A worker forked from the trainer shares every page of it, a loaded model included: each showed
+    the whole process as resident (8.8 GB at 7B, copy-on-write), and the kernel's OOM killer counts it
+    per process. The fork server is a fresh interpreter started at the first worker; it imports
+    the mgpt4 modules this process has imported (so each worker starts warm, and a launcher script
+    that the worker re-runs as `__mp_main__` finds its imports there) and never holds a model.
+    The dataset and `worker_init_fn` travel to each worker pickled. Where there is no fork server
+    (Windows), workers are spawned.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # Read when the server starts (once per process); later calls change nothing.
+    mgpt4 = [m for m in sys.modules if m.split(".")[0] == "mgpt4" and not m.endswith("__main__")]
+    ctx.set_forkserver_preload(sorted(mgpt4))
+    return ctx
+
+
 @dataclass
 class _Position:
     batches: int = 0
@@ -128,6 +150,7 @@ class Loader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch if workers > 0 else None,
             persistent_workers=False,
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
         self._dl_iter = iter(dl)
         return self._dl_iter

@@ -13,12 +13,15 @@ precision applies to the trainable set only, and the model casts where the parts
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
@@ -126,8 +129,13 @@ def optimizer_state_numel(optimizer) -> int:
 
 def local_param_numel(module: torch.nn.Module) -> int:
     """Parameter elements this rank stores for `module` (its shard under ZeRO-3)."""
+    return stored_numel(module.parameters())
+
+
+def stored_numel(params: Iterable[torch.nn.Parameter]) -> int:
+    """Elements this rank stores of `params`: a ZeRO-3-partitioned one counts its shard."""
     total = 0
-    for p in module.parameters():
+    for p in params:
         ds_tensor = getattr(p, "ds_tensor", None)
         total += ds_tensor.numel() if ds_tensor is not None else p.numel()
     return total
@@ -139,8 +147,11 @@ def full_param_numel(module: torch.nn.Module) -> int:
 
 def memory_report(engine, optimizer, model: MiniGPT4) -> dict[str, Any]:
     """Where the parameters and optimizer state live, per rank (a collective call)."""
-    local = [optimizer_state_numel(optimizer), local_param_numel(model.llm)]
-    gathered: list[list[int]] = [[] for _ in range(dist.get_world_size())]
+    parts = {name: stored_numel(part.parameters()) for name, part in model.named_children()}
+    own = model.named_parameters(recurse=False)  # query_tokens
+    parts.update({name: stored_numel([p]) for name, p in own})
+    local = [optimizer_state_numel(optimizer), local_param_numel(model.llm), parts]
+    gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, local)
     return {
         "zero_stage": engine.zero_optimization_stage(),
@@ -151,6 +162,10 @@ def memory_report(engine, optimizer, model: MiniGPT4) -> dict[str, Any]:
         "llm_params": full_param_numel(model.llm),
         "optimizer_state_numel_per_rank": [g[0] for g in gathered],
         "llm_params_per_rank": [g[1] for g in gathered],
+        # Elements each rank holds of each part as its ZeRO-3 shard (as llm_params_per_rank): every
+        # parameter is split, the frozen ViT and Q-Former included; one at or below
+        # stage3_param_persistence_threshold is also kept whole once it has been used.
+        "params_per_rank": {name: [g[2][name] for g in gathered] for name in parts},
         # The dtype each part's parameters are stored in, after the engine's cast.
         "dtypes": {
             name: str(next(part.parameters()).dtype).removeprefix("torch.")
@@ -288,3 +303,30 @@ def load_trainable_state_dict(engine, model: MiniGPT4, state: dict[str, Any]) ->
 
 def is_zero3(engine) -> bool:
     return engine.zero_optimization_stage() == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Reads outside the engine's forward
+
+
+@contextlib.contextmanager
+def gathered(*parts: torch.nn.Module | None, recurse: bool = True) -> Iterator[None]:
+    """The full values of the ZeRO-3-partitioned parameters of `parts` (None is skipped) while the
+    block runs, on this rank; without ZeRO-3, or with nothing partitioned, it does nothing.
+
+    A collective call: every rank enters it together. Inside the engine's forward ZeRO-3 fetches a
+    parameter whenever it is read; outside it only a module's own call fetches that module's
+    parameters, so an attribute read (a ViT's `pos_embed` under `forward_features`, `query_tokens`)
+    sees an empty tensor: `recurse=False` gathers only what each of `parts` holds itself and leaves
+    its children, which run through their calls, to the hooks (the cheap choice for a ViT-g).
+    Parameters are read-only inside: a change is not kept; on the way out the gathered ones are
+    partitioned again.
+    """
+    params = [p for part in parts if part is not None for p in part.parameters(recurse=recurse)]
+    # Only what is partitioned now: a persistent parameter (below the persistence threshold) stays whole.
+    params = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

@@ -24,6 +24,13 @@ def device_memory_gb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def log_failure(what: str, error: Exception) -> None:
+    """One warning line (each rank its own) for an auxiliary output that failed: sample captions,
+    images, TensorBoard. The run goes on; the message is folded onto one line and cut at 300 chars."""
+    message = " ".join(str(error).split())
+    log.warning(f"{what} not written, the run goes on: {type(error).__name__}: {message[:300]}")
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -105,9 +112,12 @@ class Metrics:
             row[f"data/skipped_{reason}"] = float(count)
         row.update(self._pending)
         if self.rank == 0:
-            for key, value in row.items():
-                self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+            try:
+                for key, value in row.items():
+                    self.writer.add_scalar(key, value, step)
+                self.writer.flush()
+            except Exception as e:  # metrics.jsonl below still gets the row
+                log_failure(f"step {step}: TensorBoard scalars", e)
             self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
             self.jsonl.flush()
             rate = (time.perf_counter() - self._run_start - self._run_excluded) / max(self._run_steps, 1)
@@ -147,8 +157,11 @@ class Metrics:
 
     def close(self) -> None:
         if self.rank == 0:
-            self.writer.close()
             self.jsonl.close()
+            try:
+                self.writer.close()
+            except Exception as e:
+                log_failure("TensorBoard's last events", e)
 
 
 def drop_rows_after(path: str, step: int) -> None:

@@ -30,7 +30,7 @@ from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
 from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.flops import device_peak_tflops
-from mgpt4.train.metrics import Metrics, device_memory_gb
+from mgpt4.train.metrics import Metrics, device_memory_gb, log_failure
 from mgpt4.train.preemption import Preemption
 from mgpt4.train.resolve import resolve_config
 from mgpt4.train.run_state import save_checkpoint
@@ -167,21 +167,42 @@ def save(run: Run) -> None:
 
 
 def write_samples(run: Run) -> None:
-    """Captions for the fixed sample images; every rank generates (ZeRO-3 needs all of them)."""
+    """Captions for the fixed sample images; every rank generates (ZeRO-3 needs all of them).
+
+    This runs outside the engine's forward, where ZeRO-3 fetches a partitioned parameter only through
+    its own module's call: `encode_img` reads the ViT's own parameters (`pos_embed`, `cls_token`) under
+    `forward_features` and the model's `query_tokens` by attribute, so those are gathered here; every
+    part it calls (ViT blocks, `ln_vision`, Q-Former, projection, LLM) fetches its own.
+    """
     text = run.cfg.model.text
     prompt = run.model.wrap_instruction(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
-    run.model.eval()
     images = run.sample_images if run.sample_images.dim() == 4 else None  # features from a cache: no pixels
-    with torch.no_grad():
-        encode = run.model.encode_img if images is not None else run.model.project_features
-        captions = run.model.generate_from_embeds(
-            [encode(run.sample_images)],
-            prompt,
-            max_new_tokens=text.max_txt_len,
-            synced_gpus=eng_mod.is_zero3(run.engine),
-        )
-    run.model.train()
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            if images is not None:
+                with eng_mod.gathered(run.model.visual_encoder, run.model, recurse=False):
+                    embeds = run.model.encode_img(images)
+            else:
+                embeds = run.model.project_features(run.sample_images)
+            captions = run.model.generate_from_embeds(
+                [embeds],
+                prompt,
+                max_new_tokens=text.max_txt_len,
+                synced_gpus=eng_mod.is_zero3(run.engine),
+            )
+    finally:
+        run.model.train()
     run.metrics.write_samples(run.step, images, [c.split("\n")[0].strip() for c in captions])
+
+
+def write_samples_or_warn(run: Run) -> None:
+    """`write_samples` as the auxiliary it is: it runs after the step's checkpoint is saved, and a
+    failure (generation, images, TensorBoard) is one warning line; the run goes on."""
+    try:
+        write_samples(run)
+    except Exception as e:
+        log_failure(f"step {run.step}: sample captions", e)
 
 
 def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
@@ -243,15 +264,15 @@ def train_loop(run: Run) -> None:
         if run.step % t.log_every == 0 or last:
             log_window(run, loss_sum, window)
             loss_sum, window = torch.zeros((), device=run.dist.device), 0
-        if (t.sample_every and run.step % t.sample_every == 0) or run.step == t.steps:
-            write_samples(run)
         if run.step % t.save_every == 0 or last:
-            save(run)
+            save(run)  # before any auxiliary output: a failure there never costs the checkpoint
         elif run.preemption.requested(run.dist.device):
             save(run)
             if run.dist.rank == 0:
                 run.preemption.requeue(run.step)
-            return
+            return  # the job is ending: the checkpoint and the requeue, not this step's samples
+        if (t.sample_every and run.step % t.sample_every == 0) or run.step == t.steps:
+            write_samples_or_warn(run)
 
 
 def train(cfg: Config, ds_path: str, resume: bool = True) -> None:

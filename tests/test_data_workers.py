@@ -1,0 +1,40 @@
+"""Data workers do not inherit the trainer's memory: they start from a fork server, not by forking the
+process that holds the model (a forked worker showed the whole 7B-size process, 8.8 GB, as its own)."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+from data_fixtures import numbered_shards, tiny_tokenizer
+
+from mgpt4.data import DataConfig, SourceConfig, build_loader
+
+L = 12
+MODEL_BYTES = 2**30
+
+
+def _resident_of_started(cfg: DataConfig) -> dict[int, int]:
+    """Resident bytes of every process below this one while a loader runs: its workers (and the fork
+    server they come from)."""
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    try:
+        batch = next(iter(loader))  # every worker has started once a batch has come back
+        assert batch["image"].shape[0] == cfg.batch_size
+        started = psutil.Process().children(recursive=True)
+        assert len(started) >= cfg.num_workers, [p.cmdline() for p in started]
+        return {p.pid: p.memory_info().rss for p in started}
+    finally:
+        loader.close()
+
+
+def test_a_worker_does_not_hold_the_models_parameters(tmp_path):
+    paths = numbered_shards(str(tmp_path), 2, 8)
+    cfg = DataConfig(sources=[SourceConfig(shards=paths)], batch_size=2, num_workers=2, image_size=16)
+    before = _resident_of_started(cfg)  # what a worker holds of its own: imports, buffers
+    # A model's weights, written so every page is resident here before the workers start again.
+    weights = torch.nn.Parameter(torch.ones(MODEL_BYTES // 4), requires_grad=False)
+    assert psutil.Process().memory_info().rss > MODEL_BYTES
+    after = _resident_of_started(cfg)
+    # A forked worker counts all of its parent's pages as its own resident memory, the weights included.
+    assert all(rss < max(before.values()) + MODEL_BYTES // 2 for rss in after.values()), (before, after)
+    assert float(weights[0]) == 1.0  # the weights lived until the workers were measured
