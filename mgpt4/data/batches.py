@@ -35,8 +35,9 @@ class BatchText:
     """How a batch's text is made: the answer encoding (from the model's TextConfig) and the number of
     instructions the loader draws from (0: stage 1, no instruction).
 
-    Packing also needs `context_lengths`: the LLM tokens before the answer (BOS, the wrapped
-    instruction, the image queries), one value without instructions, else one per instruction.
+    Packing also needs `context_lengths`: the LLM positions before the answer under each instruction
+    (one value without instructions), `Layout.context_length` of the model's sample layouts
+    (`mgpt4.model.layout`).
     """
 
     tokenizer: Any

@@ -73,8 +73,7 @@ def stage_prompt(model: MiniGPT4) -> str:
     """The prompt the model was trained with: stage 2 its first instruction in the model's template
     (`###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: ` for Vicuna v0),
     stage 1 the image alone, which the caption follows directly."""
-    text = model.cfg.text
-    return model.wrap_instruction(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
+    return model.sample_prompts()[0]
 
 
 def first_caption(reply: str, end_sym: str) -> str:

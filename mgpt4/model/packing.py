@@ -6,8 +6,8 @@ gets `position_ids` that restart at 0 for each sample and no attention mask, whi
 packed-sequence format: under SDPA or eager attention it builds a block-diagonal causal mask from the
 position ids (`masking_utils.find_packed_sequence_indices`), and under FlashAttention-2 it runs the
 varlen kernel on the same boundaries, so attention never crosses samples. Labels never cross either:
-every sample starts with BOS, whose label is ignored, so the shifted loss never asks one sample's last
-token to predict the next sample. The loss is the mean over the answer tokens of all packed samples,
+every sample starts with its context (BOS, prompt, image tokens: `mgpt4.model.layout`), whose labels
+are ignored, so the shifted loss never asks one sample's last token to predict the next sample. The loss is the mean over the answer tokens of all packed samples,
 the same mean the unpacked batch takes (the official loss).
 """
 
