@@ -254,6 +254,18 @@ def _joined(timeout: datetime.timedelta) -> None:
     _timeout = timeout
 
 
+def _owned() -> list[tdist.ProcessGroup]:
+    """The groups this module owns, starting with the world group of now: one created by a caller
+    (a test, a library user) is owned from its first use here, and groups of an earlier world,
+    destroyed without `shutdown`, are dropped."""
+    global _timeout
+    world = tdist.group.WORLD
+    if not _groups or _groups[0] is not world:
+        _groups[:] = [world]
+        _timeout = None  # the creator's, unknown here
+    return _groups
+
+
 def init(
     startup_timeout_min: float,
     join: Callable[[datetime.timedelta], None] | None = None,
@@ -334,18 +346,22 @@ def held_groups(*objects: Any) -> list[tdist.ProcessGroup]:
 
 def adopt(*groups: tdist.ProcessGroup | None) -> None:
     """Put groups made outside this module (DeepSpeed's) under its timeout: each gets the current one
-    now (the start-up timeout, instead of torch's default) and every later `set_timeout`."""
+    now (the start-up timeout, instead of torch's default) and every later `set_timeout`. Nothing
+    without a group."""
+    if not tdist.is_initialized():
+        return
+    owned = _owned()
     for group in groups:
-        if group is None or group is tdist.GroupMember.NON_GROUP_MEMBER or any(group is g for g in _groups):
+        if group is None or group is tdist.GroupMember.NON_GROUP_MEMBER or any(group is g for g in owned):
             continue
-        _groups.append(group)
+        owned.append(group)
         if _timeout is not None:
             tdist.set_timeout(_timeout, group)
 
 
 def groups() -> list[tdist.ProcessGroup]:
     """The groups whose timeout this module owns, the world group first (empty without a group)."""
-    return list(_groups)
+    return list(_owned()) if tdist.is_initialized() else []
 
 
 def set_timeout(minutes: float) -> None:
@@ -360,9 +376,10 @@ def set_timeout(minutes: float) -> None:
     if not tdist.is_initialized():
         return
     _timeout = _minutes(minutes)
-    for group in _groups:
+    owned = _owned()
+    for group in owned:
         tdist.set_timeout(_timeout, group)
-    others = tdist.get_pg_count() - len(_groups)
+    others = tdist.get_pg_count() - len(owned)
     if others > 0:
         log.warning(
             f"{others} process group(s) made outside mgpt4.dist keep the timeout they were made with, "

@@ -123,7 +123,7 @@ MinJobAge=300
 KillWait=5
 Waittime=0
 JobRequeue=1
-# srun tasks derive their rendezvous port from the job id (mgpt4/train/launch_env.py): clusters started
+# srun tasks derive their rendezvous port from the job id (mgpt4/dist.py): clusters started
 # side by side on one machine must not all number their jobs from 1.
 FirstJobId=$((1000 + RANDOM % 30000))
 # Requeued jobs wait for the job credential to expire (default 120 s); short for the tests.

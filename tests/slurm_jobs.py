@@ -17,7 +17,7 @@ from tests.launch import REPO, launcher_env
 
 CLUSTER_SCRIPT = os.path.join(REPO, "tests", "slurm_cluster.sh")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-# What engine.init_distributed prints once per rank.
+# What mgpt4.dist.init prints once per rank of a training job.
 RANK_LINE = re.compile(
     r"^.*?: rank (?P<rank>\d+)/(?P<world>\d+) local_rank (?P<local>\d+) node (?P<node>\S+) pid (?P<pid>\d+) "
     r"rendezvous (?P<addr>\S+):(?P<port>\d+) \((?P<launcher>\w+)\)$",

@@ -4,9 +4,14 @@ logging tags lines with, and the step timeout reaching the process groups DeepSp
 
 from __future__ import annotations
 
-import pytest
+import logging
 
-from mgpt4.dist import detect, first_node, process_rank, wire
+import pytest
+import torch
+import torch.distributed as tdist
+
+from mgpt4 import dist
+from mgpt4.dist import detect, first_node, free_port, process_rank, wire
 
 TORCH = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
 
@@ -98,3 +103,36 @@ def test_launcher_variables_that_do_not_fit_are_named():
     with pytest.raises(SystemExit, match="RANK=8 is not within WORLD_SIZE=8"):
         detect({**TORCH, "RANK": "8"})
     assert process_rank({**TORCH, "RANK": "x"}) == (0, 1)  # logging goes on; the launch stops
+
+
+def _seconds(group) -> float:
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def test_the_step_timeout_reaches_adopted_groups_and_names_the_others(monkeypatch, caplog):
+    """A world of one in this process: a group made elsewhere (as DeepSpeed makes its own) gets the
+    start-up timeout once adopted and the step timeout with the world group; one never adopted is
+    named, and keeps the timeout it was made with. (Two ranks under DeepSpeed: tests/test_house.py.)"""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for var, value in {**env, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(var, value)
+    d = dist.init(45, device_type="cpu")
+    try:
+        assert (d.rank, d.world_size, d.device) == (0, 1, torch.device("cpu"))
+        assert process_rank() == (0, 1) and [_seconds(g) for g in dist.groups()] == [2700.0]
+        made = tdist.new_group([0])
+        assert _seconds(made) == 1800.0  # torch's default, not the start-up timeout
+        dist.adopt(made, None)
+        assert [_seconds(g) for g in dist.groups()] == [2700.0, 2700.0]
+        with caplog.at_level(logging.WARNING, logger="mgpt4.dist"):
+            dist.set_timeout(0.5)
+        assert [_seconds(g) for g in dist.groups()] == [30.0, 30.0]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        stray = tdist.new_group([0])
+        with caplog.at_level(logging.WARNING, logger="mgpt4.dist"):
+            dist.set_timeout(1)
+        assert "1 process group(s) made outside mgpt4.dist" in caplog.text
+        assert [_seconds(g) for g in dist.groups()] == [60.0, 60.0] and _seconds(stray) == 1800.0
+    finally:
+        dist.shutdown()
+    assert not tdist.is_initialized() and dist.groups() == []

@@ -3,7 +3,7 @@
 Every rank checks the inputs (images against references) before any model is loaded, takes every
 world_size-th image, generates its captions in batches and hands them over in one gather at the
 end; rank 0 writes `predictions.jsonl` and `metrics.json`, prints the table and, when asked, logs
-the scores to a run's TensorBoard. Ranks are wired as training wires them (`mgpt4.ranks`).
+the scores to a run's TensorBoard. Ranks are wired as training wires them (`mgpt4.dist`).
 """
 
 from __future__ import annotations

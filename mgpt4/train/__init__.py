@@ -3,6 +3,6 @@
     deepspeed launchers/pretrain.py --deepspeed ds_configs/z2.json     # cli.py -> trainer.py
 
 `engine.py` is the only module of mgpt4 that imports `deepspeed`; everything else here (the
-optimizer and schedule, the DeepSpeed JSON, checkpoint names, metrics, FLOPs, rank wiring) can be
-imported and tested without it.
+optimizer and schedule, the DeepSpeed JSON, checkpoint names, metrics, FLOPs) can be imported and
+tested without it. The rank wiring every job shares is `mgpt4/dist.py`.
 """
