@@ -89,15 +89,15 @@ def test_collectives_get_a_long_start_up_timeout_then_a_short_one():
     )
     env = launcher_env(str(REPO))
     env.pop("MASTER_PORT", None)
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    # A world of one waits on no peer: the run needs no time limit, and what it did is checked below.
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = dict(
         line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("start", "steps"))
     )
     assert eval(lines["start"]) and set(eval(lines["start"])) == {45 * 60.0}
     assert set(eval(lines["steps"])) == {30.0}
+    assert len(eval(lines["steps"])) == len(eval(lines["start"]))  # every group shortened, none added
 
 
 def test_layer_contracts_hold():
