@@ -59,6 +59,21 @@ def model_args(*argv: str) -> argparse.Namespace:
 # Images
 
 
+def generated(model, image: str, question: str | None, messages=None, settings=GREEDY) -> str:
+    """The reference a session's reply is checked against: `MiniGPT4.generate` straight on the
+    conversation `messages` (default: just the image) with `question` asked, the image as pixels."""
+    conv = Conversation()
+    if messages is None:
+        conv.add_image()
+    else:
+        conv.messages = [list(m) for m in messages]
+    if question is not None:
+        conv.ask(question)
+    pixels = eval_transform(load_image(image), 56).unsqueeze(0)
+    [reply] = model.generate(pixels, conv.prompt_for_reply(), settings)
+    return reply
+
+
 def test_preprocess_is_the_official_eval_transform(image):
     from torchvision import transforms
 
@@ -152,14 +167,22 @@ def test_beam_search_gives_the_reply_whole_and_temperature_zero_is_greedy(model,
     zero = GenerationSettings(max_new_tokens=8, sample=True, temperature=0.0)
     assert not zero.do_sample and session.reply("What is in the picture?", zero) == greedy
     session.reset()
-    parts = list(
-        session.stream_reply("What is in the picture?", GenerationSettings(max_new_tokens=8, num_beams=3))
-    )
-    assert len(parts) == 1 and parts[0]
-    session.reset()
+    beams = GenerationSettings(max_new_tokens=8, num_beams=3)  # sampled beams: seeded alike below
     torch.manual_seed(0)
-    sampled = session.reply("What is in the picture?", GenerationSettings(max_new_tokens=8, temperature=1.5))
+    parts = list(session.stream_reply("What is in the picture?", beams))
+    assert len(parts) == 1 and parts[0]
+    torch.manual_seed(0)
+    assert parts[0] == generated(model, image, "What is in the picture?", settings=beams)
+    session.reset()
+    sampling = GenerationSettings(max_new_tokens=8, temperature=1.5)
+    torch.manual_seed(0)
+    sampled = session.reply("What is in the picture?", sampling)
     assert isinstance(sampled, str)
+    # The same seed draws the same reply in another session: what was sampled is the session's doing.
+    reference = ChatSession(model)
+    reference.set_image(image)
+    torch.manual_seed(0)
+    assert reference.reply("What is in the picture?", sampling) == sampled
 
 
 def test_questions_the_session_cannot_answer(model, image):
@@ -192,8 +215,10 @@ def test_closing_the_stream_stops_generation_and_keeps_what_was_said(model, imag
     assert not [t for t in threading.enumerate() if t.name == "mgpt4-generate"]
     role, said = session.conversation.messages[-1]
     assert role == "Assistant: " and said.startswith(first)
-    # The conversation goes on from there.
-    assert session.reply("And then?", GREEDY)
+    # The conversation goes on from there: as generate goes on from the conversation the session kept.
+    kept = [list(m) for m in session.conversation.messages]
+    reply = session.reply("And then?", GREEDY)
+    assert reply and reply == generated(model, image, "And then?", kept)
 
 
 def test_long_conversations_are_cut_to_max_context(model, image):
@@ -201,8 +226,12 @@ def test_long_conversations_are_cut_to_max_context(model, image):
     session.set_image(image)
     long_question = "describe the picture " * 150  # > the tiny LLM's 512 positions
     settings = GenerationSettings(max_new_tokens=8, sample=False, max_context=200)
-    assert session.reply(long_question, settings)
-    assert session.reply(long_question, settings)
+    for _ in range(2):
+        reply = session.reply(long_question, settings)
+        # The reply is generate's on the conversation the session kept (cut to fit), the reply excepted.
+        kept = session.conversation.messages
+        assert kept[-1][1] == reply
+        assert reply and reply == generated(model, image, None, kept[:-1], settings)
 
 
 def test_visible_reply_hides_a_stop_sequence_being_written():
@@ -233,7 +262,8 @@ def test_llm_in_bf16(checkpoint, image):
     assert loaded.visual_encoder.patch_embed.proj.weight.dtype == torch.float32
     session = ChatSession(loaded)
     session.set_image(image)
-    assert session.reply("What is in the picture?", GREEDY)
+    reply = session.reply("What is in the picture?", GREEDY)
+    assert reply and reply == generated(loaded, image, "What is in the picture?")
 
 
 def test_llm_in_8bit_needs_cuda_and_says_so(checkpoint):
@@ -262,7 +292,8 @@ def test_vision_on_cpu_runs_in_fp32_and_hands_embeddings_to_the_llm(checkpoint, 
     assert embeds.dtype == torch.bfloat16 and embeds.device == loaded.llm.lm_head.weight.device
     session = ChatSession(loaded)
     session.set_image(image)
-    assert session.reply("What is in the picture?", GREEDY)
+    reply = session.reply("What is in the picture?", GREEDY)
+    assert reply and reply == generated(loaded, image, "What is in the picture?")
 
 
 @pytest.mark.gpu
@@ -279,7 +310,8 @@ def test_vision_on_cpu_llm_on_gpu(checkpoint, image):
     session = ChatSession(loaded)
     session.set_image(image)
     assert session.img_embeds.device.type == "cuda"
-    assert session.reply("What is in the picture?", GREEDY)
+    reply = session.reply("What is in the picture?", GREEDY)
+    assert reply and reply == generated(loaded, image, "What is in the picture?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,13 +348,14 @@ def test_terminal_chat_as_a_person_uses_it(model, checkpoint, image):
         term.kill()
 
 
-def test_terminal_chat_ends_cleanly_at_end_of_input(checkpoint, image, monkeypatch, capsys):
+def test_terminal_chat_ends_cleanly_at_end_of_input(model, checkpoint, image, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is in the picture?\n/help\n"))
     chat.main(
         ["--image", image, "--checkpoint", checkpoint, "--device", "cpu", "--greedy", "--max-new-tokens", "4"]
     )
     out = capsys.readouterr().out
-    assert re.search(r"MiniGPT-4: \S+", out) and "/reset" in out
+    expected = generated(model, image, "What is in the picture?", settings=GREEDY.replace(max_new_tokens=4))
+    assert re.search(r"MiniGPT-4: \S+", out) and f"MiniGPT-4: {expected}\n" in out and "/reset" in out
     assert out.endswith("You: \n")
 
 
@@ -358,6 +391,9 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_said(model, image, capsys):
     assert printed, out
     role, said = session.conversation.messages[-1]
     assert role == "Assistant: " and said.startswith(printed.group(1))
+    # What was printed is the start of the whole reply, as generate gives it.
+    whole = generated(model, image, "What is in the picture?", settings=GREEDY.replace(max_new_tokens=50))
+    assert whole.startswith(printed.group(1)) and len(printed.group(1)) < len(whole)
     assert not [t for t in threading.enumerate() if t.name == "mgpt4-generate"]
 
 

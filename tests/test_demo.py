@@ -18,7 +18,9 @@ import urllib.request
 import pytest
 from PIL import Image, ImageDraw
 
+from mgpt4.chat.session import ChatSession
 from mgpt4.chat.web import IDS
+from mgpt4.model.generation import GenerationSettings
 from tests.chat_fixtures import (
     python_module,
     readable_tiny_model,
@@ -28,6 +30,8 @@ from tests.chat_fixtures import (
 )
 
 REPLY_TIMEOUT = 60
+# The decoding the server below is started with (its --greedy ... --max-context flags).
+SERVED = GenerationSettings(max_new_tokens=16, sample=False, repetition_penalty=1.3, max_context=200)
 
 
 def free_port() -> int:
@@ -53,7 +57,8 @@ def server(tokenizer, tmp_path_factory):
     except ImportError:
         pytest.fail("the web demo test needs Gradio: pip install 'gradio>=6,<7'")
     root = tmp_path_factory.mktemp("demo")
-    checkpoint = write_checkpoint(readable_tiny_model(tokenizer), str(root / "trained"))
+    model = readable_tiny_model(tokenizer)
+    checkpoint = write_checkpoint(model, str(root / "trained"))
     port = free_port()
     log_path = root / "server.log"
     argv = python_module(
@@ -70,7 +75,7 @@ def server(tokenizer, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_server(proc, url, log_path)
-        yield {"url": url, "root": root, "log": log_path}
+        yield {"url": url, "root": root, "log": log_path, "model": model}
     finally:
         proc.terminate()
         try:
@@ -193,6 +198,14 @@ class Page:
         self.wait_for(lambda: any(text in t for _, t in self.messages()), what)
 
 
+def reference_replies(server, image: str, questions: list[str]) -> list[str]:
+    """The replies a ChatSession on the served model gives with the server's settings, as the page shows
+    text (runs of white space as one)."""
+    session = ChatSession(server["model"])
+    session.set_image(image)
+    return [" ".join(session.reply(q, SERVED).split()) for q in questions]
+
+
 def test_upload_ask_and_a_reply_appears(server, browser):
     page = Page(browser, server["url"])
     page.upload(scene(str(server["root"] / "scene.png")))
@@ -200,6 +213,8 @@ def test_upload_ask_and_a_reply_appears(server, browser):
     first = page.reply_to("What is in the picture?")
     assert any(c.isalpha() for c in first), first
     second = page.reply_to("Which shape is on the left?")
+    questions = ["What is in the picture?", "Which shape is on the left?"]
+    assert [first, second] == reference_replies(server, str(server["root"] / "scene.png"), questions)
     assert [who for who, _ in page.messages()] == ["bot", "user", "bot", "user", "bot"]
     # Reset forgets the conversation: the same first question gets the same greedy answer.
     page.click("reset")
@@ -239,7 +254,10 @@ def test_bad_uploads_get_a_message_in_the_chat(server, browser):
     # The page still works after bad uploads.
     page.upload(write_image(str(server["root"] / "flag.png")))
     page.says("Got the image (96×64)", "the upload's confirmation")
-    assert page.reply_to("What is in the picture?")
+    reply = page.reply_to("What is in the picture?")
+    assert reply and [reply] == reference_replies(
+        server, str(server["root"] / "flag.png"), ["What is in the picture?"]
+    )
     assert "Traceback" not in server["log"].read_text()
 
 

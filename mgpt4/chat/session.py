@@ -308,6 +308,8 @@ class ChatSession:
                 if partial != shown and partial.startswith(shown):
                     shown = partial
                     yield partial
+            if streamer is None:
+                thread.join()  # beams come whole: the reader is still here until they do
         finally:
             # A no-op once generation has ended; otherwise the reader went away and it stops now.
             stop.set()
