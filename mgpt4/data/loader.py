@@ -84,10 +84,11 @@ def worker_context() -> multiprocessing.context.BaseContext:
     A worker forked from the trainer shares every page of it, a loaded model included: each showed
     the whole process as resident (8.8 GB at 7B, copy-on-write), and the kernel's OOM killer counts it
     per process. The fork server is a fresh interpreter started at the first worker; it imports
-    the mgpt4 modules this process has imported (so each worker starts warm, and a launcher script
-    that the worker re-runs as `__mp_main__` finds its imports there) and never holds a model.
-    The dataset and `worker_init_fn` travel to each worker pickled. Where there is no fork server
-    (Windows), workers are spawned.
+    the mgpt4 modules this process has imported (so each worker starts warm) and never holds a model.
+    The dataset and `worker_init_fn` travel to each worker pickled, and each worker runs the script
+    that started this process again as `__mp_main__` (Python's rule for these start methods): a
+    script that trains must do so under `if __name__ == "__main__":`, as the launchers do. Where
+    there is no fork server (Windows), workers are spawned.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
