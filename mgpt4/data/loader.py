@@ -85,7 +85,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     the whole process as resident (8.8 GB at 7B, copy-on-write), and the kernel's OOM killer counts it
     per process. The fork server is a fresh interpreter started at the first worker; it imports
     the mgpt4 modules this process has imported (so each worker starts warm) and never holds a model.
-    The dataset and `worker_init_fn` travel to each worker pickled, and each worker runs the script
+    The dataset travels to each worker pickled, and each worker runs the script
     that started this process again as `__mp_main__` (Python's rule for these start methods): a
     script that trains must do so under `if __name__ == "__main__":`, as the launchers do. Where
     there is no fork server (Windows), workers are spawned.
