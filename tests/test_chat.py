@@ -15,8 +15,6 @@ import torch
 from PIL import Image
 
 from mgpt4.chat import terminal as chat
-from mgpt4.chat.flags import add_model_args
-from mgpt4.chat.placement import model_from_args, place_vision
 from mgpt4.chat.session import (
     ChatError,
     ChatSession,
@@ -28,6 +26,9 @@ from mgpt4.chat.session import (
     visible_reply,
 )
 from mgpt4.images import CLIP_MEAN, CLIP_STD, eval_transform
+from mgpt4.inference import ModelSource, load_model, model_config
+from mgpt4.inference.flags import add_model_args, source_from_args
+from mgpt4.inference.placement import place_vision
 from mgpt4.model.prompts import Conversation
 from tests.chat_fixtures import Terminal, python_module, readable_tiny_model, write_checkpoint, write_image
 
@@ -49,10 +50,11 @@ def image(tmp_path_factory):
     return write_image(str(tmp_path_factory.mktemp("img") / "flag.png"))
 
 
-def model_args(*argv: str) -> argparse.Namespace:
+def model_args(*argv: str) -> ModelSource:
+    """The model source that these model flags give, as every tool reads them."""
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    return parser.parse_args(list(argv))
+    return source_from_args(parser.parse_args(list(argv)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def test_visible_reply_hides_a_stop_sequence_being_written():
 
 
 def test_checkpoint_flags_give_the_trained_model(model, checkpoint, image):
-    loaded = model_from_args(model_args("--checkpoint", checkpoint, "--device", "cpu"))
+    loaded = load_model(model_args("--checkpoint", checkpoint, "--device", "cpu"))
     session = ChatSession(loaded)
     session.set_image(image)
     reference = ChatSession(model)
@@ -257,7 +259,7 @@ def test_checkpoint_flags_give_the_trained_model(model, checkpoint, image):
 
 
 def test_llm_in_bf16(checkpoint, image):
-    loaded = model_from_args(model_args("--checkpoint", checkpoint, "--device", "cpu", "--llm-dtype", "bf16"))
+    loaded = load_model(model_args("--checkpoint", checkpoint, "--device", "cpu", "--llm-dtype", "bf16"))
     assert loaded.llm.lm_head.weight.dtype == torch.bfloat16
     assert loaded.visual_encoder.patch_embed.proj.weight.dtype == torch.float32
     session = ChatSession(loaded)
@@ -268,11 +270,11 @@ def test_llm_in_bf16(checkpoint, image):
 
 def test_llm_in_8bit_needs_cuda_and_says_so(checkpoint):
     with pytest.raises(SystemExit, match=r"--llm-8bit needs a CUDA device.*--llm-dtype bf16"):
-        model_from_args(model_args("--checkpoint", checkpoint, "--device", "cpu", "--llm-8bit"))
+        load_model(model_args("--checkpoint", checkpoint, "--device", "cpu", "--llm-8bit"))
 
 
 def test_vision_on_cpu_runs_in_fp32_and_hands_embeddings_to_the_llm(checkpoint, image):
-    loaded = model_from_args(
+    loaded = load_model(
         model_args(
             "--checkpoint",
             checkpoint,
@@ -300,7 +302,7 @@ def test_vision_on_cpu_runs_in_fp32_and_hands_embeddings_to_the_llm(checkpoint, 
 def test_vision_on_cpu_llm_on_gpu(checkpoint, image):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (gpu marker)")
-    loaded = model_from_args(
+    loaded = load_model(
         model_args(
             "--checkpoint", checkpoint, "--device", "cuda", "--vision-device", "cpu", "--llm-dtype", "bf16"
         )
@@ -553,18 +555,16 @@ def _weight_flags(checkpoint: str) -> tuple[dict[str, str], list[str]]:
 
 
 def test_missing_weight_files_are_named_not_silently_random(checkpoint, image, capsys):
-    from mgpt4.chat.flags import model_config_from_args
-
     files, full = _weight_flags(checkpoint)
     with pytest.raises(SystemExit, match=r"no weight file for --eva-vit, --blip2, --llm, --proj: .*random"):
-        model_config_from_args(model_args("--preset", "tiny"))
+        model_config(model_args("--preset", "tiny"))
     with pytest.raises(SystemExit, match=r"no weight file for --proj: .*--allow-random-weights"):
-        model_config_from_args(model_args("--preset", "tiny", *full[:6]))
+        model_config(model_args("--preset", "tiny", *full[:6]))
     with pytest.raises(SystemExit, match=r"random LLM still needs a tokenizer"):
-        model_config_from_args(model_args("--preset", "tiny", "--allow-random-weights"))
-    assert model_config_from_args(model_args("--preset", "tiny", *full)).weights.proj == files["proj"]
+        model_config(model_args("--preset", "tiny", "--allow-random-weights"))
+    assert model_config(model_args("--preset", "tiny", *full)).weights.proj == files["proj"]
     # Asked for explicitly, random parts are built, with a warning.
-    cfg = model_config_from_args(model_args("--preset", "tiny", *full[:6], "--allow-random-weights"))
+    cfg = model_config(model_args("--preset", "tiny", *full[:6], "--allow-random-weights"))
     assert cfg.weights.proj is None and "random weights for --proj" in capsys.readouterr().err
     # The chat, the demo and describe refuse before loading anything.
     with pytest.raises(SystemExit, match=r"no weight file for --llm, --proj"):
@@ -585,36 +585,30 @@ def test_a_bad_checkpoint_or_conflicting_flags_are_said_before_loading(checkpoin
 
 def test_the_llama2_variant_needs_no_blip2_file(checkpoint, tmp_path):
     """No Q-Former, so no --blip2: the README's LLaMA-2 chat command is accepted as written."""
-    from mgpt4.chat.flags import model_config_from_args
-
     files, _ = _weight_flags(checkpoint)
     argv = ["--preset", "tiny_llama2", "--eva-vit", files["eva_vit"], "--llm", files["llm"]]
-    cfg = model_config_from_args(model_args(*argv, "--proj", files["proj"]))
+    cfg = model_config(model_args(*argv, "--proj", files["proj"]))
     assert cfg.qformer is None and cfg.weights.blip2 is None
     with pytest.raises(SystemExit, match=r"^no weight file for --proj:"):
-        model_config_from_args(model_args(*argv))
+        model_config(model_args(*argv))
 
 
 def test_weight_paths_and_overrides_are_checked_in_one_line(checkpoint, tmp_path):
-    from mgpt4.chat.flags import model_config_from_args
-
     files, full = _weight_flags(checkpoint)
     with pytest.raises(SystemExit, match=r"^--set: .*'bogus'"):
-        model_config_from_args(model_args("--preset", "tiny", *full, "--set", "bogus=1"))
+        model_config(model_args("--preset", "tiny", *full, "--set", "bogus=1"))
     with pytest.raises(SystemExit, match=r"^--set: .*max_txt_len"):
-        model_config_from_args(model_args("--preset", "tiny", *full, "--set", "text.max_txt_len=abc"))
+        model_config(model_args("--preset", "tiny", *full, "--set", "text.max_txt_len=abc"))
     run_folder = os.path.dirname(os.path.dirname(files["proj"]))
     with pytest.raises(
         SystemExit,
         match=r"^--proj .*: expected a weight file, got a folder \(for a run folder, use --checkpoint\)",
     ):
-        model_config_from_args(model_args("--preset", "tiny", *full[:6], "--proj", run_folder))
+        model_config(model_args("--preset", "tiny", *full[:6], "--proj", run_folder))
     with pytest.raises(SystemExit, match=r"^--llm .*: expected a Hugging Face model folder, got a file"):
-        model_config_from_args(model_args("--preset", "tiny", *full[:4], "--llm", files["proj"], *full[6:]))
+        model_config(model_args("--preset", "tiny", *full[:4], "--llm", files["proj"], *full[6:]))
     with pytest.raises(SystemExit, match=r"^--eva-vit .*nowhere.pth: no such file or folder$"):
-        model_config_from_args(
-            model_args("--preset", "tiny", "--eva-vit", str(tmp_path / "nowhere.pth"), *full[2:])
-        )
+        model_config(model_args("--preset", "tiny", "--eva-vit", str(tmp_path / "nowhere.pth"), *full[2:]))
 
 
 def test_a_wrong_device_or_preset_ends_in_one_error_line(checkpoint, image, tmp_path, capsys):

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mgpt4.chat.placement import model_from_args
 from mgpt4.curate.__main__ import build_parser
 from mgpt4.curate.describe import DescribeConfig, describe_images, generate_rows, run_describe
 from mgpt4.curate.prompts import CONTINUE_PROMPT, DESCRIBE_PROMPT
 from mgpt4.curate.store import DONE, PartWriter, open_store, part_path, read_store, record
 from mgpt4.dist import RankInfo
+from mgpt4.inference import load_model
+from mgpt4.inference.flags import source_from_args
 from mgpt4.model.generation import GREEDY
 from tests.curate_fixtures import draw_images, make_stage1_checkpoint, one_torch_thread
 
@@ -43,7 +44,7 @@ def stage1(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def model(stage1):
     args = build_parser().parse_args(["describe", "--images", "x", "--out", "y", "--checkpoint", stage1])
-    return model_from_args(args)
+    return load_model(source_from_args(args))
 
 
 @pytest.fixture

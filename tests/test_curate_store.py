@@ -10,7 +10,6 @@ import tarfile
 import pytest
 from PIL import Image
 
-from mgpt4.curate.sources import ImageItem, SourceError, list_images, safe_id
 from mgpt4.curate.store import (
     DONE,
     FAILED,
@@ -23,6 +22,7 @@ from mgpt4.curate.store import (
     record,
     upstream_chain,
 )
+from mgpt4.image_sources import ImageItem, SourceError, list_images, safe_id
 from tests.curate_fixtures import draw_images
 
 

@@ -133,9 +133,9 @@ def test_empty_and_unreadable_predictions_are_counted_and_scored_as_empty(
 def test_bad_input_stops_before_the_model_loads(
     run_dir, images, tmp_path, capsys, monkeypatch, change, message
 ):
-    import mgpt4.chat.placement as placement
+    import mgpt4.inference as inference
 
-    monkeypatch.setattr(placement, "model_from_args", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(inference, "load_model", lambda source: pytest.fail("the model was loaded"))
     folder = tmp_path / "val"
     folder.mkdir()
     names = sorted(os.listdir(images[0]))

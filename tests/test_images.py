@@ -151,8 +151,8 @@ def test_the_same_file_gives_the_same_tensor_on_every_path(case, tmp_path):
     """Chat (and the demo, which uses its session), describe, filter's cc_sbu_align copy read by stage-2
     training, and stage-1 shards: the same pixels, upright, at the model's input."""
     from mgpt4.chat.session import ChatSession
-    from mgpt4.curate.images import EvalImages, write_jpeg
-    from mgpt4.curate.sources import list_images
+    from mgpt4.curate.images import write_jpeg
+    from mgpt4.image_sources import EvalImages, list_images
 
     data, upright = CASES[case]()
     folder = tmp_path / "photos"

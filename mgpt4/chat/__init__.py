@@ -4,6 +4,6 @@
     python -m mgpt4.chat.web --checkpoint outputs/tiny_stage1                 # web page (web.py)
 
 `session.py` holds one person's conversation (shared by both; `streaming.py` streams its replies in
-whole characters), `flags.py` the command-line flags shared with curation and evaluation, and
-`placement.py` builds the model the flags describe and puts its parts on devices.
+whole characters) and `flags.py` chat's own flags (image limits, a seed). The model is loaded, and
+its flags derived, by `mgpt4.inference`, as for curation and evaluation.
 """

@@ -17,17 +17,11 @@ import warnings
 
 import torch
 
-from mgpt4.chat.flags import (
-    OneLineErrors,
-    add_decoding_args,
-    add_model_args,
-    add_session_args,
-    check_model_flags,
-    limits_from_args,
-    settings_from_args,
-)
-from mgpt4.chat.placement import load_model_or_exit
+from mgpt4.chat.flags import add_session_args, limits_from_args, load_model_or_exit
 from mgpt4.chat.session import ChatSession, ImageRejected, load_image
+from mgpt4.dataclass_flags import OneLineErrors
+from mgpt4.inference import check_source
+from mgpt4.inference.flags import add_decoding_args, add_model_args, settings_from_args, source_from_args
 from mgpt4.model.generation import GenerationSettings
 
 PROMPT = "You: "
@@ -144,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from_args(args)
     limits = limits_from_args(args)
     # Everything that can be checked without the model is checked before minutes of loading.
-    check_model_flags(args)
+    source = source_from_args(args)
+    check_source(source)
     try:
         load_image(image_path(args.image), limits)
     except ImageRejected as e:
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    session = ChatSession(load_model_or_exit(args), limits)
+    session = ChatSession(load_model_or_exit(source), limits)
     if not set_image(session, args.image):
         sys.exit(2)
     repl(session, settings)

@@ -16,17 +16,11 @@ import socket
 
 import torch
 
-from mgpt4.chat.flags import (
-    OneLineErrors,
-    add_decoding_args,
-    add_model_args,
-    add_session_args,
-    check_model_flags,
-    limits_from_args,
-    settings_from_args,
-)
-from mgpt4.chat.placement import load_model_or_exit
+from mgpt4.chat.flags import add_session_args, limits_from_args, load_model_or_exit
 from mgpt4.chat.session import ChatError, ChatSession, ImageLimits, ImageRejected
+from mgpt4.dataclass_flags import OneLineErrors
+from mgpt4.inference import check_source
+from mgpt4.inference.flags import add_decoding_args, add_model_args, settings_from_args, source_from_args
 from mgpt4.model.generation import GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
 
@@ -256,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
     # Fail on what needs no model before minutes of loading: Gradio, the flags, the port.
     _import_gradio()
-    check_model_flags(args)
+    source = source_from_args(args)
+    check_source(source)
     check_port(args.host, args.port)
-    demo = build_demo(load_model_or_exit(args), settings, limits)
+    demo = build_demo(load_model_or_exit(source), settings, limits)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     # One size limit: Gradio refuses a larger file in the browser, before it is sent, with the same
     # number of bytes that the upload label states (and that load_image checks for the terminal).

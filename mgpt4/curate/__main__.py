@@ -14,11 +14,20 @@ from collections.abc import Sequence
 from mgpt4.curate.chat_api import ChatAPIConfig, FatalAPIError
 from mgpt4.curate.describe import DescribeConfig
 from mgpt4.curate.filter import FilterConfig
+from mgpt4.curate.fix import FixConfig
 from mgpt4.curate.hf_rewriter import HFRewriterConfig
 from mgpt4.curate.prompts import FIX_PROMPT
 from mgpt4.curate.rules import RULE_ORDER, RulesConfig
-from mgpt4.curate.sources import SourceError
 from mgpt4.curate.store import StoreError
+from mgpt4.dataclass_flags import (
+    HelpWithDefaults,
+    OneLineErrors,
+    add_config_args,
+    config_from_args,
+    given_flags,
+)
+from mgpt4.image_sources import SourceError
+from mgpt4.inference.flags import settings_from_args
 from mgpt4.model.loading import WeightsError
 from mgpt4.strict_config import ConfigError, apply_overrides, from_dict, to_dict
 
@@ -26,39 +35,16 @@ from mgpt4.strict_config import ConfigError, apply_overrides, from_dict, to_dict
 EXIT_INTERRUPTED = 130
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--no-retry-failed",
-        action="store_true",
-        help="leave items that failed in an earlier run as they are (by default they are tried again)",
-    )
+def _launcher_flag(p: argparse.ArgumentParser) -> None:
     # Launchers that pass --local_rank after the step; LOCAL_RANK from the environment is what is used.
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
 
 
-# Flags of one back end of fix; given with the other back end they would be ignored, so they are refused.
-API_FLAGS = {
-    "api_key_env": "--api-key-env",
-    "concurrency": "--concurrency",
-    "max_attempts": "--max-attempts",
-    "timeout": "--timeout",
-    "backoff": "--backoff",
-    "max_tokens": "--max-tokens",
-    "temperature": "--temperature",
-}
-HF_FLAGS = {
-    "device": "--device",
-    "dtype": "--dtype",
-    "batch_size": "--batch-size",
-    "max_new_tokens": "--max-new-tokens",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from mgpt4.chat.flags import HelpWithDefaults, OneLineErrors, add_decoding_args, add_model_args
+    """The flags of each step, derived from its config dataclasses (`mgpt4.dataclass_flags`)."""
+    from mgpt4.inference.flags import add_model_args
 
     parser = OneLineErrors(
         prog="python -m mgpt4.curate",
@@ -73,91 +59,37 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpWithDefaults)
 
     d = step("describe", "a stage-1 model describes every image (resumable, multi-rank)")
-    d.add_argument(
-        "--images",
-        nargs="+",
-        required=True,
-        help="image folders, .tar shards ({a..b} and globs) or list files",
+    add_config_args(
+        d,
+        DescribeConfig,
+        titles={"decoding": "decoding (greedy by default, so a re-run gives the same text)"},
     )
-    d.add_argument("--out", required=True, help="store folder for the descriptions")
-    dd = DescribeConfig(images=[], out="")
-    d.add_argument("--batch-size", type=int, default=dd.batch_size, help="images per generate call")
-    d.add_argument("--num-workers", type=int, default=dd.num_workers, help="image decoding workers")
-    d.add_argument(
-        "--continue-below",
-        type=int,
-        default=dd.continue_below_tokens,
-        help="answers under this many tokens get the 'Continue' turn (0: never)",
-    )
-    d.add_argument(
-        "--prompt",
-        default=dd.prompt,
-        help="describe prompt with one <ImageHere> (default: the paper's question in the model's template)",
-    )
-    d.add_argument(
-        "--sample",
-        dest="sample_count",
-        type=int,
-        default=None,
-        help="describe a seeded random subset of this many images",
-    )
-    d.add_argument("--seed", type=int, default=dd.seed, help="seed of --sample (and of sampled decoding)")
     add_model_args(d)
-    add_decoding_args(d, dd.decoding, "decoding (greedy by default, so a re-run gives the same text)")
-    _common(d)
+    _launcher_flag(d)
 
     f = step("fix", "an LLM rewrites every description (API endpoint or local HF model)")
-    f.add_argument("--input", required=True, help="describe's store folder")
-    f.add_argument("--out", required=True, help="store folder for the fixed descriptions")
+    add_config_args(f, FixConfig)
     f.add_argument(
         "--prompt-file",
         help=f"a text file with another fix instruction (default: the paper's: {FIX_PROMPT[:40]}...)",
     )
-    # The back-end flags default to None, so that one given with the other back end can be refused;
-    # their real defaults are filled in by _fix and shown in --help.
-    api = ChatAPIConfig(base_url="", model="")
+    # The back ends' flags default to None, so that one given with the other back end can be refused;
+    # their real defaults are said in --help and filled in by config_from_args.
     g = f.add_argument_group("OpenAI-compatible endpoint")
-    g.add_argument("--base-url", help="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
-    g.add_argument("--model", help="model name served by the endpoint")
-    for flag, kind, default, help_text in (
-        ("--api-key-env", str, api.api_key_env, "environment variable holding the key"),
-        ("--concurrency", int, api.concurrency, "requests in flight"),
-        (
-            "--max-attempts",
-            int,
-            api.max_attempts,
-            "tries per item on 429/5xx, dropped connections, cut replies",
-        ),
-        ("--timeout", float, api.timeout_s, "seconds per request"),
-        ("--backoff", float, api.backoff_base_s, "first retry delay in seconds (doubles)"),
-        ("--max-tokens", int, api.max_tokens, "longest reply; a reply cut there fails"),
-        ("--temperature", float, api.temperature, "sampling temperature of the endpoint"),
-    ):
-        g.add_argument(flag, type=kind, help=f"{help_text} (default: {default})")
-    hf = HFRewriterConfig(model_path="")
+    add_config_args(g, ChatAPIConfig, required=False, unset=True)
     h = f.add_argument_group("local Hugging Face model")
-    h.add_argument("--hf-model", help="a local Hugging Face causal LM folder")
-    for flag, kind, default, help_text in (
-        ("--device", str, hf.device, "device of the model"),
-        ("--dtype", str, hf.dtype, "auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16"),
-        ("--batch-size", int, hf.batch_size, "paragraphs per generate call"),
-        ("--max-new-tokens", int, hf.max_new_tokens, "longest reply; a reply cut there fails"),
-    ):
-        h.add_argument(flag, type=kind, help=f"{help_text} (default: {default})")
-    _common(f)
+    add_config_args(h, HFRewriterConfig, required=False, unset=True)
+    _launcher_flag(f)
 
     r = step("filter", "rules drop bad captions; the rest is written as cc_sbu_align")
-    r.add_argument("--input", help="fix's store folder (or describe's, to skip fixing)")
-    r.add_argument("--out", help="the cc_sbu_align folder to write")
+    # Not required by the parser: --print-rules needs neither --input nor --out.
+    add_config_args(r, FilterConfig, required=False)
     r.add_argument("--rules", help="a JSON file with rule settings (see --print-rules)")
     r.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. too_short.min_words=30"
     )
     r.add_argument("--disable", action="append", default=[], choices=RULE_ORDER, help="turn a rule off")
-    r.add_argument("--rejects", help="rejects file (default: <out>/rejects.jsonl)")
-    r.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
     r.add_argument("--print-rules", action="store_true", help="print the rule settings as JSON and exit")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -179,40 +111,29 @@ def rules_from_args(args: argparse.Namespace) -> RulesConfig:
     return rules
 
 
+def describe_config(args: argparse.Namespace) -> DescribeConfig:
+    """The describe config the flags give (checked by `DescribeConfig.validate`, not here)."""
+    return config_from_args(DescribeConfig, args, decoding=settings_from_args(args))
+
+
 def _describe(args: argparse.Namespace) -> None:
     from mgpt4 import dist
-    from mgpt4.chat.flags import check_model_flags, settings_from_args
-    from mgpt4.chat.placement import model_from_args
     from mgpt4.curate.describe import run_describe
+    from mgpt4.inference import check_source, load_model
+    from mgpt4.inference.flags import source_from_args
 
-    cfg = DescribeConfig(
-        images=args.images,
-        out=args.out,
-        prompt=args.prompt,
-        continue_below_tokens=args.continue_below,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        decoding=settings_from_args(args),
-        sample=args.sample_count,
-        seed=args.seed,
-        retry_failed=not args.no_retry_failed,
-        progress=not args.no_progress,
-    )
+    cfg = describe_config(args)
     cfg.validate()
     info = dist.rank_info()
-    args.device = dist.rank_device(args.device, info)
+    source = source_from_args(args)
+    source.device = dist.rank_device(source.device, info)
     # Flags that cannot give a usable model fail now, not after the images are listed.
-    check_model_flags(args)
-    run_describe(lambda: model_from_args(args), cfg, info)
+    check_source(source)
+    run_describe(lambda: load_model(source), cfg, info)
 
 
-def _given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
-    return [flag for dest, flag in flags.items() if getattr(args, dest) is not None]
-
-
-def _fix(args: argparse.Namespace) -> None:
-    from mgpt4.curate.fix import FixConfig, run_fix
-
+def fix_config(args: argparse.Namespace) -> FixConfig:
+    """The fix config the flags give: one back end, its flags' values and its defaults elsewhere."""
     instruction = FIX_PROMPT
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as fh:
@@ -223,77 +144,47 @@ def _fix(args: argparse.Namespace) -> None:
     if args.base_url or args.model:
         if not (args.base_url and args.model):
             raise ConfigError("fix: --base-url and --model go together")
-        if args.hf_model:
+        if args.model_path:
             raise ConfigError(
                 "fix: choose one back end: --base-url/--model (an API) or --hf-model (a local folder)"
             )
-        wrong = _given(args, HF_FLAGS)
+        wrong = given_flags(HFRewriterConfig, args)
         if wrong:
             raise ConfigError(
                 f"fix: {', '.join(wrong)} belong(s) to the local back end (--hf-model), not to --base-url"
             )
-        d = ChatAPIConfig(base_url=args.base_url, model=args.model)
-        api = ChatAPIConfig(
-            base_url=args.base_url,
-            model=args.model,
-            api_key_env=_or(args.api_key_env, d.api_key_env),
-            concurrency=_or(args.concurrency, d.concurrency),
-            max_attempts=_or(args.max_attempts, d.max_attempts),
-            timeout_s=_or(args.timeout, d.timeout_s),
-            backoff_base_s=_or(args.backoff, d.backoff_base_s),
-            max_tokens=_or(args.max_tokens, d.max_tokens),
-            temperature=_or(args.temperature, d.temperature),
-        )
-    if args.hf_model:
-        wrong = _given(args, API_FLAGS)
+        api = config_from_args(ChatAPIConfig, args)
+    if args.model_path:
+        wrong = given_flags(ChatAPIConfig, args)
         if wrong:
             raise ConfigError(
                 f"fix: {', '.join(wrong)} belong(s) to the endpoint back end (--base-url), not to --hf-model"
             )
-        d = HFRewriterConfig(model_path=args.hf_model)
-        hf = HFRewriterConfig(
-            model_path=args.hf_model,
-            device=_or(args.device, d.device),
-            dtype=_or(args.dtype, d.dtype),
-            batch_size=_or(args.batch_size, d.batch_size),
-            max_new_tokens=_or(args.max_new_tokens, d.max_new_tokens),
-        )
-    run_fix(
-        FixConfig(
-            input=args.input,
-            out=args.out,
-            api=api,
-            hf=hf,
-            instruction=instruction,
-            retry_failed=not args.no_retry_failed,
-            progress=not args.no_progress,
-        )
-    )
+        hf = config_from_args(HFRewriterConfig, args)
+    return config_from_args(FixConfig, args, api=api, hf=hf, instruction=instruction)
 
 
-def _or(value, default):
-    return default if value is None else value
+def _fix(args: argparse.Namespace) -> None:
+    from mgpt4.curate.fix import run_fix
+
+    run_fix(fix_config(args))
+
+
+def filter_config(args: argparse.Namespace) -> FilterConfig:
+    """The filter config the flags give. --input and --out are required here, not by the parser:
+    --print-rules needs neither."""
+    if not (args.input and args.out):
+        raise ConfigError("filter: --input and --out are required")
+    return config_from_args(FilterConfig, args, rules=rules_from_args(args))
 
 
 def _filter(args: argparse.Namespace) -> None:
     from mgpt4.curate.filter import run_filter
 
-    rules = rules_from_args(args)
     if args.print_rules:
-        print(json.dumps(to_dict(rules), indent=1))
+        print(json.dumps(to_dict(rules_from_args(args)), indent=1))
         return
-    if not (args.input and args.out):
-        raise ConfigError("filter: --input and --out are required")
-    run_filter(
-        FilterConfig(
-            input=args.input,
-            out=args.out,
-            rules=rules,
-            rejects=args.rejects,
-            link=not args.copy,
-            progress=not args.no_progress,
-        )
-    )
+    run_filter(filter_config(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,18 +61,36 @@ class Cancelled(Exception):
 
 @dataclass
 class ChatAPIConfig:
-    base_url: str  # up to and including /v1, e.g. https://api.openai.com/v1 or http://localhost:8000/v1
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"  # the variable's name; its value is never stored or printed
-    concurrency: int = 8
-    max_attempts: int = 6
-    timeout_s: float = 120.0
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
+    """An OpenAI-compatible endpoint; each field is a flag of `python -m mgpt4.curate fix`."""
+
+    # Up to and including /v1, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.
+    base_url: str = field(metadata={"help": "e.g. https://api.openai.com/v1 or http://localhost:8000/v1"})
+    model: str = field(metadata={"help": "model name served by the endpoint"})
+    # The variable's name; its value is never stored or printed.
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "environment variable holding the key"}
+    )
+    concurrency: int = field(default=8, metadata={"help": "requests in flight"})
+    max_attempts: int = field(
+        default=6, metadata={"help": "tries per item on 429/5xx, dropped connections, cut replies"}
+    )
+    timeout_s: float = field(default=120.0, metadata={"flag": "--timeout", "help": "seconds per request"})
+    backoff_base_s: float = field(
+        default=1.0, metadata={"flag": "--backoff", "help": "first retry delay in seconds (doubles)"}
+    )
+    backoff_max_s: float = field(
+        default=60.0, metadata={"flag": "--backoff-max", "help": "longest retry delay in seconds"}
+    )
     # A Retry-After above this is cut to it, so one server hint cannot stall the run for hours.
-    max_retry_after_s: float = 600.0
-    max_tokens: int = 1024
-    temperature: float = 0.0
+    max_retry_after_s: float = field(
+        default=600.0,
+        metadata={
+            "flag": "--max-retry-after",
+            "help": "longest wait a server's Retry-After may ask, in seconds",
+        },
+    )
+    max_tokens: int = field(default=1024, metadata={"help": "longest reply; a reply cut there fails"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature of the endpoint"})
 
     def validate(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):

@@ -18,9 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mgpt4 import dist
-from mgpt4.curate.images import EvalImages
 from mgpt4.curate.prompts import CONTINUE_PROMPT, CONTINUE_QUESTION, DESCRIBE_PROMPT, DESCRIBE_QUESTION
-from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.curate.store import (
     DONE,
     FAILED,
@@ -31,6 +29,7 @@ from mgpt4.curate.store import (
     record,
     unchanged_failure,
 )
+from mgpt4.image_sources import EvalImages, ImageItem, list_images
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationError, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
@@ -43,25 +42,58 @@ log = get_logger(__name__)
 
 @dataclass
 class DescribeConfig:
-    images: list[str]  # folders, .tar shards (brace ranges and globs work) or list files
-    out: str  # the item store folder
+    """What describe does; each field is a flag of `python -m mgpt4.curate describe` (metadata: its help)."""
+
+    images: list[str] = field(
+        metadata={"help": "image folders, .tar shards ({a..b} and globs) or list files"}
+    )
+    out: str = field(metadata={"help": "store folder for the descriptions"})
     # None: the paper's question in the model's conversation template (exactly the paper's prompts for
     # a Vicuna v0 model). A prompt given here is used as it is, with `continue_prompt` after the answer.
-    prompt: str | None = None
-    continue_prompt: str | None = None
+    prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "describe prompt with one <ImageHere> (default: the paper's question in the model's "
+            "template)"
+        },
+    )
+    continue_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "the 'Continue' turn: with --prompt the text put after the first answer, else the "
+            "question asked in the model's template (default: the paper's 'Continue')"
+        },
+    )
     # 0 turns the "Continue" turn off.
-    continue_below_tokens: int = 80
-    batch_size: int = 8
-    num_workers: int = 2
+    continue_below_tokens: int = field(
+        default=80,
+        metadata={
+            "flag": "--continue-below",
+            "help": "answers under this many tokens get the 'Continue' turn (0: never)",
+        },
+    )
+    batch_size: int = field(default=8, metadata={"help": "images per generate call"})
+    num_workers: int = field(default=2, metadata={"help": "image decoding workers"})
     # Greedy by default, so that a re-run describes an image the same way.
     decoding: GenerationSettings = GREEDY
     # Describe a seeded random subset of this many images (the paper took 5,000 random CC images).
-    sample: int | None = None
-    seed: int = 0
-    retry_failed: bool = True
-    progress: bool = True
+    sample: int | None = field(
+        default=None,
+        metadata={"dest": "sample_count", "help": "describe a seeded random subset of this many images"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of --sample (and of sampled decoding)"})
+    retry_failed: bool = field(
+        default=True,
+        metadata={
+            "help": "leave items that failed in an earlier run as they are (by default they are tried again)"
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
     # Stop after this many batches in a row fail to generate: that is a broken setup, not bad images.
-    max_failed_batches: int = 3
+    max_failed_batches: int = field(
+        default=3,
+        metadata={"help": "stop after this many batches in a row fail to generate (a broken setup)"},
+    )
 
     def validate(self) -> None:
         if not self.images:

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from mgpt4.curate.images import write_jpeg
 from mgpt4.curate.rules import RULE_ORDER, RulesConfig, first_rule, normalise, validate_rules
-from mgpt4.curate.sources import ImageItem, safe_id
 from mgpt4.curate.store import DONE, StoreError, read_meta, read_store, upstream_chain, write_json_atomic
+from mgpt4.image_sources import ImageItem, safe_id
 
 ANNOTATIONS_FILE = "filter_cap.json"
 IMAGE_DIR = "image"
@@ -39,13 +39,22 @@ BAD_RECORD = "bad_record"
 
 @dataclass
 class FilterConfig:
-    input: str  # a fix store (or a describe store, to skip fixing)
-    out: str  # the cc_sbu_align folder to write
-    rules: RulesConfig = field(default_factory=RulesConfig)
-    rejects: str | None = None  # default: <out>/rejects.jsonl
+    """What filter does; each field but `rules` is a flag of `python -m mgpt4.curate filter`."""
+
+    # A fix store (or a describe store, to skip fixing).
+    input: str = field(metadata={"help": "fix's store folder (or describe's, to skip fixing)"})
+    out: str = field(metadata={"help": "the cc_sbu_align folder to write"})
+    rules: RulesConfig = field(
+        default_factory=RulesConfig, metadata={"derived": "--rules FILE, then --set and --disable"}
+    )
+    rejects: str | None = field(
+        default=None, metadata={"help": "rejects file (default: <out>/rejects.jsonl)"}
+    )
     # Hard-link JPEG sources into image/ when on the same file system (no extra space).
-    link: bool = True
-    progress: bool = True
+    link: bool = field(
+        default=True, metadata={"flag": "--copy", "help": "copy images instead of hard-linking them"}
+    )
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
 
     def rejects_path(self) -> str:
         return self.rejects or os.path.join(self.out, REJECTS_FILE)

@@ -48,13 +48,24 @@ log = get_logger(__name__)
 
 @dataclass
 class FixConfig:
-    input: str  # a describe store
-    out: str  # the fix store
-    api: ChatAPIConfig | None = None
-    hf: HFRewriterConfig | None = None
-    instruction: str = FIX_PROMPT
-    retry_failed: bool = True
-    progress: bool = True
+    """What fix does; each field but the derived ones is a flag of `python -m mgpt4.curate fix`."""
+
+    input: str = field(metadata={"help": "describe's store folder"})  # a describe store
+    out: str = field(metadata={"help": "store folder for the fixed descriptions"})  # the fix store
+    api: ChatAPIConfig | None = field(
+        default=None, metadata={"derived": "the endpoint's flags (ChatAPIConfig), with --base-url"}
+    )
+    hf: HFRewriterConfig | None = field(
+        default=None, metadata={"derived": "the local model's flags (HFRewriterConfig), with --hf-model"}
+    )
+    instruction: str = field(default=FIX_PROMPT, metadata={"derived": "--prompt-file's text"})
+    retry_failed: bool = field(
+        default=True,
+        metadata={
+            "help": "leave items that failed in an earlier run as they are (by default they are tried again)"
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
 
     def validate(self) -> None:
         if (self.api is None) == (self.hf is None):

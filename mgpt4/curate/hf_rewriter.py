@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,14 +27,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 
 @dataclass
 class HFRewriterConfig:
-    model_path: str  # a local folder with config.json, weights and the tokenizer
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    # "auto": bf16 on a GPU, fp32 on a CPU.
-    dtype: str = "auto"
-    batch_size: int = 8
-    max_new_tokens: int = 512
+    """A local Hugging Face model; each field is a flag of `python -m mgpt4.curate fix`."""
+
+    # A local folder with config.json, weights and the tokenizer.
+    model_path: str = field(metadata={"flag": "--hf-model", "help": "a local Hugging Face causal LM folder"})
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "device of the model"}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "paragraphs per generate call"})
+    max_new_tokens: int = field(default=512, metadata={"help": "longest reply; a reply cut there fails"})
     # A longer prompt is this item's failure: cutting it would drop the instruction or the paragraph.
-    max_input_tokens: int = 2048
+    max_input_tokens: int = field(
+        default=2048, metadata={"help": "longest prompt, in tokens; a longer one is that item's failure"}
+    )
 
     def validate(self) -> None:
         """Check the folder holds a model (config, weights, tokenizer) before anything is written."""

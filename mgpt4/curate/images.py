@@ -1,20 +1,16 @@
-"""Image bytes -> the model's eval input, and image bytes -> a cc_sbu_align JPEG.
+"""Image bytes -> a cc_sbu_align JPEG (the model's eval input is `mgpt4.image_sources.EvalImages`).
 
-Kept apart from `mgpt4.data` on purpose: curation needs only the eval transform of the reference
-(resize to SxS bicubic, CLIP normalisation), which PIL and torch give directly. Pixels follow the rules
-of `mgpt4.images` (EXIF orientation, 16-bit, transparency on white), as in training and chat.
+Pixels follow the rules of `mgpt4.images` (EXIF orientation, 16-bit, transparency on white), as in
+training and chat.
 """
 
 from __future__ import annotations
 
 import os
 
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from mgpt4 import images
-from mgpt4.curate.sources import ImageItem
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -51,23 +47,3 @@ def write_jpeg(data: bytes, dst: str, src_path: str | None = None, quality: int 
         # JPEG can; a 3,500-image set can afford the larger files.
         decode_rgb(data).save(tmp, format="JPEG", quality=quality, subsampling=0)
     os.replace(tmp, dst)
-
-
-class EvalImages(Dataset):
-    """Items' images as the model's eval input [3, S, S], decoded in DataLoader workers; a bad image
-    becomes an error string, never an exception (describe records it, caption evaluation scores it as
-    an empty caption). Item i is (i, tensor or None, error or None)."""
-
-    def __init__(self, items: list[ImageItem], size: int):
-        self.items = items
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        item = self.items[i]
-        try:
-            return i, images.eval_transform(decode_rgb(item.read_bytes()), self.size), None
-        except Exception as e:  # any decoder failure is this item's, not the run's
-            return i, None, f"unreadable image {item.describe()}: {type(e).__name__}: {e}"

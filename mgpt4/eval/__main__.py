@@ -11,16 +11,24 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from mgpt4.curate.sources import SourceError
+from mgpt4.dataclass_flags import HelpWithDefaults, add_config_args, config_from_args
 from mgpt4.eval.references import ReferencesError
 from mgpt4.eval.scores import ScoringError
+from mgpt4.image_sources import SourceError
 from mgpt4.model.generation import GREEDY, GenerationError
 from mgpt4.strict_config import ConfigError
 
+if TYPE_CHECKING:
+    from mgpt4.config import ModelConfig
+    from mgpt4.eval.captions import CaptionEvalConfig
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from mgpt4.chat.flags import add_decoding_args, add_model_args
+    """The flags of `captions`, derived from `CaptionEvalConfig` and the model's `ModelSource`."""
+    from mgpt4.eval.captions import CaptionEvalConfig
+    from mgpt4.inference.flags import add_model_args
 
     parser = argparse.ArgumentParser(
         prog="python -m mgpt4.eval",
@@ -30,43 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("captions", help="caption every image with a checkpoint, then score (multi-rank)")
-    c.add_argument(
-        "--images",
-        nargs="+",
-        required=True,
-        help="image folders, .tar shards ({a..b} and globs) or list files",
+    c = sub.add_parser(
+        "captions",
+        help="caption every image with a checkpoint, then score (multi-rank)",
+        formatter_class=HelpWithDefaults,
     )
-    c.add_argument(
-        "--references", required=True, help="reference captions, COCO format (captions_val2014.json)"
+    # The caption length the model was trained on is the natural limit; it is known once the model is.
+    add_config_args(
+        c,
+        CaptionEvalConfig,
+        CaptionEvalConfig(images=[], references="", out="", decoding=GREEDY.replace(max_new_tokens=None)),
+        titles={"decoding": "decoding (greedy by default, so a re-run gives the same captions)"},
     )
-    c.add_argument("--out", required=True, help="folder for predictions.jsonl and metrics.json")
-    c.add_argument(
-        "--prompt",
-        help="prompt with one <ImageHere> (default: the stage's: stage 2 its first instruction in the "
-        "template, stage 1 the image alone)",
-    )
-    c.add_argument("--batch-size", type=int, default=16, help="images per generate call")
-    c.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
-    c.add_argument(
-        "--tensorboard",
-        nargs="?",
-        const="run",
-        metavar="DIR",
-        help="also log the scores as captions/<metric> scalars: to DIR, or without DIR to the tensorboard/ "
-        "folder of the --checkpoint's run, at the checkpoint's step",
-    )
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for action in c._actions:
+        if action.dest == "max_new_tokens":
+            action.help = "longest caption, in tokens (default: the model's text.max_txt_len)"
     c.add_argument(
         "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     add_model_args(c)
-    add_decoding_args(c, GREEDY, "decoding (greedy by default, so a re-run gives the same captions)")
-    # The caption length the model was trained on is the natural limit; it is known once the model is.
-    c.set_defaults(max_new_tokens=None)
-    for action in c._actions:
-        if action.dest == "max_new_tokens":
-            action.help = "longest caption, in tokens (default: the model's text.max_txt_len)"
 
     s = sub.add_parser("score", help="score a predictions.jsonl against references (no model)")
     s.add_argument("--predictions", required=True, help="predictions.jsonl: {'image_id', 'caption'} per line")
@@ -87,14 +77,13 @@ def _run_folder(checkpoint_dir: str) -> tuple[str, int]:
     return os.path.dirname(parent), int(name[len("step_") :])
 
 
-def _captions(args: argparse.Namespace) -> None:
-    from mgpt4 import dist
-    from mgpt4.chat.flags import model_config_from_args, settings_from_args
-    from mgpt4.chat.placement import model_from_args
-    from mgpt4.eval.captions import CaptionEvalConfig, run_caption_eval
+def caption_config(args: argparse.Namespace, model_cfg: ModelConfig) -> CaptionEvalConfig:
+    """The caption evaluation config the flags give for a model of `model_cfg` (its max_txt_len is the
+    default caption length); the checkpoint and its step come from --checkpoint."""
+    from mgpt4.eval.captions import CaptionEvalConfig
+    from mgpt4.inference.flags import settings_from_args
     from mgpt4.train.checkpoints import find_checkpoint
 
-    model_cfg = model_config_from_args(args)  # fails fast on a bad --checkpoint or --set
     if args.max_new_tokens is None:
         args.max_new_tokens = model_cfg.text.max_txt_len
     ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
@@ -109,23 +98,28 @@ def _captions(args: argparse.Namespace) -> None:
             raise ConfigError("--tensorboard without a folder needs --checkpoint (a run's checkpoint)")
         run_dir, step = _run_folder(ckpt)
         tensorboard = os.path.join(run_dir, "tensorboard")
-    cfg = CaptionEvalConfig(
-        images=args.images,
-        references=args.references,
-        out=args.out,
-        prompt=args.prompt,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
+    return config_from_args(
+        CaptionEvalConfig,
+        args,
         decoding=settings_from_args(args),
         tensorboard=tensorboard,
         step=step,
-        progress=not args.no_progress,
         checkpoint=ckpt,
     )
+
+
+def _captions(args: argparse.Namespace) -> None:
+    from mgpt4 import dist
+    from mgpt4.eval.captions import run_caption_eval
+    from mgpt4.inference import load_model, model_config
+    from mgpt4.inference.flags import source_from_args
+
+    source = source_from_args(args)
+    cfg = caption_config(args, model_config(source))  # fails fast on a bad --checkpoint or --set
     cfg.validate()
     info = dist.rank_info()
-    args.device = dist.rank_device(args.device, info)
-    run_caption_eval(lambda: model_from_args(args), cfg, info)
+    source.device = dist.rank_device(source.device, info)
+    run_caption_eval(lambda: load_model(source), cfg, info)
 
 
 def _score(args: argparse.Namespace) -> None:

@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mgpt4 import dist
-from mgpt4.curate.images import EvalImages
-from mgpt4.curate.sources import ImageItem, list_images
 from mgpt4.eval.references import References, check_matches, load_references
 from mgpt4.eval.scores import METRICS, format_table, score_captions
+from mgpt4.image_sources import EvalImages, ImageItem, list_images
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GREEDY, GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
@@ -39,17 +38,40 @@ TENSORBOARD_PREFIX = "captions/"
 
 @dataclass
 class CaptionEvalConfig:
-    images: list[str]  # folders, .tar shards (brace ranges and globs work) or list files
-    references: str  # a COCO captions JSON
-    out: str  # folder for predictions.jsonl and metrics.json
-    prompt: str | None = None  # None: the stage's prompt (see stage_prompt)
-    batch_size: int = 16
-    num_workers: int = 2
+    """What caption evaluation does; each field but the derived ones is a flag of
+    `python -m mgpt4.eval captions` (metadata: its help)."""
+
+    images: list[str] = field(
+        metadata={"help": "image folders, .tar shards ({a..b} and globs) or list files"}
+    )
+    references: str = field(metadata={"help": "reference captions, COCO format (captions_val2014.json)"})
+    out: str = field(metadata={"help": "folder for predictions.jsonl and metrics.json"})
+    prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "prompt with one <ImageHere> (default: the stage's: stage 2 its first instruction in the "
+            "template, stage 1 the image alone)"
+        },
+    )  # None: the stage's prompt (see stage_prompt)
+    batch_size: int = field(default=16, metadata={"help": "images per generate call"})
+    num_workers: int = field(default=2, metadata={"help": "image decoding workers"})
     decoding: GenerationSettings = GREEDY
-    tensorboard: str | None = None  # a TensorBoard folder to log the scores to
-    step: int = 0  # the step the scores are logged at (the checkpoint's)
-    progress: bool = True
-    checkpoint: str | None = None  # recorded in metrics.json
+    # A TensorBoard folder to log the scores to.
+    tensorboard: str | None = field(
+        default=None,
+        metadata={
+            "nargs": "?",
+            "const": "run",
+            "metavar": "DIR",
+            "help": "also log the scores as captions/<metric> scalars: to DIR, or without DIR to the "
+            "tensorboard/ folder of the --checkpoint's run, at the checkpoint's step",
+        },
+    )
+    step: int = field(default=0, metadata={"derived": "the --checkpoint's step (0 without one)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+    checkpoint: str | None = field(
+        default=None, metadata={"derived": "the checkpoint folder --checkpoint resolves to"}
+    )  # recorded in metrics.json
 
     def validate(self) -> None:
         if not self.images:

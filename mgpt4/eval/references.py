@@ -6,7 +6,7 @@
 (`captions_val2014.json`, the Karpathy test split files and nocaps all have this shape.) An image on
 disk is matched to a reference image by name: its file name without the extension (for a shard
 member, its webdataset key; in a subfolder, the relative path with `__` for `/`, as
-`mgpt4.curate.sources` names items) equals the reference image's `file_name` without the extension,
+`mgpt4.image_sources` names items) equals the reference image's `file_name` without the extension,
 or, when the file has no `images` list, its `image_id`.
 """
 
@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mgpt4.curate.sources import safe_id
+from mgpt4.image_sources import safe_id
 
 # How many names an error lists before it gives only the count.
 _SHOW = 10

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-from mgpt4.data.feature_shards import FEATURE_DTYPES
+from mgpt4.dataclass_flags import HelpWithDefaults, add_config_args, config_from_args
 from mgpt4.logs import get_logger
 from mgpt4.strict_config import ConfigError, apply_overrides
+
+if TYPE_CHECKING:
+    from mgpt4.features.extract import ExtractOptions
 
 log = get_logger("mgpt4.features")
 
@@ -30,28 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher puts --local_rank before the command; LOCAL_RANK is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("extract", help="image shards -> feature shards (resumable, multi-rank)")
-    defaults = ExtractOptions(out="")
+    e = sub.add_parser(
+        "extract",
+        help="image shards -> feature shards (resumable, multi-rank)",
+        formatter_class=HelpWithDefaults,
+    )
     e.add_argument("--recipe", default="tiny_stage1", choices=list(RECIPES), help="model, weights and data")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    e.add_argument("--out", required=True, help="folder of the cache: <out>/<source name>/<shard>.tar")
-    e.add_argument("--sources", nargs="+", default=None, help="source names (default: all of the recipe)")
-    e.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per vision forward")
-    e.add_argument("--num-workers", type=int, default=defaults.num_workers, help="decoding workers per rank")
-    e.add_argument(
-        "--dtype", choices=list(FEATURE_DTYPES), default=defaults.dtype, help="stored feature dtype"
-    )
-    e.add_argument("--device", default=defaults.device, help="auto (this rank's GPU, else CPU), cuda or cpu")
+    add_config_args(e, ExtractOptions)
     e.add_argument(
         "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     return parser
 
 
+def extract_options(args: argparse.Namespace) -> ExtractOptions:
+    """The extraction options the flags give."""
+    from mgpt4.features.extract import ExtractOptions
+
+    return config_from_args(ExtractOptions, args)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from mgpt4 import dist
-    from mgpt4.features.extract import ExtractOptions, extract
+    from mgpt4.features.extract import extract
     from mgpt4.model import WeightsError
     from mgpt4.train.assets import ensure_demo_assets, fill_demo_paths
     from mgpt4.train.recipes import get_recipe
@@ -64,15 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.validate()
         created = dist.init_group(info)
         ensure_demo_assets(cfg)  # the tiny recipes' demo weights and shards: rank 0 makes them first
-        opts = ExtractOptions(
-            out=args.out,
-            sources=args.sources,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            dtype=args.dtype,
-            device=args.device,
-        )
-        extract(cfg, opts, info)
+        extract(cfg, extract_options(args), info)
         if info.rank == 0:
             log.info(f"train from it: --set data.kind=features --set data.features_root={args.out}")
     except (ConfigError, WeightsError, FileNotFoundError, ValueError) as e:

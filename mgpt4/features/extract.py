@@ -55,14 +55,22 @@ STATS_SUFFIX = ".stats.json"
 
 @dataclass
 class ExtractOptions:
-    """How to extract: where to, in what batches and dtype, on which device."""
+    """How to extract: where to, in what batches and dtype, on which device. Each field is a flag of
+    `python -m mgpt4.features extract` (metadata: its help)."""
 
-    out: str
-    sources: list[str] | None = None  # source names; None: every source of the config
-    batch_size: int = 64
-    num_workers: int = 4
-    dtype: str = "fp16"  # of the stored features: fp16 (48 KiB per sample at 32 x 768) or fp32
-    device: str = "auto"  # "auto": this rank's GPU when there is one, else the CPU
+    out: str = field(metadata={"help": "folder of the cache: <out>/<source name>/<shard>.tar"})
+    # Source names; None: every source of the config.
+    sources: list[str] | None = field(
+        default=None, metadata={"help": "source names (default: all of the recipe)"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "images per vision forward"})
+    num_workers: int = field(default=4, metadata={"help": "decoding workers per rank"})
+    # Of the stored features: fp16 (48 KiB per sample at 32 x 768) or fp32.
+    dtype: str = field(
+        default="fp16", metadata={"choices": list(FEATURE_DTYPES), "help": "stored feature dtype"}
+    )
+    # "auto": this rank's GPU when there is one, else the CPU.
+    device: str = field(default="auto", metadata={"help": "auto (this rank's GPU, else CPU), cuda or cpu"})
 
 
 @dataclass

@@ -4,7 +4,7 @@ the stop on the template's stop text (`###` in the official templates) and on EO
 The defaults are the official demo's (`Chat.answer` in MiniGPT-4's `conversation.py`): sampling at
 temperature 1.0 with top_p 0.9, 300 new tokens, one beam, no repetition penalty, the context cut
 from the left to 2000 tokens. Tools whose results must be reproducible start from `GREEDY`.
-Command-line flags are derived from the fields (`mgpt4.chat.flags.add_decoding_args`), so every
+Command-line flags are derived from the fields (`mgpt4.inference.flags.add_decoding_args`), so every
 tool spells and documents them the same way.
 """
 

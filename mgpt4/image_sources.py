@@ -1,4 +1,5 @@
-"""Where describe finds images: folders, webdataset shards (.tar) and list files, as items with ids.
+"""Where describe and caption evaluation find images: folders, webdataset shards (.tar) and list files,
+as items with ids; and the items' images as the model's eval input (`EvalImages`).
 
 An item's id is also its cc_sbu_align file name (`image/{id}.jpg`), so it is made file-name safe
 (letters of any script, digits, `.`, `_`, `-`; Unicode in NFC form) and unique over all inputs:
@@ -26,6 +27,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 
 import braceexpand
+import torch
+from torch.utils.data import Dataset
+
+from mgpt4 import images
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # \w is Unicode-aware: letters and digits of every script stay, everything else becomes "_".
@@ -33,7 +38,7 @@ _UNSAFE = re.compile(r"[^\w.-]+")
 
 
 class SourceError(ValueError):
-    """An input given to describe cannot be used; the message names it."""
+    """An image input (given to describe or caption evaluation) cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -262,3 +267,23 @@ def assign_ids(found: list[_Found]) -> list[ImageItem]:
 
 def _shown(f: _Found) -> str:
     return f"id {f.item.id!r}" if f.explicit else repr(f.name)
+
+
+class EvalImages(Dataset):
+    """Items' images as the model's eval input [3, S, S], decoded in DataLoader workers; a bad image
+    becomes an error string, never an exception (describe records it, caption evaluation scores it as
+    an empty caption). Item i is (i, tensor or None, error or None)."""
+
+    def __init__(self, items: list[ImageItem], size: int):
+        self.items = items
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        try:
+            return i, images.eval_transform(images.decode_rgb(item.read_bytes()), self.size), None
+        except Exception as e:  # any decoder failure is this item's, not the run's
+            return i, None, f"unreadable image {item.describe()}: {type(e).__name__}: {e}"

@@ -1,58 +1,13 @@
-"""Inference-side model loading for chat, the demo, curation and evaluation: build, load and freeze
-the model the flags describe, and place its parts (the whole model on one device, the LLM in 8-bit,
-or the vision path on the CPU while the LLM is on the GPU: the official low-resource mode).
+"""Where a loaded model's parts live: the LLM quantised to 8-bit as it is read, or the vision path on
+another device than the LLM (the CPU while the LLM is on the GPU: the official low-resource mode).
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from mgpt4.chat.flags import model_config_from_args
 from mgpt4.config import DTYPES, ModelConfig
-from mgpt4.model import MiniGPT4, apply_freeze, build_model, from_config, load_weights
-from mgpt4.model.llm import LLMFolderMismatch
-from mgpt4.model.loading import WeightsError
-from mgpt4.strict_config import ConfigError
-
-
-def model_from_args(args: argparse.Namespace) -> MiniGPT4:
-    """Build, load and freeze the model the flags describe, in eval mode on `--device`.
-
-    With `--vision-device` the vision path sits on that device instead, and `encode_img` returns
-    its embeddings on the LLM's device, so `generate` and the chat work unchanged.
-    """
-    cfg = model_config_from_args(args)
-    if getattr(args, "llm_8bit", False):
-        model = _from_config_8bit(cfg, args.device)
-    else:
-        model = from_config(cfg).to(args.device)
-    vision_device = getattr(args, "vision_device", None)
-    if vision_device and torch.device(vision_device) != torch.device(args.device):
-        place_vision(model, vision_device)
-    return model.eval()
-
-
-def load_model_or_exit(args: argparse.Namespace) -> MiniGPT4:
-    """`model_from_args` for a command line: a model that cannot be built from these flags (weight
-    files made for another size than --preset, a missing file, a bad --set, no checkpoint where
-    --checkpoint points) ends in one error line. Flag and checkpoint errors come before "Loading the
-    model ..."; an LLM folder of other sizes than --preset right after it, from the build's check of the
-    folder, before any part is built."""
-    try:
-        model_config_from_args(args, warn=False)
-        print("Loading the model ...", flush=True)
-        return model_from_args(args)
-    except LLMFolderMismatch as e:
-        # Found by the model build, before any part is built or any weight read: a wrong --preset.
-        raise SystemExit(
-            f"error: {e.folder}: the LLM does not match the model config (--preset or the checkpoint's): "
-            + "; ".join(e.problems)
-        ) from None
-    except (WeightsError, ConfigError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-
+from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 
 VISION_PARTS = ("visual_encoder", "ln_vision", "qformer", "llama_proj")
 
@@ -78,7 +33,7 @@ def place_vision(model: MiniGPT4, device: str | torch.device) -> None:
     _move_vision(model, device, torch.float32 if device.type == "cpu" else None)
 
 
-def _from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
+def from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
     """Like `from_config`, with the LLM quantised to int8 by bitsandbytes as it is read from its folder."""
     folder = cfg.weights.llm
     if not folder:
