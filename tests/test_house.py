@@ -87,7 +87,9 @@ from mgpt4 import dist
 from mgpt4.train import engine
 
 seconds = lambda g: g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-show = lambda phase, groups: print(phase, tdist.get_pg_count(), [seconds(g) for g in groups], flush=True)
+# One write a line: print() writes each part on its own under `python -u`, and two ranks share the pipe.
+say = lambda *parts: sys.stdout.write(" ".join(map(str, parts)) + "\\n")
+show = lambda phase, groups: say(phase, tdist.get_pg_count(), [seconds(g) for g in groups])
 
 engine.init_distributed(45)
 show("joined", dist.groups())
@@ -95,7 +97,7 @@ model = torch.nn.Linear(4, 4)
 config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": int(sys.argv[-1])}}
 eng, _, _, _ = engine.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
 made = [eng.data_parallel_group, eng.seq_data_parallel_group, eng.optimizer.dp_process_group]
-print("owned", [g is not tdist.group.WORLD and any(g is k for k in dist.groups()) for g in made], flush=True)
+say("owned", [g is not tdist.group.WORLD and any(g is k for k in dist.groups()) for g in made])
 show("start", dist.groups())
 show("start-deepspeed", made)
 eng.backward(eng(torch.randn(2, 4)).sum())
