@@ -3,6 +3,8 @@ process that holds the model (a forked worker showed the whole 7B-size process, 
 
 from __future__ import annotations
 
+import contextlib
+
 import psutil
 import torch
 from data_fixtures import numbered_shards, tiny_tokenizer
@@ -20,9 +22,12 @@ def _resident_of_started(cfg: DataConfig) -> dict[int, int]:
     try:
         batch = next(iter(loader))  # every worker has started once a batch has come back
         assert batch["image"].shape[0] == cfg.batch_size
-        started = psutil.Process().children(recursive=True)
-        assert len(started) >= cfg.num_workers, [p.cmdline() for p in started]
-        return {p.pid: p.memory_info().rss for p in started}
+        resident = {}
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone, or an earlier test's zombie
+                resident[p.pid] = p.memory_info().rss
+        assert len(resident) >= cfg.num_workers, resident
+        return resident
     finally:
         loader.close()
 

@@ -323,7 +323,7 @@ def gathered(*parts: torch.nn.Module | None, recurse: bool = True) -> Iterator[N
     partitioned again.
     """
     params = [p for part in parts if part is not None for p in part.parameters(recurse=recurse)]
-    # Only what is partitioned now: a persistent parameter (below the persistence threshold) stays whole.
+    # Only what is partitioned now: one at or below the persistence threshold is whole once used.
     params = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
     if not params:
         yield
