@@ -87,9 +87,14 @@ from mgpt4 import dist
 from mgpt4.train import engine
 
 seconds = lambda g: g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-# One write a line: print() writes each part on its own under `python -u`, and two ranks share the pipe.
-say = lambda *parts: sys.stdout.write(" ".join(map(str, parts)) + "\\n")
-show = lambda phase, groups: say(phase, tdist.get_pg_count(), [seconds(g) for g in groups])
+
+
+def out(line):  # a file per rank: the ranks' lines would interleave on the shared stdout
+    with open(f"{sys.argv[-2]}/rank{tdist.get_rank()}.txt", "a") as f:
+        f.write(line + "\\n")
+
+
+show = lambda phase, groups: out(f"{phase} {tdist.get_pg_count()} {[seconds(g) for g in groups]}")
 
 engine.init_distributed(45)
 show("joined", dist.groups())
@@ -97,7 +102,7 @@ model = torch.nn.Linear(4, 4)
 config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": int(sys.argv[-1])}}
 eng, _, _, _ = engine.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
 made = [eng.data_parallel_group, eng.seq_data_parallel_group, eng.optimizer.dp_process_group]
-say("owned", [g is not tdist.group.WORLD and any(g is k for k in dist.groups()) for g in made])
+out(f"owned {[g is not tdist.group.WORLD and any(g is k for k in dist.groups()) for g in made]}")
 show("start", dist.groups())
 show("start-deepspeed", made)
 eng.backward(eng(torch.randn(2, 4)).sum())
@@ -118,13 +123,14 @@ def test_collectives_get_a_long_start_up_timeout_then_a_short_one(tmp_path, stag
     group for ZeRO's collectives, which torch would otherwise give its default (30 min on gloo)."""
     script = tmp_path / "timeouts.py"
     script.write_text(_TIMEOUTS)
-    proc = run(deepspeed_cmd(str(script), 2, str(stage)), str(tmp_path / "cache"))
+    proc = run(deepspeed_cmd(str(script), 2, str(tmp_path), str(stage)), str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stdout[-4000:]
-    lines = [line.split(" ", 1) for line in proc.stdout.splitlines()]
     seen: dict[str, list[str]] = {}
-    for key, value in (pair for pair in lines if len(pair) == 2):
-        seen.setdefault(key, []).append(value)
-    assert all(len(seen[k]) == 2 for k in ("joined", "owned", "start", "steps")), proc.stdout[-4000:]
+    for rank in (0, 1):
+        for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines():
+            key, value = line.split(" ", 1)
+            seen.setdefault(key, []).append(value)
+    assert all(len(v) == 2 for v in seen.values()) and len(seen) == 6, seen
     # Each line: the number of process groups this process has (torch's count), then timeouts in seconds.
     assert set(seen["joined"]) == {"1 [2700.0]"}
     assert set(seen["owned"]) == {"[True, True, True]"}  # DeepSpeed's own groups, under mgpt4.dist
