@@ -21,6 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
@@ -187,9 +188,18 @@ LOSS_SCALE_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresi
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch AdamW `create_engine` handed to DeepSpeed: its param groups hold this rank's flat fp32
-    partition of each group, and its `state` their Adam moments and step."""
+    """The torch AdamW `create_engine` handed to DeepSpeed: it steps this rank's flat fp32 partition of
+    each param group, and its `state` holds their Adam moments and step."""
     return engine.optimizer.optimizer
+
+
+def _master_partitions(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions, the tensors Adam's state is keyed by: the torch optimizer's
+    params under ZeRO-1/2; under ZeRO-3, which puts them in its param groups only during a step, the
+    live tensors the optimizer's public `state_dict()` holds under FP32_FLAT_GROUPS."""
+    if is_zero3(engine):
+        return list(engine.optimizer.state_dict()[FP32_FLAT_GROUPS])
+    return [hp for group in _base_optimizer(engine).param_groups for hp in group["params"]]
 
 
 def _trainable(model: MiniGPT4) -> list[tuple[str, torch.nn.Parameter]]:
@@ -269,12 +279,11 @@ def load_trainable_state_dict(engine, model: MiniGPT4, state: dict[str, Any]) ->
     # Adam's state exists only after a first step: create it in the torch optimizer (zeros, the saved
     # step count), then fill it through DeepSpeed's full-tensor setters, which copy this rank's slice.
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for hp in group["params"]:
-            base.state[hp] = {
-                "step": torch.tensor(float(state["adam_step"])),
-                **{key: torch.zeros_like(hp) for key in ADAM_KEYS},
-            }
+    for hp in _master_partitions(engine):
+        base.state[hp] = {
+            "step": torch.tensor(float(state["adam_step"])),
+            **{key: torch.zeros_like(hp) for key in ADAM_KEYS},
+        }
     _link_adam_state(engine, model)
     for name, p in trainable:
         safe_set_full_fp32_param(p, state["params"][name])
