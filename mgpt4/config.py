@@ -158,6 +158,14 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 
+    def image_token_shape(self) -> tuple[int, int]:
+        """(count, width) of the image tokens that enter `llama_proj`: the Q-Former's queries, or without a
+        Q-Former the ViT's patch tokens concatenated 4 by 4 (official LLaMA-2 MiniGPT-4: 64 x 5632)."""
+        if self.qformer is not None:
+            return self.qformer.num_query_tokens, self.qformer.width
+        patches = self.vision.num_tokens - 1
+        return patches // PATCHES_PER_IMAGE_TOKEN, self.vision.width * PATCHES_PER_IMAGE_TOKEN
+
     def validate(self) -> None:
         """Every check of the model settings (ConfigError naming the field). A config that passes is
         remembered as validated as it is now, so that `validate_once` (building the model, loading its
@@ -339,8 +347,15 @@ class Config:
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "
                 f"({self.model.vision.image_size})"
             )
-        # data.pack_length against the longest sample is checked where the sample layout is known, with
-        # the tokenizer (`mgpt4.data.loader.check_packing`, fed by `MiniGPT4.sample_layouts`).
+        # The exact bound (BOS, the wrapped prompt) needs the tokenizer: the loader checks it against the
+        # sample layout (`mgpt4.data.loader.check_packing`). This one needs none, so the dry run says it.
+        n_img, _ = self.model.image_token_shape()
+        least = n_img + self.model.text.max_txt_len
+        if self.data.packs() and self.data.pack_length < least:
+            raise ConfigError(
+                f"data.pack_length: {self.data.pack_length} tokens cannot hold a sample of {n_img} image "
+                f"tokens + max_txt_len {self.model.text.max_txt_len} = {least}, before its prompt"
+            )
         if not t.output_dir.strip():
             raise ConfigError("train.output_dir: empty; give the run's folder (default outputs/<recipe>)")
         o = self.optim

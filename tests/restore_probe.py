@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from mgpt4 import dist
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train.cli import parse_args
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> None:
     finally:
         run.metrics.close()
         run.feeder.source.close()
-    eng_mod.shutdown()
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -184,3 +184,24 @@ def test_a_model_config_is_validated_once_where_it_is_built_and_loaded(monkeypat
     ):
         load_weights(model)
     assert len(calls) == 2
+
+
+def test_a_pack_length_below_any_sample_is_refused_by_the_config_check():
+    """The dry run names a row too short for any sample (image tokens + max_txt_len, before the prompt);
+    the exact bound, with BOS and the wrapped prompt, is the loader's (tests/test_layout.py)."""
+    from mgpt4.train.assets import fill_demo_paths
+    from mgpt4.train.recipes import get_recipe
+
+    for recipe in ("tiny_stage1", "stage1_llama2_7b"):  # with a Q-Former and without
+        cfg = get_recipe(recipe)
+        fill_demo_paths(cfg)  # the demo data's paths (nothing is generated)
+        n_img = cfg.model.image_token_shape()[0]
+        least = n_img + cfg.model.text.max_txt_len
+        cfg = apply_overrides(cfg, [f"data.pack_length={least - 1}", "data.pack_rows=2"])
+        with pytest.raises(
+            ConfigError, match=rf"data.pack_length: {least - 1} tokens cannot hold .* = {least}"
+        ):
+            cfg.validate()
+        apply_overrides(cfg, [f"data.pack_length={least}"]).validate()
+        if cfg.model.qformer is None:
+            assert (n_img, least) == (64, 64 + 32)  # official LLaMA-2 stage 1: 4 ViT tokens each, 32 text

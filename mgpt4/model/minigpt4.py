@@ -32,7 +32,7 @@ from mgpt4.model.packing import pack_sequences
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, resolve_text
-from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens, image_token_shape
+from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens
 from mgpt4.tokenizer import encode_answers
 
 IGNORE_INDEX = -100
@@ -61,7 +61,7 @@ class MiniGPT4(nn.Module):
         # The folder's config.json when there is a folder, checked against cfg.llm here, once: before any
         # part is built, and the load step trusts it.
         hf_llm = resolve_llm_config(cfg, check=True)
-        n_img, img_width = image_token_shape(cfg)
+        n_img, img_width = cfg.image_token_shape()
         with ctx:
             self.visual_encoder = build_eva_vit(cfg.vision)
             # Without a Q-Former no file provides ln_vision: it stays freshly initialised (weight 1,

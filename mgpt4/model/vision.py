@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models.eva import Eva
 from torch import nn
 
-from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, ModelConfig, VisionConfig
+from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, VisionConfig
 
 
 def build_eva_vit(cfg: VisionConfig) -> Eva:
@@ -49,15 +49,6 @@ class FP32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-
-def image_token_shape(cfg: ModelConfig) -> tuple[int, int]:
-    """(count, width) of the image tokens that enter `llama_proj`: the Q-Former's queries, or without a
-    Q-Former the ViT's patch tokens concatenated 4 by 4 (official LLaMA-2 MiniGPT-4: 64 x 5632)."""
-    if cfg.qformer is not None:
-        return cfg.qformer.num_query_tokens, cfg.qformer.width
-    patches = cfg.vision.num_tokens - 1
-    return patches // PATCHES_PER_IMAGE_TOKEN, cfg.vision.width * PATCHES_PER_IMAGE_TOKEN
 
 
 def concat_patch_tokens(feats: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ import torch
 
 from mgpt4.config import ModelConfig
 from mgpt4.model.llm import LLMSizes, llm_sizes, resolve_llm_config
-from mgpt4.model.vision import image_token_shape
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 DEVICE_PEAK_TFLOPS = {
@@ -89,7 +88,7 @@ def frozen_vision_flops(m: ModelConfig) -> float:
 
 def projection_flops(m: ModelConfig, llm: LLMSizes) -> float:
     """The projection's forward and weight gradient per sample."""
-    n_img, width = image_token_shape(m)
+    n_img, width = m.image_token_shape()
     return 2 * (2 * n_img * width * llm.hidden_size)
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from mgpt4.config import Config
+from mgpt4.dist import barrier
 from mgpt4.model.export import save_projection
 from mgpt4.strict_config import to_dict
-from mgpt4.train import engine as eng_mod
 from mgpt4.train.checkpoints import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -57,7 +57,7 @@ def save_checkpoint(cfg: Config, state: dict[str, Any]) -> str:
             # stale markers must not vouch for the files written now.
             shutil.rmtree(folder)
         os.makedirs(folder)
-    eng_mod.barrier()
+    barrier()
     shared = {k: v for k, v in state.items() if k != "rank"}
     _save(folder, RANK_STATE.format(rank=rank), {"format_version": FORMAT_VERSION, **state["rank"]})
     if rank == 0:
@@ -68,11 +68,11 @@ def save_checkpoint(cfg: Config, state: dict[str, Any]) -> str:
         write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
         _save(folder, RUN_STATE, {"format_version": FORMAT_VERSION, "world_size": world, **shared})
     write_done(folder, rank, world, int(state["step"]))  # last: this rank's part is complete
-    eng_mod.barrier()
+    barrier()
     if rank == 0:
         write_atomic(os.path.join(root, LATEST_FILE), tag)
         rotate(root, keep=cfg.train.keep_last, newest=tag)
-    eng_mod.barrier()
+    barrier()
     return folder
 
 

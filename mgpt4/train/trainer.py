@@ -21,11 +21,10 @@ from mgpt4.config import DTYPES, Config
 from mgpt4.data.batches import model_inputs
 from mgpt4.data.feeder import DeviceFeeder
 from mgpt4.data.loader import build_loader
-from mgpt4.dist import all_mean, set_timeout, shutdown
+from mgpt4.dist import DistInfo, all_mean, barrier, set_timeout, shutdown
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.llm import llm_sizes
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER
 from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
 from mgpt4.train.assets import ensure_demo_assets
@@ -51,7 +50,7 @@ class Run:
     """What the loop needs, and what a restart needs: `state_dict()` / `load_state_dict()`."""
 
     cfg: Config
-    dist: eng_mod.DistInfo
+    dist: DistInfo
     model: MiniGPT4
     engine: Any
     optimizer: Any
@@ -116,7 +115,7 @@ def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch
     return zero, model, engine, optimizer, scheduler
 
 
-def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
+def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
     start = resume_mod.plan_start(cfg, d.world_size, resume)  # the checkpoints checked, no writes
@@ -152,7 +151,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: eng_mod.DistInfo) -> Run:
     )
     resume_mod.restore(start, run, d.rank, d.world_size)  # 9. checkpoint
     resume_mod.prepare_output(cfg, start, ds_config, d.rank)  # 10. the run folder's first write
-    eng_mod.barrier()
+    barrier()
     peak = cfg.train.peak_tflops or device_peak_tflops(d.device, DTYPES[cfg.train.precision])  # 11. metrics
     run.metrics = Metrics(
         cfg.train.output_dir, d.rank, d.world_size, cfg.train.steps, peak, start_step=run.step
@@ -175,7 +174,7 @@ def write_samples(run: Run) -> None:
     part it calls (ViT blocks, `ln_vision`, Q-Former, projection, LLM) fetches its own.
     """
     text = run.cfg.model.text
-    prompt = run.model.wrap_instruction(text.instructions[0]) if text.instructions else IMAGE_PLACEHOLDER
+    prompt = run.model.sample_prompts()[0]  # the first trained prompt, as the layout lays it out
     images = run.sample_images if run.sample_images.dim() == 4 else None  # features from a cache: no pixels
     run.model.eval()
     try:
