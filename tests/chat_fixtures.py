@@ -20,11 +20,11 @@ import time
 import torch
 from PIL import Image
 
+from mgpt4.checkpoints import CONFIG_FILE, PROJ_FILE
 from mgpt4.model import MiniGPT4, apply_freeze, build_model
 from mgpt4.model.export import save_official_files, save_projection
 from mgpt4.model.presets import tiny
 from mgpt4.strict_config import to_dict
-from mgpt4.train.checkpoints import CONFIG_FILE, PROJ_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORD_PIECE = re.compile(r"▁?[A-Za-z]+")

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from mgpt4.checkpoints import CONFIG_FILE, PROJ_FILE
 from mgpt4.curate.prompts import FIX_PROMPT
 from mgpt4.curate.store import DONE, PartWriter, open_store, record
 from mgpt4.model import apply_freeze, build_model
 from mgpt4.model.export import save_official_files, save_projection
 from mgpt4.strict_config import to_dict
-from mgpt4.train.checkpoints import CONFIG_FILE, PROJ_FILE
 
 
 @contextlib.contextmanager

@@ -546,7 +546,7 @@ def test_the_image_is_checked_before_the_model_loads(tmp_path, capsys):
 
 def _weight_flags(checkpoint: str) -> tuple[dict[str, str], list[str]]:
     """The checkpoint's official weight files, and the flags that name them all."""
-    from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
+    from mgpt4.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
 
     files = read_checkpoint_config(find_checkpoint(checkpoint))["model"]["weights"]
     files["proj"] = os.path.join(find_checkpoint(checkpoint), PROJ_FILE)

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from mgpt4.train.checkpoints import (
+from mgpt4.checkpoints import (
     FORMAT_VERSION,
     ResumeError,
     find_checkpoint,
@@ -154,7 +154,7 @@ def test_rank_state_loads_with_weights_only_and_restores_every_rng(tmp_path):
 
 
 def test_a_checkpoint_of_another_format_version_is_refused_with_what_to_do(tmp_path):
-    from mgpt4.train.checkpoints import check_resume_point
+    from mgpt4.checkpoints import check_resume_point
     from mgpt4.train.run_state import read_checkpoint
 
     root = tmp_path / "checkpoints"

@@ -80,9 +80,9 @@ def _run_folder(checkpoint_dir: str) -> tuple[str, int]:
 def caption_config(args: argparse.Namespace, model_cfg: ModelConfig) -> CaptionEvalConfig:
     """The caption evaluation config the flags give for a model of `model_cfg` (its max_txt_len is the
     default caption length); the checkpoint and its step come from --checkpoint."""
+    from mgpt4.checkpoints import find_checkpoint
     from mgpt4.eval.captions import CaptionEvalConfig
     from mgpt4.inference.flags import settings_from_args
-    from mgpt4.train.checkpoints import find_checkpoint
 
     if args.max_new_tokens is None:
         args.max_new_tokens = model_cfg.text.max_txt_len

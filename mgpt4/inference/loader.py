@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mgpt4.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
 from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.inference.placement import from_config_8bit, place_vision
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, from_config
 from mgpt4.model.presets import MODEL_PRESETS, model_preset
 from mgpt4.strict_config import ConfigError, apply_overrides, from_dict
-from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
 
 log = get_logger(__name__)
 

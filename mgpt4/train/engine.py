@@ -32,11 +32,11 @@ from deepspeed.utils import (
 )
 
 from mgpt4 import logs
+from mgpt4.checkpoints import ResumeError
 from mgpt4.config import DTYPES, Config
 from mgpt4.dist import DistInfo, adopt, barrier, held_groups
 from mgpt4.dist import init as dist_init
 from mgpt4.model import MiniGPT4
-from mgpt4.train.checkpoints import ResumeError
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.optim import build_optimizer, param_groups
 

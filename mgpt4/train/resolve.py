@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from mgpt4.checkpoints import PROJ_FILE, find_checkpoint
 from mgpt4.config import Config
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.config import DataConfig
@@ -15,7 +16,6 @@ from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
 from mgpt4.data.shard_stream import check_sources
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.assets import fill_demo_paths
-from mgpt4.train.checkpoints import PROJ_FILE, find_checkpoint
 from mgpt4.train.ds_config import build_ds_config, resolve_batch, zero_stage
 from mgpt4.train.feature_cache import check_feature_cache
 

@@ -24,11 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mgpt4.config import Config
-from mgpt4.data.loader import DataStateMismatch
-from mgpt4.logs import get_logger
-from mgpt4.strict_config import to_dict
-from mgpt4.train.checkpoints import (
+from mgpt4.checkpoints import (
     CONFIG_FILE,
     ResumeError,
     ResumePoint,
@@ -36,6 +32,10 @@ from mgpt4.train.checkpoints import (
     check_resume_point,
     find_resume_point,
 )
+from mgpt4.config import Config
+from mgpt4.data.loader import DataStateMismatch
+from mgpt4.logs import get_logger
+from mgpt4.strict_config import to_dict
 from mgpt4.train.run_state import read_checkpoint
 
 log = get_logger(__name__)

@@ -21,11 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mgpt4.config import Config
-from mgpt4.dist import barrier
-from mgpt4.model.export import save_projection
-from mgpt4.strict_config import to_dict
-from mgpt4.train.checkpoints import (
+from mgpt4.checkpoints import (
     CONFIG_FILE,
     FORMAT_VERSION,
     LATEST_FILE,
@@ -40,6 +36,10 @@ from mgpt4.train.checkpoints import (
     write_atomic,
     write_done,
 )
+from mgpt4.config import Config
+from mgpt4.dist import barrier
+from mgpt4.model.export import save_projection
+from mgpt4.strict_config import to_dict
 
 PROJ_PREFIX = "llama_proj."
 
