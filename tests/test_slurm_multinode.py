@@ -111,7 +111,9 @@ def test_preemption_on_two_nodes(slurm2, tmp_path, tmp_path_factory):
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_dead_rank_ends_the_job(slurm2, tmp_path, tmp_path_factory, launcher):
-    timeout_min = 1
+    # Far longer than the wait below may last: the job must be ended by the launcher noticing the
+    # dead rank, never by the survivors' collectives running out of time.
+    timeout_min = 30
     env = tiny_env(
         slurm2, tmp_path, tmp_path_factory,
         f"--set train.steps=100000 --set train.log_every=5 --set train.comm_timeout_min={timeout_min}",
@@ -124,12 +126,10 @@ def test_dead_rank_ends_the_job(slurm2, tmp_path, tmp_path_factory, launcher):
     ranks = check_ranks(log, slurm2.nodes, job, launcher)
     dead, node = ranks[3]["pid"], slurm2.nodes[1]
     os.kill(int(dead), 9)  # rank 3, on node 1, in the middle of training
-    killed = time.time()
-    state = wait(env, job, timeout=90)
-    ended = time.time() - killed
+    state = wait(env, job, timeout=240)  # a guard against a hang; what ended the job is checked below
     log = log_file.read_text()
     assert state == "FAILED", log[-4000:]
-    assert ended < timeout_min * 60, f"the job took {ended:.0f} s to end"
+    assert "Timed out" not in log and "timed out" not in log, log[-4000:]  # no collective ran out of time
     # The launcher names the dead rank and its node; the rank lines tie that rank to its process.
     named = {
         "srun": f"srun: error: {node}: task 3: Killed",
