@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections import Counter
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from data_fixtures import make_align, tiny_tokenizer
 
 from mgpt4.data import DataConfig, build_loader
+from mgpt4.data.samples import MAX_SKIP_RUN
+from mgpt4.data.workers import DataSourceError
 from mgpt4.tokenizer import encode_answers
 
 SIZE = 16
@@ -165,3 +168,48 @@ def test_every_problem_of_filter_cap_is_listed_in_one_error(tmp_path):
         "7.jpg",
     ):
         assert part in msg, (part, msg)
+
+
+def test_a_folder_whose_images_are_all_unreadable_stops_with_one_line(tmp_path):
+    """HTML pages saved as .jpg (a scrape that got error pages) used to keep the worker spinning over
+    empty batches; the source now stops after MAX_SKIP_RUN unreadable pairs in a row, saying why."""
+    root = make_align(tmp_path / "a", 4)
+    for i in range(4):
+        with open(os.path.join(root, "image", f"{i}.jpg"), "wb") as f:
+            f.write(b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
+    loader = build_loader(_cfg(root, batch_size=2), tiny_tokenizer(), L, "###")
+    out: list = []
+
+    def first():  # in a thread only as a hang guard; the assertion is on the error
+        try:
+            next(iter(loader))
+            out.append(None)
+        except BaseException as e:
+            out.append(e)
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    thread.join(600)
+    assert out, "the loader neither gave a batch nor stopped"
+    assert isinstance(out[0], DataSourceError), out[0]
+    message = str(out[0])
+    assert message.startswith(f"source {root!r}: {MAX_SKIP_RUN} samples in a row gave no samples"), message
+    assert f"(corrupt_image {MAX_SKIP_RUN})" in message and ".jpg" in message and "\n" not in message
+
+
+def test_captions_with_replacement_or_nul_characters_are_listed(tmp_path):
+    """Mojibake in filter_cap.json is a problem of the file, listed with the others, never trained on."""
+    import json
+
+    root = make_align(tmp_path / "a", 4)
+    with open(os.path.join(root, "filter_cap.json")) as f:
+        anns = json.load(f)["annotations"]
+    anns[1]["caption"] = "the dog\ufffds ball"
+    anns[2]["caption"] = "a\x00 r\x00e\x00d"
+    with open(os.path.join(root, "filter_cap.json"), "w") as f:
+        json.dump({"annotations": anns}, f)
+    with pytest.raises(ValueError) as e:
+        build_loader(_cfg(root), tiny_tokenizer(), L, "###")
+    msg = str(e.value)
+    assert "annotations[1].caption" in msg and "U+FFFD" in msg
+    assert "annotations[2].caption" in msg and "NUL" in msg

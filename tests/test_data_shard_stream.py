@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from data_fixtures import (
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.batches import BatchText
+from mgpt4.data.samples import MAX_SKIP_RUN
 from mgpt4.data.shard_stream import DataSourceError, ShardBatches, sample_id, source_urls
 from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import clean_caption
@@ -333,3 +336,107 @@ def test_shards_are_checked_once_at_config_time_and_trusted_by_the_loader(tmp_pa
         build_loader(
             dataclasses.replace(cfg, resampled=False), tiny_tokenizer(), L, "\n", rank=0, world_size=3
         )
+
+
+def _first_batch_or_error(loader) -> BaseException | None:
+    """The error the loader's first batch raises. The loader runs in a thread only as a hang guard (a
+    source that spins forever must fail this test, not stall the session): what is asserted is the
+    error, which comes after a bounded number of skipped samples (MAX_SKIP_RUN)."""
+    out: list = []
+
+    def first():
+        try:
+            next(iter(loader))
+            out.append(None)
+        except BaseException as e:  # handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    thread.join(600)
+    assert out, "the loader neither gave a batch nor stopped: a source of skipped samples spins forever"
+    return out[0]
+
+
+def _dotted_shard(path: str) -> str:
+    # Files named like 'img0.v2.jpg': as in webdataset the key is 'img0' and the extensions 'v2.jpg',
+    # 'v2.txt', so there is no .jpg and no .txt.
+    samples = [(f"img{i}", {"v2.jpg": sample_files("x")["jpg"], "v2.txt": b"a red circle"}) for i in range(5)]
+    return write_tar(path, samples)
+
+
+def _captionless_shard(path: str) -> str:
+    # What img2dataset writes without a caption column: the image and a .json without "caption".
+    samples = [
+        (f"{i:05d}", {"jpg": sample_files("x")["jpg"], "json": json.dumps({"key": f"{i:05d}"}).encode()})
+        for i in range(5)
+    ]
+    return write_tar(path, samples)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "reason", "why"),
+    [
+        (_dotted_shard, "webdataset", "no_caption", "found only .v2.jpg and .v2.txt (as in webdataset"),
+        (_captionless_shard, "webdataset", "no_caption", "no caption: found only .jpg and .json"),
+        (numbered_shards, "features", "no_features", "no features: found only .jpg, .json and .txt"),
+    ],
+    ids=["dotted-names", "no-captions", "features-without-npy"],
+)
+def test_a_source_whose_samples_are_all_skipped_stops_with_one_line(tmp_path, make, kind, reason, why):
+    """Readable shards whose every sample is skipped used to keep the worker spinning with no step and
+    no error; the source now stops after MAX_SKIP_RUN skips in a row, saying what was skipped and why."""
+    if make is numbered_shards:
+        paths = make(str(tmp_path), 2, 5, prefix="laion-")
+    else:
+        paths = [make(str(tmp_path / f"laion-{i:05d}.tar")) for i in range(2)]
+    extra = {"crops": "stream"} if kind == "features" else {}
+    cfg = _cfg([SourceConfig(name="laion", shards=paths)], kind=kind, **extra)
+    loader = build_loader(
+        cfg, tiny_tokenizer(), L, "\n", feature_shape=(4, 8) if kind == "features" else None
+    )
+    error = _first_batch_or_error(loader)
+    assert isinstance(error, DataSourceError), error
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith(f"source 'laion': {MAX_SKIP_RUN} samples in a row gave no samples"), message
+    assert f"({reason} {MAX_SKIP_RUN})" in message and why in message and "laion-0000" in message
+
+
+def test_a_good_sample_now_and_then_keeps_a_source_going(tmp_path):
+    """The bound is on skips in a row: a source with mostly skipped samples trains on the rest."""
+    samples = [(f"bad{i:04d}", sample_files(f"bad{i:04d}", None)) for i in range(MAX_SKIP_RUN - 1)]
+    samples.append(("good", sample_files("good", "a red circle")))
+    path = write_tar(str(tmp_path / "sparse.tar"), samples)
+    cfg = _cfg([SourceConfig(name="sparse", shards=[path])], resampled=False, shuffle_buffer=1, batch_size=2)
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    batch = next(iter(loader))
+    assert batch["sample_id"].tolist() == [sample_id(path, "good")] * 2
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    """A cp1252 or UTF-16 .txt and a .json caption with replacement characters are never trained on
+    (they used to reach the tokenizer as 'the dog\\ufffds ball' or with NULs between the letters)."""
+    jpg = sample_files("x")["jpg"]
+    bad = {
+        "cp1252": {"jpg": jpg, "txt": "the dog\u2019s ball".encode("cp1252")},
+        "utf16bom": {"jpg": jpg, "txt": "a red circle".encode("utf-16")},
+        "utf16le": {"jpg": jpg, "txt": "a red circle".encode("utf-16-le")},
+        "jsonfffd": {"jpg": jpg, "json": json.dumps({"caption": "the dog\ufffds ball"}).encode()},
+        "jsonnul": {"jpg": jpg, "json": json.dumps({"caption": "a\x00 r\x00e\x00d"}).encode()},
+    }
+    good = [(f"good{i}", sample_files(f"good{i}", f"sample number {i}")) for i in range(3)]
+    good.append(("bom", {"jpg": jpg, "txt": "\ufeffsample number 3".encode()}))  # a UTF-8 BOM is dropped
+    path = write_tar(str(tmp_path / "mixed.tar"), list(bad.items()) + good)
+    cfg = _cfg(
+        [SourceConfig(shards=[path])], resampled=False, shuffle_buffer=1, batch_size=4, clean_captions=False
+    )
+    loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
+    batch = next(iter(loader))
+    keys = ["good0", "good1", "good2", "bom"]
+    assert batch["sample_id"].tolist() == [sample_id(path, k) for k in keys]
+    captions = [f"sample number {i}" for i in range(4)]
+    assert torch.equal(batch["text_ids"], encode_answers(tiny_tokenizer(), captions, "\n", L)[0])
+    stats = loader.stats()
+    assert stats["bad_caption"] == len(bad)
+    assert {k for k, v in stats.items() if v} == {"bad_caption"}

@@ -311,3 +311,14 @@ def test_the_header_shortcut_reads_what_tarfile_reads():
             assert got == (info.name, info.size, info.type), block
             agreed += 1
     assert agreed > len(blocks) // 3  # the shortcut did take the common headers
+
+
+def test_keys_end_at_the_first_dot_of_the_file_name_as_in_webdataset(tmp_path):
+    """webdataset's key rule: the key ends at the first dot of the file name (not of the path), the rest
+    is the extension; so 'a.b.jpg' is key 'a' with extension 'b.jpg', and dots in folders stay in the key."""
+    path = write_tar(
+        str(tmp_path / "s.tar"),
+        [("a", {"b.jpg": b"1", "b.txt": b"2"}), ("v1.2/c", {"jpg": b"3", "tar.gz": b"4"})],
+    )
+    samples = _all(TarReader(path))
+    assert samples == [("a", {"b.jpg": b"1", "b.txt": b"2"}), ("v1.2/c", {"jpg": b"3", "tar.gz": b"4"})]

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 
 import numpy as np
 import pytest
 import torch
-from data_fixtures import jpeg
+from data_fixtures import WORDS, jpeg, tiny_tokenizer
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from mgpt4.data.batches import BatchText
 from mgpt4.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     CROP_UNIFORMS,
     ImageError,
     ImageTransform,
+    caption_char_limit,
     clean_caption,
     crop_box,
+    cut_caption,
     dct_factor,
     normalize_uint8,
 )
+from mgpt4.tokenizer import encode_answers
 
 OFFICIAL_NORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
 
@@ -221,3 +227,59 @@ def test_clean_caption_follows_the_official_rules():
     long = " ".join(f"w{i}" for i in range(80))
     assert clean_caption(long).split(" ") == [f"w{i}" for i in range(50)]
     assert clean_caption(long, max_words=3) == "w0 w1 w2"
+
+
+@pytest.mark.parametrize("kind", ["base64", "words", "spaces", "unicode"])
+def test_a_huge_caption_is_cut_by_characters_and_keeps_the_same_tokens(kind):
+    """A 1.5 MB alt text (base64) is cut to caption_char_limit characters before tokenizing; the
+    max_txt_len ids kept, end symbol and padding included, are exactly those of the uncut caption."""
+    rng = np.random.default_rng(0)
+    size = 300_000  # far above the limit; the whole 1.5 MB would only slow the uncut reference down
+    if kind == "base64":
+        caption = "data:image/png;base64," + base64.b64encode(rng.bytes(size * 3 // 4)).decode()
+    elif kind == "words":
+        caption = " ".join(rng.choice(WORDS.split(), size // 6))
+    elif kind == "spaces":
+        caption = "a red " + " " * size + "circle"
+    else:
+        caption = "".join(chr(c) for c in rng.integers(0x4E00, 0x4F00, size))
+    tokenizer = tiny_tokenizer()
+    for max_txt_len in (12, 32, 160):
+        text = BatchText(tokenizer, max_txt_len, "###")
+        limit = caption_char_limit(tokenizer, max_txt_len)
+        assert text.caption_chars == limit < size
+        cut = cut_caption(caption, limit, tokenizer, max_txt_len)
+        assert len(cut) == limit
+        ids, mask = text.encode([caption, "a red circle"])
+        full = encode_answers(tokenizer, [caption, "a red circle"], "###", max_txt_len)
+        assert torch.equal(ids, full[0]) and torch.equal(mask, full[1])
+        assert cut_caption("a red circle", limit, tokenizer, max_txt_len) == "a red circle"
+
+
+class _Collapsing:
+    """A tokenizer whose normalizer drops runs of spaces (as SentencePiece's remove_extra_whitespaces)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def get_vocab(self):
+        return self.tokenizer.get_vocab()
+
+    def __call__(self, texts, **kw):
+        squeeze = lambda t: re.sub(" +", " ", t)  # noqa: E731
+        return self.tokenizer(
+            [squeeze(t) for t in texts] if isinstance(texts, list) else squeeze(texts), **kw
+        )
+
+
+def test_a_cut_that_would_leave_too_few_tokens_is_not_made():
+    """Where the normalizer drops characters the first characters may hold fewer tokens than assumed:
+    the caption is then tokenized whole, and the ids are still those of the uncut caption."""
+    tokenizer = _Collapsing(tiny_tokenizer())
+    caption = "a red " + " " * 100_000 + "circle on the left"
+    limit = caption_char_limit(tokenizer, 12)
+    assert cut_caption(caption, limit, tokenizer, 12) == caption
+    ids, _ = BatchText(tokenizer, 12, "###").encode([caption])
+    assert torch.equal(ids, encode_answers(tokenizer, [caption], "###", 12)[0])
+    assert ids[0, 2] != tokenizer.pad_token_id  # "circle" and what follows are kept

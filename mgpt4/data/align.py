@@ -21,7 +21,7 @@ import torch
 
 from mgpt4.data.batches import BatchText, image_buffer, make_batch
 from mgpt4.data.config import DataConfig
-from mgpt4.data.samples import SkipCounter
+from mgpt4.data.samples import SkipCounter, SkipRun, not_text
 from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.transforms import CROP_UNIFORMS, ImageError, clean_caption, image_transform
 from mgpt4.data.workers import WorkerDataset
@@ -83,6 +83,8 @@ def load_align(root: str) -> list[AlignPair]:
             found.append(f"annotations[{i}].image_id: expected a string, got {image_id!r:.60}")
         if not isinstance(caption, str) or not caption.strip():
             found.append(f"annotations[{i}].caption: expected a non-empty string, got {caption!r:.60}")
+        elif bad := not_text(caption):
+            found.append(f"annotations[{i}].caption: has {bad}, got {caption!r:.60}")
         if not good_id:
             continue
         where.setdefault(str(image_id), []).append(i)
@@ -180,6 +182,8 @@ class AlignDataset(WorkerDataset):
         if g % self.num_workers != worker:
             raise ValueError(f"align position {g} does not belong to worker {worker} of {self.num_workers}")
         skips = SkipCounter(state.get("counts"))
+        # A folder whose images are all unreadable (HTML pages saved as .jpg) stops after MAX_SKIP_RUN pairs.
+        run = SkipRun(cfg.align_root or "")
         transform = image_transform(cfg)
         clean = cfg.cleans_captions()
         while True:
@@ -197,10 +201,12 @@ class AlignDataset(WorkerDataset):
                         data = f.read()
                     transform(data, u[slot], images[slot])
                     good.append(slot)
+                    run.clear()
                 except (OSError, ImageError) as e:
                     # OSError: the file went away after the check at start-up.
                     skips.add(e.reason if isinstance(e, ImageError) else "no_image", pair.path, str(e))
                     bad.append(slot)
+                    run.add(*skips.last)
             g_done, g = g, g + self.num_workers
             if not good:
                 skips.add("empty_batch", f"batch {g_done}", "no image of the batch could be read")

@@ -7,6 +7,7 @@ never sees a new size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from mgpt4.data.streams import Stream, stream_rng
+from mgpt4.data.transforms import caption_char_limit, cut_caption
 from mgpt4.tokenizer import encode_answers
 
 
@@ -53,11 +55,16 @@ class BatchText:
             )
         return self.context_lengths[instruction or 0]
 
+    @functools.cached_property
+    def caption_chars(self) -> int:
+        """Characters of a caption kept before tokenizing (`mgpt4.data.transforms.caption_char_limit`)."""
+        return caption_char_limit(self.tokenizer, self.max_txt_len)
+
     def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids, mask int64 [len(captions), max_txt_len] (`mgpt4.tokenizer.encode_answers`)."""
-        return encode_answers(
-            self.tokenizer, list(captions), self.end_sym, self.max_txt_len, pad_to_max_len=True
-        )
+        """ids, mask int64 [len(captions), max_txt_len] (`mgpt4.tokenizer.encode_answers`); captions
+        are cut by characters first (`cut_caption`), which keeps the same ids."""
+        cut = [cut_caption(c, self.caption_chars, self.tokenizer, self.max_txt_len) for c in captions]
+        return encode_answers(self.tokenizer, cut, self.end_sym, self.max_txt_len, pad_to_max_len=True)
 
 
 def make_batch(

@@ -24,7 +24,7 @@ from mgpt4.data.batches import BatchText, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.feature_shards import features_folder
 from mgpt4.data.payloads import PAYLOAD_ERRORS, make_payload
-from mgpt4.data.samples import SkipCounter, caption_or_skip
+from mgpt4.data.samples import SkipCounter, SkipRun, caption_or_skip, found_files
 from mgpt4.data.shard_lists import (
     check_local_shards,
     check_url,
@@ -331,22 +331,28 @@ class ShardBatches:
         return rng.choice(n, size=size, p=self.ratios).astype(np.int64)
 
     def _fill_slot(self, stream: ShardStream, out: torch.Tensor) -> Taken:
-        """Decode the next usable sample of `stream` into `out`; skipped ones are counted."""
+        """Decode the next usable sample of `stream` into `out`; skipped ones are counted, and
+        `MAX_SKIP_RUN` of them in a row stop the source (DataSourceError naming why they were skipped)."""
+        run = SkipRun(stream.name)
         while True:
             before = stream.state()
             entry, u = stream.next()
             if entry[0] != "ok":
                 self.skips.add(entry[0], entry[1], entry[2])
+                run.add(*self.skips.last)
                 continue
             _, url, key, files = entry
             where = f"{key} in {url}"
             caption = caption_or_skip(files, where, self.skips)
             if caption is None:
+                run.add(*self.skips.last)
                 continue
             data = self.payload.find(files)
             if data is None:
                 reason = self.payload.missing_reason
-                self.skips.add(reason, where, f"no {self.payload.key} file among {sorted(files)}")
+                detail = f"no {self.payload.key}: {found_files(files)}"
+                self.skips.add(reason, where, detail)
+                run.add(*self.skips.last)
                 continue
             if self.cfg.crops == "sample":
                 u = sample_crop_uniforms(self.cfg.seed, shard_file_name(url), key)
@@ -354,6 +360,7 @@ class ShardBatches:
                 self.payload.fill(data, u, out)
             except PAYLOAD_ERRORS as e:
                 self.skips.add(e.reason, where, str(e))
+                run.add(*self.skips.last)
                 continue
             if self.clean:
                 caption = clean_caption(caption, self.cfg.caption_max_words)

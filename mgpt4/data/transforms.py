@@ -222,6 +222,34 @@ def clean_caption(caption: str, max_words: int = 50) -> str:
     return caption
 
 
+def caption_char_limit(tokenizer, max_txt_len: int) -> int:
+    """How many characters of a caption are kept for its first `max_txt_len` tokens: 2 x max_txt_len x
+    the longest vocabulary piece, in characters.
+
+    Why that is safe: a token stands for at most as many characters of the text as its piece is long
+    (SentencePiece's '▁' is the one space it stands for, a byte-fallback piece such as '<0xE2>' for
+    less than one character, a byte-level BPE piece for one byte per character), so the first L tokens
+    lie within the first L x P characters, and the cut leaves at least L x P more (at least L more
+    tokens) after them, far beyond the reach of the merges next to the cut. `cut_caption` checks the
+    L spare tokens are there, for tokenizers whose normalizer drops characters (runs of spaces).
+    """
+    vocab = tokenizer.get_vocab()
+    return 2 * max(1, max_txt_len) * max((len(piece) for piece in vocab), default=1)
+
+
+def cut_caption(caption: str, limit: int, tokenizer, max_txt_len: int) -> str:
+    """`caption` cut to `limit` characters (`caption_char_limit`) before it is tokenized: a 1.5 MB alt
+    text would otherwise cost a whole tokenization to keep max_txt_len tokens. Its first max_txt_len
+    tokens are those of the whole caption; a cut that leaves fewer than 2 x max_txt_len tokens (a
+    normalizer dropped characters) is not made and the caption is kept whole."""
+    if len(caption) <= limit:
+        return caption
+    head = caption[:limit]
+    if len(tokenizer(head, add_special_tokens=False)["input_ids"]) >= 2 * max_txt_len:
+        return head
+    return caption
+
+
 @functools.lru_cache(maxsize=8)
 def _clip_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: building them per batch would be a synchronous host-to-device copy.
