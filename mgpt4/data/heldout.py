@@ -25,7 +25,6 @@ from mgpt4.data.samples import ShardSamples, SkipCounter
 from mgpt4.data.shard_lists import expand_shards
 from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.transforms import ImageError, ImageTransform, clean_caption
-from mgpt4.tokenizer import encode_answers
 
 log = logging.getLogger("mgpt4.data")
 
@@ -146,9 +145,7 @@ def heldout_batches(
         for row, i in enumerate(idx):
             images[row] = held.images[i]
         captions = [held.captions[i] for i in idx] + [""] * (batch_size - len(idx))
-        ids, mask = encode_answers(
-            text.tokenizer, captions, text.end_sym, text.max_txt_len, pad_to_max_len=True
-        )
+        ids, mask = text.encode(captions)  # encode_answers, a huge caption cut first
         mask[len(idx) :] = 0
         batch = {"image": images, "text_ids": ids, "text_mask": mask}
         if held.instructions:
