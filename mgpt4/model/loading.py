@@ -125,8 +125,8 @@ def _not_torch_file(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(40)
     return (
-        f"{path}: not a torch weight file (expected what torch.save writes: a zip archive or a "
-        f"binary pickle); it starts with {head!r}"
+        f"{path}: not a readable torch file: expected what torch.save writes (a zip archive or a "
+        f"binary pickle), but it starts with {head!r}"
     )
 
 
