@@ -59,6 +59,17 @@ def check_local_shards(urls: Sequence[str], where: str, name: str) -> None:
         )
 
 
+def check_not_folders(urls: Sequence[str], where: str) -> None:
+    """A local shard path that is a folder is a wrong path (the reader needs .tar files): ValueError
+    naming the setting and the folder, before anything is loaded or written."""
+    for path in (local_path(u) for u in urls):
+        if path is not None and os.path.isdir(path):
+            raise ValueError(
+                f"{where}: {path!r} is a folder; expected .tar shard files, e.g. "
+                f"'{path.rstrip('/')}/{{00000..00009}}.tar' or @FILE with one shard per line"
+            )
+
+
 def missing_local_shards(urls: Sequence[str]) -> list[str]:
     """The local shards (plain paths and file://) that do not exist, in list order."""
     return [p for p in (local_path(u) for u in urls) if p is not None and not os.path.exists(p)]

@@ -91,8 +91,13 @@ def torch_load(path: str, allow_pickle: bool = False):
         raise WeightsError(
             f"{path}: not a readable torch file: {(str(e).splitlines() or [repr(e)])[0]}"
         ) from None
+    except (KeyError, IndexError, ValueError, TypeError):
+        # The legacy unpickler reading bytes that are no pickle (a text or HTML file): `KeyError: 101`.
+        raise WeightsError(_not_torch_file(path)) from None
     except pickle.UnpicklingError as e:
         classes = _unsafe_globals(path, e)
+        if not classes and not _looks_like_torch_file(path):  # text: `Unsupported operand 118`
+            raise WeightsError(_not_torch_file(path)) from None
         if not classes:
             raise WeightsError(f"{path}: not a readable torch file: {_unpickler_reason(e)}") from None
         if allow_pickle:
@@ -106,6 +111,23 @@ def torch_load(path: str, allow_pickle: bool = False):
             f"rebuild, and full unpickling can run code from the file. Re-save it with plain dicts and "
             f"tensors, or, if you trust the file, set model.weights.allow_pickle=true"
         ) from None
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """A zip archive (torch.save since 1.6) or a binary pickle (the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+def _not_torch_file(path: str) -> str:
+    """The line for a file that is no torch file at all (text, HTML, a Git LFS pointer)."""
+    with open(path, "rb") as f:
+        head = f.read(40)
+    return (
+        f"{path}: not a readable torch file: expected what torch.save writes (a zip archive or a "
+        f"binary pickle), but it starts with {head!r}"
+    )
 
 
 def _unpickler_reason(error: Exception) -> str:

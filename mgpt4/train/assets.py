@@ -33,47 +33,67 @@ def cache_root() -> str:
     return os.environ.get("MGPT4_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mgpt4")
 
 
-def _size_tag(cfg: ModelConfig) -> str:
+def _size_tag(cfg: ModelConfig, own_llm: bool = False) -> str:
     v, q, m = cfg.vision, cfg.qformer, cfg.llm
     qformer = f"q{q.width}x{q.depth}x{q.num_query_tokens}" if q is not None else "noq"
-    return (
-        f"v{ASSETS_VERSION}-vit{v.image_size}-{v.patch_size}-{v.width}x{v.depth}-{qformer}"
-        f"-llm{m.hidden_size}x{m.num_layers}-voc{m.vocab_size}"
-    )
+    llm = "-nollm" if own_llm else f"-llm{m.hidden_size}x{m.num_layers}-voc{m.vocab_size}"
+    return f"v{ASSETS_VERSION}-vit{v.image_size}-{v.patch_size}-{v.width}x{v.depth}-{qformer}{llm}"
 
 
-def tiny_weights_location(cfg: ModelConfig, seed: int = 0) -> WeightsConfig:
-    """Where the tiny model of `cfg`'s sizes lives in the cache (whether or not it exists yet)."""
-    final = os.path.join(cache_root(), "tiny-weights", f"{_size_tag(cfg)}-seed{seed}")
+def tiny_weights_location(cfg: ModelConfig, seed: int = 0, own_llm: bool = False) -> WeightsConfig:
+    """Where the tiny model of `cfg`'s sizes lives in the cache (whether or not it exists yet).
+
+    `own_llm`: the run brings its own LLM folder, so only the vision files are tiny: a folder of
+    them alone (`llm` None), made without a tokenizer or LLM and keyed by the vision sizes only.
+    """
+    final = os.path.join(cache_root(), "tiny-weights", f"{_size_tag(cfg, own_llm)}-seed{seed}")
     return WeightsConfig(
         eva_vit=os.path.join(final, "eva_vit_g.pth"),
         # Without a Q-Former (the LLaMA-2 variant) no BLIP-2 file is made or read.
         blip2=os.path.join(final, "blip2_pretrained.pth") if cfg.qformer is not None else None,
-        llm=os.path.join(final, "llm"),
+        llm=None if own_llm else os.path.join(final, "llm"),
     )
 
 
-def ensure_tiny_weights(cfg: ModelConfig, captions: list[str], seed: int = 0) -> WeightsConfig:
-    """Official-format files of a random model with `cfg`'s sizes and a tokenizer trained on `captions`."""
+def _tiny_for(cfg: ModelConfig) -> WeightsConfig:
+    """The tiny files this config's demo paths point to: the whole tiny model, or the vision files
+    alone when `model.weights.llm` names another folder (the user's LLM)."""
+    llm = cfg.weights.llm
+    return tiny_weights_location(cfg, own_llm=bool(llm) and llm != tiny_weights_location(cfg).llm)
+
+
+def ensure_tiny_weights(
+    cfg: ModelConfig, captions: list[str], seed: int = 0, own_llm: bool = False
+) -> WeightsConfig:
+    """Official-format files of a random model with `cfg`'s sizes and a tokenizer trained on `captions`;
+    with `own_llm`, the vision files alone (see `tiny_weights_location`)."""
     from mgpt4.model.export import save_official_files
     from mgpt4.model.minigpt4 import MiniGPT4
     from mgpt4.tokenizer import train_tiny_tokenizer
 
-    weights = tiny_weights_location(cfg, seed)
+    weights = tiny_weights_location(cfg, seed, own_llm)
     final = os.path.dirname(weights.eva_vit)
     if os.path.isdir(final):
         return weights
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(final))
     try:
-        corpus = [*captions, VICUNA_V0_SYSTEM, *(STAGE2_TEMPLATE.format(i) for i in STAGE2_INSTRUCTIONS)] * 4
-        tokenizer = train_tiny_tokenizer(
-            corpus, os.path.join(tmp, "tokenizer"), vocab_size=cfg.llm.vocab_size
-        )
-        torch.manual_seed(seed)
-        bare = ModelConfig(vision=cfg.vision, qformer=cfg.qformer, llm=cfg.llm)
-        save_official_files(MiniGPT4(bare, tokenizer=tokenizer), tmp)
-        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+        if own_llm:
+            torch.manual_seed(seed)
+            _save_tiny_vision(cfg, tmp)
+        else:
+            corpus = [
+                *captions,
+                VICUNA_V0_SYSTEM,
+                *(STAGE2_TEMPLATE.format(i) for i in STAGE2_INSTRUCTIONS),
+            ] * 4
+            tokenizer = train_tiny_tokenizer(
+                corpus, os.path.join(tmp, "tokenizer"), vocab_size=cfg.llm.vocab_size
+            )
+            torch.manual_seed(seed)
+            bare = ModelConfig(vision=cfg.vision, qformer=cfg.qformer, llm=cfg.llm)
+            save_official_files(MiniGPT4(bare, tokenizer=tokenizer), tmp)
+            shutil.rmtree(os.path.join(tmp, "tokenizer"))
         try:
             os.rename(tmp, final)  # atomic: ranks racing here all end with the same complete folder
         except OSError:
@@ -83,6 +103,25 @@ def ensure_tiny_weights(cfg: ModelConfig, captions: list[str], seed: int = 0) ->
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return weights
+
+
+def _save_tiny_vision(cfg: ModelConfig, root: str) -> None:
+    """eva_vit_g.pth and the BLIP-2 file of a random vision path of `cfg`'s sizes, as
+    `save_official_files` writes them, without building an LLM or a tokenizer."""
+    from mgpt4.model.export import lavis_qformer_key
+    from mgpt4.model.qformer import build_qformer
+    from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
+
+    w = tiny_weights_location(cfg, own_llm=True)
+    torch.save(build_eva_vit(cfg.vision).state_dict(), os.path.join(root, os.path.basename(w.eva_vit)))
+    if w.blip2 is not None:
+        n_img, img_width = cfg.image_token_shape()
+        ln = FP32LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
+        qformer = build_qformer(cfg.qformer, encoder_width=cfg.vision.width)
+        blip2 = {"query_tokens": torch.randn(1, n_img, img_width) * 0.02}
+        blip2.update({f"ln_vision.{k}": v for k, v in ln.state_dict().items()})
+        blip2.update({lavis_qformer_key(k): v for k, v in qformer.state_dict().items()})
+        torch.save({"model": blip2}, os.path.join(root, os.path.basename(w.blip2)))
 
 
 def fill_demo_paths(cfg: Config) -> list[str]:
@@ -111,7 +150,7 @@ def fill_demo_paths(cfg: Config) -> list[str]:
             val.shards = list(synthetic.val_shards)
             filled.extend(synthetic.val_shards)
     w = cfg.model.weights
-    tiny = tiny_weights_location(cfg.model)
+    tiny = _tiny_for(cfg.model)  # your own LLM folder: no tiny LLM or tokenizer is pointed to or made
     names = [n for n in ("eva_vit", "blip2", "llm") if getattr(tiny, n)]
     if not all(getattr(w, n) for n in names) and not w.blip2_hf:
         for name in names:
@@ -153,10 +192,11 @@ def _make_missing(cfg: Config) -> None:
             for p in ([shards] if isinstance(shards, str) else shards)
         ]
     )
-    tiny = tiny_weights_location(cfg.model)
+    tiny = _tiny_for(cfg.model)
     uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm} - {None})
     missing_tiny = uses_tiny and not os.path.isdir(os.path.dirname(tiny.eva_vit))
-    if missing_tiny or any(p.startswith(synthetic.root) for p in data_paths):
+    # The tiny tokenizer is trained on the synthetic captions; the vision files alone need none.
+    if (missing_tiny and tiny.llm) or any(p.startswith(synthetic.root) for p in data_paths):
         synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)
     if missing_tiny:
-        ensure_tiny_weights(cfg.model, synthetic.captions)
+        ensure_tiny_weights(cfg.model, synthetic.captions, own_llm=tiny.llm is None)

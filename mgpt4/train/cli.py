@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from mgpt4.config import Config
 from mgpt4.dist import process_rank
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None, default_recipe: str, description: str) ->
 def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", description: str = "") -> None:
     args = parse_args(argv, default_recipe, description)
     from mgpt4.model import WeightsError
+    from mgpt4.train.run_state import SaveError, resume_hint
 
+    cfg = None
     try:
         cfg = apply_overrides(get_recipe(args.recipe), args.set)
         if args.dry_run:
@@ -48,16 +51,39 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
         from mgpt4.train.trainer import train
 
         train(cfg, args.deepspeed, resume=not args.no_resume)
-    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as e:
-        # Bad input stops with what to fix; MGPT4_DEBUG=1 shows the traceback instead.
+    except KeyboardInterrupt:
         if os.environ.get("MGPT4_DEBUG"):
+            raise
+        # Ctrl-C: no traceback, but where the run stands (130: the shell's code for SIGINT).
+        where = "" if cfg is None else f"; rerun {resume_hint(cfg.train.output_dir)}"
+        print(f"{_rank_tag()}mgpt4: interrupted{where}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except (ConfigError, WeightsError, FileNotFoundError, ValueError, SaveError, RuntimeError) as e:
+        # Bad input stops with what to fix; MGPT4_DEBUG=1 shows the traceback instead.
+        message = _port_in_use(e) if isinstance(e, RuntimeError) else str(e)
+        if message is None or os.environ.get("MGPT4_DEBUG"):
             raise
         prefix = "config error" if isinstance(e, ConfigError) else "mgpt4: error"
         # Every rank says it: tagged like the logger's warnings, so that a log of many ranks reads.
-        rank, world = process_rank()
-        if world > 1:
-            prefix = f"[rank {rank}] {prefix}"
-        raise SystemExit(f"{prefix}: {e}") from None
+        raise SystemExit(f"{_rank_tag()}{prefix}: {message}") from None
+
+
+def _rank_tag() -> str:
+    rank, world = process_rank()
+    return f"[rank {rank}] " if world > 1 else ""
+
+
+def _port_in_use(e: RuntimeError) -> str | None:
+    """The one line for a rendezvous port that another process holds (torch's TCPStore raises a
+    DistNetworkError, a RuntimeError, with EADDRINUSE deep in its text); None for any other error."""
+    text = str(e)
+    if "EADDRINUSE" not in text and "address already in use" not in text.lower():
+        return None
+    addr = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
+    return (
+        f"the rendezvous port {addr} is in use (EADDRINUSE): another job or a run still ending holds it; "
+        f"choose a free port with `deepspeed --master_port PORT ...` (or torchrun's --master-port)"
+    )
 
 
 def dry_run(cfg: Config, ds_path: str) -> None:

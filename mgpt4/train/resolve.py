@@ -12,7 +12,7 @@ from mgpt4.checkpoints import PROJ_FILE, find_checkpoint
 from mgpt4.config import Config
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.config import DataConfig
-from mgpt4.data.shard_lists import check_local_shards, check_url, expand_shards
+from mgpt4.data.shard_lists import check_local_shards, check_not_folders, check_url, expand_shards
 from mgpt4.data.shard_stream import check_sources
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.assets import fill_demo_paths
@@ -94,6 +94,9 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
             except FileNotFoundError as e:
                 missing.append(f"data.align_root: {e}")
         return missing
+    for i, src in enumerate(d.sources):  # a folder would fail only once the model has loaded
+        where = f"data.sources[{i}].shards"
+        check_not_folders(expand_shards(src.shards, where), where)
     # The loader built from this config trusts these checks (`check_sources` remembers them).
     return missing + check_sources(d, world_size, d.num_workers, will_exist) + check_feature_cache(cfg)
 
@@ -108,6 +111,7 @@ def find_missing_val(d: DataConfig, will_exist: set[str]) -> list[str]:
         urls = expand_shards(val.shards, "data.val.shards")
         for url in urls:
             check_url(url, "data.val.shards")
+        check_not_folders(urls, "data.val.shards")
         if set(urls) <= will_exist:
             return []
         try:

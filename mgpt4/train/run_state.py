@@ -13,6 +13,7 @@ official format and the resolved config, what chat, curation and stage 2 read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from mgpt4.checkpoints import (
     RUN_STATE,
     ResumeError,
     checkpoint_root,
+    find_resume_point,
     format_refusal,
     rotate,
     step_dir_name,
@@ -42,6 +44,11 @@ from mgpt4.model.export import save_projection
 from mgpt4.strict_config import to_dict
 
 PROJ_PREFIX = "llama_proj."
+
+
+class SaveError(OSError):
+    """A checkpoint could not be written (most often a full disk); the message names the folder, the
+    free space and the checkpoint a rerun resumes from. `latest` still names that one."""
 
 
 def save_checkpoint(cfg: Config, state: dict[str, Any]) -> str:
@@ -59,15 +66,20 @@ def save_checkpoint(cfg: Config, state: dict[str, Any]) -> str:
         os.makedirs(folder)
     barrier()
     shared = {k: v for k, v in state.items() if k != "rank"}
-    _save(folder, RANK_STATE.format(rank=rank), {"format_version": FORMAT_VERSION, **state["rank"]})
-    if rank == 0:
-        params = shared["trainable"]["params"]
-        save_projection(
-            {k: v for k, v in params.items() if k.startswith(PROJ_PREFIX)}, os.path.join(folder, PROJ_FILE)
-        )
-        write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
-        _save(folder, RUN_STATE, {"format_version": FORMAT_VERSION, "world_size": world, **shared})
-    write_done(folder, rank, world, int(state["step"]))  # last: this rank's part is complete
+    try:
+        _save(folder, RANK_STATE.format(rank=rank), {"format_version": FORMAT_VERSION, **state["rank"]})
+        if rank == 0:
+            params = shared["trainable"]["params"]
+            save_projection(
+                {k: v for k, v in params.items() if k.startswith(PROJ_PREFIX)},
+                os.path.join(folder, PROJ_FILE),
+            )
+            write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
+            _save(folder, RUN_STATE, {"format_version": FORMAT_VERSION, "world_size": world, **shared})
+        write_done(folder, rank, world, int(state["step"]))  # last: this rank's part is complete
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer reports a full disk as `unexpected pos 832 vs 726`.
+        raise _save_error(folder, e, _nbytes(state if rank == 0 else state["rank"])) from e
     barrier()
     if rank == 0:
         write_atomic(os.path.join(root, LATEST_FILE), tag)
@@ -80,6 +92,51 @@ def _save(folder: str, name: str, obj: dict[str, Any]) -> None:
     tmp = os.path.join(folder, f"{name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, os.path.join(folder, name))
+
+
+def _save_error(folder: str, error: Exception, needed: int) -> SaveError:
+    """One line for a save that failed: the disk is full (an ENOSPC, or torch's zip writer failing
+    where the free space is below what the state needs), or the error's own first line."""
+    free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(folder)).free
+    code = getattr(error, "errno", None)
+    torch_write = isinstance(error, RuntimeError) and any(
+        s in str(error) for s in ("unexpected pos", "failed writing", "file write failed")
+    )
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (torch_write and free < needed)
+    if full:
+        reason = f"the disk is full ({_mb(free)} free there, this rank's part needs about {_mb(needed)})"
+    else:
+        reason = (str(error).strip().splitlines() or [repr(error)])[0]
+    fix = "free some space, then rerun" if full else "rerun"
+    output_dir = os.path.dirname(os.path.dirname(folder))
+    return SaveError(f"cannot write checkpoint {folder}: {reason}; {fix} {resume_hint(output_dir)}")
+
+
+def resume_hint(output_dir: str) -> str:
+    """Where the same command continues a run from: 'the same command to resume from <the newest
+    complete checkpoint>', or to start over where none is complete yet."""
+    try:
+        point = find_resume_point(output_dir)
+    except ResumeError:
+        point = None
+    if point is None:
+        return f"the same command to start over: {output_dir} holds no complete checkpoint yet"
+    return f"the same command to resume from {point.folder}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _nbytes(obj: Any) -> int:
+    """The bytes of every tensor in `obj` (nested dicts, lists, tuples): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def read_checkpoint(folder: str, rank: int | None) -> dict[str, Any]:
