@@ -40,6 +40,9 @@ class Template(Protocol):
     roles: tuple[str, str]
     stops: tuple[str, ...]
     echo: str | None
+    # True: prompts are tokenized as the official slow LLaMA tokenizer does (each piece between
+    # special tokens on its own, `mgpt4.tokenizer.encode_like_slow_llama`); False: by the tokenizer as is.
+    slow_llama_pieces: bool
 
     def render(self, messages: Sequence[Sequence[str]]) -> str: ...
 
@@ -59,6 +62,9 @@ class ConversationTemplate:
     stops: tuple[str, ...] = (SEP,)
     # A role the model may echo at the start of its reply, cut off as the official `Chat.answer` does.
     echo: str | None = "Assistant:"
+    # The official code tokenizes with the slow LLaMA tokenizer: after a literal `<s>` (each
+    # Llama-2-Chat turn) the next piece starts with `▁`, whatever a fast tokenizer's folder says.
+    slow_llama_pieces: bool = True
 
     def render(self, messages: Sequence[Sequence[str]]) -> str:
         """The prompt that asks for the next reply: every message, then the model's open turn."""

@@ -10,12 +10,13 @@ chat and the web demo all take their template from here, so each model is spoken
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mgpt4.config import TEMPLATE_NAMES, TextConfig
 from mgpt4.model.prompts import OFFICIAL_TEMPLATES, Template
 from mgpt4.strict_config import ConfigError
+from mgpt4.tokenizer import encode_like_slow_llama
 
 CHAT_TEMPLATE = "chat_template"
 # Stands for the instruction while a chat template is rendered; replaced by "{}" afterwards.
@@ -36,6 +37,8 @@ class TokenizerChatTemplate:
     name = CHAT_TEMPLATE
     roles = ("user", "assistant")
     echo = None
+    # The tokenizer's own template is tokenized by the tokenizer as it is (`apply_chat_template`'s ids).
+    slow_llama_pieces = False
 
     def __init__(self, tokenizer, stops: Sequence[str] = ()):
         if not getattr(tokenizer, "chat_template", None):
@@ -97,6 +100,15 @@ def conversation_template(text: TextConfig, tokenizer=None) -> Template:
         raise ConfigError(f"model.text.template: expected one of {TEMPLATE_NAMES}, got {text.template!r}")
     official = OFFICIAL_TEMPLATES[text.template]
     return official if text.stop is None else dataclasses.replace(official, stops=tuple(text.stop))
+
+
+def prompt_tokenizer(template: Template, tokenizer) -> Callable[[str], list[int]]:
+    """How the text of a prompt in `template` becomes ids (no special tokens added), for
+    `mgpt4.model.layout.layout`: an official template as the official slow LLaMA tokenizer does it
+    (`encode_like_slow_llama`), a tokenizer's chat template by the tokenizer itself."""
+    if template.slow_llama_pieces:
+        return lambda text: encode_like_slow_llama(tokenizer, text)
+    return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def bos_token_id(add_bos: bool | None, tokenizer=None, fallback: int | None = None) -> int | None:
