@@ -192,8 +192,13 @@ def build_demo(
                     )
                 reset = gr.Button("Reset conversation", elem_id=IDS["reset"])
             with gr.Column(scale=2):
+                # Each message its own bubble: a warning or a note after a reply is not more of the reply.
                 chatbot = gr.Chatbot(
-                    label="Conversation", height=520, buttons=["copy", "copy_all"], elem_id=IDS["chatbot"]
+                    label="Conversation",
+                    height=520,
+                    buttons=["copy", "copy_all"],
+                    elem_id=IDS["chatbot"],
+                    group_consecutive_messages=False,
                 )
                 with gr.Row():
                     question = gr.Textbox(
