@@ -323,3 +323,37 @@ def test_prompt_ids_equal_the_official_slow_tokenizer_in_a_multi_turn_chat(tmp_p
         # What the folder's own tokenizer gives for the joined text: one `▁` fewer per turn.
         plain = ours_tok(prompt.split("<ImageHere>")[1], add_special_tokens=False)["input_ids"]
         assert len(plain) == len(ids) - 2
+
+
+def test_a_recipe_switched_to_another_template_is_refused_not_trained_in_the_old_one(tokenizer):
+    """Issue 20.14: `tiny_stage2 --set model.text.template=chat_template` kept Vicuna's
+    `###Human: {} ###Assistant: ` and `###` without a word. The recipe's values are refused, naming
+    them; nulled, the template's own are taken."""
+    from mgpt4.model.templates import resolve_text
+    from mgpt4.strict_config import apply_overrides
+    from mgpt4.train.recipes import get_recipe
+    from tests.decoder_folders import MISTRAL_CHAT_TEMPLATE
+
+    saved, tokenizer.chat_template = tokenizer.chat_template, MISTRAL_CHAT_TEMPLATE
+    try:
+        cfg = apply_overrides(get_recipe("tiny_stage2"), ["model.text.template=chat_template"])
+        with pytest.raises(
+            ConfigError,
+            match=r"model.text.prompt_template='###Human: \{\} ###Assistant: ' "
+            r"is the vicuna_v0 template's and model.text.end_sym='###' is the vicuna_v0",
+        ):
+            resolve_text(cfg.model.text, tokenizer)
+        model = build_model(cfg.model, tokenizer)
+        with pytest.raises(ConfigError, match="model.text.prompt_template=null"):
+            model.text_spec  # noqa: B018  (the model resolves its text on first use)
+        cfg = apply_overrides(cfg, ["model.text.prompt_template=null", "model.text.end_sym=null"])
+        spec = resolve_text(cfg.model.text, tokenizer)
+        assert spec.instruction == "<s>[INST] {} [/INST]" and spec.end_sym == "</s>"
+    finally:
+        tokenizer.chat_template = saved
+    # A Vicuna recipe switched to Llama-2-Chat: the same refusal; its own template's values stay accepted.
+    cfg = apply_overrides(get_recipe("stage2_vicuna7b"), ["model.text.template=llama2_chat"])
+    with pytest.raises(ConfigError, match="is the vicuna_v0 template's"):
+        resolve_text(cfg.model.text, tokenizer)
+    assert resolve_text(get_recipe("stage2_llama2_7b").model.text, tokenizer).end_sym == "</s>"
+    assert resolve_text(get_recipe("stage2_vicuna7b").model.text, tokenizer).end_sym == "###"

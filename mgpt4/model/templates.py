@@ -124,9 +124,41 @@ def bos_token_id(add_bos: bool | None, tokenizer=None, fallback: int | None = No
     return bos
 
 
+def _own(template: Template, key: str) -> str | None:
+    """The template's own `instruction` or `end_sym` (None when it has none to give)."""
+    try:
+        return getattr(template, key)
+    except ConfigError:
+        return None
+
+
+def check_template_fields(text: TextConfig, template: Template) -> None:
+    """Refuse a `prompt_template` or `end_sym` that is another official template's own value: a recipe
+    fills them from its template (`mgpt4.model.presets.stage2_text`), so `--set model.text.template=...`
+    alone would train the new template's model with the old template's prompt and answer end."""
+    wrong = []
+    for name, official in OFFICIAL_TEMPLATES.items():
+        if name == text.template:
+            continue
+        for key, attr in (("prompt_template", "instruction"), ("end_sym", "end_sym")):
+            value = getattr(text, key)
+            if value is not None and value == getattr(official, attr) and value != _own(template, attr):
+                wrong.append(f"model.text.{key}={value!r} is the {name} template's")
+    if wrong:
+        raise ConfigError(
+            f"model.text.template is {text.template!r}, but {' and '.join(wrong)} (a recipe made for "
+            f"another template?); set them to null to take {text.template!r}'s own "
+            "(--set model.text.prompt_template=null --set model.text.end_sym=null), or to values of yours"
+        )
+
+
 def resolve_text(text: TextConfig, tokenizer=None, fallback_bos: int | None = None) -> TextSpec:
-    """Fill what `model.text` leaves to the template (None fields) and pick BOS and stop text."""
+    """Fill what `model.text` leaves to the template (None fields) and pick BOS and stop text.
+
+    ConfigError when `prompt_template` or `end_sym` is another official template's (`check_template_fields`).
+    """
     template = conversation_template(text, tokenizer)
+    check_template_fields(text, template)
     return TextSpec(
         template=template,
         instruction=text.prompt_template if text.prompt_template is not None else template.instruction,
