@@ -357,3 +357,22 @@ def test_a_recipe_switched_to_another_template_is_refused_not_trained_in_the_old
         resolve_text(cfg.model.text, tokenizer)
     assert resolve_text(get_recipe("stage2_llama2_7b").model.text, tokenizer).end_sym == "</s>"
     assert resolve_text(get_recipe("stage2_vicuna7b").model.text, tokenizer).end_sym == "###"
+
+
+def test_the_loaded_projection_is_logged_once_with_its_path_on_rank_0(llama2_files, caplog, monkeypatch):
+    """Issue 20.14: stage 2 starts from a projection and never said which. One informational line names
+    the file (rank 0 only: `mgpt4.logs.RankFilter` passes informational lines of the shown ranks)."""
+    import logging
+
+    import mgpt4.logs
+    from mgpt4.logs import RankFilter
+
+    with caplog.at_level(logging.INFO, logger="mgpt4"):
+        from_config(_with_weights(tiny_llama2(), **llama2_files))
+    lines = [r for r in caplog.records if llama2_files["proj"] in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO, caplog.text
+    assert lines[0].getMessage() == f"projection llama_proj [64, 256] loaded from {llama2_files['proj']}"
+    monkeypatch.delenv("MGPT4_LOG_RANKS", raising=False)
+    for rank, shown in ((0, True), (1, False)):
+        monkeypatch.setattr(mgpt4.logs, "process_rank", lambda rank=rank: (rank, 2))
+        assert RankFilter().filter(lines[0]) is shown
