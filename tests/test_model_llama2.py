@@ -344,7 +344,7 @@ def test_a_recipe_switched_to_another_template_is_refused_not_trained_in_the_old
         ):
             resolve_text(cfg.model.text, tokenizer)
         model = build_model(cfg.model, tokenizer)
-        with pytest.raises(ConfigError, match="model.text.prompt_template=null"):
+        with pytest.raises(ConfigError, match=r"model\.text\.prompt_template=null"):
             model.text_spec  # noqa: B018  (the model resolves its text on first use)
         cfg = apply_overrides(cfg, ["model.text.prompt_template=null", "model.text.end_sym=null"])
         spec = resolve_text(cfg.model.text, tokenizer)
