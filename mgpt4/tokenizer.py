@@ -44,16 +44,24 @@ def encode_like_slow_llama(tokenizer, text: str) -> list[int]:
     folder's `legacy` flag and class (transformers 5's `LlamaTokenizer` leaves it out); encoding the
     pieces one by one makes it the official tokens whatever the folder says.
     """
+
+    def encode(piece: str) -> list[int]:
+        return list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+
     added = getattr(tokenizer, "added_tokens_encoder", None) or {}
     specials = sorted((t for t in added if t), key=len, reverse=True)
     if not specials:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(text)
+    # Sentencepiece's dummy prefix is a `▁` before every piece, also before one that starts with a space
+    # (` b` is `▁▁b`); a Metaspace pre-tokenizer adds it only to text that does not start with one
+    # (` b` is `▁b`, as `b`). Such a tokenizer is given the prefix's space itself.
+    merges_space = encode(" a") == encode("a")
     ids: list[int] = []
     for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
         if piece in added:
             ids.append(added[piece])
         elif piece:
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            ids.extend(encode(" " + piece if merges_space and piece.startswith(" ") else piece))
     return ids
 
 
