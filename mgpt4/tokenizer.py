@@ -7,6 +7,7 @@ so that a batch made by the loader and a batch made by `MiniGPT4.loss` are the s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,37 @@ def load_tokenizer(path: str):
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def encode_like_slow_llama(tokenizer, text: str) -> list[int]:
+    """`text` as the official code's slow LLaMA tokenizer (`use_fast=False`, legacy) encodes it without
+    special tokens: cut at the tokenizer's added tokens (`<s>`, `</s>`, `<unk>`), each becoming its id,
+    and each piece between them encoded on its own, so it gets sentencepiece's leading `▁`
+    (`SYSTEM<s>[INST] ` is `... <s> ▁[ INST ]`, Meta's Llama-2 format).
+
+    A fast tokenizer encodes text after a special token with or without that `▁` depending on its
+    folder's `legacy` flag and class (transformers 5's `LlamaTokenizer` leaves it out); encoding the
+    pieces one by one makes it the official tokens whatever the folder says.
+    """
+
+    def encode(piece: str) -> list[int]:
+        return list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    specials = sorted((t for t in added if t), key=len, reverse=True)
+    if not specials:
+        return encode(text)
+    # Sentencepiece's dummy prefix is a `▁` before every piece, also before one that starts with a space
+    # (` b` is `▁▁b`); a Metaspace pre-tokenizer adds it only to text that does not start with one
+    # (` b` is `▁b`, as `b`). Such a tokenizer is given the prefix's space itself.
+    merges_space = encode(" a") == encode("a")
+    ids: list[int] = []
+    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if piece in added:
+            ids.append(added[piece])
+        elif piece:
+            ids.extend(encode(" " + piece if merges_space and piece.startswith(" ") else piece))
+    return ids
 
 
 def train_tiny_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 400):

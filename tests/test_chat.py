@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import os
 import re
 import threading
+import unicodedata
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ from mgpt4.images import CLIP_MEAN, CLIP_STD, eval_transform
 from mgpt4.inference import ModelSource, load_model, model_config
 from mgpt4.inference.flags import add_model_args, source_from_args
 from mgpt4.inference.placement import place_vision
-from mgpt4.model.prompts import Conversation
+from mgpt4.model.prompts import Conversation, displayable
 from tests.chat_fixtures import Terminal, python_module, readable_tiny_model, write_checkpoint, write_image
 
 GREEDY = GenerationSettings(max_new_tokens=8, sample=False)
@@ -500,6 +502,48 @@ def test_a_streamed_reply_is_printed_once_in_whole_characters(model, image, monk
     session.reset()
     chat.say(session, "What is in the picture?", GREEDY)
     assert capsys.readouterr().out == f"MiniGPT-4: {final}\n"  # printed once, never again on a new line
+
+
+# What a model can write that a terminal would obey: a carriage return (it overwrote `MiniGPT-4:`),
+# NUL, an ESC colour sequence and a cursor move, ^N/^O (switch the character set), DEL, a C1 CSI.
+CONTROLLED = "ok\rMiniGPT\x00 \x1b[31mred\x1b[0m\x1b[2J \x0e\x0f\x7f\x9b\tend\nnext 🐕 猫 é\u0301 👨\u200d👩"
+
+
+def test_control_characters_are_shown_escaped_and_the_rest_kept():
+    """Issue 20.13: one function for every output path."""
+    shown = displayable(CONTROLLED)
+    assert shown == (
+        "ok\\x0dMiniGPT\\x00 \\x1b[31mred\\x1b[0m\\x1b[2J \\x0e\\x0f\\x7f\\x9b\tend\nnext 🐕 猫 é\u0301 👨\u200d👩"
+    )
+    assert not [c for c in shown if unicodedata.category(c) == "Cc" and c not in "\n\t"]
+    printable = "A dog 🐕 猫 한국 é\u0301 👍🏽 👨\u200d👩\u200d👧 «ﬁ» \u00a0 ∑ \U0001f600\n\tx"
+    assert displayable(printable) == printable
+    # Per character: the pieces of a stream, escaped one by one, make the escaped whole.
+    assert "".join(displayable(CONTROLLED[i : i + 3]) for i in range(0, len(CONTROLLED), 3)) == shown
+
+
+def test_the_terminal_and_the_web_page_never_pass_control_characters_on(model, image, monkeypatch, capsys):
+    ids = model.tokenizer(CONTROLLED, add_special_tokens=False)["input_ids"]
+    _scripted_llm(model, monkeypatch, ids)
+    session = ChatSession(model)
+    session.set_image(image)
+    chat.say(session, "What is in the picture?", GREEDY)
+    out = capsys.readouterr().out
+    assert out.startswith("MiniGPT-4: ok\\x0dMiniGPT\\x00 \\x1b[31mred"), out
+    assert not [c for c in out if unicodedata.category(c) == "Cc" and c not in "\n\t"], repr(out)
+    assert session.conversation.messages[-1][1].startswith("ok\rMiniGPT\x00")  # the model's context keeps it
+
+    from mgpt4.chat.web import build_demo
+
+    demo = build_demo(model)
+    [on_send] = {f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_send"}
+    session = ChatSession(model)
+    session.set_image(image)
+    *_, (history, _, _) = on_send("What\x00 is it?", [], session, 8, 1, False, 1.0, 0.9, 1.0)
+    api = json.dumps(history)
+    assert "\\u0000" not in api and "\\r" not in api and "\\u001b" not in api, api
+    assert history[0]["content"] == "What\\x00 is it?"
+    assert history[-1]["content"].startswith("ok\\x0dMiniGPT\\x00 \\x1b[31mred"), history
 
 
 def test_image_paths_as_terminals_paste_them(tmp_path, monkeypatch):

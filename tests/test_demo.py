@@ -178,6 +178,11 @@ class Page:
         )
         return [(b.get_attribute("data-testid"), b.text.strip()) for b in bubbles]
 
+    def bubbles(self) -> list[str]:
+        """The chat as a person sees it: the text of each bubble (Gradio's message rows), oldest first."""
+        rows = self.d.find_elements(self.by.CSS_SELECTOR, f"#{IDS['chatbot']} .message-row")
+        return [r.text.strip() for r in rows]
+
     def idle(self) -> bool:
         """No event of the chat box is running (Gradio hides the box's status tracker then)."""
         tracker = self.d.find_element(self.by.CSS_SELECTOR, f"#{IDS['chatbot']} [data-testid=status-tracker]")
@@ -314,6 +319,24 @@ def test_rejected_uploads_keep_the_image_and_the_conversation(server, browser):
     notes = [t for who, t in msgs if who == "bot" and "oldest questions and answers are left out" in t]
     assert len(notes) == 1, msgs
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_an_upload_warning_is_its_own_bubble(server, browser):
+    """Issue 20.14: a rejected upload's warning after a reply is a message of its own, not more text in
+    the bubble of the model's previous reply; so is each note after a reply."""
+    root = server["root"]
+    page = Page(browser, server["url"])
+    page.upload(scene(str(root / "scene.png")))
+    page.says("Got the image (320×240)", "the upload's confirmation")
+    first = page.reply_to("What is in the picture?")
+    fake = root / "minutes.png"
+    fake.write_text("not a picture at all\n")
+    page.upload(str(fake))
+    page.says("minutes.png is not an image", "the not-an-image message")
+    bubbles = page.bubbles()
+    assert len(bubbles) == len(page.messages()) == 4, bubbles
+    assert first in bubbles[2] and "minutes.png" not in bubbles[2], bubbles
+    assert "minutes.png is not an image" in bubbles[3] and first not in bubbles[3], bubbles
 
 
 def test_a_busy_port_is_named_before_the_model_loads(tmp_path):

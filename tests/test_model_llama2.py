@@ -16,7 +16,8 @@ from mgpt4.model import WeightsError, apply_freeze, build_model, from_config, lo
 from mgpt4.model.presets import llama2_7b, stage1_text, stage2_text, tiny, tiny_llama2, vicuna7b
 from mgpt4.model.prompts import LLAMA2_CHAT, STAGE2_INSTRUCTIONS, VICUNA_V0_SYSTEM, Conversation
 from mgpt4.strict_config import ConfigError
-from mgpt4.tokenizer import encode_answers, load_tokenizer
+from mgpt4.tokenizer import encode_answers, load_tokenizer, train_tiny_tokenizer
+from tests.conftest import TOKENIZER_CORPUS
 from tests.official_files import eva_vit_state
 from tests.test_model_forward import CAPTIONS, reference_loss
 
@@ -261,3 +262,117 @@ def test_the_tiny_run_trains_the_llama2_variant_with_its_own_demo_files(tmp_path
     assert tiny_weights_location(cfg.model).blip2 is None
     assert "noq" in os.path.dirname(cfg.model.weights.eva_vit)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def _official_slow_tokenizer(model_file: str):
+    """The tokenizer the official code loads: `LlamaTokenizer.from_pretrained(llama_model, use_fast=False)`
+    (Vision-CAIR/MiniGPT-4 minigpt4/models/mini_gpt4.py and minigpt_base.py), the sentencepiece model
+    itself with legacy behaviour: text is cut at special tokens and each piece is encoded on its own.
+    transformers 5 keeps that tokenizer as `SentencePieceBackend`."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    return SentencePieceBackend(
+        vocab_file=model_file, bos_token="<s>", eos_token="</s>", unk_token="<unk>", legacy=True
+    )
+
+
+@pytest.mark.parametrize("template", ["vicuna_v0", "llama2_chat"])
+def test_prompt_ids_equal_the_official_slow_tokenizer_in_a_multi_turn_chat(tmp_path, tokenizer, template):
+    """Issue 20.12. The official chat (minigpt4/conversation/conversation.py, `Chat.get_context_emb`)
+    splits the prompt at `<ImageHere>` and tokenizes each segment with the slow tokenizer,
+    `add_special_tokens` only for the first (BOS before it). In Llama-2-Chat every turn writes `<s>`,
+    after which the slow tokenizer starts the next piece with `▁` (`▁[`). A Llama-2 folder's tokenizer
+    as transformers 5 loads it (`LlamaTokenizer`, no `legacy` flag or `legacy: false`) does not."""
+    folder = tmp_path / "llama2_tokenizer"
+    train_tiny_tokenizer(TOKENIZER_CORPUS, str(folder))  # writes tokenizer.model, as a Llama-2 folder has
+    model_file = folder / "tokenizer.model"
+    conf = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps({**conf, "legacy": False}))
+    ours_tok = load_tokenizer(str(folder))
+    slow = _official_slow_tokenizer(str(model_file))
+
+    text = dataclasses.replace(tiny_llama2().text, template=template)
+    model = _tiny_llama2(ours_tok, text)
+    conv = model.new_conversation()
+    conv.add_image()
+    conv.ask("What is in the picture?")
+    conv.add_reply("A red circle on a blue background.")
+    conv.ask("Where is the star?")
+    conv.add_reply("In the bottom right corner.")
+    conv.ask("And the squares?")
+    prompt = conv.prompt_for_reply()
+    assert prompt.count("<s>") == (3 if template == "llama2_chat" else 0)
+
+    # The official slow tokenizer's `add_special_tokens=True` is BOS before the segment (`add_bos_token`).
+    official = [
+        [slow.bos_token_id] * (i == 0) + slow(seg, add_special_tokens=False)["input_ids"]
+        for i, seg in enumerate(prompt.split("<ImageHere>"))
+    ]
+    runs = model.layout(prompt).text_runs()
+    assert runs == official
+    if template == "llama2_chat":  # each `<s>` is BOS, and the piece after it starts with `▁[`
+        ids = runs[1]
+        after_bos = [ids[k + 1] for k, t in enumerate(ids[:-1]) if t == 1]
+        assert len(after_bos) == 2
+        assert all(slow.convert_ids_to_tokens(t) == "▁" for t in after_bos)
+        # What the folder's own tokenizer gives for the joined text: one `▁` fewer per turn.
+        plain = ours_tok(prompt.split("<ImageHere>")[1], add_special_tokens=False)["input_ids"]
+        assert len(plain) == len(ids) - 2
+
+
+def test_a_recipe_switched_to_another_template_is_refused_not_trained_in_the_old_one(tokenizer):
+    """Issue 20.14: `tiny_stage2 --set model.text.template=chat_template` kept Vicuna's
+    `###Human: {} ###Assistant: ` and `###` without a word. The recipe's values are refused, naming
+    them; nulled, the template's own are taken."""
+    from mgpt4.model.templates import resolve_text
+    from mgpt4.strict_config import apply_overrides
+    from mgpt4.train.recipes import get_recipe
+    from tests.decoder_folders import MISTRAL_CHAT_TEMPLATE
+
+    saved, tokenizer.chat_template = tokenizer.chat_template, MISTRAL_CHAT_TEMPLATE
+    try:
+        cfg = apply_overrides(get_recipe("tiny_stage2"), ["model.text.template=chat_template"])
+        with pytest.raises(
+            ConfigError,
+            match=r"model.text.prompt_template='###Human: \{\} ###Assistant: ' "
+            r"is the vicuna_v0 template's and model.text.end_sym='###' is the vicuna_v0",
+        ):
+            resolve_text(cfg.model.text, tokenizer)
+        model = build_model(cfg.model, tokenizer)
+        with pytest.raises(ConfigError, match=r"model\.text\.prompt_template=null"):
+            model.text_spec  # noqa: B018  (the model resolves its text on first use)
+        cfg = apply_overrides(cfg, ["model.text.prompt_template=null", "model.text.end_sym=null"])
+        spec = resolve_text(cfg.model.text, tokenizer)
+        assert spec.instruction == "<s>[INST] {} [/INST]" and spec.end_sym == "</s>"
+    finally:
+        tokenizer.chat_template = saved
+    # A Vicuna recipe switched to Llama-2-Chat: the same refusal; its own template's values stay accepted.
+    cfg = apply_overrides(get_recipe("stage2_vicuna7b"), ["model.text.template=llama2_chat"])
+    with pytest.raises(ConfigError, match="is the vicuna_v0 template's"):
+        resolve_text(cfg.model.text, tokenizer)
+    assert resolve_text(get_recipe("stage2_llama2_7b").model.text, tokenizer).end_sym == "</s>"
+    assert resolve_text(get_recipe("stage2_vicuna7b").model.text, tokenizer).end_sym == "###"
+
+
+def test_the_loaded_projection_is_logged_once_with_its_path_on_rank_0(llama2_files, caplog, monkeypatch):
+    """Issue 20.14: stage 2 starts from a projection and never said which. One informational line names
+    the file (rank 0 only: `mgpt4.logs.RankFilter` passes informational lines of the shown ranks)."""
+    import logging
+
+    import mgpt4.logs
+    from mgpt4.logs import RankFilter
+
+    with caplog.at_level(logging.INFO, logger="mgpt4"):
+        from_config(_with_weights(tiny_llama2(), **llama2_files))
+    lines = [r for r in caplog.records if llama2_files["proj"] in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO, caplog.text
+    assert lines[0].getMessage() == f"projection llama_proj [64, 256] loaded from {llama2_files['proj']}"
+    monkeypatch.delenv("MGPT4_LOG_RANKS", raising=False)
+    for rank, shown in ((0, True), (1, False)):
+        monkeypatch.setattr(mgpt4.logs, "process_rank", lambda rank=rank: (rank, 2))
+        assert RankFilter().filter(lines[0]) is shown

@@ -8,7 +8,8 @@ import sentencepiece as spm
 import torch
 
 from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, VICUNA_V0_SYSTEM
-from mgpt4.tokenizer import encode_answers
+from mgpt4.tokenizer import encode_answers, encode_like_slow_llama, load_tokenizer, train_tiny_tokenizer
+from tests.conftest import TOKENIZER_CORPUS
 
 
 def test_ids_equal_sentencepiece(tokenizer):
@@ -37,3 +38,31 @@ def test_encode_answers_truncates_and_pads_with_eos(tokenizer):
     assert mask[1].all()
     ids2, _ = encode_answers(tokenizer, ["a red circle"], "\n", n, pad_to_max_len=False)
     assert ids2.shape == (1, len(first))
+
+
+def test_text_with_special_tokens_is_cut_as_the_official_slow_tokenizer_cuts_it(tmp_path):
+    """Issue 20.12: whatever a folder's `legacy` flag, each piece between special tokens is encoded on
+    its own, as the slow LLaMA tokenizer (`SentencePieceBackend`, legacy) does."""
+    import json
+
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    folder = tmp_path / "tok"
+    train_tiny_tokenizer(TOKENIZER_CORPUS, str(folder))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    slow = SentencePieceBackend(vocab_file=str(folder / "tokenizer.model"), legacy=True, **special)
+    texts = ["please.<s>[INST] hi", "a</s> b", "x <s> y", "<s><s>a", " lead<unk>trail ", "a\nb</s>", "plain"]
+    # A Llama-2 folder as transformers 5 reads it (LlamaTokenizer; `legacy` false, true or absent), and
+    # the sentencepiece model alone (converted to a tokenizers backend).
+    for legacy in (False, True, None, "no config"):
+        conf = {"tokenizer_class": "LlamaTokenizer", **special}
+        conf.update({} if legacy in (None, "no config") else {"legacy": legacy})
+        (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+        if legacy == "no config":
+            (folder / "tokenizer_config.json").unlink()
+        tok = load_tokenizer(str(folder))
+        for text in texts:
+            assert encode_like_slow_llama(tok, text) == slow(text, add_special_tokens=False)["input_ids"], (
+                legacy,
+                text,
+            )

@@ -23,6 +23,7 @@ from mgpt4.dataclass_flags import OneLineErrors
 from mgpt4.inference import check_source
 from mgpt4.inference.flags import add_decoding_args, add_model_args, settings_from_args, source_from_args
 from mgpt4.model.generation import GenerationSettings
+from mgpt4.model.prompts import displayable
 
 PROMPT = "You: "
 SPEAKER = "MiniGPT-4: "
@@ -52,14 +53,16 @@ def say(session: ChatSession, question: str, settings: GenerationSettings) -> No
     """Print the reply as it streams; Ctrl-C stops it and keeps what was said.
 
     Each text the session yields extends the one before (`visible_reply`), so only the new part is
-    printed and a reply is never printed twice.
+    printed and a reply is never printed twice; its control characters are printed escaped
+    (`displayable`).
     """
     print(SPEAKER, end="", flush=True)
     printed = ""
     try:
         for partial in session.stream_reply(question, settings):
             if partial.startswith(printed):
-                print(partial[len(printed) :], end="", flush=True)
+                # Control characters the model writes are shown escaped, never obeyed by the terminal.
+                print(displayable(partial[len(printed) :]), end="", flush=True)
                 printed = partial
     except KeyboardInterrupt:
         print(" [stopped]", end="")

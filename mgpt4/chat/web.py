@@ -23,6 +23,7 @@ from mgpt4.inference import check_source
 from mgpt4.inference.flags import add_decoding_args, add_model_args, settings_from_args, source_from_args
 from mgpt4.model.generation import GenerationSettings
 from mgpt4.model.minigpt4 import MiniGPT4
+from mgpt4.model.prompts import displayable
 
 log = logging.getLogger("mgpt4.chat.web")
 
@@ -89,7 +90,8 @@ def _import_gradio():
 
 
 def _note(text: str) -> dict:
-    return {"role": "assistant", "content": text}
+    # Every message the page shows (and the API returns) has its control characters escaped.
+    return {"role": "assistant", "content": displayable(text)}
 
 
 def build_demo(
@@ -128,7 +130,7 @@ def build_demo(
         if not question:
             yield history, "", session
             return
-        history.append({"role": "user", "content": question})
+        history.append({"role": "user", "content": displayable(question)})
         if not session.has_image:
             history.append(_note("⚠️ Upload an image first, then ask about it."))
             yield history, "", session
@@ -190,8 +192,13 @@ def build_demo(
                     )
                 reset = gr.Button("Reset conversation", elem_id=IDS["reset"])
             with gr.Column(scale=2):
+                # Each message its own bubble: a warning or a note after a reply is not more of the reply.
                 chatbot = gr.Chatbot(
-                    label="Conversation", height=520, buttons=["copy", "copy_all"], elem_id=IDS["chatbot"]
+                    label="Conversation",
+                    height=520,
+                    buttons=["copy", "copy_all"],
+                    elem_id=IDS["chatbot"],
+                    group_consecutive_messages=False,
                 )
                 with gr.Row():
                     question = gr.Textbox(

@@ -95,8 +95,10 @@ def layout(
     """The layout of `prompt` (text with `<ImageHere>` where each image goes), followed by an answer of
     `answer_tokens` tokens (answer + end_sym; 0 for a prompt that asks for a reply).
 
-    `tokenize` turns text into ids without special tokens; `bos_id` is the BOS put before the first
-    text (None: none); each image takes `image_tokens` positions.
+    `tokenize` turns text into ids without special tokens (`mgpt4.model.templates.prompt_tokenizer`:
+    for the official templates as the official slow LLaMA tokenizer does, a literal `<s>` becoming BOS
+    and the piece after it starting with `▁`); `bos_id` is the BOS put before the first text (None:
+    none); each image takes `image_tokens` positions.
     """
     pieces = prompt.split(IMAGE_PLACEHOLDER)
     segments: list[Segment] = []

@@ -453,4 +453,5 @@ def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
         load_llm(model, w.llm)
     if w.proj:
         ignored[w.proj] = load_proj(model, w.proj)
+        log.info(f"projection llama_proj {list(model.llama_proj.weight.shape)} loaded from {w.proj}")
     return ignored

@@ -31,7 +31,7 @@ from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
 from mgpt4.model.packing import pack_sequences
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
-from mgpt4.model.templates import TextSpec, resolve_text
+from mgpt4.model.templates import TextSpec, prompt_tokenizer, resolve_text
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens
 from mgpt4.tokenizer import encode_answers
 
@@ -198,7 +198,7 @@ class MiniGPT4(nn.Module):
         spec, tok = self.text_spec, self._tok()
         return layout(
             prompt,
-            lambda text: tok(text, add_special_tokens=False)["input_ids"],
+            prompt_tokenizer(spec.template, tok),
             spec.bos_id,
             self.num_image_tokens,
             answer_tokens,

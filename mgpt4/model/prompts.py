@@ -1,5 +1,5 @@
 """Instruction lists, the two conversation templates of the official MiniGPT-4 (Vicuna v0 and
-Llama-2-Chat), the conversation that follows one, and reply cleaning.
+Llama-2-Chat), the conversation that follows one, reply cleaning, and making model text safe to show.
 
 The templates are facts of the official `minigpt4/conversation/conversation.py` (`CONV_VISION_Vicuna0`,
 `CONV_VISION_LLama2`, separator style SINGLE) and of its `minigpt4_llama2` configs; a tokenizer's own
@@ -8,6 +8,7 @@ chat template is `mgpt4.model.templates.TokenizerChatTemplate`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,6 +41,9 @@ class Template(Protocol):
     roles: tuple[str, str]
     stops: tuple[str, ...]
     echo: str | None
+    # True: prompts are tokenized as the official slow LLaMA tokenizer does (each piece between
+    # special tokens on its own, `mgpt4.tokenizer.encode_like_slow_llama`); False: by the tokenizer as is.
+    slow_llama_pieces: bool
 
     def render(self, messages: Sequence[Sequence[str]]) -> str: ...
 
@@ -59,6 +63,9 @@ class ConversationTemplate:
     stops: tuple[str, ...] = (SEP,)
     # A role the model may echo at the start of its reply, cut off as the official `Chat.answer` does.
     echo: str | None = "Assistant:"
+    # The official code tokenizes with the slow LLaMA tokenizer: after a literal `<s>` (each
+    # Llama-2-Chat turn) the next piece starts with `▁`, whatever a fast tokenizer's folder says.
+    slow_llama_pieces: bool = True
 
     def render(self, messages: Sequence[Sequence[str]]) -> str:
         """The prompt that asks for the next reply: every message, then the model's open turn."""
@@ -125,3 +132,19 @@ def clean_reply(text: str, stops: Sequence[str] = (SEP,), echo: str | None = "As
     if echo:
         text = text.split(echo)[-1]
     return text.strip()
+
+
+# C0 and C1 control characters (Unicode category Cc), but for tab (U+0009) and newline (U+000A).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def displayable(text: str) -> str:
+    """Model text made safe to show on a terminal or a web page: each control character, which a
+    terminal would obey (a carriage return overwriting the line, ESC sequences, ^N/^O switching the
+    character set) and JSON carries as `\\u0000`, written as a visible `\\xNN` escape (CR as `\\x0d`).
+
+    Newlines, tabs and every printable character (emoji with their joiners, CJK, combining marks) are
+    kept. Escaping is per character, so escaping the pieces of a stream gives the escaped whole.
+    Only what is shown is escaped; the conversation keeps the model's own text.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -10,12 +10,13 @@ chat and the web demo all take their template from here, so each model is spoken
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mgpt4.config import TEMPLATE_NAMES, TextConfig
 from mgpt4.model.prompts import OFFICIAL_TEMPLATES, Template
 from mgpt4.strict_config import ConfigError
+from mgpt4.tokenizer import encode_like_slow_llama
 
 CHAT_TEMPLATE = "chat_template"
 # Stands for the instruction while a chat template is rendered; replaced by "{}" afterwards.
@@ -36,6 +37,8 @@ class TokenizerChatTemplate:
     name = CHAT_TEMPLATE
     roles = ("user", "assistant")
     echo = None
+    # The tokenizer's own template is tokenized by the tokenizer as it is (`apply_chat_template`'s ids).
+    slow_llama_pieces = False
 
     def __init__(self, tokenizer, stops: Sequence[str] = ()):
         if not getattr(tokenizer, "chat_template", None):
@@ -99,6 +102,15 @@ def conversation_template(text: TextConfig, tokenizer=None) -> Template:
     return official if text.stop is None else dataclasses.replace(official, stops=tuple(text.stop))
 
 
+def prompt_tokenizer(template: Template, tokenizer) -> Callable[[str], list[int]]:
+    """How the text of a prompt in `template` becomes ids (no special tokens added), for
+    `mgpt4.model.layout.layout`: an official template as the official slow LLaMA tokenizer does it
+    (`encode_like_slow_llama`), a tokenizer's chat template by the tokenizer itself."""
+    if template.slow_llama_pieces:
+        return lambda text: encode_like_slow_llama(tokenizer, text)
+    return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def bos_token_id(add_bos: bool | None, tokenizer=None, fallback: int | None = None) -> int | None:
     """The BOS id put before the first text, or None: `add_bos` true needs one, false never adds one,
     None adds the tokenizer's when it has one (`fallback`, the LLM config's, without a tokenizer)."""
@@ -112,9 +124,41 @@ def bos_token_id(add_bos: bool | None, tokenizer=None, fallback: int | None = No
     return bos
 
 
+def _own(template: Template, key: str) -> str | None:
+    """The template's own `instruction` or `end_sym` (None when it has none to give)."""
+    try:
+        return getattr(template, key)
+    except ConfigError:
+        return None
+
+
+def check_template_fields(text: TextConfig, template: Template) -> None:
+    """Refuse a `prompt_template` or `end_sym` that is another official template's own value: a recipe
+    fills them from its template (`mgpt4.model.presets.stage2_text`), so `--set model.text.template=...`
+    alone would train the new template's model with the old template's prompt and answer end."""
+    wrong = []
+    for name, official in OFFICIAL_TEMPLATES.items():
+        if name == text.template:
+            continue
+        for key, attr in (("prompt_template", "instruction"), ("end_sym", "end_sym")):
+            value = getattr(text, key)
+            if value is not None and value == getattr(official, attr) and value != _own(template, attr):
+                wrong.append(f"model.text.{key}={value!r} is the {name} template's")
+    if wrong:
+        raise ConfigError(
+            f"model.text.template is {text.template!r}, but {' and '.join(wrong)} (a recipe made for "
+            f"another template?); set them to null to take {text.template!r}'s own "
+            "(--set model.text.prompt_template=null --set model.text.end_sym=null), or to values of yours"
+        )
+
+
 def resolve_text(text: TextConfig, tokenizer=None, fallback_bos: int | None = None) -> TextSpec:
-    """Fill what `model.text` leaves to the template (None fields) and pick BOS and stop text."""
+    """Fill what `model.text` leaves to the template (None fields) and pick BOS and stop text.
+
+    ConfigError when `prompt_template` or `end_sym` is another official template's (`check_template_fields`).
+    """
     template = conversation_template(text, tokenizer)
+    check_template_fields(text, template)
     return TextSpec(
         template=template,
         instruction=text.prompt_template if text.prompt_template is not None else template.instruction,
