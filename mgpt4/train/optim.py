@@ -41,3 +41,14 @@ def build_optimizer(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, o) / o.lr)
     return optimizer, scheduler
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put `scheduler` (from `build_optimizer`, under this run's settings) at `step`, and its
+    optimizer's lr at the schedule's value there: a resumed run follows its own settings from the
+    resumed step on, whatever the checkpoint's were."""
+    state = scheduler.state_dict()
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**state, "last_epoch": step, "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
