@@ -159,7 +159,8 @@ def test_a_resumed_schedule_follows_this_runs_settings_from_the_resumed_step():
         scheduler.step()
     saved = scheduler.state_dict()
     optimizer, scheduler = build_optimizer(model, new, 20)
-    resume_schedule(scheduler, int(saved["last_epoch"]))
+    resume_schedule(scheduler, saved)
+    assert scheduler.state_dict()["_step_count"] == saved["_step_count"]
     for step in range(10, 20):
         expected = lr_at(step, 20, new)
         assert scheduler.get_last_lr() == pytest.approx([expected] * len(optimizer.param_groups), rel=1e-9)

@@ -298,9 +298,9 @@ def load_trainable_state_dict(engine, model: MiniGPT4, state: dict[str, Any]) ->
             if dist.get_rank() == 0:
                 for name, p in trainable:
                     p.data.copy_(state["params"][name].to(device=p.device, dtype=p.dtype).view_as(p))
-    # The step only: the schedule is this run's (optim.*, train.steps), so a changed setting applies as
-    # it reads, from the resumed step on (the saved base lr would scale the new schedule).
-    resume_schedule(engine.lr_scheduler, int(state["scheduler"]["last_epoch"]))
+    # The saved step on this run's schedule (optim.*, train.steps): a changed setting applies as it
+    # reads from the resumed step on (the saved base lr would scale the new schedule).
+    resume_schedule(engine.lr_scheduler, state["scheduler"])
     engine.global_steps = int(state["global_steps"])
     engine.global_samples = int(state["global_samples"])
     engine.skipped_steps = int(state["skipped_steps"])
