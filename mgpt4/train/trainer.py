@@ -1,8 +1,9 @@
 """The trainer: an explicit build order, then a training loop that fits on a screen.
 
 Build order: dist -> config (resolved and checked, nothing written) -> the run folder locked (rank 0,
-until the run ends) -> where to start (the checkpoints checked, nothing written) -> demo assets -> seed -> model (build, load, freeze) -> engine -> data ->
-checkpoint (resume) -> run folder (its first write) -> metrics -> loop.
+until the run ends) -> where to start (the checkpoints checked, nothing written) -> demo assets -> seed ->
+model (build, load, freeze) -> engine -> data -> checkpoint (resume) -> run folder (its first write) ->
+metrics -> loop.
 """
 
 from __future__ import annotations
