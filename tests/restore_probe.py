@@ -14,6 +14,7 @@ import torch
 from mgpt4 import dist
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
+from mgpt4.train import run_lock
 from mgpt4.train.cli import parse_args
 from mgpt4.train.recipes import get_recipe
 from mgpt4.train.trainer import build
@@ -33,6 +34,7 @@ def main(argv: list[str]) -> None:
     finally:
         run.metrics.close()
         run.feeder.source.close()
+        run_lock.release()
     dist.shutdown()
 
 

@@ -43,6 +43,13 @@ STATE_VERSION = 2  # 2: the state also holds the inputs (shard lists, align pair
 _SHOW_NAMES = 3
 
 
+_UNSET = object()  # a setting one side of a comparison does not hold
+
+
+def _setting(setup: dict[str, Any], key: str) -> str:
+    return repr(setup[key]) if key in setup else "unset"
+
+
 class DataStateMismatch(ValueError):
     """A saved data position does not belong to these data settings or inputs; the message says what changed."""
 
@@ -253,15 +260,23 @@ class Loader:
             version = sd.get("version") if isinstance(sd, dict) else type(sd).__name__
             return [f"the data state has version {version!r}, this mgpt4 reads version {STATE_VERSION}"]
         saved, now = sd.get("setup", {}), self._fingerprint()
-        changed = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
-        saved_inputs = sd.get("inputs", {})
-        for name, items in self._inputs().items():
+        # Both ways: a setting the checkpoint had and this run lacks (packing dropped) is a change too.
+        changed = [
+            f"{k}: saved {_setting(saved, k)}, now {_setting(now, k)}"
+            for k in [*now, *(k for k in saved if k not in now)]
+            if saved.get(k, _UNSET) != now.get(k, _UNSET)
+        ]
+        saved_inputs, inputs = sd.get("inputs", {}), self._inputs()
+        for name, items in inputs.items():
             what = "shard" if name.startswith("source") else "pair"
             before = saved_inputs.get(name)
             if before is None:
                 changed.append(f"{name}: not in the saved state")
             elif list(before) != items:
                 changed.append(f"{name}: {describe_list_change(what, before, items)}")
+        changed += [
+            f"{name}: in the saved state, not read now" for name in saved_inputs if name not in inputs
+        ]
         return changed
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from mgpt4.dist import DistInfo, adopt, barrier, held_groups
 from mgpt4.dist import init as dist_init
 from mgpt4.model import MiniGPT4
 from mgpt4.train.ds_config import zero_stage
-from mgpt4.train.optim import build_optimizer, param_groups
+from mgpt4.train.optim import build_optimizer, param_groups, resume_schedule
 
 log = logs.get_logger(__name__)
 
@@ -298,9 +298,9 @@ def load_trainable_state_dict(engine, model: MiniGPT4, state: dict[str, Any]) ->
             if dist.get_rank() == 0:
                 for name, p in trainable:
                     p.data.copy_(state["params"][name].to(device=p.device, dtype=p.dtype).view_as(p))
-    engine.lr_scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
+    # The saved step on this run's schedule (optim.*, train.steps): a changed setting applies as it
+    # reads from the resumed step on (the saved base lr would scale the new schedule).
+    resume_schedule(engine.lr_scheduler, state["scheduler"])
     engine.global_steps = int(state["global_steps"])
     engine.global_samples = int(state["global_samples"])
     engine.skipped_steps = int(state["skipped_steps"])

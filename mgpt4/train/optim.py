@@ -41,3 +41,15 @@ def build_optimizer(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, o) / o.lr)
     return optimizer, scheduler
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
+    """Load a saved `scheduler.state_dict()` into `scheduler` (from `build_optimizer`, under this run's
+    settings) but keep this run's base lr, and set its optimizer's lr to the schedule's value at the
+    saved step: a resumed run follows its own settings from the resumed step on, whatever the
+    checkpoint's were (the saved base lr would scale this run's schedule)."""
+    step = int(saved["last_epoch"])
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**saved, "base_lrs": list(scheduler.base_lrs), "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr

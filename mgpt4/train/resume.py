@@ -73,6 +73,35 @@ class Start:
     point: ResumePoint | None  # None: the run starts at step 0
     fresh_data: bool = False  # keep the trainable state, start a fresh data pass
     archive: bool = False  # --no-resume: move an earlier run's files aside first
+    schedule_changes: tuple[str, ...] = ()  # optimizer settings that differ from the checkpoint's
+
+
+# What the optimizer and its schedule follow: a resume applies this run's values from the resumed step.
+SCHEDULE_KEYS = ("optim", "train.steps")
+
+
+def schedule_changes(folder: str, cfg: Config) -> list[str]:
+    """`optim.lr: 0.001 at the checkpoint, now 0.0005` for each setting of SCHEDULE_KEYS that differs
+    between the checkpoint's config (its CONFIG_FILE; none when it is unreadable) and `cfg`."""
+    try:
+        with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return []
+    now, changes = to_dict(cfg), []
+    for key in SCHEDULE_KEYS:
+        before, after = _dotted(saved, key), _dotted(now, key)
+        pairs = [(key, before, after)]
+        if isinstance(before, dict) and isinstance(after, dict):
+            pairs = [(f"{key}.{k}", before.get(k), after.get(k)) for k in {**before, **after}]
+        changes += [f"{k}: {b!r} at the checkpoint, now {a!r}" for k, b, a in pairs if b != a]
+    return changes
+
+
+def _dotted(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def plan_start(cfg: Config, world_size: int, resume: bool) -> Start:
@@ -85,7 +114,7 @@ def plan_start(cfg: Config, world_size: int, resume: bool) -> Start:
         return Start(None)
     fresh = cfg.train.resume_data == "fresh"
     check_resume_point(point, cfg.train.output_dir, cfg.recipe, world_size, fresh)
-    return Start(point, fresh_data=fresh)
+    return Start(point, fresh_data=fresh, schedule_changes=tuple(schedule_changes(point.folder, cfg)))
 
 
 class Restorable(Protocol):
@@ -114,6 +143,11 @@ def restore(start: Start, run: Restorable, rank: int, world_size: int) -> None:
     except ResumeError as e:
         raise ResumeError(f"{point.folder}: {e}") from None
     step, seen = int(state["step"]), int(state["samples_seen"])
+    if start.schedule_changes:
+        log.warning(
+            f"the optimizer settings changed since the checkpoint ({'; '.join(start.schedule_changes)}): "
+            f"the optimizer and its lr schedule follow this run's settings from step {step} on"
+        )
     if same_ranks and not start.fresh_data:
         log.info(f"resumed from step {step} ({seen} samples seen)")
     else:

@@ -1,8 +1,9 @@
 """The trainer: an explicit build order, then a training loop that fits on a screen.
 
-Build order: dist -> config (resolved and checked, nothing written) -> where to start (the checkpoints
-checked, nothing written) -> demo assets -> seed -> model (build, load, freeze) -> engine -> data ->
-checkpoint (resume) -> run folder (its first write) -> metrics -> loop.
+Build order: dist -> config (resolved and checked, nothing written) -> the run folder locked (rank 0,
+until the run ends) -> where to start (the checkpoints checked, nothing written) -> demo assets -> seed ->
+model (build, load, freeze) -> engine -> data -> checkpoint (resume) -> run folder (its first write) ->
+metrics -> loop.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.llm import llm_sizes
 from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
+from mgpt4.train import run_lock
 from mgpt4.train.assets import ensure_demo_assets
 from mgpt4.train.flops import device_peak_tflops
 from mgpt4.train.metrics import Metrics, device_memory_gb, log_failure
@@ -118,6 +120,7 @@ def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch
 def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
+    run_lock.take(cfg.train.output_dir, d.rank)  # no other run reads or writes the folder from here on
     start = resume_mod.plan_start(cfg, d.world_size, resume)  # the checkpoints checked, no writes
     ensure_demo_assets(cfg)  # 3. demo assets: rank 0 generates, the others then find them
     seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
@@ -289,4 +292,5 @@ def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
             run.feeder.source.close()
         clean = True
     finally:
+        run_lock.release()
         shutdown(clean)
