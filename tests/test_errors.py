@@ -15,7 +15,7 @@ import time
 import pytest
 
 from mgpt4.train.cli import main
-from tests.launch import REPO, free_port, launcher_env, run
+from tests.launch import REPO, deepspeed_cmd, free_port, launcher_env, run
 
 
 @pytest.fixture(scope="module")
@@ -100,32 +100,37 @@ def test_a_rendezvous_port_in_use_names_master_port(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_ctrl_c_says_where_the_run_resumes_from(tmp_path, cache):
+@pytest.mark.parametrize("launcher", ["python", "deepspeed"])
+def test_ctrl_c_says_where_the_run_resumes_from(tmp_path, cache, launcher):
+    """Ctrl-C in a terminal signals the whole foreground process group; under the deepspeed launcher
+    each rank also gets the launcher's SIGTERM at once."""
     out = tmp_path / "run"
     sets = [f"train.output_dir={out}", "train.steps=100000", "train.save_every=2", "train.sample_every=0"]
     env = launcher_env(cache)
-    env["MASTER_PORT"] = str(free_port())
+    args = ["launchers/pretrain.py", *(a for s in sets for a in ("--set", s))]
+    if launcher == "python":
+        env["MASTER_PORT"] = str(free_port())
+        cmd = [sys.executable, *args]
+    else:
+        cmd = deepspeed_cmd(*args[:1], 1, *args[1:])
     proc = subprocess.Popen(
-        [sys.executable, "launchers/pretrain.py", *(a for s in sets for a in ("--set", s))],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a foreground job
+    )  # fmt: skip
     try:
         latest = out / "checkpoints" / "latest"
         while not latest.exists():  # the first checkpoint is complete once `latest` names it
             assert proc.poll() is None, proc.stdout.read()[-4000:]
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         stdout, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stdout[-4000:]
-    _no_traceback(stdout)
-    assert "KeyboardInterrupt" not in stdout, stdout[-4000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+    if launcher == "python":  # the launcher's own exit and traceback are DeepSpeed's
+        assert proc.returncode == 130, stdout[-4000:]
+        _no_traceback(stdout)
+        assert "KeyboardInterrupt" not in stdout, stdout[-4000:]
     [line] = [ln for ln in stdout.splitlines() if "mgpt4: interrupted" in ln]
     named = line.split("resume from ", 1)[1]
     # What it names is a complete checkpoint of this run, the one a rerun starts from.

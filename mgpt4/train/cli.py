@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from mgpt4.config import Config
@@ -50,8 +51,14 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
             return
         from mgpt4.train.trainer import train
 
+        # The deepspeed launcher answers a terminal's Ctrl-C by sending SIGTERM to every rank at once,
+        # which by default kills a rank before it can say where the run stands: treat it as Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupted)
         train(cfg, args.deepspeed, resume=not args.no_resume)
     except KeyboardInterrupt:
+        # A second signal (Ctrl-C, then the launcher's SIGTERM) must not cut this message short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if os.environ.get("MGPT4_DEBUG"):
             raise
         # Ctrl-C: no traceback, but where the run stands (130: the shell's code for SIGINT).
@@ -66,6 +73,10 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
         prefix = "config error" if isinstance(e, ConfigError) else "mgpt4: error"
         # Every rank says it: tagged like the logger's warnings, so that a log of many ranks reads.
         raise SystemExit(f"{_rank_tag()}{prefix}: {message}") from None
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _rank_tag() -> str:
