@@ -43,3 +43,47 @@ def test_a_worker_does_not_hold_the_models_parameters(tmp_path):
     # A forked worker counts all of its parent's pages as its own resident memory, the weights included.
     assert all(rss < max(before.values()) + MODEL_BYTES // 2 for rss in after.values()), (before, after)
     assert float(weights[0]) == 1.0  # the weights lived until the workers were measured
+
+
+# Run in a process of its own: a loader with two workers, its pid and its workers' on stdout, then it
+# waits to be killed.
+_TRAINER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import psutil
+from data_fixtures import numbered_shards, tiny_tokenizer
+from mgpt4.data import DataConfig, SourceConfig, build_loader
+
+if __name__ == "__main__":  # a worker runs this file again as __mp_main__
+    paths = numbered_shards({folder!r}, 2, 8)
+    cfg = DataConfig(sources=[SourceConfig(shards=paths)], batch_size=2, num_workers=2, image_size=16)
+    loader = build_loader(cfg, tiny_tokenizer(), 12, "###")
+    next(iter(loader))
+    below = [p.pid for p in psutil.Process().children(recursive=True)]
+    print(" ".join(map(str, below)), flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_workers_and_their_fork_server_end_with_a_killed_trainer(tmp_path):
+    """A worker is the fork server's child, so DataLoader's check of its parent never sees the trainer
+    die: each worker watches the trainer itself (kill -9 left both running forever before)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER.format(tests=os.path.dirname(__file__), folder=str(tmp_path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        below = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
+        assert len(below) >= 3, below  # the fork server and two workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # A guard against a hang, not a bound on the time: every one of them must end.
+        _, alive = psutil.wait_procs(below, timeout=120)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()

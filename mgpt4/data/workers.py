@@ -9,6 +9,9 @@ continues with the worker whose turn it was.
 
 from __future__ import annotations
 
+import os
+import select
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +34,7 @@ class WorkerDataset(IterableDataset):
 
     def __init__(self, num_workers: int):
         self.num_workers = max(1, num_workers)
+        self.trainer_pid = os.getpid()  # the process that reads the batches (pickled into each worker)
         self.worker_offset = 0
         self.start_states: dict[int, dict[str, Any]] = {}
 
@@ -47,6 +51,8 @@ class WorkerDataset(IterableDataset):
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"dataset built for {self.num_workers} workers runs in {info.num_workers}")
         worker = (physical + self.worker_offset) % self.num_workers
+        if info is not None:
+            exit_with(self.trainer_pid)
         try:
             for batch, state in self.worker_batches(worker, self.start_states.get(worker)):
                 batch[WORKER_KEY] = worker
@@ -56,3 +62,36 @@ class WorkerDataset(IterableDataset):
             # Raised here, a DataLoader would re-raise it in the trainer with the worker's traceback
             # folded into the message; handed over as a batch, the loader raises it as the line it is.
             yield {FATAL_KEY: str(e), WORKER_KEY: worker}
+
+
+def exit_with(pid: int) -> None:
+    """End this process when process `pid` ends, however it ends (kill -9 included).
+
+    A worker started from a fork server is the server's child, not the trainer's: DataLoader's own
+    check (has my parent changed?) never fires when the trainer dies, and the worker, which also holds
+    the server's liveness pipe, would keep itself and the server running forever. A daemon thread
+    waits on the trainer's pidfd (Linux 5.3+; polls once a second elsewhere) and exits the worker.
+    """
+
+    def wait_and_exit() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while _alive(pid):
+                threading.Event().wait(1.0)
+        else:
+            select.select([fd], [], [])  # readable once the process has ended
+        os._exit(0)
+
+    if _alive(pid):
+        threading.Thread(target=wait_and_exit, name="mgpt4-exit-with-trainer", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
