@@ -110,7 +110,7 @@ def test_everything_partitioned_trains_validates_samples_and_exports(tmp_path, c
     state = torch.load(ckpt / "run_state.pt", weights_only=True)
     assert exported["llama_proj.weight"].shape == model.llama_proj.weight.shape
     for key, value in exported.items():
-        assert torch.equal(value, state["params"][key]), key
+        assert torch.equal(value, state["trainable"]["params"][key]), key
 
     # Sample captions: written at every step, after that step's checkpoint; the last ones are what
     # the checkpoint's model says about the same images.

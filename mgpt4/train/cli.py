@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", des
         raise SystemExit(130) from None
     except (ConfigError, WeightsError, FileNotFoundError, ValueError, SaveError, RuntimeError) as e:
         # Bad input stops with what to fix; MGPT4_DEBUG=1 shows the traceback instead.
-        message = _port_in_use(e) if isinstance(e, RuntimeError) else str(e)
+        # A bare RuntimeError is a library's failure, shown whole unless it is a port in use; the
+        # ones that are also ValueErrors (DataSourceError) are bad input like any other.
+        message = (
+            _port_in_use(e)
+            if not isinstance(e, ValueError | OSError) and isinstance(e, RuntimeError)
+            else str(e)
+        )
         if message is None or os.environ.get("MGPT4_DEBUG"):
             raise
         prefix = "config error" if isinstance(e, ConfigError) else "mgpt4: error"
