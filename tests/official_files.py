@@ -127,3 +127,14 @@ def write_official_files(root: str, cfg: ModelConfig, tokenizer) -> dict[str, st
     build_llm(cfg.llm).save_pretrained(paths["llm"])
     tokenizer.save_pretrained(paths["llm"])
     return paths
+
+
+def write_tiny_vision_files(root: str) -> dict[str, str]:
+    """Random official-format EVA ViT and BLIP-2 files at the tiny preset's sizes, written into `root`:
+    the `model.weights` paths of the vision side (`eva_vit`, `blip2`)."""
+    from mgpt4.model.presets import tiny
+
+    paths = {"eva_vit": os.path.join(root, "eva_vit_g.pth"), "blip2": os.path.join(root, "blip2.pth")}
+    torch.save(eva_vit_state(tiny()), paths["eva_vit"])
+    torch.save({"model": blip2_state(tiny())}, paths["blip2"])
+    return paths

@@ -24,7 +24,7 @@ from mgpt4.tokenizer import encode_answers
 from mgpt4.train.tally import Tally, batch_counts
 from tests.conftest import TOKENIZER_CORPUS
 from tests.decoder_folders import write_decoder_folder
-from tests.official_files import blip2_state, eva_vit_state
+from tests.official_files import write_tiny_vision_files
 
 # The official templates on the LLaMA tokenizer, and a tokenizer's own chat template on two decoders:
 # Mistral's writes its own `<s>`, Qwen2's tokenizer has no BOS at all.
@@ -40,9 +40,7 @@ CAPTIONS = [
 @pytest.fixture(scope="module")
 def decoder_files(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("layout")
-    torch.save(eva_vit_state(tiny()), root / "eva_vit_g.pth")
-    torch.save({"model": blip2_state(tiny())}, root / "blip2.pth")
-    vision = {"eva_vit": str(root / "eva_vit_g.pth"), "blip2": str(root / "blip2.pth")}
+    vision = write_tiny_vision_files(str(root))
     folders = {
         arch: write_decoder_folder(str(root), arch, tokenizer, TOKENIZER_CORPUS)
         for arch in ("mistral", "qwen2")

@@ -23,7 +23,7 @@ from mgpt4.tokenizer import encode_answers
 from mgpt4.train.flops import llm_forward_flops, train_flops_per_sample
 from tests.conftest import TOKENIZER_CORPUS
 from tests.decoder_folders import ARCHITECTURES, write_decoder_folder
-from tests.official_files import blip2_state, eva_vit_state
+from tests.official_files import write_tiny_vision_files
 
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -36,10 +36,7 @@ def folders(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def vision_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vision")
-    torch.save(eva_vit_state(tiny()), root / "eva_vit_g.pth")
-    torch.save({"model": blip2_state(tiny())}, root / "blip2.pth")
-    return {"eva_vit": str(root / "eva_vit_g.pth"), "blip2": str(root / "blip2.pth")}
+    return write_tiny_vision_files(str(tmp_path_factory.mktemp("vision")))
 
 
 def decoder_cfg(folder: str, vision_files: dict, template: str = "chat_template"):

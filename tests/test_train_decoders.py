@@ -15,7 +15,7 @@ import torch
 from tests.conftest import TOKENIZER_CORPUS
 from tests.decoder_folders import ARCHITECTURES, write_decoder_folder
 from tests.launch import deepspeed_cmd, read_jsonl, run
-from tests.official_files import blip2_state, eva_vit_state
+from tests.official_files import write_tiny_vision_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -27,12 +27,9 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
-    from mgpt4.model.presets import tiny
 
     root = tmp_path_factory.mktemp("decoders")
-    torch.save(eva_vit_state(tiny()), root / "eva_vit_g.pth")
-    torch.save({"model": blip2_state(tiny())}, root / "blip2.pth")
-    out = {"eva_vit": str(root / "eva_vit_g.pth"), "blip2": str(root / "blip2.pth")}
+    out = write_tiny_vision_files(str(root))
     for arch in ARCHITECTURES:
         out[arch] = write_decoder_folder(str(root), arch, tokenizer, TOKENIZER_CORPUS)
     return out
