@@ -35,6 +35,8 @@ setup(
         "lowmem": ["bitsandbytes>=0.43"],
         # COCO caption metrics (python -m mgpt4.eval); METEOR and its tokenizer also need a Java runtime.
         "eval": ["pycocoevalcap>=1.2,<2"],
+        # python -m mgpt4.serve (httpx fetches remote images, with --allow-remote-images only).
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"],
         "dev": [
             "pytest>=8,<10",
             # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
@@ -45,6 +47,11 @@ setup(
             "gradio>=6,<7",
             "selenium>=4.20,<5",
             "pycocoevalcap>=1.2,<2",
+            "fastapi>=0.110",
+            "uvicorn>=0.30",
+            "httpx>=0.27",
+            # The server's tests talk to it with the official client.
+            "openai>=1.40",
         ],
     },
 )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria
 
 from mgpt4.model.prompts import SEP
 
@@ -133,3 +133,55 @@ class StopOnSequences(StoppingCriteria):
                 tail = torch.tensor(stop, device=input_ids.device)
                 done |= (input_ids[:, -len(stop) :] == tail).all(dim=1)
         return done
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How one row of a batch picks its tokens: greedy (`temperature` 0), or sampled at `temperature`
+    from the nucleus `top_p`, drawing from its own CPU `generator` (a seeded request's own stream; None:
+    the global RNG)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+class RowSampler(LogitsProcessor):
+    """Per-row decoding inside one batched greedy `generate`: each sampled row draws its token itself
+    (temperature, then top-p, then its own generator) and hands `generate` logits whose only finite
+    entry is that token, so `generate`'s argmax takes it; greedy rows pass unchanged.
+
+    This lets requests with different settings and seeds share one batch, and a seeded row draws
+    the same tokens alone or beside others (its draws never touch the global RNG or another row's
+    stream). Top-p keeps the smallest set of most likely tokens whose probability reaches `top_p`,
+    as transformers' TopPLogitsWarper does. `rows[i]` is the batch's row i (num_beams 1).
+    """
+
+    def __init__(self, rows: Sequence[RowSampling]):
+        self.rows = list(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if len(self.rows) != scores.shape[0]:
+            raise ValueError(f"RowSampler has {len(self.rows)} rows, the batch {scores.shape[0]}")
+        out = scores
+        for i, row in enumerate(self.rows):
+            if row.greedy:
+                continue
+            logits = scores[i].float() / row.temperature
+            probs = torch.softmax(logits, dim=-1)
+            if row.top_p < 1:
+                sorted_p, order = probs.sort(descending=True)
+                # A token stays when the probability before it is below top_p (the first always does).
+                drop = (sorted_p.cumsum(-1) - sorted_p) >= row.top_p
+                probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+            # Drawn on the CPU, where a generator gives the same stream on every machine.
+            token = torch.multinomial(probs.cpu(), 1, generator=row.generator)
+            if out is scores:
+                out = scores.clone()
+            out[i] = float("-inf")
+            out[i, token.to(scores.device)] = 0.0
+        return out

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -402,6 +402,7 @@ class MiniGPT4(nn.Module):
         streamer=None,
         synced_gpus: bool = False,
         stopping_criteria: Sequence[StoppingCriteria] = (),
+        logits_processor: Sequence[LogitsProcessor] = (),
         **fields,
     ) -> list[str]:
         """As `generate`, on image embeddings already computed (chat encodes an image once).
@@ -409,7 +410,8 @@ class MiniGPT4(nn.Module):
         `prompt` may also be a list, one per row (left-padded into one batch; curation's "Continue"
         turn repeats each row's own answer). Each context is cut from the left to
         `max_context - max_new_tokens`; `stopping_criteria` are added to the stop text of the
-        template (`###`) and EOS (the tokenizer's and the LLM's generation config's).
+        template (`###`) and EOS (the tokenizer's and the LLM's generation config's), and
+        `logits_processor` after transformers' own (the server's per-row sampling, `RowSampler`).
         `fields` change single settings (`max_new_tokens=8`). Raises GenerationError for settings
         out of range.
         """
@@ -441,6 +443,7 @@ class MiniGPT4(nn.Module):
             ),
             pad_token_id=tok.pad_token_id,
             eos_token_id=eos_token_ids(tok, self.llm.generation_config),
+            logits_processor=LogitsProcessorList(logits_processor),
             streamer=streamer,
             synced_gpus=synced_gpus,
             **settings.hf_kwargs(),
