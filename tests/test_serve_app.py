@@ -1,8 +1,11 @@
 """The server's app in-process (starlette's TestClient on the tiny model): the API key, a full queue
-answered 429 with Retry-After, a request's stop strings, and per-row sampling in one batch."""
+answered 429 with Retry-After, a request's stop strings, per-row sampling in one batch, a cancelled row,
+the text held back while streaming, and where images may come from."""
 
 from __future__ import annotations
 
+import base64
+import os
 import threading
 import time
 
@@ -10,9 +13,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from mgpt4.images import eval_transform
 from mgpt4.model.generation import GenerationSettings, RowSampler, RowSampling
 from mgpt4.serve.app import Service, create_app
-from mgpt4.serve.batcher import Batcher
+from mgpt4.serve.batcher import Batcher, Job, visible
 from tests.chat_fixtures import readable_tiny_model, write_image
 from tests.serve_fixtures import data_url, image_message
 
@@ -115,3 +119,58 @@ def test_rows_sample_each_by_their_own_settings():
         for s in range(20)
     }
     assert len(draws) > 1  # it does sample
+
+
+def test_text_being_written_holds_back_what_may_change():
+    assert visible("a cat ##", ["###"], "Assistant:") == "a cat"
+    assert visible("a cat ### Human:", ["###"], "Assistant:") == "a cat"
+    assert visible("Assis", ["###"], "Assistant:") == ""
+    assert visible(" Assistant: a dog", ["###"], "Assistant:") == "a dog"
+    assert visible("caf\ufffd", ["###"], None) == "caf"
+
+
+def test_a_request_whose_client_went_away_stops_and_its_batch_goes_on(model, image):
+    from mgpt4.serve.images import ImagePolicy, decode
+
+    svc = service(model)
+    pixels = eval_transform(decode(base64.b64decode(image.split(",")[1]), ImagePolicy(), "image"), 56)
+    conv = model.new_conversation()
+    conv.add_image()
+    conv.ask("What is this?")
+    prompt = conv.prompt_for_reply()
+    jobs = [
+        Job(prompt, pixels, model.layout(prompt).length, max_tokens=20, sampling=RowSampling(), cancelled=c)
+        for c in (False, True)
+    ]
+    done = svc.batcher.run_batch(jobs)
+    svc.batcher.close()
+    assert [(d.finish_reason, d.completion_tokens) for d in done] == [("length", 20), ("cancelled", 1)]
+    [alone] = model.generate_from_embeds(
+        [model.encode_img(pixels[None])], prompt, DEFAULTS.replace(max_new_tokens=20)
+    )
+    assert done[0].text == alone
+
+
+def test_images_come_only_from_where_the_policy_allows(tmp_path):
+    from mgpt4.serve.images import ImagePolicy, read_image
+    from mgpt4.serve.protocol import ApiError
+
+    root = tmp_path / "allowed"
+    root.mkdir()
+    inside = write_image(str(root / "in.png"))
+    outside = write_image(str(tmp_path / "out.png"))
+    os.symlink(outside, root / "link.png")
+    policy = ImagePolicy(allow_paths=(os.path.realpath(root),))
+    assert read_image(inside, policy, "url").size == (96, 64)
+    assert read_image("file://" + inside, policy, "url").size == (96, 64)
+    for url, words in [
+        (str(root / "link.png"), "outside the allowed folders"),  # a link cannot lead out of a root
+        (str(root / ".." / "out.png"), "outside the allowed folders"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+        ("data:image/png,rawbytes", "must be base64"),
+        ("ftp://example.com/a.png", "expected a data: URL"),
+    ]:
+        with pytest.raises(ApiError, match=words):
+            read_image(url, policy, "url")
+    with pytest.raises(ApiError, match="local image paths are refused"):
+        read_image(inside, ImagePolicy(), "url")

@@ -69,7 +69,11 @@ class Job:
     cancelled: bool = False  # the client went away: its row stops at the next token
     # Set by the model thread.
     ids: list[int] = field(default_factory=list)
-    sent: str = ""
+    text: str = ""  # the reply decoded so far, in whole characters (`RowTracker._grow`)
+    sent: str = ""  # what has been streamed
+    # ids[:_read] are decoded into `text`; ids[_prefix:_read] stay as the next window's context.
+    _prefix: int = 0
+    _read: int = 0
 
     def emit(self, event: object) -> None:
         if self.loop is None or self.events is None:
@@ -122,24 +126,37 @@ class RowTracker(StoppingCriteria):
             if self.done[i] is not None:
                 continue
             job.ids.append(int(last[i]))
-            text = self.tok.decode(job.ids, skip_special_tokens=True)
+            self._grow(job)
             stops = self._stops(job)
-            if job.ids[-1] in self.eos or any(s in text for s in stops):
-                self._finish(i, text, "stop")
+            if job.ids[-1] in self.eos or any(s in job.text for s in stops):
+                self._finish(i, "stop")
             elif len(job.ids) >= job.max_tokens:
-                self._finish(i, text, "length")
+                self._finish(i, "length")
             elif job.cancelled:
                 self.done[i] = Done("", "cancelled", len(job.ids))
             elif job.stream:
-                now = visible(text, stops, self.echo)
+                now = visible(job.text, stops, self.echo)
                 if len(now) > len(job.sent) and now.startswith(job.sent):
                     job.emit(now[len(job.sent) :])
                     job.sent = now
         return torch.tensor([d is not None for d in self.done], dtype=torch.bool, device=input_ids.device)
 
-    def _finish(self, i: int, text: str, reason: str) -> None:
+    def _grow(self, job: Job) -> None:
+        """Extend `job.text` by the new token's text: a window of the tokens not yet decoded, with one
+        token of context before it (a word piece's leading space, a byte run), decoded once it ends on a
+        whole character (the incremental detokenisation of vLLM and TGI). Each step costs the window,
+        not the whole reply, so long replies in large batches stay cheap."""
+        done = self.tok.decode(job.ids[job._prefix : job._read], skip_special_tokens=True)
+        now = self.tok.decode(job.ids[job._prefix :], skip_special_tokens=True)
+        if len(now) > len(done) and not now.endswith(REPLACEMENT):
+            job.text += now[len(done) :]
+            job._prefix, job._read = job._read, len(job.ids)
+
+    def _finish(self, i: int, reason: str) -> None:
         job = self.jobs[i]
-        # The reply as `MiniGPT4.generate` gives it (the official `Chat.answer`'s cleaning).
+        # The reply as `MiniGPT4.generate` gives it (the official `Chat.answer`'s cleaning), from one
+        # decode of all its tokens.
+        text = self.tok.decode(job.ids, skip_special_tokens=True)
         final = clean_reply(text, self._stops(job), self.echo)
         if job.stream and final.startswith(job.sent) and len(final) > len(job.sent):
             job.emit(final[len(job.sent) :])
@@ -149,9 +166,9 @@ class RowTracker(StoppingCriteria):
 
     def finish_rest(self) -> None:
         """Rows `generate` ended without this tracker seeing it (its own max_new_tokens)."""
-        for i, job in enumerate(self.jobs):
-            if self.done[i] is None:
-                self._finish(i, self.tok.decode(job.ids, skip_special_tokens=True), "length")
+        for i, done in enumerate(self.done):
+            if done is None:
+                self._finish(i, "length")
 
 
 class Batcher:
