@@ -174,3 +174,30 @@ def test_images_come_only_from_where_the_policy_allows(tmp_path):
             read_image(url, policy, "url")
     with pytest.raises(ApiError, match="local image paths are refused"):
         read_image(inside, ImagePolicy(), "url")
+
+
+def test_flags_that_cannot_serve_are_one_error_line_before_loading(tmp_path, capsys):
+    import socket
+
+    from mgpt4.serve.__main__ import main
+
+    def serve(*args: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        out = capsys.readouterr()
+        assert "Loading the model" not in out.out
+        return str(e.value.code) if isinstance(e.value.code, str) else out.err.strip().splitlines()[-1]
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = str(busy.getsockname()[1])
+    random = ("--preset", "tiny", "--allow-random-weights", "--set", f"weights.tokenizer={tmp_path}")
+    try:
+        assert f"--port {port}: cannot bind" in serve(*random, "--port", port)
+    finally:
+        busy.close()
+    assert "--allow-path" in serve(*random, "--allow-path", str(tmp_path / "nowhere"))
+    assert "--num-beams" in serve(*random, "--num-beams", "2")
+    assert "give --checkpoint" in serve("--port", "0")
+    assert "cannot read it" in serve(*random, "--api-key-file", str(tmp_path / "no-key"))

@@ -13,7 +13,7 @@ import socket
 import time
 
 from mgpt4.dataclass_flags import HelpWithDefaults, OneLineErrors
-from mgpt4.inference import ModelSource, load_model
+from mgpt4.inference import ModelSource, check_source, load_model
 from mgpt4.inference.flags import add_decoding_args, add_model_args, settings_from_args, source_from_args
 from mgpt4.logs import get_logger
 from mgpt4.model.generation import GenerationSettings
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     source, defaults = source_from_args(args), settings_from_args(args)
     _check(args, parser, defaults)
+    check_source(source)  # flags that cannot load a model end here, before the port is taken
     api_key = _api_key(args.api_key_file)
     # Bind before the slow load: a port in use is said at once, and --port 0 gets its port.
     try:
