@@ -199,5 +199,6 @@ def test_flags_that_cannot_serve_are_one_error_line_before_loading(tmp_path, cap
         busy.close()
     assert "--allow-path" in serve(*random, "--allow-path", str(tmp_path / "nowhere"))
     assert "--num-beams" in serve(*random, "--num-beams", "2")
+    assert "--max-tokens-limit 100" in serve(*random, "--max-tokens-limit", "100")
     assert "give --checkpoint" in serve("--port", "0")
     assert "cannot read it" in serve(*random, "--api-key-file", str(tmp_path / "no-key"))

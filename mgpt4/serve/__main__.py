@@ -41,12 +41,16 @@ Example, with the official Python client:
 """
 
 
+class _Help(HelpWithDefaults, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help; the epilog's example kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(
         prog="python -m mgpt4.serve",
         description="Serve a MiniGPT-4 model over OpenAI's chat-completions API (FastAPI + uvicorn).",
         epilog=EPILOG,
-        formatter_class=HelpWithDefaults,
+        formatter_class=_Help,
     )
     add_model_args(parser)
     add_decoding_args(
@@ -132,6 +136,11 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: 
     for flag in ("max_batch", "queue_size", "max_tokens_limit"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if defaults.max_new_tokens > args.max_tokens_limit:
+        parser.error(
+            f"--max-new-tokens {defaults.max_new_tokens} (the default max_tokens) is above "
+            f"--max-tokens-limit {args.max_tokens_limit}"
+        )
     for root in args.allow_path:
         if not os.path.isdir(root):
             parser.error(f"--allow-path {root}: not a folder")
