@@ -20,6 +20,7 @@ def _parsers():
     from mgpt4.chat.web import build_parser as web
     from mgpt4.curate.__main__ import build_parser as curate
     from mgpt4.eval.__main__ import build_parser as evaluation
+    from mgpt4.serve.__main__ import build_parser as serve
 
     describe = curate()._subparsers._group_actions[0].choices["describe"]
     captions = evaluation()._subparsers._group_actions[0].choices["captions"]
@@ -29,10 +30,11 @@ def _parsers():
         "describe": (describe, GREEDY),
         # Caption length: the checkpoint's max_txt_len, known once the model is.
         "captions": (captions, GREEDY.replace(max_new_tokens=None)),
+        "serve": (serve(), GenerationSettings()),
     }
 
 
-@pytest.mark.parametrize("tool", ["chat", "demo", "describe", "captions"])
+@pytest.mark.parametrize("tool", ["chat", "demo", "describe", "captions", "serve"])
 def test_decoding_flags_are_derived_from_the_one_settings_dataclass(tool):
     parser, defaults = _parsers()[tool]
     base = (
