@@ -275,6 +275,7 @@ def test_the_folder_holds_the_processor_generation_config_and_model_card(exports
     assert "- last training loss: 2.7500 (step 10)" in card and "- validation loss: 3.2500 (step 5)" in card
     assert "/data/laion/{00000..00009}.tar` (10 shards" in card
     assert "license:  #" in card and "- licence: \n" in card
+    assert "- ln_vision runs at eps 1e-06 instead of 1e-05" in card and "image embeddings change by at most" in card
     with open(os.path.join(run, "..", "hf", "chat_template.jinja"), encoding="utf-8") as f:
         assert "<Img>" in f.read()
 

@@ -12,8 +12,12 @@ import os
 import shutil
 import tempfile
 
+import torch
+
+from mgpt4.export.hf_blip2 import measure_ln_eps
 from mgpt4.export.model_card import ExportFacts, write_model_card
 from mgpt4.export.processor import ExportError, build_processor, generation_config
+from mgpt4.images import CLIP_MEAN, CLIP_STD
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4
 
@@ -43,6 +47,32 @@ def to_transformers(model: MiniGPT4, image_token_id: int):
     return to_llama2(model, image_token_id)
 
 
+def probe_images(model: MiniGPT4, count: int = 4, seed: int = 0) -> torch.Tensor:
+    """`count` random images, normalised as the eval transform does: [count, 3, S, S] in the vision dtype."""
+    size = model.cfg.vision.image_size
+    pixels = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    w = model.visual_encoder.patch_embed.proj.weight
+    return ((pixels - mean) / std).to(device=w.device, dtype=w.dtype)
+
+
+def ln_vision_note(model: MiniGPT4) -> str:
+    """What the export changes about ln_vision, measured on probe images for a BLIP-2 export."""
+    own = model.ln_vision.eps
+    if model.qformer is None:
+        return f"ln_vision keeps its eps {own:g} (the folder's modeling code sets it)"
+    hf_eps = model.cfg.vision.ln_eps
+    if hf_eps == own:
+        return f"ln_vision keeps its eps {own:g}"
+    m = measure_ln_eps(model, probe_images(model), hf_eps)
+    return (
+        f"ln_vision runs at eps {hf_eps:g} instead of {own:g} (transformers' BLIP-2 has one layer_norm_eps "
+        f"for the whole vision tower): on 4 random images the image embeddings change by at most "
+        f"{m['embeddings_max_abs_diff']:.3g} (their largest magnitude is {m['embeddings_max_abs']:.3g})"
+    )
+
+
 def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -> str:
     """Write `model` (eval mode, from `mgpt4.inference.load_model`) as a transformers folder at `out_dir`.
 
@@ -60,7 +90,9 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
             model, processor.tokenizer, image_token_id, model.text_spec.bos_id
         )
         hf.save_pretrained(tmp)
-        write_model_card(tmp, model, facts or ExportFacts(), type(hf).__name__)
+        notes = [ln_vision_note(model)]
+        log.info(notes[0])
+        write_model_card(tmp, model, facts or ExportFacts(), type(hf).__name__, notes)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.replace(tmp, out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,8 +106,8 @@ def _data_lines(config: dict) -> list[str]:
     return lines or [f"- {NOT_RECORDED}"]
 
 
-def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str) -> str:
-    """The README.md text of the export."""
+def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str, notes: Sequence[str] = ()) -> str:
+    """The README.md text of the export; `notes` are the export's own remarks (the ln_vision eps)."""
     cfg = model.cfg
     config: dict = {}
     state: dict = {}
@@ -174,22 +175,31 @@ def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str) -> str:
         )
     lines += [
         "",
+        "## Export notes",
+        "",
+        *[f"- {note}" for note in notes],
+        "",
         "## How to load",
         "",
         "```python",
+        "from PIL import Image",
         f"from transformers import AutoProcessor, {load_class}",
-        'processor = AutoProcessor.from_pretrained("PATH", backend="pil")',
-        f'model = {load_class}.from_pretrained("PATH"{trust})',
-        'messages = [{"role": "user", "content": [{"type": "image", "path": "photo.jpg"},',
-        '                                         {"type": "text", "text": "Describe this image."}]}]',
-        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
-        '                                       return_dict=True, return_tensors="pt")',
+        "",
+        'processor = AutoProcessor.from_pretrained("path/to/this/folder", backend="pil")',
+        f'model = {load_class}.from_pretrained("path/to/this/folder"{trust})',
+        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]',
+        "prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+        'inputs = processor(images=Image.open("photo.jpg"), text=prompt, return_tensors="pt")',
         "out = model.generate(**inputs, generation_config=model.generation_config, tokenizer=processor.tokenizer)",
         'print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
-        '`backend="pil"` gives the pixels mgpt4 trained on (PIL bicubic resize); `generation_config` holds',
-        "the official decoding defaults, the stop strings (which need `tokenizer=`) and the suppressed `<image>` token.",
+        '- `backend="pil"`: the pixels the model was trained on (PIL bicubic resize; the torchvision backend',
+        "  differs by up to about 1/255 per pixel).",
+        "- The chat template is the tokenizer's: transformers' `Blip2Processor` drops its own when loaded.",
+        "- `generation_config=model.generation_config`: the official decoding defaults (sampling, top_p 0.9,",
+        "  300 new tokens), the stop strings (they need `tokenizer=`) and the suppressed `<image>` token;",
+        "  BLIP-2's `generate` does not read the folder's generation config by itself.",
         "",
         "## Licence",
         "",
@@ -201,6 +211,8 @@ def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(folder: str, model: MiniGPT4, facts: ExportFacts, model_class: str) -> None:
+def write_model_card(
+    folder: str, model: MiniGPT4, facts: ExportFacts, model_class: str, notes: Sequence[str] = ()
+) -> None:
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(model, facts, model_class))
+        f.write(model_card(model, facts, model_class, notes))
