@@ -275,7 +275,10 @@ def test_the_folder_holds_the_processor_generation_config_and_model_card(exports
     assert "- last training loss: 2.7500 (step 10)" in card and "- validation loss: 3.2500 (step 5)" in card
     assert "/data/laion/{00000..00009}.tar` (10 shards" in card
     assert "license:  #" in card and "- licence: \n" in card
-    assert "- ln_vision runs at eps 1e-06 instead of 1e-05" in card and "image embeddings change by at most" in card
+    assert (
+        "- ln_vision runs at eps 1e-06 instead of 1e-05" in card
+        and "image embeddings change by at most" in card
+    )
     with open(os.path.join(run, "..", "hf", "chat_template.jinja"), encoding="utf-8") as f:
         assert "<Img>" in f.read()
 
@@ -333,3 +336,25 @@ def test_bad_input_is_one_line(tmp_path, exports):
     )
     assert str(bad) in message and "no caption scores" in message
     assert not os.path.exists(out)
+
+
+def test_the_readme_loads_an_export_as_written_without_mgpt4(exports, tmp_path):
+    """The README's "Share your model" snippet, as written, on the Vicuna v0 export (in a process that
+    cannot import mgpt4): it runs and prints the reply sampled with the export's own generation config."""
+    import shutil
+
+    from tests.test_readme_api import readme_api_block
+
+    out, _, _, _ = exports["vicuna_v0"]
+    shutil.copytree(out, tmp_path / "exports" / "tiny_stage1")
+    write_image(str(tmp_path / "photo.jpg"))
+    code = Path(LOADER).read_text(encoding="utf-8").split("import torch  # noqa: E402")[0]
+    code += "\n" + readme_api_block("share")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The reply is sampled (the official defaults), so only its printing is certain.
+    assert proc.stdout.endswith("\n") and "Traceback" not in proc.stderr

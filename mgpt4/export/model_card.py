@@ -94,6 +94,7 @@ def _data_lines(config: dict) -> list[str]:
     for src in data.get("sources") or []:
         shards = src.get("shards")
         shards = shards if isinstance(shards, list) else [shards]
+        shown = shards[:3] + ([f"... {len(shards) - 3} more"] if len(shards) > 3 else [])
         try:
             from mgpt4.data.shard_lists import expand_shards
 
@@ -101,7 +102,7 @@ def _data_lines(config: dict) -> list[str]:
         except Exception:
             count = "shard count unknown"
         lines.append(
-            f"- {src.get('name') or 'source'}: `{', '.join(map(str, shards))}` ({count}, ratio {src.get('ratio')})"
+            f"- {src.get('name') or 'source'}: `{', '.join(map(str, shown))}` ({count}, ratio {src.get('ratio')})"
         )
     return lines or [f"- {NOT_RECORDED}"]
 
