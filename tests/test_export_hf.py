@@ -358,3 +358,44 @@ def test_the_readme_loads_an_export_as_written_without_mgpt4(exports, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The reply is sampled (the official defaults), so only its printing is certain.
     assert proc.stdout.endswith("\n") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("template", ["vicuna_v0", "llama2_chat"])
+def test_a_llama_tokenizer_folder_tokenizes_prompts_as_the_official_slow_tokenizer(
+    tmp_path, template, legacy
+):
+    """A Vicuna / Llama-2 folder as transformers 5 reads it (LlamaTokenizer, `legacy` false or true): the
+    exported tokenizer is legacy, so the processor's prompt ids are mgpt4's (the export checks them on
+    its probe conversations and stops otherwise), also for a question that holds `<s>` and `</s>`."""
+    from mgpt4.export.processor import IMAGE_TOKEN, build_processor, mgpt4_prompt_ids
+    from mgpt4.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+    folder = tmp_path / "tok"
+    train_tiny_tokenizer(TOKENIZER_CORPUS, str(folder))
+    conf = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps({**conf, "legacy": legacy}))
+    tok = load_tokenizer(str(folder))
+    assert type(tok).__name__ == "LlamaTokenizer"
+    torch.manual_seed(0)
+    model = build_model(tiny() if template == "vicuna_v0" else tiny_llama2(), tok).eval()
+    processor, image_id = build_processor(model)
+    assert processor.tokenizer.convert_ids_to_tokens(image_id) == IMAGE_TOKEN
+    turns = [("a red<s>[INST] circle", "two squares</s> here"), ("why?", None)]
+    conv = model.new_conversation()
+    conv.add_image()
+    for question, reply in turns:
+        conv.ask(question)
+        if reply is not None:
+            conv.add_reply(reply)
+    text = processor.tokenizer.apply_chat_template(
+        _messages(turns), add_generation_prompt=True, tokenize=False
+    )
+    assert processor.tokenizer(text)["input_ids"] == mgpt4_prompt_ids(
+        model, conv.prompt_for_reply(), image_id
+    )

@@ -34,15 +34,46 @@ class ExportError(RuntimeError):
     """A model that cannot be exported as asked; the message says why and what to do."""
 
 
+def _is_sentencepiece(backend) -> bool:
+    """A tokenizers backend that writes spaces as sentencepiece's `▁` (LLaMA, Vicuna, Mistral)."""
+    return "Metaspace" in str(backend.pre_tokenizer) or "Prepend" in str(backend.normalizer)
+
+
+def _legacy_tokenizer(tokenizer):
+    """`tokenizer` rebuilt to cut text as the official slow LLaMA tokenizer (sentencepiece, legacy): every
+    piece between special tokens gets sentencepiece's dummy prefix, also one that starts with a space
+    (` b` is `▁▁b`). transformers 5's LlamaTokenizer rebuilds its pre-tokenizer from its class (with
+    `legacy` true it misses that last case), so the export is a plain `TokenizersBackend` whose
+    tokenizer.json holds the rules: spaces as `▁`, a leading `▁` doubled, a `▁` put before any other piece.
+    """
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Replace(" ", "▁"), normalizers.Replace(Regex("\\A▁"), "▁▁")]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    backend.post_processor = None  # BOS comes from the chat template (see export_tokenizer)
+    specials = {
+        k: getattr(tokenizer, k)
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if getattr(tokenizer, k)
+    }
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
 def export_tokenizer(model: MiniGPT4, legacy: bool):
     """A copy of the model's tokenizer with `<image>` added as a special token (`tokenizer.image_token`),
-    `legacy` set as asked (sentencepiece tokenizers only), no special tokens of its own added around a
-    text, and pad as mgpt4 sets it (EOS)."""
+    made legacy (`_legacy_tokenizer`) when asked and it is a sentencepiece tokenizer, adding no special
+    tokens of its own around a text, and pad as mgpt4 sets it (EOS)."""
     from transformers import AutoTokenizer
 
+    source = model.tokenizer
+    if legacy and _is_sentencepiece(source.backend_tokenizer):
+        source = _legacy_tokenizer(source)
     with tempfile.TemporaryDirectory() as tmp:
-        model.tokenizer.save_pretrained(tmp)
-        kwargs = {"legacy": True} if legacy else {}
+        source.save_pretrained(tmp)
         # BOS comes from the chat template, where mgpt4's layout puts it; the tokenizer adds none, so a
         # prompt gets one BOS whether it is tokenized with special tokens or without.
         tok = AutoTokenizer.from_pretrained(
@@ -52,7 +83,6 @@ def export_tokenizer(model: MiniGPT4, legacy: bool):
             extra_special_tokens={"image_token": IMAGE_TOKEN},
             add_bos_token=False,
             add_eos_token=False,
-            **kwargs,
         )
     tok.pad_token = model.tokenizer.pad_token
     tok.padding_side = "left"  # batched generation pads on the left, as mgpt4's generate does
