@@ -399,3 +399,44 @@ def test_a_llama_tokenizer_folder_tokenizes_prompts_as_the_official_slow_tokeniz
     assert processor.tokenizer(text)["input_ids"] == mgpt4_prompt_ids(
         model, conv.prompt_for_reply(), image_id
     )
+
+
+def test_a_chat_template_that_writes_bos_on_a_llama_tokenizer(tmp_path):
+    """A Mistral-Instruct-style model (LlamaTokenizer, `legacy` false: `▁` only at the start of a text; a
+    chat template that writes BOS itself): mgpt4 tokenizes the text after an image on its own, so it
+    starts with `▁`; the export's template puts a space there so the whole prompt tokenizes the same,
+    with one BOS."""
+    from mgpt4.export.processor import build_processor, mgpt4_prompt_ids
+    from mgpt4.tokenizer import load_tokenizer, train_tiny_tokenizer
+    from tests.decoder_folders import MISTRAL_CHAT_TEMPLATE
+
+    folder = tmp_path / "tok"
+    train_tiny_tokenizer(TOKENIZER_CORPUS, str(folder))
+    conf = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps({**conf, "legacy": False}))
+    tok = load_tokenizer(str(folder))
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    cfg = tiny()
+    cfg.text = dataclasses.replace(cfg.text, template="chat_template")
+    torch.manual_seed(0)
+    model = build_model(cfg, tok).eval()
+    processor, image_id = build_processor(model)
+    turns = [("What is it?", "A circle."), ("Where?", None)]
+    conv = model.new_conversation()
+    conv.add_image()
+    for question, reply in turns:
+        conv.ask(question)
+        if reply is not None:
+            conv.add_reply(reply)
+    want = mgpt4_prompt_ids(model, conv.prompt_for_reply(), image_id)
+    text = processor.tokenizer.apply_chat_template(
+        _messages(turns), add_generation_prompt=True, tokenize=False
+    )
+    assert f"<Img>{'<image>' * model.num_image_tokens} </Img>" in text
+    assert processor.tokenizer(text)["input_ids"] == want
+    assert want.count(tok.bos_token_id) == 1
