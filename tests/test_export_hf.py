@@ -328,6 +328,9 @@ def test_bad_input_is_one_line(tmp_path, exports):
     message = _one_line_exit(["hf", "--checkpoint", run, "--out", str(full), "--device", "cpu"])
     assert str(full) in message and "not empty" in message
     assert os.listdir(full) == ["keep.txt"]
+    # An 8-bit LLM would be written as something else than it is: refused, not quantised and exported.
+    message = _one_line_exit(["hf", "--checkpoint", run, "--out", out, "--llm-8bit"])
+    assert message.startswith("--llm-8bit:")
     # A metrics.json that is not one.
     bad = tmp_path / "metrics.json"
     bad.write_text("{}")
