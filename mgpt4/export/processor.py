@@ -7,9 +7,11 @@ chat template and the generation config, all reproducing what mgpt4 feeds its mo
   pixel, so the folder is meant to be loaded with `AutoProcessor.from_pretrained(folder, backend="pil")`.
 - Text: the model's tokenizer plus an added special `<image>` token; `Blip2Processor` with
   `num_query_tokens` unset, so it does not prepend image tokens: the chat template puts
-  `<Img>` + `<image>` x num_image_tokens + `</Img>` where each image goes. For the official templates the
-  tokenizer is made `legacy` (every piece after a special token starts with sentencepiece's `▁`), as the
-  official slow LLaMA tokenizer (`mgpt4.tokenizer.encode_like_slow_llama`) tokenizes prompts.
+  `<Img>` + `<image>` x num_image_tokens + `</Img>` where each image goes, and BOS where mgpt4's layout
+  puts it (the tokenizer adds none). For the official templates the tokenizer cuts text as the official
+  slow LLaMA tokenizer (`mgpt4.tokenizer.encode_like_slow_llama`): every piece between special tokens
+  starts with sentencepiece's `▁` (`_legacy_tokenizer`).
+- Decoding: `generation_config` with the official demo's defaults, stop strings and `<image>` suppressed.
 - `check_prompt_tokens` renders probe conversations both ways and refuses an export whose prompt tokens
   differ from those `MiniGPT4.layout` gives.
 """
@@ -24,7 +26,7 @@ from mgpt4.images import CLIP_MEAN, CLIP_STD
 from mgpt4.model import MiniGPT4
 from mgpt4.model.generation import GenerationSettings, eos_token_ids
 from mgpt4.model.layout import IMAGE
-from mgpt4.model.prompts import IMAGE_PLACEHOLDER, IMAGE_TAG, Conversation, ConversationTemplate
+from mgpt4.model.prompts import IMAGE_PLACEHOLDER, Conversation, ConversationTemplate
 from mgpt4.model.templates import TokenizerChatTemplate
 
 IMAGE_TOKEN = "<image>"
@@ -329,7 +331,6 @@ def build_processor(model: MiniGPT4, out_dir: str | None = None):
 
 
 __all__ = [
-    "IMAGE_TAG",
     "IMAGE_TOKEN",
     "ExportError",
     "build_processor",
