@@ -23,6 +23,7 @@ class _NoMgpt4(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _NoMgpt4())
+# End of the mgpt4 blocker (test_export_hf runs the README snippet after the lines above).
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
