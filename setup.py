@@ -20,6 +20,7 @@ setup(
         "webdataset>=1.0,<2",
         "tensorboard>=2.15,<3",
         "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.22,<1",  # the export's legacy LLaMA tokenizer rules (mgpt4/export/processor.py)
         "jinja2>=3.1",  # tokenizers' chat templates (model.text.template: chat_template)
         "safetensors>=0.4",
         "pillow>=10",

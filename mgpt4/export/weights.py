@@ -1,0 +1,112 @@
+"""The weight renames shared by both exports: timm's EVA ViT -> transformers' `Blip2VisionModel`, and
+the LLM with room for the `<image>` token.
+
+EVA (`mgpt4.model.vision.build_eva_vit`) and BLIP-2's vision tower are the same network: CLS token,
+absolute position embedding (the one mgpt4 holds, already interpolated to its image size), pre-norm
+blocks with a fused qkv Linear whose bias is `cat(q_bias, 0, v_bias)` (EVA has no k bias; transformers
+keeps the concatenation as one `qkv.bias`), exact GELU, and `ln_vision` as the final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mgpt4.model import MiniGPT4
+
+
+def vision_config(model: MiniGPT4, post_layernorm_eps: float | None = None) -> dict:
+    """`Blip2VisionConfig` fields for the model's EVA ViT (eps: the blocks' own, see `hf_blip2`)."""
+    v = model.cfg.vision
+    return dict(
+        hidden_size=v.width,
+        intermediate_size=v.resolved_mlp_dim(),
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        hidden_act="gelu",
+        layer_norm_eps=v.ln_eps,
+        qkv_bias=True,
+        attention_dropout=0.0,
+    )
+
+
+def vision_state(model: MiniGPT4, prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
+    """The EVA ViT and `ln_vision` under `Blip2VisionModel`'s names."""
+    vit = model.visual_encoder
+    out = {
+        f"{prefix}embeddings.class_embedding": vit.cls_token,
+        f"{prefix}embeddings.position_embedding": vit.pos_embed,
+        f"{prefix}embeddings.patch_embedding.weight": vit.patch_embed.proj.weight,
+        f"{prefix}embeddings.patch_embedding.bias": vit.patch_embed.proj.bias,
+        f"{prefix}post_layernorm.weight": model.ln_vision.weight,
+        f"{prefix}post_layernorm.bias": model.ln_vision.bias,
+    }
+    for i, block in enumerate(vit.blocks):
+        p = f"{prefix}encoder.layers.{i}."
+        attn = block.attn
+        out.update(
+            {
+                f"{p}layer_norm1.weight": block.norm1.weight,
+                f"{p}layer_norm1.bias": block.norm1.bias,
+                f"{p}self_attn.qkv.weight": attn.qkv.weight,
+                f"{p}self_attn.qkv.bias": torch.cat(
+                    [attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias]
+                ),
+                f"{p}self_attn.projection.weight": attn.proj.weight,
+                f"{p}self_attn.projection.bias": attn.proj.bias,
+                f"{p}layer_norm2.weight": block.norm2.weight,
+                f"{p}layer_norm2.bias": block.norm2.bias,
+                f"{p}mlp.fc1.weight": block.mlp.fc1.weight,
+                f"{p}mlp.fc1.bias": block.mlp.fc1.bias,
+                f"{p}mlp.fc2.weight": block.mlp.fc2.weight,
+                f"{p}mlp.fc2.bias": block.mlp.fc2.bias,
+            }
+        )
+    return out
+
+
+def text_config(model: MiniGPT4, vocab_size: int) -> dict:
+    """The LLM's own config (any causal LM), `architectures` set and the vocabulary `vocab_size` long."""
+    cfg = model.llm.config.to_dict()
+    cfg["architectures"] = [type(model.llm).__name__]
+    cfg["vocab_size"] = vocab_size
+    return cfg
+
+
+def language_state(
+    model: MiniGPT4, vocab_size: int, prefix: str = "language_model."
+) -> dict[str, torch.Tensor]:
+    """The LLM's weights, the input and output embeddings grown to `vocab_size` rows with zeros.
+
+    The `<image>` row of the input embedding is never read (image embeddings replace it) and its logit,
+    0 from a zero output row, is suppressed by the generation config."""
+    state = dict(model.llm.state_dict())
+    # The embedding tables by storage: state_dict() hands out new (detached) tensor objects.
+    tables = [model.llm.get_input_embeddings(), model.llm.get_output_embeddings()]
+    grow = {t.weight.data_ptr() for t in tables if t is not None}
+    out = {}
+    for key, value in state.items():
+        if value.data_ptr() in grow and value.shape[0] < vocab_size:
+            pad = value.new_zeros(vocab_size - value.shape[0], *value.shape[1:])
+            value = torch.cat([value, pad])
+        out[prefix + key] = value
+    return out
+
+
+def vocab_with_image_token(model: MiniGPT4, image_token_id: int) -> int:
+    """The LLM vocabulary size the export needs: the LLM's, or one more row when `<image>` lies past it."""
+    return max(model.llm.get_input_embeddings().weight.shape[0], image_token_id + 1)
+
+
+def load_exact(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Fill a module built on the meta device with `state` (every key, no extra), taking the tensors."""
+    missing, unexpected = module.load_state_dict(
+        {k: v.detach() for k, v in state.items()}, strict=False, assign=True
+    )
+    tied = set(getattr(module, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"export weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    module.tie_weights()
