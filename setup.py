@@ -34,7 +34,8 @@ setup(
         "demo": ["gradio>=6,<7"],
         "lowmem": ["bitsandbytes>=0.43"],
         # COCO caption metrics (python -m mgpt4.eval); METEOR and its tokenizer also need a Java runtime.
-        "eval": ["pycocoevalcap>=1.2,<2"],
+        # lmms-eval: the benchmarks (`python -m lmms_eval --model mgpt4`, `python -m mgpt4.eval bench`).
+        "eval": ["pycocoevalcap>=1.2,<2", "lmms-eval>=0.7.3,<0.8"],
         "dev": [
             "pytest>=8,<10",
             # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
@@ -45,6 +46,9 @@ setup(
             "gradio>=6,<7",
             "selenium>=4.20,<5",
             "pycocoevalcap>=1.2,<2",
+            "lmms-eval>=0.7.3,<0.8",
         ],
     },
+    # lmms-eval 0.7 finds plugin models in this group (lmms_eval/models/registry_v2.py).
+    entry_points={"lmms_eval.models": ["mgpt4 = mgpt4.eval.lmms_model:manifest"]},
 )
