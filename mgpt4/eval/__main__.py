@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m mgpt4.eval",
-        description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) for a checkpoint.",
+        description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and lmms-eval benchmarks "
+        "for a checkpoint.",
     )
     # The deepspeed launcher puts --local_rank before the command name.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
