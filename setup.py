@@ -47,6 +47,7 @@ setup(
             "selenium>=4.20,<5",
             "pycocoevalcap>=1.2,<2",
             "lmms-eval>=0.7.3,<0.8",
+            "datasets>=2.19",  # the lmms-eval tests write their tasks' data with it
         ],
     },
     # lmms-eval 0.7 finds plugin models in this group (lmms_eval/models/registry_v2.py).

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import datasets  # lmms-eval's datasets library: the tasks' data as its load_from_disk reads it
 import numpy as np
 import pytest
 import torch
@@ -25,9 +26,6 @@ from mgpt4.model.prompts import VICUNA_V0_SYSTEM
 from tests.chat_fixtures import readable_tiny_model, write_checkpoint
 from tests.curate_fixtures import one_torch_thread
 from tests.launch import REPO
-
-datasets = pytest.importorskip("datasets")
-pytest.importorskip("lmms_eval")
 
 N_YES_NO, N_CAPTIONS, N_CHOICE = 6, 4, 4
 YES_NO_TOKENS, CAPTION_TOKENS = 8, 12
