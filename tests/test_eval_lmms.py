@@ -1,9 +1,11 @@
 """The lmms-eval model `mgpt4` end to end through the real CLI (`python -m lmms_eval --model mgpt4`) on local
 tasks in lmms-eval's task schema, written here: a yes/no task scored as POPE scores, a caption task scored
 with lmms-eval's COCO metrics, a multiple-choice task through `loglikelihood`. The expected answers and
-scores come from mgpt4's own `generate` / LLM on the same images with prompts written out by hand, so a
-different prompt, image preprocessing or decoding fails. Then `python -m mgpt4.eval bench` on two
-processes (same answers as one, scores in the run's TensorBoard and metrics.json) and the bad inputs."""
+scores come from mgpt4's own `generate` / LLM on the same images with prompts written out by hand: the
+generation tasks check the decoding (until, max_new_tokens, batching) and the scoring, the multiple-choice
+task the prompt and the image (the tiny model's log-probabilities move with both; its greedy replies
+hardly do). Then `python -m mgpt4.eval bench` on two processes (same answers as one, scores in the run's
+TensorBoard and metrics.json) and the bad inputs."""
 
 from __future__ import annotations
 
@@ -356,17 +358,37 @@ def direct_logprob(model, img, question: str, answer: str) -> float:
 
 @pytest.mark.slow
 def test_multiple_choice_task_scores_log_probabilities_computed_directly(world, one_process):
+    """The tiny random model's greedy replies hardly depend on the image or the question (the tasks above
+    check decoding); its log-probabilities do, so this test is the one that tells a wrong prompt or image
+    apart: the tolerance is well below what another image or prompt changes (checked here)."""
     got = samples(one_process, "tiny_choice")
-    hits = []
+    tol = 1e-5
+    hits, wanted = [], []
     for i in range(N_CHOICE):
         want = [
             direct_logprob(world["model"], world["images"][i], "What is in the picture?", c) for c in CHOICES
         ]
         # -log p, as lmms-eval's multiple-choice scoring (argmin) reads it; logged as strings.
         logged = [float(r[0]) for r in got[i]["filtered_resps"]]
-        assert logged == pytest.approx([-w for w in want], abs=1e-4)
+        assert logged == pytest.approx([-w for w in want], abs=tol)
         hits.append(int(np.argmax(want)) == i % 3)
+        wanted.append(want)
     assert results(one_process)["tiny_choice"]["acc,none"] == pytest.approx(np.mean(hits))
+    # Another image, or the question without the template's system text, moves them far beyond `tol`.
+    assert min(abs(a[0] - b[0]) for j, a in enumerate(wanted) for b in wanted[j + 1 :]) > 10 * tol
+    model, img = world["model"], world["images"][0]
+    ids = torch.tensor(model.tokenizer(CHOICES[0], add_special_tokens=False)["input_ids"])
+    bare = model.context_embeds(
+        "###Human: <Img><ImageHere></Img> What is in the picture?###Assistant: ",
+        [model.encode_img(eval_transform(img, model.cfg.vision.image_size)[None])],
+    )
+    with torch.no_grad():
+        logits = model.llm(
+            inputs_embeds=torch.cat([bare, model.llm.get_input_embeddings()(ids)[None]], 1)
+        ).logits
+    logprobs = logits[0].float().log_softmax(-1)
+    other = float(sum(logprobs[bare.shape[1] - 1 + k, t] for k, t in enumerate(ids.tolist())))
+    assert abs(other - wanted[0][0]) > 10 * tol
 
 
 @pytest.mark.slow
