@@ -483,3 +483,74 @@ def test_task_whose_local_data_is_missing_is_one_line(world, capsys):
         "(load_from_disk) is not there; prepare it as the README's 'Evaluate on benchmarks' shows, or fix "
         "dataset_path / data_files"
     )
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, tokenizer):
+    """The lmms-eval model built as lmms-eval builds it, in this process, on a tiny checkpoint."""
+    from mgpt4.eval.lmms_model import MiniGPT4Eval
+
+    run = write_checkpoint(readable_tiny_model(tokenizer), str(tmp_path_factory.mktemp("inproc")))
+    return MiniGPT4Eval.create_from_arg_string(f"checkpoint={run},device=cpu", {"batch_size": "3"})
+
+
+def test_prompts_are_the_official_chat_conversation_for_one_several_or_no_images(in_process):
+    turn = "###Human: <Img><ImageHere></Img>"
+    assert in_process.prompt("  What is it?\n", 1) == vicuna_prompt("What is it?")
+    # Several images: one turn each, the question joined to the last, as the official chat uploads them.
+    assert in_process.prompt("Same?", 2) == f"{VICUNA_V0_SYSTEM}{turn}{turn} Same?###Assistant: "
+    assert in_process.prompt("Hello?", 0) == f"{VICUNA_V0_SYSTEM}###Human: Hello?###Assistant: "
+
+
+def test_generate_until_batches_mixed_requests_and_answers_each_as_generate_would(in_process):
+    """Requests with 0, 1 and 2 images and two decoding settings, batched by 3: each answer is the one
+    mgpt4's `generate` gives that request alone, in the requests' order."""
+    from lmms_eval.api.instance import Instance
+
+    model = in_process.model
+    size = model.cfg.vision.image_size
+    rng = np.random.default_rng(1)
+    images = [draw(_scene(rng), 64, 64, rng) for _ in range(4)]
+    docs = [
+        {"images": [images[0]], "q": "What is it?"},
+        {"images": [], "q": "Say something."},
+        {"images": [images[1], images[2]], "q": "Same?"},
+        {"images": [images[3]], "q": "Colours?"},
+        {"images": [images[2]], "q": "Shapes?"},
+    ]
+    in_process.task_dict = {"t": {"test": docs}}
+    kwargs = [{"max_new_tokens": 6, "until": ["\n\n"]}, {"max_new_tokens": 3, "until": "in"}]
+    requests = [
+        Instance(
+            "generate_until",
+            (d["q"], dict(kwargs[i % 2]), lambda d: d["images"], i, "t", "test"),
+            idx=0,
+            metadata={"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+    got = in_process.generate_until(requests)
+    for i, d in enumerate(docs):
+        n = len(d["images"])
+        prompt = f"{VICUNA_V0_SYSTEM}" + "###Human: <Img><ImageHere></Img>" * n
+        prompt += (" " if n else "###Human: ") + f"{d['q']}###Assistant: "
+        pixels = [eval_transform(im, size)[None] for im in d["images"]]
+        [reply] = model.generate_from_embeds(
+            [model.encode_img(p) for p in pixels], prompt, max_new_tokens=kwargs[i % 2]["max_new_tokens"]
+        )
+        until = kwargs[i % 2]["until"]
+        assert got[i] == reply.split(until if isinstance(until, str) else until[0])[0], i
+
+
+def test_unknown_generation_settings_are_named_once_and_sampling_is_honoured(in_process, caplog):
+    settings, until = in_process._settings(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.5, "until": "."}, "t"
+    )
+    assert (settings.do_sample, settings.temperature, settings.top_p, until) == (True, 0.7, 0.5, ["."])
+    with caplog.at_level("WARNING"):
+        in_process._settings({"image_aspect_ratio": "pad"}, "t2")
+        in_process._settings({"image_aspect_ratio": "pad"}, "t2")
+    named = [r.getMessage() for r in caplog.records if "image_aspect_ratio" in r.getMessage()]
+    assert named == [
+        "task t2: generation_kwargs image_aspect_ratio are not settings of mgpt4's decoding; they are not applied"
+    ]
