@@ -219,7 +219,7 @@ class MiniGPT4Eval(lmms):
         return self._world_size
 
     def _say_once(self, key: str, message: str) -> None:
-        """A choice made for a kind of request, logged the first time it is made (rank 0)."""
+        """A choice made for a kind of request, logged the first time it is made (per task, each rank)."""
         if key not in self._said:
             self._said.add(key)
             self._log.warning(message)
@@ -253,12 +253,14 @@ class MiniGPT4Eval(lmms):
                 )
         if len(visuals) > 1:
             self._say_once(
-                "many",
+                f"many:{task}",
                 f"task {task}: requests with {len(visuals)} images; each image gets its own "
                 "<Img><ImageHere></Img> turn before the question, as the official chat does",
             )
         elif not visuals:
-            self._say_once("none", f"task {task}: requests without an image; the model answers from the text")
+            self._say_once(
+                f"none:{task}", f"task {task}: requests without an image; the model answers from the text"
+            )
         return list(visuals)
 
     def _embed(self, rows: Sequence[list[Image.Image]]) -> list[torch.Tensor]:
