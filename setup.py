@@ -35,7 +35,8 @@ setup(
         "demo": ["gradio>=6,<7"],
         "lowmem": ["bitsandbytes>=0.43"],
         # COCO caption metrics (python -m mgpt4.eval); METEOR and its tokenizer also need a Java runtime.
-        "eval": ["pycocoevalcap>=1.2,<2"],
+        # lmms-eval: the benchmarks (`python -m lmms_eval --model mgpt4`, `python -m mgpt4.eval bench`).
+        "eval": ["pycocoevalcap>=1.2,<2", "lmms-eval>=0.7.3,<0.8"],
         # python -m mgpt4.serve (httpx fetches remote images, with --allow-remote-images only).
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"],
         "dev": [
@@ -53,6 +54,10 @@ setup(
             "httpx>=0.27",
             # The server's tests talk to it with the official client.
             "openai>=1.40",
+            "lmms-eval>=0.7.3,<0.8",
+            "datasets>=2.19",  # the lmms-eval tests write their tasks' data with it
         ],
     },
+    # lmms-eval 0.7 finds plugin models in this group (lmms_eval/models/registry_v2.py).
+    entry_points={"lmms_eval.models": ["mgpt4 = mgpt4.eval.lmms_model:manifest"]},
 )

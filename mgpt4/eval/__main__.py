@@ -1,4 +1,5 @@
-"""`python -m mgpt4.eval {captions,score}`: caption metrics for a checkpoint (see mgpt4/eval/__init__.py).
+"""`python -m mgpt4.eval {captions,score,bench}`: caption metrics and lmms-eval benchmarks for a checkpoint
+(see mgpt4/eval/__init__.py).
 
 Several ranks: `deepspeed --num_gpus N --module mgpt4.eval captions ...` (or torchrun, or srun with
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set); each rank captions its share of the images.
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m mgpt4.eval",
-        description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) for a checkpoint.",
+        description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and lmms-eval benchmarks "
+        "for a checkpoint.",
     )
     # The deepspeed launcher puts --local_rank before the command name.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -62,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--predictions", required=True, help="predictions.jsonl: {'image_id', 'caption'} per line")
     s.add_argument("--references", required=True, help="reference captions, COCO format")
     s.add_argument("--out", help="write the scores to this JSON file")
+
+    from mgpt4.eval.bench import add_bench_args
+
+    b = sub.add_parser(
+        "bench",
+        help="lmms-eval benchmarks on a run's newest checkpoint; scores to its TensorBoard and metrics.json",
+        formatter_class=HelpWithDefaults,
+    )
+    add_bench_args(b)
     return parser
 
 
@@ -161,14 +172,20 @@ def _score(args: argparse.Namespace) -> None:
             json.dump({**scores, "images": len(predictions)}, f, indent=2)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from mgpt4.eval.bench import run_bench
+
+    return run_bench(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"captions": _captions, "score": _score}[args.command](args)
+        code = {"captions": _captions, "score": _score, "bench": _bench}[args.command](args)
     except (ConfigError, GenerationError, ReferencesError, SourceError, ScoringError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
