@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "jinja2>=3.1",  # tokenizers' chat templates (model.text.template: chat_template)
         "safetensors>=0.4",
+        "tokenizers>=0.20",  # the tiny Qwen2 folder's byte-level BPE (tiny_decoder_* recipes)
         "pillow>=10",
         "simplejpeg>=1.7,<2",
         "numpy>=1.24",

@@ -197,10 +197,11 @@ def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
 
 
 def _wants_tiny_decoder(cfg: ModelConfig) -> bool:
-    """A demo config whose LLM sizes all come from a folder (the `tiny_decoder_*` recipes): its
-    unset `model.weights.llm` is the tiny Qwen2 folder, not a tiny model of preset sizes."""
+    """A demo config whose LLM sizes come from a folder (the `tiny_decoder_*` recipes: one left null
+    cannot be made up): its unset `model.weights.llm` is the tiny Qwen2 folder, whose config.json
+    must then agree with any size that is set."""
     m = cfg.llm
-    return m.hidden_size is None and m.num_layers is None and m.vocab_size is None
+    return m.hidden_size is None or m.num_layers is None or m.vocab_size is None
 
 
 def fill_demo_paths(cfg: Config) -> list[str]:
