@@ -23,6 +23,7 @@ setup(
         "tokenizers>=0.22,<1",  # the export's legacy LLaMA tokenizer rules (mgpt4/export/processor.py)
         "jinja2>=3.1",  # tokenizers' chat templates (model.text.template: chat_template)
         "safetensors>=0.4",
+        "tokenizers>=0.20",  # the tiny Qwen2 folder's byte-level BPE (tiny_decoder_* recipes)
         "pillow>=10",
         "simplejpeg>=1.7,<2",
         "numpy>=1.24",

@@ -10,6 +10,7 @@ recipe, a JSON file or a `--set` override never passes silently.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -90,7 +91,9 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         where = path or cls.__name__
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
+        meant = sorted({m for k in unknown for m in difflib.get_close_matches(k, names, n=3, cutoff=0.6)})
+        hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hint}; known keys are {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -125,12 +128,92 @@ def override_dict(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             index: Any = int(part) if isinstance(node, list) and part.isdigit() else part
             known = index in node if isinstance(node, dict) else isinstance(index, int) and index < len(node)
             if not isinstance(node, (dict, list)) or not known:
-                raise ConfigError(f"override {key!r}: unknown key {'.'.join(parts[: i + 1])!r}")
+                raise ConfigError(
+                    f"override {key!r}: unknown key {'.'.join(parts[: i + 1])!r}"
+                    + did_you_mean(key.strip(), list(_value_paths(data)))
+                )
             if i == len(parts) - 1:
                 node[index] = parse_value(raw)
             else:
                 node = node[index]
     return data
+
+
+def did_you_mean(key: str, candidates: list[str]) -> str:
+    """ "; did you mean a.b.c?" with the candidate closest to dotted `key` by difflib's ratio (at least
+    0.6: a typo, or a section mixed up, `optim.steps` for `train.steps`), and up to two more exactly
+    as close, or ""."""
+    scored = []
+    for c in dict.fromkeys(candidates):
+        m = difflib.SequenceMatcher(None, key, c)
+        if m.real_quick_ratio() >= 0.6 and m.quick_ratio() >= 0.6 and m.ratio() >= 0.6:
+            scored.append((m.ratio(), c))
+    scored.sort(key=lambda rc: -rc[0])  # stable: ties keep the config's field order
+    meant = [c for r, c in scored[:3] if r == scored[0][0]]
+    return f"; did you mean {' or '.join(meant)}?" if meant else ""
+
+
+def _value_paths(node: Any, prefix: str = "") -> typing.Iterator[str]:
+    """Every dotted path of a nested dict/list tree, inner nodes included (`data`, `data.sources.0`)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        path = f"{prefix}.{k}" if prefix else str(k)
+        yield path
+        yield from _value_paths(v, path)
+
+
+def _field_types(tp: Any) -> dict[str, Any] | None:
+    """The fields of dataclass `tp` (or of the dataclass in `X | None`) with their types; None for
+    anything else."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
+        tp = inner[0] if len(inner) == 1 else tp
+    return typing.get_type_hints(tp) if _is_dataclass_type(tp) else None
+
+
+def _type_paths(tp: Any, prefix: str = "") -> typing.Iterator[str]:
+    """Every dotted path a config of dataclass type `tp` can have, list items as `.0`."""
+    hints = _field_types(tp) or {}
+    for name, sub in hints.items():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path
+        args = typing.get_args(sub)
+        if typing.get_origin(sub) in (list, tuple) and args:
+            yield from _type_paths(args[0], f"{path}.0")
+        else:
+            yield from _type_paths(sub, path)
+
+
+def check_override_keys(cls: type, overrides: list[str]) -> None:
+    """Check the keys of `a.b.c=value` overrides against the fields of dataclass `cls` alone, without
+    building a config: what a launcher can do in a fraction of a second, before it imports a model.
+    List items may have any index and dict fields any key here; `apply_overrides` later checks both
+    against the config itself, and every value. Raises ConfigError as `override_dict` does, with the
+    nearest keys."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        tp: Any = cls
+        for i, part in enumerate(parts):
+            hints = _field_types(tp)
+            if hints is not None:
+                known, nxt = part in hints, hints.get(part)
+            elif typing.get_origin(tp) in (list, tuple):
+                known, nxt = part.isdigit(), (typing.get_args(tp) or (Any,))[0]
+            elif typing.get_origin(tp) is dict:
+                known, nxt = True, (typing.get_args(tp) or (Any, Any))[-1]
+            else:  # a scalar has no keys below it; Any may have any
+                known, nxt = tp is Any, Any
+            if not known:
+                # Below the part that matched first, with the list indices as given (sources.1).
+                near = [".".join([*parts[:i], p]) for p in _type_paths(tp)]
+                raise ConfigError(
+                    f"override {key!r}: unknown key {'.'.join(parts[: i + 1])!r}"
+                    + did_you_mean(key, near + list(_type_paths(cls)))
+                )
+            tp = nxt
 
 
 def apply_overrides(cfg: T, overrides: list[str]) -> T:

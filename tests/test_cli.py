@@ -48,8 +48,39 @@ def test_official_hyper_parameters():
 
 
 def test_unknown_key_fails(capsys, monkeypatch):
-    with pytest.raises(SystemExit, match=r"unknown key 'train\.stepz'"):
+    with pytest.raises(SystemExit, match=r"unknown key 'train\.stepz'; did you mean train\.steps\?$"):
         dry_run(capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "train.stepz=10")
+    with pytest.raises(
+        SystemExit, match=r"unknown key 'data\.sources\.1\.ratoi'; did you mean data\.sources\.1\.ratio\?"
+    ):
+        dry_run(capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "data.sources.1.ratoi=2")
+    # A list index the recipe lacks passes the early check (any index may exist) and fails on the config.
+    with pytest.raises(SystemExit, match=r"unknown key 'data\.sources\.5'"):
+        dry_run(capsys, monkeypatch, 1, "--recipe", "stage1_vicuna7b", "--set", "data.sources.5.ratio=2")
+
+
+def test_a_mistyped_key_stops_before_the_model_code_is_imported():
+    """What a typo costs a rank under the deepspeed launcher: the config's import, not the recipes' and
+    transformers' models (seconds more)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mgpt4.train.cli import main\n"
+        "try:\n"
+        "    main(['--set', 'trian.steps=3'])\n"
+        "except SystemExit as e:\n"
+        "    print(e)\n"
+        "print(sorted(m for m in ('mgpt4.model', 'mgpt4.train.recipes', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "config error: override 'trian.steps': unknown key 'trian'; did you mean train.steps?",
+        "[]",
+    ]
 
 
 @pytest.mark.parametrize(

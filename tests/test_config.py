@@ -15,7 +15,7 @@ def test_round_trip():
 
 
 def test_unknown_key_fails_with_path():
-    with pytest.raises(ConfigError, match=r"vision: unknown key\(s\) \['widht'\]"):
+    with pytest.raises(ConfigError, match=r"vision: unknown key\(s\) \['widht'\] \(did you mean width\?\)"):
         from_dict(ModelConfig, {"vision": {"widht": 3}})
 
 
@@ -29,7 +29,7 @@ def test_overrides():
         vicuna7b(), ["text.max_txt_len=64", "weights.llm=/models/vicuna", "precision.vit=fp16"]
     )
     assert cfg.text.max_txt_len == 64 and cfg.weights.llm == "/models/vicuna" and cfg.precision.vit == "fp16"
-    with pytest.raises(ConfigError, match=r"unknown key 'text\.max_len'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'text\.max_len'; did you mean text\.max_txt_len\?"):
         apply_overrides(cfg, ["text.max_len=3"])
 
 

@@ -225,3 +225,18 @@ def test_a_filter_that_keeps_nothing_is_an_error_and_training_says_0_pairs(tmp_p
         assert len(f.readlines()) == 7
     with pytest.raises(ValueError, match=r"filter_cap\.json: 0 pairs \(an empty annotations list\)"):
         load_align(str(out))
+
+
+def test_help_shows_input_and_out_as_required_and_print_rules_needs_neither(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["filter", "--help"])
+    assert done.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    assert usage.startswith("usage: python -m mgpt4.curate filter [-h] --input INPUT --out OUT [--rejects"), (
+        usage
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["filter", "--input", "x"])
+    assert done.value.code == 2 and "the following arguments are required: --out" in capsys.readouterr().err
+    assert main(["filter", "--print-rules"]) == 0
+    assert "too_short" in json.loads(capsys.readouterr().out)

@@ -103,6 +103,48 @@ def test_429_honours_retry_after_and_5xx_backs_off(monkeypatch):
     assert server.requests[0]["json"]["model"] == "m"
 
 
+def test_a_long_retry_wait_is_said_once_and_a_short_one_is_not():
+    def respond(req, n):
+        if n == 0:
+            return 429, {"Retry-After": "35"}, b'{"error": "slow down"}'
+        if n == 1:
+            return 503, {}, b"busy"
+        return 200, {}, completion("A red circle.")
+
+    said: list[str] = []
+    with ChatServer(respond) as server:
+        cfg = ChatAPIConfig(base_url=server.url, model="m", backoff_base_s=1.0, max_attempts=3)
+        client = ChatClient(cfg, sleep=lambda s: None, jitter=lambda: 0.0, notice=said.append)
+        assert client.complete(fix_message(FIX_PROMPT, "a red circel")) == ("A red circle.", 3)
+    # The 35 s Retry-After is said with its reason; the 1 s backoff after the 503 is not.
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "waiting 35 s (as the server's Retry-After asks) before attempt 2 of 3: HTTP 429"
+    )
+
+
+def test_fix_without_progress_bar_logs_the_retry_after_wait(tmp_path, monkeypatch, caplog):
+    """Under --no-progress a rate-limited run says why it is quiet (it was silent for 35 s a time)."""
+    import mgpt4.curate.chat_api as chat_api
+
+    monkeypatch.setattr(chat_api, "NOTICE_WAIT_S", 0.05)  # a 0.1 s Retry-After counts as long here
+    monkeypatch.setenv("MGPT4_TEST_KEY", SECRET)
+    make_describe_store(str(tmp_path / "desc"), {"busy": "429 first"})
+
+    def respond(req, n):
+        if n == 0:
+            return 429, {"Retry-After": "0.1"}, b'{"error": {"message": "rate limited"}}'
+        return 200, {}, completion("Fixed.")
+
+    with caplog.at_level("INFO", logger="mgpt4"), ChatServer(respond) as server:
+        assert main(_fix_args(tmp_path / "desc", tmp_path / "fix", server.url)) == 0
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting ")]
+    assert waits == [
+        f"waiting 0 s (as the server's Retry-After asks) before attempt 2 of 3: HTTP 429 from "
+        f'{server.url}/chat/completions: {{"error": {{"message": "rate limited"}}}}'
+    ], waits
+
+
 # Each test item's paragraph says how the server treats it.
 SCRIPT = {
     "ok1": "a dog on grass",

@@ -75,3 +75,17 @@ def test_command_line(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 2 and os.path.exists(tmp_path / "shards" / "00000.tar")
     assert os.path.exists(tmp_path / "cc_sbu_align" / "image" / "1.jpg")
+
+
+def test_the_module_runs_as_a_command_without_a_warning():
+    """`python -m mgpt4.data.synthetic` used to warn (RuntimeWarning: found in sys.modules) because the
+    package imported it before runpy ran it; -W error turns any warning into a failure."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "mgpt4.data.synthetic", "--help"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("usage: python -m mgpt4.data.synthetic")

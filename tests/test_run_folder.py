@@ -131,6 +131,25 @@ def test_a_data_setting_dropped_on_resume_is_a_change(tmp_path, setting, expecte
     )
 
 
+def test_a_changed_data_setting_names_both_ways_out(monkeypatch):
+    """Packing turned on in the quickstart's folder: the refusal offers a fresh data pass there, and a
+    new run folder (which the tiny run needs: its 40 steps are done)."""
+    from mgpt4.checkpoints import ResumeError, ResumePoint
+    from mgpt4.train import resume
+
+    class Run:
+        def load_state_dict(self, state, fresh_data=False):
+            raise DataStateMismatch("the data settings changed: pack_length: saved None, now 256")
+
+    monkeypatch.setattr(resume, "read_checkpoint", lambda folder, rank: {"step": 40, "samples_seen": 320})
+    point = ResumePoint("outputs/tiny_stage1/checkpoints/step_00000040", "step_00000040", 1, "tiny_stage1")
+    with pytest.raises(ResumeError) as err:
+        resume.restore(resume.Start(point), Run(), 0, 1)
+    assert "pack_length: saved None, now 256" in str(err.value)
+    assert "--set train.resume_data=fresh" in str(err.value)
+    assert str(err.value).endswith("--set train.output_dir=<new folder>")
+
+
 def test_a_source_dropped_on_resume_is_a_change(tmp_path):
     a, b = numbered_shards(str(tmp_path / "a"), 2, 4), numbered_shards(str(tmp_path / "b"), 2, 4, prefix="b")
     common = {"batch_size": 2, "num_workers": 0, "image_size": 16, "shuffle_buffer": 3}

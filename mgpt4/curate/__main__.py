@@ -42,8 +42,9 @@ def _launcher_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of each step, derived from its config dataclasses (`mgpt4.dataclass_flags`)."""
+def build_parser(print_rules: bool = False) -> argparse.ArgumentParser:
+    """The flags of each step, derived from its config dataclasses (`mgpt4.dataclass_flags`).
+    `print_rules`: the command line asks for `filter --print-rules`, which needs no --input or --out."""
     from mgpt4.inference.flags import add_model_args
 
     parser = OneLineErrors(
@@ -82,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _launcher_flag(f)
 
     r = step("filter", "rules drop bad captions; the rest is written as cc_sbu_align")
-    # Not required by the parser: --print-rules needs neither --input nor --out.
-    add_config_args(r, FilterConfig, required=False)
+    # Required, and so shown in --help, except with --print-rules, which needs neither --input nor --out.
+    add_config_args(r, FilterConfig, required=not print_rules)
     r.add_argument("--rules", help="a JSON file with rule settings (see --print-rules)")
     r.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. too_short.min_words=30"
@@ -188,7 +189,7 @@ def _filter(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser("--print-rules" in (sys.argv[1:] if argv is None else argv)).parse_args(argv)
     try:
         {"describe": _describe, "fix": _fix, "filter": _filter}[args.step](args)
     except FatalAPIError as e:

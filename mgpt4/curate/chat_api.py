@@ -177,18 +177,25 @@ def _snippet(body: bytes) -> str:
     return text[:_SNIPPET] + ("..." if len(text) > _SNIPPET else "")
 
 
+# A retry wait this long or longer is said (ChatClient.notice); shorter ones pass unremarked.
+NOTICE_WAIT_S = 5.0
+
+
 @dataclass
 class ChatClient:
     """One client serves every worker thread of a run.
 
     `sleep` replaces the retry wait (tests record the delays); by default a retry waits on `stop`,
-    so that setting it ends every wait at once.
+    so that setting it ends every wait at once. `notice` gets one line when a retry is about to wait
+    `NOTICE_WAIT_S` or longer (a Retry-After of 35 s is otherwise silence), at most one line per
+    `NOTICE_WAIT_S` for all worker threads together.
     """
 
     cfg: ChatAPIConfig
     api_key: str | None = field(default=None, repr=False)
     sleep: Callable[[float], None] | None = None
     jitter: Callable[[], float] = random.random
+    notice: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         self.url = self.cfg.base_url.rstrip("/") + "/chat/completions"
@@ -196,6 +203,8 @@ class ChatClient:
         if self.api_key:
             self._headers["Authorization"] = f"Bearer {self.api_key}"
         self.stop = threading.Event()
+        self._noticed_at = -float("inf")
+        self._notice_lock = threading.Lock()
         # Set by the first HTTP answer of any status: from then on the endpoint is known to exist.
         self.answered = False
 
@@ -268,13 +277,28 @@ class ChatClient:
                 else:
                     last, retry_after = self._retryable(status, headers, data)
             if attempt < self.cfg.max_attempts:
-                self._wait(self.backoff(attempt, retry_after))
+                seconds = self.backoff(attempt, retry_after)
+                self._say_wait(seconds, retry_after is not None, attempt, last)
+                self._wait(seconds)
         if not self.answered:
             raise FatalAPIError(
                 f"no HTTP answer from {self.url} in {self.cfg.max_attempts} attempts; last: {last} "
                 "(check --base-url and --timeout)"
             )
         raise ItemError(f"gave up after {self.cfg.max_attempts} attempts; last: {last}")
+
+    def _say_wait(self, seconds: float, server_asked: bool, attempt: int, last: str) -> None:
+        if self.notice is None or seconds < NOTICE_WAIT_S:
+            return
+        with self._notice_lock:
+            now = time.monotonic()
+            if now - self._noticed_at < NOTICE_WAIT_S:
+                return
+            self._noticed_at = now
+        why = "as the server's Retry-After asks" if server_asked else "backing off"
+        self.notice(
+            f"waiting {seconds:.0f} s ({why}) before attempt {attempt + 1} of {self.cfg.max_attempts}: {last}"
+        )
 
     def _retryable(self, status: int, headers: Any, data: bytes) -> tuple[str, float | None]:
         """(reason, Retry-After seconds) for a status worth retrying; raises for the others."""

@@ -298,6 +298,9 @@ def _fix_items(
                 return
             if cfg.api is not None:
                 client = client or ChatClient(cfg.api, api_key=_api_key(cfg.api))
+                if client.notice is None:
+                    # A long retry wait is a log line without the bar, and the bar's note with it.
+                    client.notice = emit.bar.set_postfix_str if cfg.progress else log.info
                 _fix_api(cfg, client, mine, items, emit)
             else:
                 if rewriter is None:

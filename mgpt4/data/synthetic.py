@@ -237,6 +237,23 @@ def write_align(
     return [a["caption"] for a in annotations]
 
 
+def write_coco_references(align_root: str, out_file: str) -> str:
+    """The captions of the cc_sbu_align folder `align_root` as a COCO captions file (`images` with
+    `id` and `file_name`, `annotations` with `image_id` and `caption`), for caption evaluation at tiny
+    size: `python -m mgpt4.eval captions --images <align_root>/image --references <out_file>`."""
+    with open(os.path.join(align_root, "filter_cap.json"), encoding="utf-8") as f:
+        pairs = json.load(f)["annotations"]
+    coco = {
+        "images": [{"id": int(a["image_id"]), "file_name": f"{a['image_id']}.jpg"} for a in pairs],
+        "annotations": [
+            {"id": n, "image_id": int(a["image_id"]), "caption": a["caption"]} for n, a in enumerate(pairs)
+        ],
+    }
+    with open(out_file, "w", encoding="utf-8") as f:
+        json.dump(coco, f, indent=1)
+    return out_file
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("MGPT4_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mgpt4")
     return os.path.join(base, "synthetic")
@@ -335,7 +352,11 @@ def _range(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mgpt4.data.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder to write shards/ and cc_sbu_align/ into")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder to write shards/, cc_sbu_align/ and references.json (its captions, COCO format) into",
+    )
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--align", type=int, default=32, help="number of cc_sbu_align pairs")
@@ -365,11 +386,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         quality,
         seed=args.seed,
     )
+    references = write_coco_references(
+        os.path.join(args.out, "cc_sbu_align"), os.path.join(args.out, "references.json")
+    )
     summary = {
         "shards": os.path.join(args.out, "shards", f"{{00000..{args.shards - 1:05d}}}.tar")
         if paths
         else None,
         "align_root": os.path.join(args.out, "cc_sbu_align"),
+        "references": references,
         "samples": args.shards * args.per_shard,
         "align_pairs": args.align,
         "seconds": round(time.perf_counter() - start, 2),

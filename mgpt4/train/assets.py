@@ -124,6 +124,86 @@ def _save_tiny_vision(cfg: ModelConfig, root: str) -> None:
         torch.save({"model": blip2}, os.path.join(root, os.path.basename(w.blip2)))
 
 
+# ChatML, as Qwen2-Instruct's tokenizer writes it (a default system turn when none is given).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_decoder_location(seed: int = 0) -> str:
+    """Where the tiny random Qwen2 folder of the `tiny_decoder_*` recipes lives in the cache."""
+    return os.path.join(cache_root(), "tiny-decoders", f"v{ASSETS_VERSION}-qwen2-seed{seed}")
+
+
+def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
+    """A Hugging Face folder as `save_pretrained` writes a Qwen2-Instruct model, at toy size: a random
+    Qwen2ForCausalLM (80 wide, 2 layers, 4 heads over 2 key-value heads, tied embeddings) and a
+    byte-level BPE tokenizer trained on `captions` and the chat markup, without BOS, `<|im_end|>` as
+    EOS and a ChatML chat template. What a newcomer without a decoder folder trains "any Hugging Face
+    decoder" on; its sizes are not the tiny preset's, so they can only come from its config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    final = tiny_decoder_location(seed)
+    if os.path.isdir(final):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(final))
+    try:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        bpe.train_from_iterator(
+            [*captions, *STAGE2_INSTRUCTIONS, "You are a helpful assistant."] * 4, trainer
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+        )
+        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.save_pretrained(tmp)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=80,
+            intermediate_size=144,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)  # atomic, as for the tiny weights
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _wants_tiny_decoder(cfg: ModelConfig) -> bool:
+    """A demo config whose LLM sizes come from a folder (the `tiny_decoder_*` recipes: one left null
+    cannot be made up): its unset `model.weights.llm` is the tiny Qwen2 folder, whose config.json
+    must then agree with any size that is set."""
+    m = cfg.llm
+    return m.hidden_size is None or m.num_layers is None or m.vocab_size is None
+
+
 def fill_demo_paths(cfg: Config) -> list[str]:
     """Point every unset data and weight path of a demo recipe into the cache (in place, no I/O).
 
@@ -150,6 +230,9 @@ def fill_demo_paths(cfg: Config) -> list[str]:
             val.shards = list(synthetic.val_shards)
             filled.extend(synthetic.val_shards)
     w = cfg.model.weights
+    if not w.llm and _wants_tiny_decoder(cfg.model):
+        w.llm = tiny_decoder_location()
+        filled.append(w.llm)
     tiny = _tiny_for(cfg.model)  # your own LLM folder: no tiny LLM or tokenizer is pointed to or made
     names = [n for n in ("eva_vit", "blip2", "llm") if getattr(tiny, n)]
     if not all(getattr(w, n) for n in names) and not w.blip2_hf:
@@ -192,11 +275,14 @@ def _make_missing(cfg: Config) -> None:
             for p in ([shards] if isinstance(shards, str) else shards)
         ]
     )
+    decoder = w.llm == tiny_decoder_location() and not os.path.isdir(w.llm)
     tiny = _tiny_for(cfg.model)
     uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm} - {None})
     missing_tiny = uses_tiny and not os.path.isdir(os.path.dirname(tiny.eva_vit))
     # The tiny tokenizer is trained on the synthetic captions; the vision files alone need none.
-    if (missing_tiny and tiny.llm) or any(p.startswith(synthetic.root) for p in data_paths):
+    if (missing_tiny and tiny.llm) or decoder or any(p.startswith(synthetic.root) for p in data_paths):
         synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)
+    if decoder:
+        ensure_tiny_decoder(synthetic.captions)
     if missing_tiny:
         ensure_tiny_weights(cfg.model, synthetic.captions, own_llm=tiny.llm is None)

@@ -11,13 +11,14 @@ import sys
 from mgpt4.config import Config
 from mgpt4.dist import process_rank
 from mgpt4.logs import get_logger
-from mgpt4.strict_config import ConfigError, apply_overrides, to_dict
-from mgpt4.train.recipes import RECIPES, get_recipe
+from mgpt4.strict_config import ConfigError, apply_overrides, check_override_keys, to_dict
 
 log = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None, default_recipe: str, description: str) -> argparse.Namespace:
+    from mgpt4.train.recipes import RECIPES
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--deepspeed", default="ds_configs/z2.json", help="DeepSpeed JSON (ZeRO settings only)")
     p.add_argument("--recipe", default=default_recipe, choices=list(RECIPES), help="named config")
@@ -38,9 +39,26 @@ def parse_args(argv: list[str] | None, default_recipe: str, description: str) ->
     return p.parse_args(argv)
 
 
+def check_override_keys_first(argv: list[str] | None) -> None:
+    """Stop on a `--set` key that no config has, with the nearest keys, before the recipes and the
+    model code are imported (the recipes import transformers' models: seconds a typo need not cost).
+    Under the deepspeed launcher this runs in each rank: the launcher itself starts ranks without
+    running any of mgpt4's code, so its own start-up cannot be spared."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--set", action="append", default=[])
+    try:
+        check_override_keys(Config, early.parse_known_args(argv)[0].set)
+    except ConfigError as e:
+        if os.environ.get("MGPT4_DEBUG"):
+            raise
+        raise SystemExit(f"{_rank_tag()}config error: {e}") from None
+
+
 def main(argv: list[str] | None = None, default_recipe: str = "tiny_stage1", description: str = "") -> None:
+    check_override_keys_first(argv)
     args = parse_args(argv, default_recipe, description)
     from mgpt4.model import WeightsError
+    from mgpt4.train.recipes import get_recipe
     from mgpt4.train.run_state import SaveError, resume_hint
 
     cfg = None

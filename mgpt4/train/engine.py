@@ -50,11 +50,27 @@ def init_distributed(startup_timeout_min: float) -> DistInfo:
     Collectives get `startup_timeout_min` while weights load and workers start (minutes on a big
     model); `mgpt4.dist.set_timeout` shortens it once training runs, so a dead rank fails the job fast.
     """
+    _skip_shm_comm_op()
     return dist_init(
         startup_timeout_min,
         join=lambda timeout: deepspeed.init_distributed(timeout=timeout),
         device_type=get_accelerator().device_name(),
     )
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's comm layer from JIT-compiling its shared-memory all-reduce when it joins.
+
+    DeepSpeed's torch backend builds the op `deepspeed_shm_comm` in every process it starts in
+    (deepspeed/comm/torch.py, `build_shm_op`): 1-3 minutes of g++ on a first run, and again whenever
+    another Python environment sharing the extensions folder built it in between. Only its
+    `inference_all_reduce` (DeepSpeed-Inference's tensor parallelism) calls the op; training
+    all-reduces through torch.distributed, so the op is marked incompatible here, which is the one
+    switch `build_shm_op` reads (`deepspeed.ops.__compatible_ops__`, probed once per process and kept).
+    """
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def initialize(**kwargs: Any):

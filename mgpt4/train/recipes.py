@@ -12,9 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
+from mgpt4.config import Config, LLMConfig, ModelConfig, OptimConfig, TextConfig, TrainConfig, WeightsConfig
 from mgpt4.data.config import DataConfig, SourceConfig, ValConfig
-from mgpt4.model.presets import decoder, llama2_7b, stage1_text, stage2_text, tiny, vicuna7b, vicuna13b
+from mgpt4.model.presets import (
+    decoder,
+    llama2_7b,
+    stage1_text,
+    stage2_text,
+    tiny,
+    tiny_llama2,
+    vicuna7b,
+    vicuna13b,
+)
 from mgpt4.train.assets import DEMO_VAL_SAMPLES
 
 
@@ -163,9 +172,56 @@ def tiny_stage2() -> Config:
     )
 
 
+def _tiny_variant(base: Callable[[], Config], model: ModelConfig, name: str) -> Config:
+    """`base` (a tiny recipe) on another tiny model, its text in that model's template, its own folder."""
+    cfg = base()
+    stage2 = cfg.data.kind == "align"
+    text = stage2_text(model.text.template) if stage2 else stage1_text(model.text.template)
+    text.max_txt_len = cfg.model.text.max_txt_len
+    model.text = text
+    cfg.model, cfg.recipe = model, name
+    cfg.train.output_dir = f"outputs/{name}"
+    return cfg
+
+
+def tiny_llama2_stage1() -> Config:
+    """tiny_stage1 on the LLaMA-2 variant at its parity sizes (no Q-Former, 4 adjacent ViT tokens
+    concatenated, the Llama-2-Chat template); its tiny files are generated as tiny_stage1's are."""
+    return _tiny_variant(tiny_stage1, tiny_llama2(), "tiny_llama2_stage1")
+
+
+def tiny_llama2_stage2() -> Config:
+    """tiny_stage2 on the LLaMA-2 variant: `[INST] {} [/INST] ` instructions, answers ending in `</s>`."""
+    return _tiny_variant(tiny_stage2, tiny_llama2(), "tiny_llama2_stage2")
+
+
+def _tiny_decoder() -> ModelConfig:
+    # Every LLM size null: read from the folder's config.json (a tiny random Qwen2 unless
+    # --set model.weights.llm names yours); the tiny vision path.
+    model = tiny()
+    model.llm = LLMConfig()
+    model.text = TextConfig(template="chat_template")
+    return model
+
+
+def tiny_decoder_stage1() -> Config:
+    """tiny_stage1 on a Hugging Face decoder folder, by default a tiny random Qwen2 with a ChatML
+    tokenizer generated into the cache; `--set model.weights.llm=DIR` takes yours (any size)."""
+    return _tiny_variant(tiny_stage1, _tiny_decoder(), "tiny_decoder_stage1")
+
+
+def tiny_decoder_stage2() -> Config:
+    """tiny_stage2 on a Hugging Face decoder folder, in its tokenizer's chat template."""
+    return _tiny_variant(tiny_stage2, _tiny_decoder(), "tiny_decoder_stage2")
+
+
 RECIPES: dict[str, Callable[[], Config]] = {
     "tiny_stage1": tiny_stage1,
     "tiny_stage2": tiny_stage2,
+    "tiny_llama2_stage1": tiny_llama2_stage1,
+    "tiny_llama2_stage2": tiny_llama2_stage2,
+    "tiny_decoder_stage1": tiny_decoder_stage1,
+    "tiny_decoder_stage2": tiny_decoder_stage2,
     "stage1_vicuna13b": stage1_vicuna13b,
     "stage1_vicuna7b": stage1_vicuna7b,
     "stage2_vicuna13b": stage2_vicuna13b,

@@ -138,7 +138,8 @@ def restore(start: Start, run: Restorable, rank: int, world_size: int) -> None:
         run.load_state_dict(state, fresh_data=start.fresh_data)
     except DataStateMismatch as e:
         raise ResumeError(
-            f"{point.folder}: {e}. Give the data of the checkpoint to continue exactly, or {FRESH_HINT}"
+            f"{point.folder}: {e}. Give the data of the checkpoint to continue exactly, or {FRESH_HINT}, "
+            f"or start a new run in a folder of its own: --set train.output_dir=<new folder>"
         ) from None
     except ResumeError as e:
         raise ResumeError(f"{point.folder}: {e}") from None
