@@ -23,6 +23,7 @@ import torch
 from mgpt4.checkpoints import find_checkpoint
 from mgpt4.config import (
     DTYPES,
+    OFFICIAL_VIT_MLP_RATIO,
     PATCHES_PER_IMAGE_TOKEN,
     LLMConfig,
     ModelConfig,
@@ -145,7 +146,10 @@ def export_model_config(folder: str) -> ModelConfig:
         width=v.hidden_size,
         depth=v.num_hidden_layers,
         heads=v.num_attention_heads,
-        mlp_dim=v.intermediate_size,
+        # None where it is the official builder's width, as the presets say it.
+        mlp_dim=None
+        if v.intermediate_size == int(v.hidden_size * OFFICIAL_VIT_MLP_RATIO)
+        else v.intermediate_size,
         ln_eps=v.layer_norm_eps,
         ln_vision_eps=record.get("ln_vision_eps", data.get("ln_vision_eps", 1e-5)),
     )
