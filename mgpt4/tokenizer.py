@@ -15,8 +15,11 @@ from collections.abc import Iterable, Sequence
 import torch
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, config=None):
     """Load the tokenizer of a local Hugging Face folder; pad is eos, as in the official code.
+
+    `config` (a transformers config) is used instead of the folder's config.json, which AutoTokenizer
+    otherwise reads, asking whether to run the code it names (an export of the LLaMA-2 variant's does).
 
     Special-token text in captions and prompts becomes the token's id (a literal `</s>` is EOS, `<s>`
     BOS), as with the official slow LLaMA tokenizer; the official Llama-2 recipe ends answers that way.
@@ -26,7 +29,9 @@ def load_tokenizer(path: str):
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (expected a Hugging Face folder)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, split_special_tokens=False)
+    tok = AutoTokenizer.from_pretrained(
+        path, config=config, local_files_only=True, split_special_tokens=False
+    )
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer in {path!r} has no EOS token; answers and replies need one to end")
     tok.pad_token = tok.eos_token

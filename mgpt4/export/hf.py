@@ -20,6 +20,7 @@ from mgpt4.export.processor import ExportError, build_processor, generation_conf
 from mgpt4.images import CLIP_MEAN, CLIP_STD
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4
+from mgpt4.model.hf_names import EXPORT_RECORD, export_record
 
 log = get_logger(__name__)
 
@@ -86,6 +87,8 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
     try:
         processor, image_token_id = build_processor(model, tmp)
         hf = to_transformers(model, image_token_id)
+        # What transformers' configs cannot say, for loading the folder back into mgpt4 (--checkpoint).
+        setattr(hf.config, EXPORT_RECORD, export_record(model))
         hf.generation_config = generation_config(
             model, processor.tokenizer, image_token_id, model.text_spec.bos_id
         )

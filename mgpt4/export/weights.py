@@ -1,5 +1,6 @@
-"""The weight renames shared by both exports: timm's EVA ViT -> transformers' `Blip2VisionModel`, and
-the LLM with room for the `<image>` token.
+"""What both exports share: timm's EVA ViT -> transformers' `Blip2VisionModel` (by the rename table of
+`mgpt4.model.hf_names`, which the loaders read an export back with), and the LLM with room for the
+`<image>` token.
 
 EVA (`mgpt4.model.vision.build_eva_vit`) and BLIP-2's vision tower are the same network: CLS token,
 absolute position embedding (the one mgpt4 holds, already interpolated to its image size), pre-norm
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from mgpt4.model import MiniGPT4
+from mgpt4.model.hf_names import join_qkv_bias, to_hf_name
 
 
 def vision_config(model: MiniGPT4, post_layernorm_eps: float | None = None) -> dict:
@@ -32,38 +34,18 @@ def vision_config(model: MiniGPT4, post_layernorm_eps: float | None = None) -> d
     )
 
 
-def vision_state(model: MiniGPT4, prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
-    """The EVA ViT and `ln_vision` under `Blip2VisionModel`'s names."""
-    vit = model.visual_encoder
-    out = {
-        f"{prefix}embeddings.class_embedding": vit.cls_token,
-        f"{prefix}embeddings.position_embedding": vit.pos_embed,
-        f"{prefix}embeddings.patch_embedding.weight": vit.patch_embed.proj.weight,
-        f"{prefix}embeddings.patch_embedding.bias": vit.patch_embed.proj.bias,
-        f"{prefix}post_layernorm.weight": model.ln_vision.weight,
-        f"{prefix}post_layernorm.bias": model.ln_vision.bias,
-    }
-    for i, block in enumerate(vit.blocks):
-        p = f"{prefix}encoder.layers.{i}."
-        attn = block.attn
-        out.update(
-            {
-                f"{p}layer_norm1.weight": block.norm1.weight,
-                f"{p}layer_norm1.bias": block.norm1.bias,
-                f"{p}self_attn.qkv.weight": attn.qkv.weight,
-                f"{p}self_attn.qkv.bias": torch.cat(
-                    [attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias]
-                ),
-                f"{p}self_attn.projection.weight": attn.proj.weight,
-                f"{p}self_attn.projection.bias": attn.proj.bias,
-                f"{p}layer_norm2.weight": block.norm2.weight,
-                f"{p}layer_norm2.bias": block.norm2.bias,
-                f"{p}mlp.fc1.weight": block.mlp.fc1.weight,
-                f"{p}mlp.fc1.bias": block.mlp.fc1.bias,
-                f"{p}mlp.fc2.weight": block.mlp.fc2.weight,
-                f"{p}mlp.fc2.bias": block.mlp.fc2.bias,
-            }
-        )
+def vision_state(model: MiniGPT4) -> dict[str, torch.Tensor]:
+    """The EVA ViT and `ln_vision` under `Blip2VisionModel`'s names (`mgpt4.model.hf_names`), sharing
+    the model's tensors; each block's q and v biases joined into transformers' one qkv bias."""
+    out = {}
+    for part in ("visual_encoder", "ln_vision"):
+        for key, value in getattr(model, part).state_dict(keep_vars=True).items():
+            if key.endswith(".attn.v_bias"):
+                continue  # joined with its q_bias below
+            if key.endswith(".attn.q_bias"):
+                v_bias = getattr(model, part).get_parameter(key[: -len("q_bias")] + "v_bias")
+                key, value = key[: -len("q_bias")] + "qkv.bias", join_qkv_bias(value, v_bias)
+            out[to_hf_name(f"{part}.{key}")] = value
     return out
 
 

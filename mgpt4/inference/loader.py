@@ -1,5 +1,6 @@
-"""The one way to load a model for inference: a run folder, a checkpoint folder or the official weight
-files (+ overrides) -> a built, loaded, frozen, eval-mode MiniGPT4 with its parts on their devices.
+"""The one way to load a model for inference: a run folder, a checkpoint folder, an export folder
+(`from_export.py`) or the official weight files (+ overrides) -> a built, loaded, frozen, eval-mode
+MiniGPT4 with its parts on their devices.
 
     model = load_model(ModelSource(checkpoint="runs/stage2", device="cuda"))
     model.tokenizer, model.text_spec().template    # its tokenizer and conversation template
@@ -19,6 +20,7 @@ import torch
 
 from mgpt4.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
 from mgpt4.config import DTYPES, ModelConfig
+from mgpt4.inference.from_export import export_folder, export_source_config, load_export
 from mgpt4.inference.placement import from_config_8bit, place_vision
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, from_config
@@ -43,7 +45,8 @@ class ModelSource:
         metadata={
             "group": _MODEL,
             "help": "an mgpt4 checkpoint folder, or a training output folder (its newest checkpoint is "
-            "used); its saved config gives the model and its llama_proj.pth the projection",
+            "used); its saved config gives the model and its llama_proj.pth the projection. Or a folder "
+            "written by `python -m mgpt4.export hf`, which gives the whole model",
         },
     )
     preset: str | None = field(
@@ -153,7 +156,10 @@ def load_model(source: ModelSource, *, announce: bool = False) -> MiniGPT4:
     cfg = model_config(source)  # the LLM folder is checked against it by the build, before any part
     if announce:
         print("Loading the model ...", flush=True)
-    if source.llm_8bit:
+    folder = export_folder(source.checkpoint)
+    if folder:
+        model = load_export(folder, cfg).to(source.device)
+    elif source.llm_8bit:
         model = from_config_8bit(cfg, source.device)
     else:
         model = from_config(cfg).to(source.device)
@@ -166,6 +172,9 @@ def load_model(source: ModelSource, *, announce: bool = False) -> MiniGPT4:
 def model_config(source: ModelSource, warn: bool = True) -> ModelConfig:
     """The model config `source` describes; exits naming the flags when a part would be random."""
     _check_alone(source)
+    folder = export_folder(source.checkpoint)
+    if folder:
+        return export_source_config(folder, source)
     if source.checkpoint:
         ckpt = find_checkpoint(source.checkpoint)
         if ckpt is None:

@@ -19,6 +19,7 @@ from torch import nn
 from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN
 from mgpt4.logs import get_logger
 from mgpt4.model.errors import WeightsError
+from mgpt4.model.hf_names import from_hf_name, split_qkv_bias
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import interpolate_pos_embed
 
@@ -288,33 +289,12 @@ def load_blip2(model: MiniGPT4, path: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Hugging Face BLIP-2 folder (Blip2ForConditionalGeneration / Blip2Model save_pretrained)
 
-_HF_VIT_RENAMES = (
-    ("embeddings.class_embedding", "cls_token"),
-    ("embeddings.position_embedding", "pos_embed"),
-    ("embeddings.patch_embedding.", "patch_embed.proj."),
-    ("encoder.layers.", "blocks."),
-    (".layer_norm1.", ".norm1."),
-    (".layer_norm2.", ".norm2."),
-    (".self_attn.projection.", ".attn.proj."),
-    (".self_attn.qkv.weight", ".attn.qkv.weight"),
-    (".self_attn.q_bias", ".attn.q_bias"),
-    (".self_attn.v_bias", ".attn.v_bias"),
-)
-
 
 def rename_blip2_hf(key: str) -> str | None:
-    if key == "query_tokens":
-        return key
-    if key.startswith("qformer."):
-        return key
-    if key.startswith("vision_model.post_layernorm."):
-        return "ln_vision." + key[len("vision_model.post_layernorm.") :]
-    if key.startswith("vision_model."):
-        k = key[len("vision_model.") :]
-        for old, new in _HF_VIT_RENAMES:
-            k = k.replace(old, new)
-        return "visual_encoder." + k
-    return None
+    """A BLIP-2 folder's vision tower, Q-Former and query tokens -> ours (`mgpt4.model.hf_names`)."""
+    if not key.startswith(("vision_model.", "qformer.", "query_tokens")):
+        return None
+    return from_hf_name(key)
 
 
 def split_hf_qkv_bias(sd: dict[str, torch.Tensor], width: int, path: str) -> dict[str, torch.Tensor]:
@@ -322,11 +302,13 @@ def split_hf_qkv_bias(sd: dict[str, torch.Tensor], width: int, path: str) -> dic
     out = {}
     for key, v in sd.items():
         if key.startswith("vision_model.") and key.endswith(".self_attn.qkv.bias"):
-            if v[width : 2 * width].abs().max() > 0:
-                raise WeightsError(f"{path}: key {key!r} has a non-zero key bias; the EVA ViT has none")
+            try:
+                q_bias, v_bias = split_qkv_bias(v, width, key, path)
+            except ValueError as e:
+                raise WeightsError(str(e)) from None
             base = key[: -len("qkv.bias")]
-            out[base + "q_bias"] = v[:width]
-            out[base + "v_bias"] = v[2 * width :]
+            out[base + "q_bias"] = q_bias
+            out[base + "v_bias"] = v_bias
         else:
             out[key] = v
     return out
