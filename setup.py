@@ -35,6 +35,8 @@ setup(
         "lowmem": ["bitsandbytes>=0.43"],
         # COCO caption metrics (python -m mgpt4.eval); METEOR and its tokenizer also need a Java runtime.
         "eval": ["pycocoevalcap>=1.2,<2"],
+        # LoRA adapters on the LLM in stage 2 (model.lora).
+        "lora": ["peft>=0.17"],
         "dev": [
             "pytest>=8,<10",
             # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
@@ -45,6 +47,7 @@ setup(
             "gradio>=6,<7",
             "selenium>=4.20,<5",
             "pycocoevalcap>=1.2,<2",
+            "peft>=0.17",
         ],
     },
 )
