@@ -68,21 +68,15 @@ def test_two_ranks_train_the_projection_and_the_adapters(tmp_path, cache, ds_jso
     saved = load_file(ckpt / "lora_adapter" / "adapter_model.safetensors")
     assert saved.keys() == {peft_key(k) for k in adapters}
     assert all(torch.equal(saved[peft_key(k)], v) for k, v in adapters.items())
-    cfg = json.loads((ckpt / "config.json").read_text())["model"]
-    from mgpt4.config import ModelConfig
-    from mgpt4.model import build_model
-    from mgpt4.strict_config import from_dict
+    from transformers import AutoModelForCausalLM
 
-    model_cfg = from_dict(ModelConfig, cfg, "model")
-    model_cfg.lora.rank = 0
-    llm = build_model(model_cfg).llm
+    llm_folder = json.loads((ckpt / "config.json").read_text())["model"]["weights"]["llm"]
+    llm = AutoModelForCausalLM.from_pretrained(llm_folder, dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(llm, str(ckpt / "lora_adapter"))
     own = dict(loaded.named_parameters())
     for k, v in adapters.items():
-        assert torch.equal(
-            own["base_model.model." + k.removeprefix("llm.")],
-            v.to(own["base_model.model." + k.removeprefix("llm.")].dtype),
-        )
+        # llm.<layer>.lora_A.default.weight -> base_model.model.<layer>.lora_A.default.weight
+        assert torch.equal(own["base_model.model." + k.removeprefix("llm.")], v), k
 
 
 def test_exact_resume_and_the_refusal_of_a_run_without_lora(tmp_path, cache):
