@@ -40,6 +40,8 @@ setup(
         "eval": ["pycocoevalcap>=1.2,<2", "lmms-eval>=0.7.3,<0.8"],
         # python -m mgpt4.serve (httpx fetches remote images, with --allow-remote-images only).
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"],
+        # LoRA adapters on the LLM in stage 2 (model.lora).
+        "lora": ["peft>=0.17"],
         "dev": [
             "pytest>=8,<10",
             # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
@@ -57,6 +59,7 @@ setup(
             "openai>=1.40",
             "lmms-eval>=0.7.3,<0.8",
             "datasets>=2.19",  # the lmms-eval tests write their tasks' data with it
+            "peft>=0.17",
         ],
     },
     # lmms-eval 0.7 finds plugin models in this group (lmms_eval/models/registry_v2.py).

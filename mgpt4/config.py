@@ -138,9 +138,59 @@ class WeightsConfig:
     llm: str | None = None  # a Hugging Face decoder folder (config.json, weights and tokenizer)
     tokenizer: str | None = None  # defaults to `llm`
     proj: str | None = None  # a MiniGPT-4 checkpoint holding llama_proj.*
+    # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for model.lora:
+    # what an mgpt4 LoRA checkpoint holds next to llama_proj.pth. None: fresh adapters (B = 0).
+    lora: str | None = None
     # Files are read with torch.load(weights_only=True): tensors, numbers, strings and plain containers,
     # nothing that can run code. True also loads files that need full unpickling: only files you trust.
     allow_pickle: bool = False
+
+
+# The LLaMA attention projections: the choice of LoRA's paper (q and v) that LLaVA's recipe widens.
+LORA_TARGETS_DEFAULT = ("q_proj", "v_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the frozen LLM's linear layers, trained with the projection (stage 2).
+
+    rank 0 is off: the official recipe, where only the projection trains. The update of a target
+    layer is `(alpha / rank) * B @ A @ x` (Hu et al. 2021, "LoRA"; `peft.LoraConfig`); B starts at
+    zero, so a run starts from the frozen LLM's outputs. Their learning rate is `optim.lora_lr`.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # Module names as PEFT matches them: a name ends with one of these (q_proj matches
+    # model.layers.3.self_attn.q_proj). LLaMA: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS_DEFAULT))
+
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def validate(self, path: str = "model.lora") -> None:
+        """ConfigError naming the field; a setting given while LoRA is off (rank 0) is refused, not ignored."""
+        if self.rank < 0:
+            raise ConfigError(f"{path}.rank: expected 0 (off) or a positive integer, got {self.rank!r}")
+        if not self.enabled():
+            default = LoraConfig()
+            for f in ("alpha", "dropout", "target_modules"):
+                if getattr(self, f) != getattr(default, f):
+                    raise ConfigError(
+                        f"{path}.{f} is set, but {path}.rank is 0 (LoRA off): set {path}.rank to enable "
+                        "LoRA, or leave it out"
+                    )
+            return
+        if not self.alpha > 0:
+            raise ConfigError(f"{path}.alpha: expected a positive number, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{path}.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(
+                f'{path}.target_modules: expected a list of module names (e.g. ["q_proj", "v_proj"]), '
+                f"got {self.target_modules!r}"
+            )
 
 
 @dataclass
@@ -157,6 +207,8 @@ class ModelConfig:
     # rows use transformers' packed-sequence path under each: a block mask, or FlashAttention's varlen.
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # LoRA adapters on the LLM (off by default: only the projection trains).
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def image_token_shape(self) -> tuple[int, int]:
         """(count, width) of the image tokens that enter `llama_proj`: the Q-Former's queries, or without a
@@ -225,6 +277,12 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.text.instructions[{i}]: must contain '<ImageHere>' exactly once, got {ins!r}"
                 )
+        self.lora.validate()
+        if w.lora and not self.lora.enabled():
+            raise ConfigError(
+                f"model.weights.lora names {w.lora!r}, but model.lora.rank is 0 (LoRA off): set model.lora "
+                "to the adapters' settings"
+            )
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(
                 f"model.attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
@@ -261,6 +319,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 0.0  # 0: no clipping (the official recipe clips nothing)
+    # The LoRA adapters' peak learning rate (model.lora), on the same warmup + cosine shape as the
+    # projection's (scaled by lora_lr / lr); None: lr. Refused when LoRA is off.
+    lora_lr: float | None = None
 
 
 @dataclass
@@ -363,3 +424,10 @@ class Config:
             raise ConfigError(f"optim.lr: expected a positive learning rate, got {o.lr!r}")
         if not 0 <= o.min_lr <= o.lr:
             raise ConfigError(f"optim.min_lr: expected 0 <= min_lr <= lr ({o.lr}), got {o.min_lr}")
+        if o.lora_lr is not None and not self.model.lora.enabled():
+            raise ConfigError(
+                f"optim.lora_lr is set ({o.lora_lr}), but model.lora.rank is 0 (LoRA off): there are no "
+                "adapters to train; set model.lora.rank, or leave optim.lora_lr out"
+            )
+        if o.lora_lr is not None and not o.lora_lr > 0:
+            raise ConfigError(f"optim.lora_lr: expected a positive learning rate, got {o.lora_lr!r}")

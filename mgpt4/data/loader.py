@@ -159,6 +159,9 @@ class Loader:
             prefetch_factor=self.cfg.prefetch if workers > 0 else None,
             persistent_workers=False,
             multiprocessing_context=worker_context() if workers > 0 else None,
+            # Its own generator for the workers' base seed: starting an iteration (after a resume too)
+            # leaves the global RNG, which the model's dropout draws from, as it was.
+            generator=torch.Generator().manual_seed(0),
         )
         self._dl_iter = iter(dl)
         return self._dl_iter

@@ -24,6 +24,7 @@ from mgpt4.inference.from_export import export_folder, export_source_config, loa
 from mgpt4.inference.placement import from_config_8bit, place_vision
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, from_config
+from mgpt4.model.lora import LORA_DIR
 from mgpt4.model.presets import MODEL_PRESETS, model_preset
 from mgpt4.strict_config import ConfigError, apply_overrides, from_dict
 
@@ -181,6 +182,8 @@ def model_config(source: ModelSource, warn: bool = True) -> ModelConfig:
             raise SystemExit(f"--checkpoint {source.checkpoint}: no mgpt4 checkpoint found there")
         cfg = from_dict(ModelConfig, read_checkpoint_config(ckpt)["model"], "model")
         cfg.weights.proj = os.path.join(ckpt, PROJ_FILE)
+        if cfg.lora.enabled():  # a LoRA run: its adapters, as a PEFT folder beside the projection
+            cfg.weights.lora = os.path.join(ckpt, LORA_DIR)
     elif source.preset:
         cfg = model_preset(source.preset)
     else:
@@ -225,6 +228,8 @@ def missing_weight_flags(cfg: ModelConfig) -> list[str]:
     if not weights.blip2_hf:
         missing += [WEIGHT_FLAGS[k] for k in vision if not getattr(weights, k)]
     missing += [WEIGHT_FLAGS[k] for k in ("llm", "proj") if not getattr(weights, k)]
+    if cfg.lora.enabled() and not weights.lora:
+        missing.append("--set weights.lora=DIR")
     return missing
 
 
@@ -264,11 +269,12 @@ def _check_weight_paths(cfg: ModelConfig, source: ModelSource) -> None:
         ("proj", "--proj", False),
         ("llm", "--llm", True),
         ("blip2_hf", "--blip2-hf", True),
+        ("lora", "--set weights.lora", True),
     ):
         path = getattr(cfg.weights, name)
         if not path:
             continue
-        given = getattr(source, name) == path or name == "proj"
+        given = getattr(source, name, None) == path or name in ("proj", "lora")
         origin = (
             "" if given else f" (named by the {'checkpoint' if source.checkpoint else 'preset'}; give {flag})"
         )

@@ -1,4 +1,8 @@
-"""The freeze policy: a declared set of modules that train; everything else is frozen."""
+"""The freeze policy: a declared set of modules that train; everything else is frozen.
+
+The projection always trains; with `model.lora` the LLM's LoRA adapters train next to it (their
+modules, `...q_proj.lora_A`, are declared by name once they are attached: `trainable_modules`).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,20 @@ def is_trainable(param_name: str, modules: tuple[str, ...] = TRAINABLE_MODULES) 
     return any(param_name == m or param_name.startswith(f"{m}.") for m in modules)
 
 
-def apply_freeze(model: nn.Module, modules: tuple[str, ...] = TRAINABLE_MODULES) -> list[str]:
+def trainable_modules(model: nn.Module) -> tuple[str, ...]:
+    """The policy for `model`: the projection, and the LoRA adapter modules it holds (`model.lora`)."""
+    from mgpt4.model.lora import lora_modules
+
+    return TRAINABLE_MODULES + lora_modules(model)
+
+
+def apply_freeze(model: nn.Module, modules: tuple[str, ...] | None = None) -> list[str]:
     """Set requires_grad from the policy and put frozen children in eval mode; returns the trainable names.
+    `modules` None: `trainable_modules(model)`.
 
     ValueError when `modules` is empty or names a module without parameters in `model`."""
+    if modules is None:
+        modules = trainable_modules(model)
     if not modules:
         raise ValueError("freeze policy: no trainable modules given")
     trainable = []

@@ -20,6 +20,7 @@ from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN
 from mgpt4.logs import get_logger
 from mgpt4.model.errors import WeightsError
 from mgpt4.model.hf_names import from_hf_name, split_qkv_bias
+from mgpt4.model.lora import LORA_DIR, attach_lora, load_lora
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.vision import interpolate_pos_embed
 
@@ -434,6 +435,24 @@ def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
     if w.llm:
         load_llm(model, w.llm)
     if w.proj:
+        _refuse_lora_projection(model, w.proj)
         ignored[w.proj] = load_proj(model, w.proj)
         log.info(f"projection llama_proj {list(model.llama_proj.weight.shape)} loaded from {w.proj}")
+    if model.cfg.lora.enabled():
+        # After the LLM's weights: PEFT wraps the loaded layers (the adapters are no part of its folder).
+        attach_lora(model)
+        if w.lora:
+            load_lora(model, w.lora)
+            log.info(f"LoRA adapters (rank {model.cfg.lora.rank}) loaded from {w.lora}")
     return ignored
+
+
+def _refuse_lora_projection(model: MiniGPT4, proj: str) -> None:
+    """A projection trained with LoRA adapters (a LoRA checkpoint's, with its adapter folder beside it)
+    means little without them: a model without model.lora refuses it (WeightsError)."""
+    adapters = os.path.join(os.path.dirname(proj), LORA_DIR)
+    if not model.cfg.lora.enabled() and os.path.isdir(adapters):
+        raise WeightsError(
+            f"{proj} was trained with LoRA adapters ({adapters}), and model.lora is off: set model.lora as "
+            f"that run did and model.weights.lora={adapters} (or load its checkpoint, which does both)"
+        )

@@ -1,7 +1,8 @@
 """The one module that imports DeepSpeed: distributed init, the engine, and the trainable set's part of
 a checkpoint.
 
-A checkpoint holds only the trainable set (the projection), never the frozen weights: its full fp32
+A checkpoint holds only the trainable set (the projection, and with `model.lora` the LLM's LoRA
+adapters: whatever the freeze policy declares), never the frozen weights: its full fp32
 weights and Adam moments by parameter name, gathered and restored through DeepSpeed's public
 full-tensor API (`deepspeed.utils.safe_get_full_*` / `safe_set_full_*`), so that any number of ranks
 under ZeRO-1, 2 or 3 loads what any other number wrote. The format and its files are
@@ -242,7 +243,7 @@ def _link_adam_state(engine, model: MiniGPT4) -> None:
         return
     base = _base_optimizer(engine)
     # The grouping `create_engine` gave DeepSpeed (weight decay aside), group for group.
-    for lp_group, hp_group in zip(param_groups(model, 0.0), base.param_groups):
+    for lp_group, hp_group in zip(param_groups(model, 0.0, None), base.param_groups):
         for hp in hp_group["params"]:
             lazy_init_hp_params_optimizer_state(lp_group["params"], hp, base.state)
 
@@ -292,6 +293,12 @@ def load_trainable_state_dict(engine, model: MiniGPT4, state: dict[str, Any]) ->
         if saved is None or tuple(saved.shape) != shape:
             found = "nothing" if saved is None else f"shape {tuple(saved.shape)}"
             raise ResumeError(f"it holds {found} for the trainable parameter {name} of shape {shape}")
+    extra = sorted(set(state["params"]) - {name for name, _ in trainable})
+    if extra:  # the trainable set is the freeze policy's: a checkpoint of another set is another model
+        raise ResumeError(
+            f"it holds {len(extra)} trained parameter(s) that this run does not train ({extra[0]}, ...): "
+            "it was trained with another trainable set (model.lora)"
+        )
     # Adam's state exists only after a first step: create it in the torch optimizer (zeros, the saved
     # step count), then fill it through DeepSpeed's full-tensor setters, which copy this rank's slice.
     base = _base_optimizer(engine)

@@ -132,8 +132,10 @@ def measure_matmul_tflops(
     dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5
 ) -> float:
     """Sustained square-matmul TFLOP/s of this CPU with torch's threads (the MFU denominator on CPU)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    # A generator of its own: measuring leaves the global RNG (dropout's, restored on resume) untouched.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, generator=g)
+    b = torch.randn(size, size, dtype=dtype, generator=g)
     torch.mm(a, b)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -12,16 +12,30 @@ from typing import Any
 import torch
 
 from mgpt4.config import OptimConfig
+from mgpt4.model.lora import is_lora_param
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only; biases and norms get none (as the official recipe)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lora_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only; biases and norms get none (as the official recipe). The
+    LoRA adapters (`model.lora`) form groups of their own, after the projection's, with `lora_lr` as
+    their lr when given (else the optimizer's). The grouping does not depend on the values given."""
+    decay, no_decay, lora_decay, lora_no_decay = [], [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if is_lora_param(name):
+            (lora_decay if p.ndim >= 2 else lora_no_decay).append(p)
+        else:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    lora = {} if lora_lr is None else {"lr": lora_lr}
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": lora_decay, "weight_decay": weight_decay, **lora},
+        {"params": lora_no_decay, "weight_decay": 0.0, **lora},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -35,9 +49,10 @@ def lr_at(step: int, total: int, o: OptimConfig) -> float:
 def build_optimizer(
     model: torch.nn.Module, o: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the parameters that require grad, and the per-step warmup + cosine schedule."""
+    """AdamW over the parameters that require grad, and the per-step warmup + cosine schedule: each
+    group's lr follows it scaled to the group's peak (`optim.lr`; the adapters' `optim.lora_lr`)."""
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+        param_groups(model, o.weight_decay, o.lora_lr), lr=o.lr, betas=tuple(o.betas), eps=o.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, o) / o.lr)
     return optimizer, scheduler

@@ -32,7 +32,7 @@ from mgpt4.checkpoints import (
     check_resume_point,
     find_resume_point,
 )
-from mgpt4.config import Config
+from mgpt4.config import Config, LoraConfig
 from mgpt4.data.loader import DataStateMismatch
 from mgpt4.logs import get_logger
 from mgpt4.strict_config import to_dict
@@ -98,6 +98,27 @@ def schedule_changes(folder: str, cfg: Config) -> list[str]:
     return changes
 
 
+def check_lora(folder: str, cfg: Config) -> None:
+    """Refuse (ResumeError naming the field) to continue a checkpoint whose `model.lora` differs from this
+    run's: its trainable set (the adapters, or none) is another model's. A config from before model.lora
+    existed had LoRA off."""
+    try:
+        with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
+            saved = _dotted(json.load(f), "model.lora") or {}
+    except (OSError, ValueError):
+        return  # an unreadable config: the trainable set is checked against the state itself on load
+    now = to_dict(cfg)["model"]["lora"]
+    saved = {**to_dict(LoraConfig()), **saved}
+    for key in now:
+        if saved.get(key) != now[key]:
+            off = " (LoRA off)" if key == "rank" and 0 in (saved[key], now[key]) else ""
+            raise ResumeError(
+                f"{folder}: model.lora.{key} is {saved.get(key)!r} at the checkpoint and {now[key]!r} in this "
+                f"run{off}: its trainable set is another. Resume with the checkpoint's model.lora, or start "
+                f"over with --no-resume (or another train.output_dir)"
+            )
+
+
 def _dotted(tree: Any, key: str) -> Any:
     for part in key.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
@@ -114,6 +135,7 @@ def plan_start(cfg: Config, world_size: int, resume: bool) -> Start:
         return Start(None)
     fresh = cfg.train.resume_data == "fresh"
     check_resume_point(point, cfg.train.output_dir, cfg.recipe, world_size, fresh)
+    check_lora(point.folder, cfg)
     return Start(point, fresh_data=fresh, schedule_changes=tuple(schedule_changes(point.folder, cfg)))
 
 

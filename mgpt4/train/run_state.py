@@ -8,7 +8,8 @@ The state is one dict, the same on every rank except its "rank" part (this rank'
 RNG). Rank 0 writes the shared part to RUN_STATE (with the format version and the world size), every
 rank its "rank" part to RANK_STATE, then its marker; `latest` moves only when every rank's marker is
 on disk. Every file loads with `torch.load(weights_only=True)`. Beside them: the projection in the
-official format and the resolved config, what chat, curation and stage 2 read.
+official format, with `model.lora` the adapters as a PEFT folder (`lora_adapter/`), and the resolved
+config: what chat, curation and stage 2 read.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from mgpt4.checkpoints import (
 from mgpt4.config import Config
 from mgpt4.dist import barrier
 from mgpt4.model.export import save_projection
+from mgpt4.model.lora import LORA_DIR, save_peft_adapter
 from mgpt4.strict_config import to_dict
 
 PROJ_PREFIX = "llama_proj."
@@ -74,6 +76,8 @@ def save_checkpoint(cfg: Config, state: dict[str, Any]) -> str:
                 {k: v for k, v in params.items() if k.startswith(PROJ_PREFIX)},
                 os.path.join(folder, PROJ_FILE),
             )
+            if cfg.model.lora.enabled():  # the adapters as a PEFT folder, which peft loads on its own
+                save_peft_adapter(params, cfg.model, os.path.join(folder, LORA_DIR))
             write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
             _save(folder, RUN_STATE, {"format_version": FORMAT_VERSION, "world_size": world, **shared})
         write_done(folder, rank, world, int(state["step"]))  # last: this rank's part is complete
