@@ -299,3 +299,30 @@ def test_starting_the_data_or_measuring_the_cpu_leaves_the_dropout_rng(tmp_path)
     next(iter(loader))
     measure_matmul_tflops(size=8, seconds=0.01)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_export_of_a_lora_run_merges_the_adapters_and_loads_back(readable_lora, tmp_path):
+    """python -m mgpt4.export hf on a LoRA run: the folder is a plain transformers LLM whose logits are the
+    adapted model's (the merge), its card says so, and it loads back through --checkpoint."""
+    from safetensors import safe_open
+
+    from mgpt4.export.__main__ import main as export_main
+
+    run = write_lora_checkpoint(readable_lora, str(tmp_path))
+    folder = str(tmp_path / "hf")
+    assert export_main(["hf", "--checkpoint", run, "--out", folder, "--device", "cpu"]) == 0
+    names = set()
+    for file in os.listdir(folder):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, file), "pt") as f:
+                names |= set(f.keys())
+    assert names and not any("lora_" in n or "base_layer" in n for n in names)
+    with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
+        assert "LoRA adapters (rank 4, alpha 8, on q_proj, v_proj) are merged" in f.read()
+
+    back = load_model(ModelSource(checkpoint=folder, device="cpu"))
+    assert not lora_names(back) and not back.cfg.lora.enabled()
+    want = llm_logits(readable_lora.llm, IDS)
+    # The adapters moved the logits; the merged weights give them again (up to fp32 rounding of W + BA).
+    assert (want - llm_logits(plain_copy(readable_lora).llm, IDS)).abs().max() > 1e-2
+    torch.testing.assert_close(llm_logits(back.llm, IDS), want, rtol=1e-5, atol=1e-5)

@@ -74,13 +74,33 @@ def ln_vision_note(model: MiniGPT4) -> str:
     )
 
 
+def merge_adapters(model: MiniGPT4) -> str | None:
+    """Fold a LoRA run's adapters (`model.lora`) into the LLM's weights, in place, so the export is a plain
+    transformers LLM computing what the adapted one computed; `model.cfg.lora` is switched off to match.
+    Returns the model card's note, or None for a model without adapters."""
+    from mgpt4.model.lora import has_lora, merge_lora
+
+    if not has_lora(model.llm):
+        return None
+    lora = model.cfg.lora
+    merge_lora(model.llm)
+    note = (
+        f"the LoRA adapters (rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)}) "
+        "are merged into the LLM's weights (W + alpha / rank * B A)"
+    )
+    model.cfg.lora = type(lora)()
+    return note
+
+
 def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -> str:
     """Write `model` (eval mode, from `mgpt4.inference.load_model`) as a transformers folder at `out_dir`.
 
+    A LoRA run's adapters are merged into the LLM first (`merge_adapters`: the model is changed in place).
     Raises SystemExit for an output folder that is a file or not empty, ExportError when the exported
     tokenizer cannot reproduce mgpt4's prompt tokens. Returns `out_dir`.
     """
     check_out_dir(out_dir)
+    merged = merge_adapters(model)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -93,8 +113,9 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
             model, processor.tokenizer, image_token_id, model.text_spec.bos_id
         )
         hf.save_pretrained(tmp)
-        notes = [ln_vision_note(model)]
-        log.info(notes[0])
+        notes = [ln_vision_note(model)] + ([merged] if merged else [])
+        for note in notes:
+            log.info(note)
         write_model_card(tmp, model, facts or ExportFacts(), type(hf).__name__, notes)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
@@ -106,4 +127,4 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
     return out_dir
 
 
-__all__ = ["ExportError", "check_out_dir", "export_hf", "to_transformers"]
+__all__ = ["ExportError", "check_out_dir", "export_hf", "merge_adapters", "to_transformers"]
