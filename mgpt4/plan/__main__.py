@@ -17,6 +17,7 @@ import sys
 from mgpt4.config import QUANTIZED, Config
 from mgpt4.dataclass_flags import OneLineErrors
 from mgpt4.plan.fit import GIB, SETTINGS, Plan, plan
+from mgpt4.plan.weights import build_meta
 from mgpt4.strict_config import ConfigError, apply_overrides
 from mgpt4.train.assets import fill_demo_paths
 from mgpt4.train.ds_config import resolve_batch
@@ -31,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in all (default: 1)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GB (default: 80)")
+    p.add_argument(
+        "--table",
+        metavar="GB,GB,...",
+        help="instead of the report, one Markdown table row: the recommended setting for each GPU memory",
+    )
     args = p.parse_args(argv)
     if args.gpus < 1:
         p.error(f"--gpus: expected a positive number of GPUs, got {args.gpus}")
@@ -112,7 +118,12 @@ def render(p: Plan) -> str:
     for s in p.stages:
         if s.refused:
             lines.append(f"{s.setting.name}: refused by the trainer: {s.refused}")
-    lines.append(f"recommended: {p.recommendation}")
+    r = p.recommendation
+    lines.append(
+        f"recommended: {r.flags}  ({r.why})"
+        if r
+        else "recommended: nothing fits, not even one row per rank: use more GPUs, or GPUs with more memory"
+    )
     return "\n".join(lines)
 
 
@@ -123,7 +134,20 @@ def main(argv: list[str] | None = None) -> None:
         fill_demo_paths(cfg)  # paths only, nothing generated: the plan reads no data
         resolve_batch(cfg, args.gpus)
         validate_for_planning(cfg)
-        result = plan(cfg, args.gpus, args.gpu_memory, load_tokenizer_if_present(cfg))
+        tokenizer = load_tokenizer_if_present(cfg)
+        if args.table:
+            model = build_meta(cfg.model)  # once for every cell: the build of a 13B model takes seconds
+            cells = [
+                plan(cfg, args.gpus, float(gb), tokenizer, model).recommendation
+                for gb in args.table.split(",")
+            ]
+            print(
+                f"| {cfg.recipe} | {args.gpus} | "
+                + " | ".join(c.short() if c else "does not fit" for c in cells)
+                + " |"
+            )
+            return
+        result = plan(cfg, args.gpus, args.gpu_memory, tokenizer)
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(render(result))

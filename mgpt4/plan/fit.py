@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from mgpt4.config import DTYPES, Config
+from mgpt4.model import MiniGPT4
 from mgpt4.model.layout import IMAGE_ONLY
 from mgpt4.plan.activations import FP32, Batch, LLMShape, activation_bytes, layer_bytes
 from mgpt4.plan.optimizer import TrainableBytes, trainable_bytes
@@ -69,7 +70,7 @@ class Plan:
     context_tokens: int
     context_exact: bool
     stages: list[StagePlan]
-    recommendation: str
+    recommendation: Choice | None
 
 
 def context_length(cfg: Config, model, tokenizer) -> tuple[int, bool]:
@@ -121,12 +122,13 @@ def _frozen(params: list[Param], gpus: int, s: Setting) -> tuple[dict[tuple[str,
     return resident, sum(largest), host
 
 
-def plan(cfg: Config, gpus: int, gpu_memory_gb: float, tokenizer=None) -> Plan:
+def plan(cfg: Config, gpus: int, gpu_memory_gb: float, tokenizer=None, model: MiniGPT4 | None = None) -> Plan:
     """The per-rank memory of `cfg` (a resolved config: `data.batch_size` per rank) on `gpus` GPUs of
-    `gpu_memory_gb` GB (10^9 bytes, as GPUs are sold), under z2, z3 and z3_offload."""
+    `gpu_memory_gb` GB (10^9 bytes, as GPUs are sold), under z2, z3 and z3_offload. `model`: its
+    `build_meta(cfg.model)`, when one is at hand (a build of a 13B model takes seconds)."""
     cfg = copy.deepcopy(cfg)
     gpu_bytes = int(gpu_memory_gb * 1e9)
-    model = build_meta(cfg.model)
+    model = model if model is not None else build_meta(cfg.model)
     params = count_params(model, cfg.model.precision.llm)
     shape = LLMShape.of(model.llm.config)
     context, exact = context_length(cfg, model, tokenizer)
@@ -177,33 +179,52 @@ def plan(cfg: Config, gpus: int, gpu_memory_gb: float, tokenizer=None) -> Plan:
     )
 
 
-def recommend(cfg: Config, gpus: int, batch: Batch, stages: list[StagePlan]) -> str:
+@dataclass(frozen=True)
+class Choice:
+    """The recommended setting: ZeRO setting, checkpointing, micro-batch per rank and step (samples, or
+    packed rows), gradient accumulation steps, the --deepspeed/--set flags and why."""
+
+    setting: str
+    checkpointing: bool
+    per_rank: int
+    grad_accum: int
+    flags: str
+    why: str
+
+    def short(self) -> str:
+        ckpt = " + ckpt" if self.checkpointing else ""
+        accum = f", accum {self.grad_accum}" if self.grad_accum > 1 else ""
+        return f"{self.setting}{ckpt}, micro-batch {self.per_rank}{accum}"
+
+
+def recommend(cfg: Config, gpus: int, batch: Batch, stages: list[StagePlan]) -> Choice | None:
     """The first setting, in order of speed (z2 before z3 before offload; checkpointing off before on),
     that runs the config's micro-batch; else the one that runs the most of it, with the gradient
-    accumulation that keeps the global batch."""
+    accumulation that keeps the global batch; None when not one row fits."""
     order = [(s, ckpt) for s in stages if s.refused is None for ckpt in (False, True)]
     unit = "data.pack_rows" if batch.packed else "data.batch_size"
+    t = cfg.train
     for s, ckpt in order:
         if s.fits[ckpt]:
-            return f"{_flags(s, ckpt)}: the recipe's micro-batch fits ({unit}={batch.rows} per rank)"
+            why = f"the recipe's micro-batch fits ({unit}={batch.rows} per rank)"
+            return Choice(s.setting.name, ckpt, batch.rows, t.grad_accum, _flags(s, ckpt), why)
     if not order or max(s.largest[ckpt] for s, ckpt in order) < 1:
-        return "nothing fits, not even one row per rank: use more GPUs, or GPUs with more memory"
+        return None
     s, ckpt = max(order, key=lambda o: o[0].largest[o[1]])
-    most, t = s.largest[ckpt], cfg.train
+    most = s.largest[ckpt]
     accum = math.ceil(batch.rows / most)
     if t.global_batch_size is not None and not batch.packed:
         # The micro-batch is derived: global / (ranks x accumulation) must be whole and fit.
         while t.global_batch_size % (gpus * accum) or t.global_batch_size // (gpus * accum) > most:
             accum += 1
-        sets = f"--set train.grad_accum={accum}"
+        sets = f" --set train.grad_accum={accum}"
         per_rank = t.global_batch_size // (gpus * accum)
     else:
         per_rank = math.ceil(batch.rows / accum)
-        sets = f"--set {unit}={per_rank} --set train.grad_accum={accum * t.grad_accum}"
-    return (
-        f"{_flags(s, ckpt)} {sets}: {per_rank} per rank and step (the recipe's {batch.rows} does not fit; "
-        "the accumulation keeps the global batch)"
-    )
+        accum *= t.grad_accum
+        sets = f" --set {unit}={per_rank} --set train.grad_accum={accum}"
+    why = f"{per_rank} per rank and step: the recipe's {batch.rows} does not fit; the accumulation keeps the global batch"
+    return Choice(s.setting.name, ckpt, per_rank, accum, _flags(s, ckpt) + sets, why)
 
 
 def _flags(s: StagePlan, ckpt: bool) -> str:
