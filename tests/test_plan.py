@@ -6,6 +6,7 @@ gradient checkpointing."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -85,6 +86,29 @@ def test_partitions_follow_deepspeeds_padding():
     ]
     assert partition_numel(params, 3, 2) == -(-4288 // 6) * 2 + -(-65 // 6) * 2
     assert partition_numel(params, 3, 3) == -(-4096 // 3) + 192 // 3 + -(-65 // 3)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", [2, 3])
+def test_optimizer_and_llm_partitions_equal_a_deepspeed_engines(stage, tmp_path):
+    """Two ranks through the real launcher (the trainer's engine, its `engine.json`): each rank's Adam state
+    and, under ZeRO-3, its share of the frozen LLM are the plan's, element for element."""
+    from tests.launch import deepspeed_cmd, run
+
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd(
+        "launchers/pretrain.py", 2, "--deepspeed", f"ds_configs/z{stage}.json",
+        "--set", f"train.output_dir={out}", "--set", "train.steps=1", "--set", "train.eval_every=0",
+    )  # fmt: skip
+    proc = run(cmd, str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = json.loads((out / "engine.json").read_text())
+    cfg = get_recipe("tiny_stage1")
+    params = count_params(build_meta(cfg.model), cfg.model.precision.llm)
+    assert report["optimizer_state_numel_per_rank"] == [partition_numel(params, 2, stage)] * 2
+    if stage == 3:
+        llm = sum(-(-p.numel // 2) for p in params if p.part == "LLM")
+        assert report["llm_params_per_rank"] == [llm, llm]
 
 
 def _saved_bytes(model, run) -> int:
