@@ -19,6 +19,10 @@ from mgpt4.strict_config import ConfigError
 # Precision names used across the config, and the torch dtypes they stand for.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# What `model.precision.llm` may name besides DTYPES: the frozen LLM quantised by bitsandbytes as it is
+# read from its folder (LLM.int8() or 4-bit NormalFloat, as QLoRA), computing in bf16. CUDA only.
+QUANTIZED = ("int8", "nf4")
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 # The official EVA ViT-g builder hard-codes this ratio and takes int(width * ratio) as the MLP width.
@@ -94,12 +98,30 @@ class LLMConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Parameter dtype of each part: fp32, bf16 or fp16."""
+    """Parameter dtype of each part: fp32, bf16 or fp16; the LLM also int8 or nf4 (`QUANTIZED`)."""
 
     vit: str = "bf16"
     qformer: str = "bf16"
     proj: str = "fp32"
     llm: str = "bf16"
+
+    def llm_dtype(self) -> torch.dtype:
+        """The LLM's floating dtype: its parameters', or for a quantised LLM the dtype it computes in
+        and keeps its unquantised parts (embeddings, norms, output head) in: bf16."""
+        return torch.bfloat16 if self.llm in QUANTIZED else DTYPES[self.llm]
+
+
+def quantized_llm_refusal(cfg: ModelConfig) -> str | None:
+    """Why `model.precision.llm` (int8 or nf4) cannot be honoured here, or None when it can."""
+    name = cfg.precision.llm
+    where = f"model.precision.llm={name}: quantises the frozen LLM with bitsandbytes,"
+    if not cfg.weights.llm:
+        return f"{where} as it is read from its folder; set model.weights.llm (random LLMs are not quantised)"
+    if not torch.cuda.is_available():
+        return f"{where} whose kernels need a CUDA GPU, and none is visible here; use bf16 (or fp32)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{where} which is not installed; pip install bitsandbytes (or mgpt4[lowmem]), or use bf16"
+    return None
 
 
 @dataclass
@@ -235,8 +257,14 @@ class ModelConfig:
             )
         for name in ("vit", "qformer", "proj", "llm"):
             value = getattr(self.precision, name)
-            if value not in DTYPES:
-                raise ConfigError(f"model.precision.{name}: expected one of {tuple(DTYPES)}, got {value!r}")
+            allowed = (*DTYPES, *QUANTIZED) if name == "llm" else tuple(DTYPES)
+            if value not in allowed:
+                raise ConfigError(f"model.precision.{name}: expected one of {allowed}, got {value!r}")
+        if self.precision.llm in QUANTIZED:
+            # Said at config time (a dry run says it too), not by bitsandbytes once the weights load.
+            refusal = quantized_llm_refusal(self)
+            if refusal:
+                raise ConfigError(refusal)
         v = self.vision
         if v.image_size % v.patch_size:
             raise ConfigError(

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mgpt4.checkpoints import PROJ_FILE, find_checkpoint, read_checkpoint_config
-from mgpt4.config import DTYPES, ModelConfig
+from mgpt4.config import DTYPES, QUANTIZED, ModelConfig
 from mgpt4.inference.from_export import export_folder, export_source_config, load_export
-from mgpt4.inference.placement import from_config_8bit, place_vision
+from mgpt4.inference.placement import from_config_8bit, from_config_quantized, place_vision
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, from_config
 from mgpt4.model.lora import LORA_DIR
@@ -162,6 +162,8 @@ def load_model(source: ModelSource, *, announce: bool = False) -> MiniGPT4:
         model = load_export(folder, cfg).to(source.device)
     elif source.llm_8bit:
         model = from_config_8bit(cfg, source.device)
+    elif cfg.precision.llm in QUANTIZED:  # a run trained on a quantised LLM, or --set model.precision.llm
+        model = from_config_quantized(cfg, source.device)
     else:
         model = from_config(cfg).to(source.device)
     if source.vision_device and torch.device(source.vision_device) != torch.device(source.device):

@@ -1,13 +1,16 @@
-"""Where a loaded model's parts live: the LLM quantised to 8-bit as it is read, or the vision path on
+"""Where a loaded model's parts live: the LLM quantised (int8 or nf4) as it is read, or the vision path on
 another device than the LLM (the CPU while the LLM is on the GPU: the official low-resource mode).
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from mgpt4.config import DTYPES, ModelConfig
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
+from mgpt4.model.loading import quantized_llm
 
 VISION_PARTS = ("visual_encoder", "ln_vision", "qformer", "llama_proj")
 
@@ -34,9 +37,9 @@ def place_vision(model: MiniGPT4, device: str | torch.device) -> None:
 
 
 def from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
-    """Like `from_config`, with the LLM quantised to int8 by bitsandbytes as it is read from its folder."""
-    folder = cfg.weights.llm
-    if not folder:
+    """Like `from_config`, with the LLM quantised to int8 by bitsandbytes as it is read from its folder
+    (--llm-8bit): `from_config_quantized` with `model.precision.llm` int8."""
+    if not cfg.weights.llm:
         raise SystemExit(
             "--llm-8bit quantises the LLM read from its folder: give --llm (or a checkpoint naming one)"
         )
@@ -51,29 +54,33 @@ def from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
             "--llm-8bit: this model has LoRA adapters (model.lora), which the 8-bit loader does not attach; "
             "use --llm-dtype bf16 instead"
         )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise SystemExit("--llm-8bit needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit("--llm-8bit needs bitsandbytes: pip install bitsandbytes")
+    # int8 matmuls compute in half precision; fp32 would only cost memory.
+    half = DTYPES[cfg.precision.llm] if cfg.precision.llm in ("bf16", "fp16") else torch.bfloat16
+    cfg.precision.llm = "int8"
+    return from_config_quantized(cfg, device, half)
 
+
+def from_config_quantized(
+    cfg: ModelConfig, device: str, compute_dtype: torch.dtype = torch.bfloat16
+) -> MiniGPT4:
+    """Like `from_config` for a config whose `model.precision.llm` is int8 or nf4 (checked by its
+    validation): the vision path and projection as usual, the LLM quantised by bitsandbytes as it is
+    read from its folder (`mgpt4.model.loading.quantized_llm`), all on the CUDA `device`."""
+    cfg.validate_once()
+    folder = cfg.weights.llm
     # The LLM stays on the meta device: its weights come from the folder below, checked by the build.
     model = build_model(cfg)
+    model.llm = quantized_llm(
+        folder, cfg.precision.llm, cfg.attn_implementation, torch.device(device), compute_dtype
+    )
+    # The other files after the LLM is in place, so a LoRA run's adapters attach to the quantised layers.
     cfg.weights.llm = None
     try:
         load_weights(model)
     finally:
         cfg.weights.llm = folder
-    # int8 matmuls compute in half precision; fp32 would only cost memory.
-    half = DTYPES[cfg.precision.llm] if cfg.precision.llm != "fp32" else torch.float16
-    model.llm = AutoModelForCausalLM.from_pretrained(
-        folder,
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-        dtype=half,
-        device_map={"": torch.device(device)},
-        attn_implementation=cfg.attn_implementation,
-        local_files_only=True,
-    )
     apply_freeze(model)
     # Not model.to(): moving a bitsandbytes model would undo its quantisation state.
     _move_vision(model, torch.device(device))

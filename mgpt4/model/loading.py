@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN
+from mgpt4.config import DTYPES, PATCHES_PER_IMAGE_TOKEN, QUANTIZED
 from mgpt4.logs import get_logger
 from mgpt4.model.errors import WeightsError
 from mgpt4.model.hf_names import from_hf_name, split_qkv_bias
@@ -401,14 +401,20 @@ def load_proj(model: MiniGPT4, path: str) -> list[str]:
 
 def load_llm(model: MiniGPT4, folder: str) -> None:
     """Replace the (meta) LLM with the Hugging Face folder's weights, whatever decoder it holds
-    (`AutoModelForCausalLM`); sizes set in `model.llm` must match its config.json."""
+    (`AutoModelForCausalLM`); sizes set in `model.llm` must match its config.json. With
+    `model.precision.llm` int8 or nf4 it is quantised as it is read, onto the current CUDA device
+    (`quantized_llm`)."""
     from transformers import AutoModelForCausalLM
 
+    cfg = model.cfg
+    if cfg.precision.llm in QUANTIZED:
+        model.llm = quantized_llm(folder, cfg.precision.llm, cfg.attn_implementation)
+        return
     # The folder's sizes were checked against model.llm when the model was built (`MiniGPT4`).
     llm, info = AutoModelForCausalLM.from_pretrained(
         folder,
-        dtype=DTYPES[model.cfg.precision.llm],
-        attn_implementation=model.cfg.attn_implementation,
+        dtype=DTYPES[cfg.precision.llm],
+        attn_implementation=cfg.attn_implementation,
         local_files_only=True,
         output_loading_info=True,
     )
@@ -416,6 +422,43 @@ def load_llm(model: MiniGPT4, folder: str) -> None:
     if bad:
         raise WeightsError(f"{folder}: LLM weights do not fit {type(llm).__name__}: {bad}")
     model.llm = llm
+
+
+def quantized_llm(
+    folder: str,
+    quant: str,
+    attn_implementation: str,
+    device: torch.device | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> torch.nn.Module:
+    """The folder's LLM with its decoder layers' Linear weights quantised by bitsandbytes as they are read
+    (the one quantised path: training and the inference loader's --llm-8bit): `quant` "int8" is
+    LLM.int8() (one byte per weight plus an fp32 scale per output row), "nf4" is 4-bit NormalFloat as in
+    QLoRA (half a byte per weight plus an fp32 absmax per 64 weights). Embeddings, norms and the output
+    head stay in `compute_dtype`, which the quantised matmuls compute in. On `device` (default: the
+    current CUDA device); a bitsandbytes model must not be moved afterwards (`.to` would undo it).
+
+    Source: transformers' `BitsAndBytesConfig` (bitsandbytes integration); QLoRA, Dettmers et al. 2023.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quant == "int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    elif quant == "nf4":
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    else:
+        raise ValueError(f"quantisation: expected one of {QUANTIZED}, got {quant!r}")
+    device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=qc,
+        dtype=compute_dtype,
+        device_map={"": device},
+        attn_implementation=attn_implementation,
+        local_files_only=True,
+    )
 
 
 def load_weights(model: MiniGPT4) -> dict[str, list[str]]:

@@ -79,7 +79,7 @@ class MiniGPT4(nn.Module):
                 self.llm = llm_class(hf_llm)(hf_llm)
         else:
             with ctx:
-                self.llm = build_llm(hf_llm, dtype=DTYPES[cfg.precision.llm])
+                self.llm = build_llm(hf_llm, dtype=cfg.precision.llm_dtype())
         p = cfg.precision
         self.visual_encoder.to(DTYPES[p.vit])
         if self.qformer is not None:

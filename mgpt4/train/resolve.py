@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from mgpt4.checkpoints import PROJ_FILE, find_checkpoint
-from mgpt4.config import Config
+from mgpt4.config import QUANTIZED, Config
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.config import DataConfig
 from mgpt4.data.shard_lists import check_local_shards, check_not_folders, check_url, expand_shards
@@ -66,6 +66,11 @@ def check_precision(cfg: Config, stage: int) -> None:
         raise ConfigError(
             f"model.precision.proj={p.proj}: in training the projection keeps fp32 master weights and "
             f"computes in train.precision ({engine}); set model.precision.proj=fp32"
+        )
+    if stage == 3 and p.llm in QUANTIZED:
+        raise ConfigError(
+            f"model.precision.llm={p.llm}: ZeRO-3 cannot partition bitsandbytes' quantised weights; train a "
+            "quantised LLM under ZeRO-2 (ds_configs/z2.json), where every rank holds it whole"
         )
     if stage == 3 and p.llm != engine:
         raise ConfigError(
