@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from mgpt4.strict_config import ConfigError
 
 KINDS = ("webdataset", "align", "features")
+# How a stage-1 source stores its samples: img2dataset shards, or an annotation file and an image folder
+# (`mgpt4.data.formats`).
+SOURCE_FORMATS = ("webdataset", "llava", "sharegpt")
 # The stage-1 kinds: image shards, or feature shards extracted from them.
 STAGE1_KINDS = ("webdataset", "features")
 MIX_MODES = ("batch", "sample")
@@ -20,17 +23,49 @@ CROP_DRAWS = ("stream", "sample")
 
 @dataclass
 class SourceConfig:
-    """One stage-1 webdataset source (e.g. LAION or CC/SBU).
+    """One stage-1 source (e.g. LAION or CC/SBU): webdataset shards or an annotation file.
 
     `shards` is a string or a list of strings; each string is a brace pattern
     (`/data/laion/{00000..10488}.tar`), a single URL, a `pipe:` command (`pipe:aws s3 cp s3://b/{0..9}.tar -`)
     or `@FILE`, a text file with one URL or pattern per line (`#` starts a comment).
+
+    With `format` llava or sharegpt the source is `annotations`, a JSON list or JSONL file
+    (`mgpt4.data.formats.records` lists the spellings), read as image-caption pairs: the entry's one
+    image (a path under `image_root`) and its first assistant turn.
     """
 
     name: str = ""
     shards: str | list[str] = field(default_factory=list)
     # Relative weight; the official recipe draws LAION : CC/SBU as 115 : 14.
     ratio: float = 1.0
+    format: str = "webdataset"  # one of SOURCE_FORMATS
+    annotations: str = ""  # format llava / sharegpt: the .json or .jsonl file
+    image_root: str = ""  # where the entries' relative image paths start; "": the annotation file's folder
+
+    def is_annotations(self) -> bool:
+        return self.format != "webdataset"
+
+    def validate(self, kind: str, where: str) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ConfigError(f"{where}.format: expected one of {SOURCE_FORMATS}, got {self.format!r}")
+        if not self.is_annotations():
+            if not self.shards:
+                raise ConfigError(f"{where}.shards: empty; give a brace pattern, a list of URLs or @FILE")
+            for name in ("annotations", "image_root"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{where}.{name}: only for the formats llava and sharegpt (format is webdataset)"
+                    )
+            return
+        if kind == "features":
+            raise ConfigError(
+                f"{where}.format: kind 'features' reads feature shards (format webdataset); a {self.format} "
+                f"source trains with kind 'webdataset'"
+            )
+        if self.shards:
+            raise ConfigError(f"{where}.shards: a {self.format} source reads {where}.annotations, not shards")
+        if not self.annotations:
+            raise ConfigError(f"{where}.annotations: format {self.format!r} needs the .json or .jsonl file")
 
 
 @dataclass
@@ -185,8 +220,7 @@ class DataConfig:
             names = set()
             for i, src in enumerate(self.sources):
                 where = f"{path}.sources[{i}]"
-                if not src.shards:
-                    raise ConfigError(f"{where}.shards: empty; give a brace pattern, a list of URLs or @FILE")
+                src.validate(self.kind, where)
                 if not src.ratio > 0:
                     raise ConfigError(f"{where}.ratio: expected a positive number, got {src.ratio!r}")
                 label = src.name or f"source{i}"

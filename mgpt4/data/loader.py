@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from mgpt4.data.align import AlignDataset
 from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
+from mgpt4.data.formats.annotations import AnnotationIndex
 from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
@@ -237,7 +238,10 @@ class Loader:
         """What the stream reads, by name: each source's shard list (image or feature shards), or the image
         ids of the align set."""
         if self.cfg.kind != "align":
-            return {f"source {n!r}": list(u) for n, u in zip(self.cfg.source_names(), self.dataset.urls)}
+            return {
+                f"source {n!r}": u.identity() if isinstance(u, AnnotationIndex) else list(u)
+                for n, u in zip(self.cfg.source_names(), self.dataset.urls)
+            }
         return {"filter_cap.json": [p.image_id for p in self.dataset.pairs]}
 
     def state_dict(self) -> dict[str, Any]:
