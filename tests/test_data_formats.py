@@ -243,7 +243,7 @@ def test_stage1_reads_one_image_per_entry(tmp_path):
     entries[0]["messages"][0]["content"] = "<image><image>Compare."
     path = write_json(str(tmp_path / "two.jsonl"), entries, jsonl=True)
     cfg = _cfg([SourceConfig(format="sharegpt", annotations=path)])
-    with pytest.raises(AnnotationError, match="line 1: 2 images; stage 1 reads one image per entry"):
+    with pytest.raises(AnnotationError, match="line 1: 2 images; a training sample holds one image"):
         build_loader(cfg, tiny_tokenizer(), L, "\n")
 
 

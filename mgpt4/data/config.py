@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from mgpt4.strict_config import ConfigError
 
-KINDS = ("webdataset", "align", "features")
+KINDS = ("webdataset", "align", "features", "conversations")
 # How a stage-1 source stores its samples: img2dataset shards, or an annotation file and an image folder
 # (`mgpt4.data.formats`).
 SOURCE_FORMATS = ("webdataset", "llava", "sharegpt")
@@ -89,6 +89,11 @@ class ValConfig:
         return self.samples > 0
 
     def validate(self, kind: str, path: str = "data.val") -> None:
+        if kind == "conversations" and self.enabled():
+            raise ConfigError(
+                f"{path}.samples: held-out validation reads captions (stage-1 shards or cc_sbu_align), not "
+                f"conversations; set {path}.samples=0 for kind 'conversations'"
+            )
         if self.samples < 0:
             raise ConfigError(f"{path}.samples: expected 0 (no validation) or more, got {self.samples!r}")
         if self.holdout < 0:
@@ -135,6 +140,8 @@ class DataConfig:
     # "webdataset": stage-1 shards from `sources`; "align": the stage-2 cc_sbu_align folder `align_root`;
     # "features": feature shards written by `python -m mgpt4.features extract` (the Q-Former's output per
     # sample instead of its image: no decode, no ViT and no Q-Former in the step), mixed as `sources`.
+    # "conversations": stage 2 on multi-turn conversations, `sources` of format llava or sharegpt mixed by
+    # ratio, each rendered in the model's template with the loss on the answers (`mgpt4.model.conversation_text`).
     kind: str = "webdataset"
     sources: list[SourceConfig] = field(default_factory=list)
     # "batch": every batch comes from one source drawn by ratio (the official MultiIterLoader);
@@ -183,6 +190,9 @@ class DataConfig:
     # exactly) batch_size samples when pack_rows x pack_length ~ batch_size x the mean sample length.
     pack_length: int = 0
     pack_rows: int = 0
+    # Kind "conversations": text positions of a rendered conversation (image tokens not counted), the
+    # static length of its batches; a longer one keeps its first exchanges that fit.
+    conversation_tokens: int = 512
 
     def validate(self, path: str = "data") -> None:
         if self.kind not in KINDS:
@@ -214,13 +224,21 @@ class DataConfig:
             raise ConfigError(
                 f"{path}.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi!r}"
             )
-        if self.kind in STAGE1_KINDS:
+        if self.conversation_tokens < 1:
+            raise ConfigError(
+                f"{path}.conversation_tokens: expected a positive integer, got {self.conversation_tokens!r}"
+            )
+        if self.kind in (*STAGE1_KINDS, "conversations"):
             if not self.sources:
                 raise ConfigError(f"{path}.sources: kind {self.kind!r} needs at least one source with shards")
             names = set()
             for i, src in enumerate(self.sources):
                 where = f"{path}.sources[{i}]"
                 src.validate(self.kind, where)
+                if self.kind == "conversations" and not src.is_annotations():
+                    raise ConfigError(
+                        f"{where}.format: kind 'conversations' reads the formats llava and sharegpt, got webdataset"
+                    )
                 if not src.ratio > 0:
                     raise ConfigError(f"{where}.ratio: expected a positive number, got {src.ratio!r}")
                 label = src.name or f"source{i}"

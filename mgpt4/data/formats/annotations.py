@@ -208,7 +208,7 @@ def build_index(
     broken JSON (line), entries without images or conversation, roles out of order, no assistant turn,
     `<image>` tags that differ from the images listed, non-string text, image files that do not exist
     (with `check_images`; URLs are not checked here, they are skipped when read), and with `pairs`
-    (stage 1 reads image-caption pairs) entries with more than one image."""
+    (a training sample holds one image) entries with more than one image."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown annotation format {fmt!r}; expected one of {FORMATS}")
     if not os.path.isfile(path):
@@ -235,7 +235,7 @@ def build_index(
         problems += [f"{label} {number}: {p}" for p in found]
         if record is not None and pairs and len(record.images) != 1:
             problems.append(
-                f"{label} {number}: {len(record.images)} images; stage 1 reads one image per entry"
+                f"{label} {number}: {len(record.images)} images; a training sample holds one image"
             )
         if record is None or not check_images:
             continue

@@ -6,7 +6,8 @@ each epoch is a permutation of all entries from (seed, source, epoch) of which r
 readers-th entry. The crops of a block come from the same block generator. The position is one number,
 the next draw, so a resumed run reads exactly the same entries with the same crops.
 
-Each draw gives what a shard sample gives (`("ok", file, key, {"jpg": image bytes, "txt": caption})`),
+Each draw gives what a shard sample gives (`("ok", file, key, {"jpg": image bytes, "txt": caption,
+"json": the entry})`),
 or a skip (`(reason, where, detail)`): an image that cannot be read (`no_image`) or an image URL
 (`image_url`: mgpt4 reads local files; fetch them with img2dataset first).
 """
@@ -101,7 +102,8 @@ class AnnotationStream:
                 data = f.read()
         except OSError as e:
             return ("no_image", where, f"{path}: {e.strerror or e}")
-        return ("ok", entries.path, str(entries.number(i)), {"jpg": data, "txt": record.caption().encode()})
+        files = {"jpg": data, "txt": record.caption().encode(), "json": entries.raw(i)}
+        return ("ok", entries.path, str(entries.number(i)), files)
 
     def close(self) -> None:
         self.entries.close()
