@@ -35,6 +35,8 @@ setup(
         "lowmem": ["bitsandbytes>=0.43"],
         # COCO caption metrics (python -m mgpt4.eval); METEOR and its tokenizer also need a Java runtime.
         "eval": ["pycocoevalcap>=1.2,<2"],
+        # Hugging Face datasets on disk (parquet, save_to_disk) as a data source (mgpt4.data.formats.hf).
+        "data": ["datasets>=3,<6"],
         "dev": [
             "pytest>=8,<10",
             # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
@@ -45,6 +47,7 @@ setup(
             "gradio>=6,<7",
             "selenium>=4.20,<5",
             "pycocoevalcap>=1.2,<2",
+            "datasets>=3,<6",
         ],
     },
 )

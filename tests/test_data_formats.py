@@ -254,7 +254,7 @@ def test_source_settings_are_checked():
         _cfg([SourceConfig(format="llava", annotations="a.json", shards="x.tar")]).validate()
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.format: expected one of"):
         _cfg([SourceConfig(format="parquet!", annotations="a.json")]).validate()
-    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root: only for"):
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root: not for format webdataset"):
         _cfg([SourceConfig(shards="x.tar", image_root="/x")]).validate()
     with pytest.raises(ConfigError, match="kind 'features' reads feature shards"):
         _cfg([SourceConfig(format="llava", annotations="a.json")], kind="features").validate()

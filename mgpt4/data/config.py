@@ -13,7 +13,7 @@ from mgpt4.strict_config import ConfigError
 KINDS = ("webdataset", "align", "features", "conversations")
 # How a stage-1 source stores its samples: img2dataset shards, or an annotation file and an image folder
 # (`mgpt4.data.formats`).
-SOURCE_FORMATS = ("webdataset", "llava", "sharegpt")
+SOURCE_FORMATS = ("webdataset", "llava", "sharegpt", "huggingface")
 # The stage-1 kinds: image shards, or feature shards extracted from them.
 STAGE1_KINDS = ("webdataset", "features")
 MIX_MODES = ("batch", "sample")
@@ -41,6 +41,11 @@ class SourceConfig:
     format: str = "webdataset"  # one of SOURCE_FORMATS
     annotations: str = ""  # format llava / sharegpt: the .json or .jsonl file
     image_root: str = ""  # where the entries' relative image paths start; "": the annotation file's folder
+    # Format huggingface (`annotations`: parquet file(s), a folder of them, a glob, or a save_to_disk
+    # folder): the column of the image ({bytes, path}, a path or a list; "": "image") and of the text
+    # (a caption or a list of messages; "": "caption").
+    image_column: str = ""
+    text_column: str = ""
 
     def is_annotations(self) -> bool:
         return self.format != "webdataset"
@@ -51,11 +56,9 @@ class SourceConfig:
         if not self.is_annotations():
             if not self.shards:
                 raise ConfigError(f"{where}.shards: empty; give a brace pattern, a list of URLs or @FILE")
-            for name in ("annotations", "image_root"):
+            for name in ("annotations", "image_root", "image_column", "text_column"):
                 if getattr(self, name):
-                    raise ConfigError(
-                        f"{where}.{name}: only for the formats llava and sharegpt (format is webdataset)"
-                    )
+                    raise ConfigError(f"{where}.{name}: not for format webdataset")
             return
         if kind == "features":
             raise ConfigError(
@@ -65,7 +68,16 @@ class SourceConfig:
         if self.shards:
             raise ConfigError(f"{where}.shards: a {self.format} source reads {where}.annotations, not shards")
         if not self.annotations:
-            raise ConfigError(f"{where}.annotations: format {self.format!r} needs the .json or .jsonl file")
+            what = (
+                "the parquet file(s) or save_to_disk folder"
+                if self.format == "huggingface"
+                else "the .json or .jsonl file"
+            )
+            raise ConfigError(f"{where}.annotations: format {self.format!r} needs {what}")
+        if self.format != "huggingface":
+            for name in ("image_column", "text_column"):
+                if getattr(self, name):
+                    raise ConfigError(f"{where}.{name}: only for format huggingface")
 
 
 @dataclass
@@ -237,7 +249,8 @@ class DataConfig:
                 src.validate(self.kind, where)
                 if self.kind == "conversations" and not src.is_annotations():
                     raise ConfigError(
-                        f"{where}.format: kind 'conversations' reads the formats llava and sharegpt, got webdataset"
+                        f"{where}.format: kind 'conversations' reads the formats llava, sharegpt and "
+                        "huggingface, got webdataset"
                     )
                 if not src.ratio > 0:
                     raise ConfigError(f"{where}.ratio: expected a positive number, got {src.ratio!r}")

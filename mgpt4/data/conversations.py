@@ -69,6 +69,10 @@ class ConversationBatches(ShardBatches):
             _, path, key, files = entry
             where = f"{path} {key}"
             record, _ = parse_record(json.loads(files["json"]), stream.entries.fmt)
+            if record is None:  # the file changed since it was checked
+                self.skips.add("bad_json", where, "the entry is no longer a well-formed conversation")
+                run.add(*self.skips.last)
+                continue
             encoded = self.encoder.encode(record.turns, record.system)
             if encoded is None:
                 self.skips.add(

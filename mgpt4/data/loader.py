@@ -34,6 +34,7 @@ from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
 from mgpt4.data.conversations import ConversationDataset
 from mgpt4.data.formats.annotations import AnnotationIndex
+from mgpt4.data.formats.hf import HFIndex
 from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
@@ -242,7 +243,7 @@ class Loader:
         ids of the align set."""
         if self.cfg.kind != "align":
             return {
-                f"source {n!r}": u.identity() if isinstance(u, AnnotationIndex) else list(u)
+                f"source {n!r}": u.identity() if isinstance(u, (AnnotationIndex, HFIndex)) else list(u)
                 for n, u in zip(self.cfg.source_names(), self.dataset.urls)
             }
         return {"filter_cap.json": [p.image_id for p in self.dataset.pairs]}

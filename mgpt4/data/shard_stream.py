@@ -24,6 +24,7 @@ from mgpt4.data.batches import BatchText, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.feature_shards import features_folder
 from mgpt4.data.formats.annotations import AnnotationIndex, load_index
+from mgpt4.data.formats.hf import HFIndex, load_hf_once
 from mgpt4.data.formats.stream import AnnotationStream
 from mgpt4.data.payloads import PAYLOAD_ERRORS, make_payload
 from mgpt4.data.samples import SkipCounter, SkipRun, caption_or_skip, found_files
@@ -91,16 +92,18 @@ def check_sources(
     return missing
 
 
-def source_entries(cfg: DataConfig, index: int) -> AnnotationIndex:
+def source_entries(cfg: DataConfig, index: int) -> AnnotationIndex | HFIndex:
     """The indexed, checked annotation file of source `index` (format llava or sharegpt), built once per
     process (`mgpt4.data.formats.annotations.load_index`): AnnotationError lists every problem."""
     src = cfg.sources[index]
+    if src.format == "huggingface":
+        return load_hf_once(src.annotations, src.image_column, src.text_column, src.image_root)
     return load_index(src.annotations, src.format, src.image_root or None, pairs=True)
 
 
 def source_urls(
     cfg: DataConfig, rank_count: int, workers: int, rank: int = 0
-) -> list[list[str] | AnnotationIndex]:
+) -> list[list[str] | AnnotationIndex | HFIndex]:
     """Expanded URL lists per source (an annotation source: its index), checked by `check_sources`
     unless the run's config check did so (ValueError naming the source: a bad scheme, too few shards for
     split mode, no shard there at all, an annotation file with problems).
@@ -113,7 +116,7 @@ def source_urls(
         missing = check_sources(cfg, rank_count, workers)
         if missing:
             raise ValueError(missing[0])
-    out: list[list[str] | AnnotationIndex] = []
+    out: list[list[str] | AnnotationIndex | HFIndex] = []
     for i in range(len(cfg.sources)):
         if cfg.sources[i].is_annotations():
             out.append(source_entries(cfg, i))
@@ -308,7 +311,7 @@ class ShardBatches:
     def __init__(
         self,
         cfg: DataConfig,
-        urls: Sequence[Sequence[str] | AnnotationIndex],
+        urls: Sequence[Sequence[str] | AnnotationIndex | HFIndex],
         text: BatchText,
         rank: int,
         world_size: int,
@@ -327,7 +330,7 @@ class ShardBatches:
         state = state or {}
         src_states = state.get("sources") or [None] * len(urls)
         self.streams = [
-            (AnnotationStream if isinstance(u, AnnotationIndex) else ShardStream)(
+            (AnnotationStream if isinstance(u, (AnnotationIndex, HFIndex)) else ShardStream)(
                 name, i, u, cfg.resampled, cfg.shuffle_buffer, cfg.seed, self.reader, readers, src_states[i]
             )
             for i, (name, u) in enumerate(zip(cfg.source_names(), urls))

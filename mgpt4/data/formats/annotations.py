@@ -30,6 +30,18 @@ def is_url(path: str) -> bool:
     return bool(_URL.match(path))
 
 
+def read_image(path: str, where: str) -> bytes | tuple[str, str, str]:
+    """The bytes of a local image file, or the skip `(reason, where, detail)`: `image_url` for a URL
+    (mgpt4 reads local files), `no_image` for a file that cannot be read."""
+    if is_url(path):
+        return ("image_url", where, f"{path!r} is a URL; mgpt4 reads local image files")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return ("no_image", where, f"{path}: {e.strerror or e}")
+
+
 class AnnotationError(ValueError):
     """An annotation file with structural problems; the message lists them all (file, entry or line)."""
 
@@ -109,6 +121,21 @@ class AnnotationIndex:
         if is_url(path) or os.path.isabs(path):
             return path
         return os.path.join(self.image_root, path)
+
+    def sample(self, i: int) -> tuple:
+        """Entry i as a shard sample, `("ok", file, key, files)` with files `jpg` (the image's bytes,
+        whatever its format), `txt` (the caption) and `json` (the entry), or a skip `(reason, where,
+        detail)`: `bad_json` (the file changed), `image_url`, `no_image` (unreadable)."""
+        where = self.where(i)
+        try:
+            record = self.record(i)
+        except ValueError as e:
+            return ("bad_json", where, str(e))
+        image = read_image(self.image_path(record.images[0]), where)
+        if isinstance(image, tuple):
+            return image
+        files = {"jpg": image, "txt": record.caption().encode(), "json": self.raw(i)}
+        return ("ok", self.path, str(self.number(i)), files)
 
     def close(self) -> None:
         if self._map is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mgpt4.data.formats.annotations import AnnotationIndex, is_url
+from mgpt4.data.formats.annotations import AnnotationIndex
 from mgpt4.data.streams import Stream, stream_rng
 from mgpt4.data.transforms import CROP_UNIFORMS
 
@@ -87,23 +87,7 @@ class AnnotationStream:
 
     def read(self, i: int) -> tuple:
         """Entry i as a shard sample ("ok", file, key, files) or a skip (reason, where, detail)."""
-        entries = self.entries
-        where = entries.where(i)
-        try:
-            record = entries.record(i)
-        except ValueError as e:
-            return ("bad_json", where, str(e))
-        image = record.images[0]
-        if is_url(image):
-            return ("image_url", where, f"{image!r} is a URL; mgpt4 reads local image files")
-        path = entries.image_path(image)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return ("no_image", where, f"{path}: {e.strerror or e}")
-        files = {"jpg": data, "txt": record.caption().encode(), "json": entries.raw(i)}
-        return ("ok", entries.path, str(entries.number(i)), files)
+        return self.entries.sample(i)
 
     def close(self) -> None:
         self.entries.close()
