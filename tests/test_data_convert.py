@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
 from data_fixtures import tiny_tokenizer
 from format_fixtures import llava_entries, llava_set, write_images, write_json
 from PIL import Image
@@ -106,3 +107,33 @@ def test_the_command_line(tmp_path, capsys):
         and "entry 0: 'conversations': expected a non-empty list" in err
     )
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_features_extract_reads_an_annotation_file_through_its_shards(tmp_path, monkeypatch):
+    from mgpt4.config import Config, WeightsConfig
+    from mgpt4.data import DataConfig
+    from mgpt4.dist import RankInfo
+    from mgpt4.features.extract import ExtractOptions, extract
+    from mgpt4.model.presets import stage1_text, tiny
+    from mgpt4.train.assets import ensure_tiny_weights
+
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    path = llava_set(str(tmp_path / "in"), 6)
+    model = tiny()
+    model.text = stage1_text()
+    w = ensure_tiny_weights(tiny(), [f"sample number {i} of shard 0" for i in range(6)] * 5)
+    model.weights = WeightsConfig(eva_vit=w.eva_vit, blip2=w.blip2, llm=w.llm)
+    data = DataConfig(
+        sources=[SourceConfig(name="llava", format="llava", annotations=path)], num_workers=0, image_size=56
+    )
+    cfg = Config(recipe="test", model=model, data=data)
+    opts = ExtractOptions(out=str(tmp_path / "features"), batch_size=4, num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match=r"python -m mgpt4.data.convert --format llava --annotations "):
+        extract(cfg, opts, RankInfo())
+    summary = convert(
+        load_index(path, "llava"), str(tmp_path / "shards"), per_shard=4, workers=0, progress=False
+    )
+    cfg.data.sources = [SourceConfig(name="llava", shards=summary["pattern"])]
+    cfg.data.crops = "sample"
+    reports = extract(cfg, opts, RankInfo())
+    assert sum(r.samples for r in reports) == 6 and sum(r.shards_written for r in reports) == 2

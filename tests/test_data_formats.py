@@ -275,3 +275,24 @@ def test_image_root_is_honoured(tmp_path):
     with pytest.raises(AnnotationError, match="image file"):
         build_index(path, "llava")
     assert len(build_index(path, "llava", str(tmp_path / "pics"))) == 3
+
+
+def test_the_checked_index_is_kept_for_the_next_run(tmp_path, monkeypatch):
+    from mgpt4.data.formats import annotations
+
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    path = llava_set(str(tmp_path / "l"), 5, jsonl=True)
+    first = annotations.load_index(path, "llava", pairs=True)
+    monkeypatch.setattr(annotations, "_INDEXES", {})  # a new run: nothing in this process
+
+    def fail(*args, **kwargs):
+        raise AssertionError("indexed again")
+
+    monkeypatch.setattr(annotations, "build_index", fail)
+    again = annotations.load_index(path, "llava", pairs=True)
+    assert again is not first and np.array_equal(again.starts, first.starts) and again.jsonl
+    assert again.record(4).caption() == "sample number 4 of shard 0"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n")  # a changed file (size, mtime) is indexed and checked again
+    with pytest.raises(AssertionError, match="indexed again"):
+        annotations.load_index(path, "llava", pairs=True)

@@ -10,7 +10,9 @@ error with the file and the entry (JSON list) or line (JSONL), before anything t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mgpt4.data.formats.records import FORMATS, Record, parse_record
+
+log = logging.getLogger("mgpt4.data")
 
 # How many problems the error shows before it gives the count of the rest.
 SHOW_PROBLEMS = 20
@@ -294,14 +298,60 @@ def build_index(
 
 
 _INDEXES: dict[tuple, AnnotationIndex] = {}
+# Bumped when what an index file holds, or what its checks cover, changes.
+INDEX_VERSION = 1
+
+
+def index_cache_path(key: tuple) -> str:
+    """Where the checked index of one version of a file is kept: $MGPT4_CACHE/indexes (default
+    ~/.cache/mgpt4/indexes), named by the file's path, size and mtime and the settings it was checked under."""
+    base = os.environ.get("MGPT4_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mgpt4")
+    digest = hashlib.sha1(repr((INDEX_VERSION, *key)).encode()).hexdigest()[:20]
+    return os.path.join(base, "indexes", f"{digest}.npz")
+
+
+def _load_cached(cache: str, path: str, fmt: str, root: str) -> AnnotationIndex | None:
+    try:
+        with np.load(cache) as z:
+            index = AnnotationIndex(path, fmt, root, z["starts"], z["ends"], bool(z["jsonl"]))
+            if "lines" in z:
+                index.lines = z["lines"]
+            return index
+    except (OSError, ValueError, KeyError):  # absent, or a damaged cache file: index again
+        return None
+
+
+def _save_cached(cache: str, index: AnnotationIndex) -> None:
+    arrays = {"starts": index.starts, "ends": index.ends, "jsonl": np.array(index.jsonl)}
+    if index.lines is not None:
+        arrays["lines"] = index.lines
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)  # atomic: ranks that index the same file at once write the same bytes
+    except OSError as e:
+        log.warning(
+            "could not keep the index of %s in %s (%s); it is built again next run", index.path, cache, e
+        )
 
 
 def load_index(path: str, fmt: str, image_root: str | None = None, pairs: bool = False) -> AnnotationIndex:
-    """`build_index`, once per version of the file in this process (the config check and the loader
-    share it)."""
+    """`build_index`, once per version of the file: in this process (the config check and the loader
+    share it), and across runs through an index file in the cache (`index_cache_path`), so a run
+    that starts again on an unchanged file neither parses nor checks it again. Image files deleted
+    after the check are then found when read (skipped and counted as `no_image`)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: annotation file does not exist")
-    key = (_stamp(path), fmt, image_root or "", pairs)
+    stamp = _stamp(path)
+    root = image_root if image_root else os.path.dirname(os.path.abspath(path))
+    key = (stamp, fmt, os.path.abspath(root), pairs)
     if key not in _INDEXES:
-        _INDEXES[key] = build_index(path, fmt, image_root, pairs=pairs)
+        cache = index_cache_path((stamp.path, stamp.size, stamp.mtime_ns, *key[1:]))
+        index = _load_cached(cache, path, fmt, root)
+        if index is None:
+            index = build_index(path, fmt, image_root, pairs=pairs)
+            _save_cached(cache, index)
+        _INDEXES[key] = index
     return _INDEXES[key]
