@@ -258,7 +258,9 @@ def test_conversations_that_cannot_fit_are_skipped_and_counted(tmp_path, data_mo
 
 
 def test_conversation_settings_are_checked(tmp_path, data_model):
-    with pytest.raises(ConfigError, match="kind 'conversations' reads the formats llava and sharegpt"):
+    with pytest.raises(
+        ConfigError, match="kind 'conversations' reads the formats llava, sharegpt and huggingface"
+    ):
         _conv_cfg([SourceConfig(shards="x.tar")]).validate()
     with pytest.raises(ConfigError, match=r"data\.val\.samples: held-out validation reads captions"):
         cfg = _conv_cfg([SourceConfig(format="llava", annotations="a.json")])
