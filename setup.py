@@ -42,6 +42,8 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"],
         # LoRA adapters on the LLM in stage 2 (model.lora).
         "lora": ["peft>=0.17"],
+        # Hugging Face datasets on disk (parquet, save_to_disk) as a data source (mgpt4.data.formats.hf).
+        "data": ["datasets>=3,<6"],
         "dev": [
             "pytest>=8,<10",
             # Two test workers, one file each at a time: the multi-rank runs leave a core idle half the time.
@@ -58,7 +60,7 @@ setup(
             # The server's tests talk to it with the official client.
             "openai>=1.40",
             "lmms-eval>=0.7.3,<0.8",
-            "datasets>=2.19",  # the lmms-eval tests write their tasks' data with it
+            "datasets>=3,<6",  # Hugging Face sources; the lmms-eval tests write their tasks' data with it
             "peft>=0.17",
         ],
     },

@@ -130,7 +130,17 @@ def make_packed_batch(
 
 
 # The batch entries MiniGPT4.forward takes; the rest (source, sample_id, ...) are for bookkeeping.
-MODEL_INPUTS = ("image", "features", "text_ids", "text_mask", "instruction", "pack_slot", "pack_pos")
+MODEL_INPUTS = (
+    "image",
+    "features",
+    "text_ids",
+    "text_mask",
+    "instruction",
+    "pack_slot",
+    "pack_pos",
+    "text_labels",
+    "image_at",
+)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

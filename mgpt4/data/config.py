@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 from mgpt4.strict_config import ConfigError
 
-KINDS = ("webdataset", "align", "features")
+KINDS = ("webdataset", "align", "features", "conversations")
+# How a stage-1 source stores its samples: img2dataset shards, or an annotation file and an image folder
+# (`mgpt4.data.formats`).
+SOURCE_FORMATS = ("webdataset", "llava", "sharegpt", "huggingface")
 # The stage-1 kinds: image shards, or feature shards extracted from them.
 STAGE1_KINDS = ("webdataset", "features")
 MIX_MODES = ("batch", "sample")
@@ -20,17 +23,61 @@ CROP_DRAWS = ("stream", "sample")
 
 @dataclass
 class SourceConfig:
-    """One stage-1 webdataset source (e.g. LAION or CC/SBU).
+    """One stage-1 source (e.g. LAION or CC/SBU): webdataset shards or an annotation file.
 
     `shards` is a string or a list of strings; each string is a brace pattern
     (`/data/laion/{00000..10488}.tar`), a single URL, a `pipe:` command (`pipe:aws s3 cp s3://b/{0..9}.tar -`)
     or `@FILE`, a text file with one URL or pattern per line (`#` starts a comment).
+
+    With `format` llava or sharegpt the source is `annotations`, a JSON list or JSONL file
+    (`mgpt4.data.formats.records` lists the spellings), read as image-caption pairs: the entry's one
+    image (a path under `image_root`) and its first assistant turn.
     """
 
     name: str = ""
     shards: str | list[str] = field(default_factory=list)
     # Relative weight; the official recipe draws LAION : CC/SBU as 115 : 14.
     ratio: float = 1.0
+    format: str = "webdataset"  # one of SOURCE_FORMATS
+    annotations: str = ""  # format llava / sharegpt: the .json or .jsonl file
+    image_root: str = ""  # where the entries' relative image paths start; "": the annotation file's folder
+    # Format huggingface (`annotations`: parquet file(s), a folder of them, a glob, or a save_to_disk
+    # folder): the column of the image ({bytes, path}, a path or a list; "": "image") and of the text
+    # (a caption or a list of messages; "": "caption").
+    image_column: str = ""
+    text_column: str = ""
+
+    def is_annotations(self) -> bool:
+        return self.format != "webdataset"
+
+    def validate(self, kind: str, where: str) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ConfigError(f"{where}.format: expected one of {SOURCE_FORMATS}, got {self.format!r}")
+        if not self.is_annotations():
+            if not self.shards:
+                raise ConfigError(f"{where}.shards: empty; give a brace pattern, a list of URLs or @FILE")
+            for name in ("annotations", "image_root", "image_column", "text_column"):
+                if getattr(self, name):
+                    raise ConfigError(f"{where}.{name}: not for format webdataset")
+            return
+        if kind == "features":
+            raise ConfigError(
+                f"{where}.format: kind 'features' reads feature shards (format webdataset); a {self.format} "
+                f"source trains with kind 'webdataset'"
+            )
+        if self.shards:
+            raise ConfigError(f"{where}.shards: a {self.format} source reads {where}.annotations, not shards")
+        if not self.annotations:
+            what = (
+                "the parquet file(s) or save_to_disk folder"
+                if self.format == "huggingface"
+                else "the .json or .jsonl file"
+            )
+            raise ConfigError(f"{where}.annotations: format {self.format!r} needs {what}")
+        if self.format != "huggingface":
+            for name in ("image_column", "text_column"):
+                if getattr(self, name):
+                    raise ConfigError(f"{where}.{name}: only for format huggingface")
 
 
 @dataclass
@@ -54,6 +101,11 @@ class ValConfig:
         return self.samples > 0
 
     def validate(self, kind: str, path: str = "data.val") -> None:
+        if kind == "conversations" and self.enabled():
+            raise ConfigError(
+                f"{path}.samples: held-out validation reads captions (stage-1 shards or cc_sbu_align), not "
+                f"conversations; set {path}.samples=0 for kind 'conversations'"
+            )
         if self.samples < 0:
             raise ConfigError(f"{path}.samples: expected 0 (no validation) or more, got {self.samples!r}")
         if self.holdout < 0:
@@ -100,6 +152,8 @@ class DataConfig:
     # "webdataset": stage-1 shards from `sources`; "align": the stage-2 cc_sbu_align folder `align_root`;
     # "features": feature shards written by `python -m mgpt4.features extract` (the Q-Former's output per
     # sample instead of its image: no decode, no ViT and no Q-Former in the step), mixed as `sources`.
+    # "conversations": stage 2 on multi-turn conversations, `sources` of format llava or sharegpt mixed by
+    # ratio, each rendered in the model's template with the loss on the answers (`mgpt4.model.conversation_text`).
     kind: str = "webdataset"
     sources: list[SourceConfig] = field(default_factory=list)
     # "batch": every batch comes from one source drawn by ratio (the official MultiIterLoader);
@@ -148,6 +202,9 @@ class DataConfig:
     # exactly) batch_size samples when pack_rows x pack_length ~ batch_size x the mean sample length.
     pack_length: int = 0
     pack_rows: int = 0
+    # Kind "conversations": text positions of a rendered conversation (image tokens not counted), the
+    # static length of its batches; a longer one keeps its first exchanges that fit.
+    conversation_tokens: int = 512
 
     def validate(self, path: str = "data") -> None:
         if self.kind not in KINDS:
@@ -179,14 +236,22 @@ class DataConfig:
             raise ConfigError(
                 f"{path}.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi!r}"
             )
-        if self.kind in STAGE1_KINDS:
+        if self.conversation_tokens < 1:
+            raise ConfigError(
+                f"{path}.conversation_tokens: expected a positive integer, got {self.conversation_tokens!r}"
+            )
+        if self.kind in (*STAGE1_KINDS, "conversations"):
             if not self.sources:
                 raise ConfigError(f"{path}.sources: kind {self.kind!r} needs at least one source with shards")
             names = set()
             for i, src in enumerate(self.sources):
                 where = f"{path}.sources[{i}]"
-                if not src.shards:
-                    raise ConfigError(f"{where}.shards: empty; give a brace pattern, a list of URLs or @FILE")
+                src.validate(self.kind, where)
+                if self.kind == "conversations" and not src.is_annotations():
+                    raise ConfigError(
+                        f"{where}.format: kind 'conversations' reads the formats llava, sharegpt and "
+                        "huggingface, got webdataset"
+                    )
                 if not src.ratio > 0:
                     raise ConfigError(f"{where}.ratio: expected a positive number, got {src.ratio!r}")
                 label = src.name or f"source{i}"

@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader
 from mgpt4.data.align import AlignDataset
 from mgpt4.data.batches import BatchText
 from mgpt4.data.config import DataConfig
+from mgpt4.data.conversations import ConversationDataset
+from mgpt4.data.formats.annotations import AnnotationIndex
+from mgpt4.data.formats.hf import HFIndex
 from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
@@ -230,6 +233,8 @@ class Loader:
                 mix=cfg.mix,
                 sources=cfg.source_names(),
             )
+        if cfg.kind == "conversations":
+            setup["conversation_tokens"] = cfg.conversation_tokens
         if cfg.packs():  # only when set, so positions saved before packing existed still load
             setup.update(pack_length=cfg.pack_length, pack_rows=cfg.pack_rows)
         if cfg.crops != "stream":
@@ -240,7 +245,10 @@ class Loader:
         """What the stream reads, by name: each source's shard list (image or feature shards), or the image
         ids of the align set."""
         if self.cfg.kind != "align":
-            return {f"source {n!r}": list(u) for n, u in zip(self.cfg.source_names(), self.dataset.urls)}
+            return {
+                f"source {n!r}": u.identity() if isinstance(u, (AnnotationIndex, HFIndex)) else list(u)
+                for n, u in zip(self.cfg.source_names(), self.dataset.urls)
+            }
         return {"filter_cap.json": [p.image_id for p in self.dataset.pairs]}
 
     def state_dict(self) -> dict[str, Any]:
@@ -340,6 +348,7 @@ def build_loader(
     num_instructions: int = 0,
     context_lengths: Sequence[int] = (),
     feature_shape: Sequence[int] | None = None,
+    conversation: Any = None,
 ) -> Loader:
     """The loader of one rank. `max_txt_len`, `end_sym` and the number of instructions to draw from
     (`len(instructions)`, 0 for stage 1) come from the model's TextConfig.
@@ -347,7 +356,9 @@ def build_loader(
     Packing (`cfg.pack_length`) also needs `context_lengths`, the LLM positions before the answer under
     each instruction (one value without instructions): `Layout.context_length` of each of
     `MiniGPT4.sample_layouts()` (`mgpt4.model.layout`), in the same order; kind 'features' needs
-    `feature_shape`, (num_query_tokens, qformer width). ValueError names what is missing or too long.
+    `feature_shape`, (num_query_tokens, qformer width); kind 'conversations' needs `conversation`, the
+    model's `MiniGPT4.conversation_encoder(cfg.conversation_tokens)`. ValueError names what is missing or
+    too long.
     """
     cfg.validate()
     if not 0 <= rank < world_size:
@@ -361,8 +372,11 @@ def build_loader(
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if num_instructions < 0:
         raise ValueError(f"num_instructions must be 0 or more, got {num_instructions}")
+    if cfg.kind == "conversations":
+        check_conversations(cfg, conversation)
+        num_instructions, context_lengths = 0, ()  # the conversation is the whole text
     text = BatchText(tokenizer, max_txt_len, end_sym, num_instructions, tuple(context_lengths))
-    if cfg.packs():
+    if cfg.packs() and cfg.kind != "conversations":
         check_packing(cfg, text)
 
     def dataset_for_pass(data_pass: int) -> WorkerDataset:
@@ -370,10 +384,32 @@ def build_loader(
         pass_cfg = dataclasses.replace(cfg, seed=pass_seed(cfg.seed, data_pass))
         if cfg.kind == "align":
             return AlignDataset(pass_cfg, text, rank, world_size)
+        if cfg.kind == "conversations":
+            return ConversationDataset(pass_cfg, text, rank, world_size, encoder=conversation)
         dataset_cls = PackedShardDataset if cfg.packs() else ShardDataset
         return dataset_cls(pass_cfg, text, rank, world_size, feature_shape)
 
     return Loader(dataset_for_pass(0), cfg, rank, world_size, dataset_for_pass)
+
+
+def check_conversations(cfg: DataConfig, encoder: Any) -> None:
+    """Kind 'conversations' needs the model's encoder, made for data.conversation_tokens; a packed row
+    must hold the longest conversation and its image."""
+    if encoder is None:
+        raise ValueError(
+            "data.kind 'conversations' needs the model's conversation encoder "
+            "(build_loader(..., conversation=model.conversation_encoder(cfg.data.conversation_tokens)))"
+        )
+    if encoder.max_tokens != cfg.conversation_tokens:
+        raise ValueError(
+            f"data.conversation_tokens is {cfg.conversation_tokens}, the encoder was made for {encoder.max_tokens}"
+        )
+    longest = cfg.conversation_tokens + encoder.image_tokens
+    if cfg.packs() and cfg.pack_length < longest:
+        raise ValueError(
+            f"data.pack_length: {cfg.pack_length} tokens cannot hold the longest conversation, "
+            f"{cfg.conversation_tokens} text (data.conversation_tokens) + {encoder.image_tokens} image tokens = {longest}"
+        )
 
 
 def check_packing(cfg: DataConfig, text: BatchText) -> None:

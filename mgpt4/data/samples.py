@@ -27,6 +27,8 @@ SKIP_REASONS = (
     "truncated_shard",
     "corrupt_shard",
     "empty_batch",
+    "image_url",
+    "too_long",
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # At most this many skipped samples per reason are logged by each worker; the rest are only counted.

@@ -23,6 +23,9 @@ import torch
 from mgpt4.data.batches import BatchText, make_batch
 from mgpt4.data.config import DataConfig
 from mgpt4.data.feature_shards import features_folder
+from mgpt4.data.formats.annotations import AnnotationIndex, load_index
+from mgpt4.data.formats.hf import HFIndex, load_hf_once
+from mgpt4.data.formats.stream import AnnotationStream
 from mgpt4.data.payloads import PAYLOAD_ERRORS, make_payload
 from mgpt4.data.samples import SkipCounter, SkipRun, caption_or_skip, found_files
 from mgpt4.data.shard_lists import (
@@ -68,6 +71,12 @@ def check_sources(
     `will_exist`; with none, the sources count as checked for `source_urls`."""
     missing = []
     for i in range(len(cfg.sources)):
+        if cfg.sources[i].is_annotations():
+            try:
+                check_readers(cfg, i, range(len(source_entries(cfg, i))), rank_count, workers, "entries")
+            except FileNotFoundError as e:
+                missing.append(f"data.sources[{i}].annotations: {e}")
+            continue
         where = f"data.sources[{i}].shards"
         urls = expand_source(cfg, i)  # kind 'features' with features_root: the feature shards
         for url in urls:
@@ -83,9 +92,21 @@ def check_sources(
     return missing
 
 
-def source_urls(cfg: DataConfig, rank_count: int, workers: int, rank: int = 0) -> list[list[str]]:
-    """Expanded URL lists per source, checked by `check_sources` unless the run's config check did so
-    (ValueError naming the source: a bad scheme, too few shards for split mode, no shard there at all).
+def source_entries(cfg: DataConfig, index: int) -> AnnotationIndex | HFIndex:
+    """The indexed, checked annotation file of source `index` (format llava or sharegpt), built once per
+    process (`mgpt4.data.formats.annotations.load_index`): AnnotationError lists every problem."""
+    src = cfg.sources[index]
+    if src.format == "huggingface":
+        return load_hf_once(src.annotations, src.image_column, src.text_column, src.image_root)
+    return load_index(src.annotations, src.format, src.image_root or None, pairs=True)
+
+
+def source_urls(
+    cfg: DataConfig, rank_count: int, workers: int, rank: int = 0
+) -> list[list[str] | AnnotationIndex | HFIndex]:
+    """Expanded URL lists per source (an annotation source: its index), checked by `check_sources`
+    unless the run's config check did so (ValueError naming the source: a bad scheme, too few shards for
+    split mode, no shard there at all, an annotation file with problems).
 
     When only some of a source's local shards are missing, rank 0 says how many and names the first
     few, and the run trains on the rest (each draw of an absent shard is skipped and counted as
@@ -95,8 +116,11 @@ def source_urls(cfg: DataConfig, rank_count: int, workers: int, rank: int = 0) -
         missing = check_sources(cfg, rank_count, workers)
         if missing:
             raise ValueError(missing[0])
-    out = []
+    out: list[list[str] | AnnotationIndex | HFIndex] = []
     for i in range(len(cfg.sources)):
+        if cfg.sources[i].is_annotations():
+            out.append(source_entries(cfg, i))
+            continue
         urls = expand_source(cfg, i)
         if rank == 0:
             warn_missing(urls, f"data.sources[{i}].shards", cfg.source_names()[i])
@@ -126,14 +150,17 @@ def expand_source(cfg: DataConfig, index: int) -> list[str]:
     return urls
 
 
-def check_readers(cfg: DataConfig, index: int, urls: Sequence[str], rank_count: int, workers: int) -> None:
-    """Split mode (`resampled: false`) needs a shard for each reader (rank x worker)."""
+def check_readers(
+    cfg: DataConfig, index: int, urls: Sequence, rank_count: int, workers: int, what: str = "shard(s)"
+) -> None:
+    """Split mode (`resampled: false`) needs a shard (or entry) for each reader (rank x worker)."""
     readers = rank_count * max(1, workers)
     if not cfg.resampled and len(urls) < readers:
+        field = "annotations" if what == "entries" else "shards"
         raise ValueError(
-            f"data.sources[{index}].shards: source {cfg.source_names()[index]!r} has {len(urls)} shard(s), "
+            f"data.sources[{index}].{field}: source {cfg.source_names()[index]!r} has {len(urls)} {what}, "
             f"fewer than {rank_count} rank(s) x {max(1, workers)} worker(s) = {readers} readers in split mode "
-            f"(data.resampled: false); give at least {readers} shards, use fewer workers, "
+            f"(data.resampled: false); give at least {readers} {what}, use fewer workers, "
             f"or set data.resampled: true"
         )
 
@@ -284,7 +311,7 @@ class ShardBatches:
     def __init__(
         self,
         cfg: DataConfig,
-        urls: Sequence[Sequence[str]],
+        urls: Sequence[Sequence[str] | AnnotationIndex | HFIndex],
         text: BatchText,
         rank: int,
         world_size: int,
@@ -303,7 +330,7 @@ class ShardBatches:
         state = state or {}
         src_states = state.get("sources") or [None] * len(urls)
         self.streams = [
-            ShardStream(
+            (AnnotationStream if isinstance(u, (AnnotationIndex, HFIndex)) else ShardStream)(
                 name, i, u, cfg.resampled, cfg.shuffle_buffer, cfg.seed, self.reader, readers, src_states[i]
             )
             for i, (name, u) in enumerate(zip(cfg.source_names(), urls))
@@ -330,7 +357,7 @@ class ShardBatches:
             return np.full(size, rng.choice(n, p=self.ratios), dtype=np.int64)
         return rng.choice(n, size=size, p=self.ratios).astype(np.int64)
 
-    def _fill_slot(self, stream: ShardStream, out: torch.Tensor) -> Taken:
+    def _fill_slot(self, stream: ShardStream | AnnotationStream, out: torch.Tensor) -> Taken:
         """Decode the next usable sample of `stream` into `out`; skipped ones are counted, and
         `MAX_SKIP_RUN` of them in a row stop the source (DataSourceError naming why they were skipped)."""
         run = SkipRun(stream.name)

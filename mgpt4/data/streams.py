@@ -29,6 +29,8 @@ class Stream(enum.IntEnum):
     DATA_PASS = 32  # the seed of a later data pass (train.resume_data)
     HELDOUT_INSTRUCTION = 41  # the instruction of one held-out sample (fixed: no seed)
     SAMPLE_CROP = 42  # the crop of one sample, from its shard and key (data.crops: sample)
+    ENTRY_BLOCK = 51  # the entry draws (resampled) and crops of one block of an annotation source
+    ENTRY_EPOCH = 52  # the entry order of one pass over an annotation source (resampled: false)
 
 
 # The key fields of each stream, in seed order.
@@ -44,6 +46,8 @@ KEYS: dict[Stream, tuple[str, ...]] = {
     Stream.DATA_PASS: ("seed", "data_pass"),
     Stream.HELDOUT_INSTRUCTION: ("index",),
     Stream.SAMPLE_CROP: ("seed", "shard_crc", "key_crc"),
+    Stream.ENTRY_BLOCK: ("seed", "shards", "reader", "block"),
+    Stream.ENTRY_EPOCH: ("seed", "shards", "epoch"),
 }
 
 

@@ -388,6 +388,14 @@ def extract(
     unknown = [s for s in chosen if s not in names]
     if unknown:
         raise ValueError(f"--sources: {unknown} are not sources of this config (it has {names})")
+    for i, src in enumerate(d.sources):
+        if names[i] in chosen and src.is_annotations():
+            # A feature cache is named by image shards; an annotation file becomes shards first.
+            raise ValueError(
+                f"data.sources[{i}]: extract reads image shards, and source {names[i]!r} is a {src.format} "
+                f"file; write it as shards with `python -m mgpt4.data.convert --format {src.format} "
+                f"--annotations {src.annotations} --out <folder>` and extract those"
+            )
     device = torch.device(dist.rank_device(opts.device, info))
     if model is None:
         model = build_vision_model(cfg.model, device)

@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mgpt4.config import DTYPES, ModelConfig
+from mgpt4.model.conversation_text import ConversationEncoder
 from mgpt4.model.generation import (
     GREEDY,
     GenerationSettings,
@@ -31,7 +32,7 @@ from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
 from mgpt4.model.packing import pack_sequences
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
-from mgpt4.model.templates import TextSpec, prompt_tokenizer, resolve_text
+from mgpt4.model.templates import TextSpec, conversation_wrappers, prompt_tokenizer, resolve_text
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens
 from mgpt4.tokenizer import encode_answers
 
@@ -216,6 +217,54 @@ class MiniGPT4(nn.Module):
         n = self.cfg.text.max_txt_len if answer_tokens is None else answer_tokens
         return tuple(self.layout(p, n) for p in self.sample_prompts())
 
+    def conversation_encoder(self, max_tokens: int) -> ConversationEncoder:
+        """How the loader turns a conversation into this model's training sequence, at most `max_tokens`
+        text positions (`mgpt4.model.conversation_text`); picklable, for data workers."""
+        spec = self.text_spec
+        first, first_system, later = conversation_wrappers(spec, self.cfg.text.prompt_template is not None)
+        return ConversationEncoder(
+            self._tok(),
+            first,
+            first_system,
+            later,
+            spec.end_sym,
+            spec.bos_id,
+            spec.template.slow_llama_pieces,
+            max_tokens,
+            self.num_image_tokens,
+        )
+
+    def build_conversation_inputs(
+        self,
+        img_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_labels: torch.Tensor,
+        image_at: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splice image embeddings [B, n, H] into whole conversations: text_ids / text_mask / text_labels
+        int64 [B, T] (`ConversationEncoder`: ids, 1 for real tokens, 1 where the loss reads), image_at
+        int64 [B] (the text position the image goes before). Returns (inputs_embeds [B, T + n, H],
+        attention_mask [B, T + n], labels [B, T + n]); static shapes, one gather per sample row."""
+        bsz, n_img, hidden = img_embeds.shape
+        device = img_embeds.device
+        text_ids, text_mask = text_ids.to(device), text_mask.to(device=device, dtype=torch.long)
+        text_labels, at = text_labels.to(device), image_at.to(device).view(-1, 1)
+        embeds = self.llm.get_input_embeddings()(text_ids)
+        pos = torch.arange(text_ids.shape[1] + n_img, device=device).view(1, -1)
+        is_image = (pos >= at) & (pos < at + n_img)
+        text_index = torch.where(pos < at, pos, pos - n_img).clamp(0, text_ids.shape[1] - 1)
+        image_index = (pos - at).clamp(0, n_img - 1)
+        inputs = torch.where(
+            is_image.unsqueeze(-1),
+            img_embeds.gather(1, image_index.unsqueeze(-1).expand(bsz, -1, hidden)),
+            embeds.gather(1, text_index.unsqueeze(-1).expand(bsz, -1, hidden)),
+        )
+        real = text_mask.gather(1, text_index).bool() | is_image
+        reads = text_labels.gather(1, text_index).bool() & ~is_image & real
+        labels = torch.where(reads, text_ids.gather(1, text_index), IGNORE_INDEX)
+        return inputs, real.long(), labels
+
     def _prompt_layout(self, prompt: str) -> Layout:
         """The layout of a training prompt (one image, no answer), made once per prompt."""
         _, layouts = self._resolved_text()
@@ -277,6 +326,8 @@ class MiniGPT4(nn.Module):
         features: torch.Tensor | None = None,
         pack_slot: torch.Tensor | None = None,
         pack_pos: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        image_at: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Loss on a batch of normalised images and answer ids (from `mgpt4.tokenizer.encode_answers`).
 
@@ -285,11 +336,18 @@ class MiniGPT4(nn.Module):
         [B, Q, W] (a feature cache) replace `image`: the frozen vision path is skipped.
         `pack_slot` / `pack_pos` [rows, length] (the loader's packed layout, `mgpt4.model.packing`) lay the
         B samples side by side into rows; the loss stays the mean over all answer tokens.
+        Conversations (`image_at` and `text_labels` given, `build_conversation_inputs`): text_ids are the
+        whole conversation, the loss on its answers; the batch has no instruction.
         """
         if text_ids is None or text_mask is None or (image is None) == (features is None):
             raise ValueError("MiniGPT4.forward needs text_ids, text_mask and one of image or features")
-        prompt = self.instruction_prompt(instruction)
+        if (image_at is None) != (text_labels is None):
+            raise ValueError("a conversation batch needs both image_at and text_labels")
         img_embeds = self.project_features(features) if features is not None else self.encode_img(image)
+        if image_at is not None:
+            built = self.build_conversation_inputs(img_embeds, text_ids, text_mask, text_labels, image_at)
+            return self._run_llm(*built, pack_slot, pack_pos)
+        prompt = self.instruction_prompt(instruction)
         return self._loss(img_embeds, text_ids, text_mask, prompt, pack_slot, pack_pos)
 
     def _loss(
@@ -302,6 +360,16 @@ class MiniGPT4(nn.Module):
         pack_pos: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
+        return self._run_llm(inputs, attention_mask, labels, pack_slot, pack_pos)
+
+    def _run_llm(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pack_slot: torch.Tensor | None,
+        pack_pos: torch.Tensor | None,
+    ) -> CausalLMOutputWithPast:
         if pack_slot is not None:
             inputs, positions, labels = pack_sequences(inputs, labels, pack_slot, pack_pos)
             return self.llm(inputs_embeds=inputs, position_ids=positions, labels=labels, use_cache=False)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mgpt4.config import TEMPLATE_NAMES, TextConfig
+from mgpt4.model.conversation_text import SYSTEM_SLOT, USER_SLOT
 from mgpt4.model.prompts import OFFICIAL_TEMPLATES, Template
 from mgpt4.strict_config import ConfigError
 from mgpt4.tokenizer import encode_like_slow_llama
@@ -150,6 +151,40 @@ def check_template_fields(text: TextConfig, template: Template) -> None:
             f"another template?); set them to null to take {text.template!r}'s own "
             "(--set model.text.prompt_template=null --set model.text.end_sym=null), or to values of yours"
         )
+
+
+def conversation_wrappers(spec: TextSpec, prompt_template_set: bool) -> tuple[str, str, str]:
+    """(first, first_system, later): how a conversation in `spec`'s template wraps its first user turn,
+    its first with a system message, and each later one (`USER_SLOT` / `SYSTEM_SLOT` where the texts go;
+    `mgpt4.model.conversation_text`).
+
+    Official templates (and any `model.text.prompt_template` of yours) wrap every turn as the stage-2
+    instruction, a system message written before the first (the official `system + sep` style); a
+    tokenizer's chat template renders a system message as its own, and a later turn as it follows an
+    answer (what it writes after the answer's end_sym, the next user turn and the open assistant turn).
+    """
+    first = spec.instruction.format(USER_SLOT)
+    template = spec.template
+    if not isinstance(template, TokenizerChatTemplate) or prompt_template_set:
+        later = first
+        if later.startswith(spec.end_sym):
+            # Vicuna v0: `###Human: ` after an answer that ended with `###` is `Human: `, as the
+            # official conversation writes it (`a1###Human: q2###Assistant: `).
+            later = later[len(spec.end_sym) :]
+        elif template.roles[0].startswith("<s>") and not later.startswith("<s>"):
+            # Llama-2-Chat: each later turn opens with `<s>[INST] `, as the official conversation and
+            # Meta's format write it (`a1</s><s>[INST] q2 [/INST] `).
+            later = "<s>" + later
+        return first, SYSTEM_SLOT + first, later
+    first_system = template.render([("system", SYSTEM_SLOT), ("user", USER_SLOT)])
+    answer = "MGPT4ANSWERSLOT"
+    full = template.render([("user", USER_SLOT), ("assistant", answer), ("user", USER_SLOT)])
+    later = full[full.index(answer) + len(answer) :]
+    if later.startswith(spec.end_sym):
+        later = later[len(spec.end_sym) :]
+    if SYSTEM_SLOT not in first_system:  # a template that drops system messages
+        first_system = first
+    return first, first_system, later
 
 
 def resolve_text(text: TextConfig, tokenizer=None, fallback_bos: int | None = None) -> TextSpec:

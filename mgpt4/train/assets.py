@@ -223,7 +223,7 @@ def fill_demo_paths(cfg: Config) -> list[str]:
             filled.append(val.align_root)
     else:
         for src in cfg.data.sources:
-            if not src.shards:
+            if not src.shards and not src.is_annotations():
                 src.shards = list(synthetic.shards)
                 filled.extend(synthetic.shards)
         if val.enabled() and not val.shards:

@@ -100,6 +100,8 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
                 missing.append(f"data.align_root: {e}")
         return missing
     for i, src in enumerate(d.sources):  # a folder would fail only once the model has loaded
+        if src.is_annotations():  # checked by check_sources
+            continue
         where = f"data.sources[{i}].shards"
         check_not_folders(expand_shards(src.shards, where), where)
     # The loader built from this config trusts these checks (`check_sources` remembers them).

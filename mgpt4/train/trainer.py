@@ -25,6 +25,7 @@ from mgpt4.data.loader import build_loader
 from mgpt4.dist import DistInfo, all_mean, barrier, set_timeout, shutdown
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
+from mgpt4.model.layout import IMAGE, Layout, Segment
 from mgpt4.model.llm import llm_sizes
 from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
@@ -127,6 +128,9 @@ def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
     text, q = cfg.model.text, cfg.model.qformer
     layouts = model.sample_layouts()  # one per instruction: what the loader packs and the tally counts
+    conversations = cfg.data.kind == "conversations"
+    if conversations:  # a conversation's text is all in text_ids; the tally adds its image tokens
+        layouts = (Layout((Segment(IMAGE, model.num_image_tokens),)),)
     loader = build_loader(  # 8. data: the loader draws each batch's instruction (and packs its rows)
         cfg.data,
         model.tokenizer,
@@ -137,6 +141,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
         num_instructions=len(text.instructions),
         context_lengths=[lay.context_length for lay in layouts],
         feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
+        conversation=model.conversation_encoder(cfg.data.conversation_tokens) if conversations else None,
     )
     validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once
     run = Run(
