@@ -28,7 +28,7 @@ from mgpt4.model.generation import (
 )
 from mgpt4.model.layout import IMAGE, IMAGE_ONLY, Layout, layout, sample_prompts, wrap_instruction
 from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
-from mgpt4.model.packing import pack_sequences
+from mgpt4.model.packing import pack_sequences, packed_attention_kwargs
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, prompt_tokenizer, resolve_text
@@ -303,8 +303,14 @@ class MiniGPT4(nn.Module):
     ) -> CausalLMOutputWithPast:
         inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
         if pack_slot is not None:
-            inputs, positions, labels = pack_sequences(inputs, labels, pack_slot, pack_pos)
-            return self.llm(inputs_embeds=inputs, position_ids=positions, labels=labels, use_cache=False)
+            rows = pack_sequences(inputs, labels, pack_slot, pack_pos)
+            return self.llm(
+                inputs_embeds=rows.inputs_embeds,
+                position_ids=rows.position_ids,
+                labels=rows.labels,
+                use_cache=False,
+                **packed_attention_kwargs(self.llm, rows),
+            )
         return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def instruction_prompt(self, instruction: torch.Tensor | None) -> str | None:
