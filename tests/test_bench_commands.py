@@ -113,3 +113,22 @@ def test_readme_benchmark_command_runs(command, tmp_path):
         assert {p.split()[0] for p in parts} >= {"packing-test", "bench"}
         table = (tmp_path / "gpu-bench" / "table.md").read_text()
         assert re.search(r"^\| packed\+cached \| on \|", table, re.M), table
+
+
+def test_the_gpu_script_writes_what_it_measured_when_parts_fail(tmp_path):
+    """Every part cut short by its timeout: each is recorded with its status, the next part still runs,
+    the table is written, and the script's own status says something failed."""
+    out = tmp_path / "gpu-bench"
+    proc = run(
+        f"OUT={out} PART_TIMEOUTS='1 1 1' bash tests/gpu/bench.sh --cpu", str(tmp_path / "cache"), timeout=300
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    parts = (out / "parts.txt").read_text().splitlines()
+    assert [p.split()[:2] for p in parts] == [
+        ["packing-test", "rc=124"],
+        ["bench", "rc=124"],
+        ["bench-compiled", "rc=124"],
+    ], parts
+    table = (out / "table.md").read_text()
+    assert "bench (bench rc=124" in table and "(no table: see" in table
+    assert (out / "device.txt").read_text().startswith("CPU")

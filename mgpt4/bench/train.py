@@ -7,10 +7,11 @@
 
 Modes: `plain` (the official layout: one sample per row, answers padded to max_txt_len), `packed` (whole
 samples packed into rows, `data.pack_length`), `cached` (features from a cache: no decode, ViT or
-Q-Former in the step) and `packed+cached`. Each mode reads the same synthetic image shards (captions of
-10-15 words) through the real loader, with the crops a cache holds (`data.crops: sample`); its batches
-are made before the clock starts, so only the model step is timed (the data pipeline has its own
-benchmark, mgpt4.bench.data). The cache is extracted from those shards first, and timed: a cached step
+Q-Former in the step) and `packed+cached`; with `--compile`, each also compiled (`train.compile`: rows
+"MODE compiled", compiled in the warm-up; a timed step that recompiles is an error). Each mode reads the
+same synthetic image shards (captions of 10-15 words) through the real loader, with the crops a cache
+holds (`data.crops: sample`); its batches are made before the clock starts, so only the model step is
+timed (the data pipeline has its own benchmark, mgpt4.bench.data). The cache is extracted from those shards first, and timed: a cached step
 skips work that extraction did, so the end-to-end time of one run and of three runs on one cache is
 printed against plain. On the CPU the measured matmul peak is the MFU denominator and is printed too.
 """
@@ -42,6 +43,7 @@ from mgpt4.model import MiniGPT4
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train.assets import ensure_demo_assets
+from mgpt4.train.compiled import CompiledParts, compiled_graphs
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops
 from mgpt4.train.recipes import RECIPES, get_recipe
@@ -117,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gradient checkpointing of the LLM: as the recipe says, off, on, or each mode with both",
     )
     p.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="train.compile (torch.compile; CUDA graphs on a GPU) for every mode: off, on, or each mode both ways",
+    )
+    p.add_argument(
         "--run-samples", type=float, default=5.12e6, help="samples of the run the end-to-end times are for"
     )
     p.add_argument("--extract-batch", type=int, default=64, help="images per vision forward in extraction")
@@ -148,6 +156,7 @@ def choose_modes(arg: str | None, cfg: Config) -> list[str]:
 class Result:
     mode: str
     checkpointing: bool
+    compiled: bool
     flops_per_sample: float
     samples_per_s: float
     tokens_per_s: float
@@ -246,7 +255,7 @@ def pack_shape(cfg: Config, model: MiniGPT4, shards: list[str], args: argparse.N
 
 @dataclass
 class Job:
-    """One mode under one checkpointing setting: its batches and what its timed steps held."""
+    """One mode under one checkpointing and compile setting: its batches and what its timed steps held."""
 
     mode: str
     checkpointing: bool
@@ -256,6 +265,11 @@ class Job:
     seconds: float = 0.0
     steps: int = 0
     peak_memory_gib: float | None = None
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} compiled" if self.compiled else self.mode
 
 
 def run_steps(engine, job: Job, first: int, count: int) -> int:
@@ -272,23 +286,32 @@ def run_steps(engine, job: Job, first: int, count: int) -> int:
 
 
 def time_jobs(
-    engine, model: MiniGPT4, jobs: list[Job], d: DistInfo, args: argparse.Namespace, dtype: torch.dtype
+    engine,
+    model: MiniGPT4,
+    jobs: list[Job],
+    d: DistInfo,
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    compiled: CompiledParts | None = None,
 ) -> float | None:
     """Warm every job up, then time them in interleaved rounds: on a shared machine a burst of someone
     else's load then slows every mode alike instead of the one that happened to run then. On the CPU
     the matmul peak is measured in every round too, as the steps run (their thread count, the engine's
-    dtype), and the best round's is returned: the MFU denominator."""
+    dtype), and the best round's is returned: the MFU denominator. Compiled jobs compile in their
+    warm-up (at least one step), never in a timed step: the graphs made by then are counted, and a
+    timed step that compiles again is an error."""
     rounds = max(1, min(args.rounds, args.steps))
     peaks = []
     for job in jobs:
-        set_checkpointing(model, job.checkpointing)
-        run_steps(engine, job, 0, args.warmup)
+        set_job(model, job, compiled)
+        run_steps(engine, job, 0, max(args.warmup, 1 if job.compiled else 0))
         job.tally.sync()
         job.tally.take_window()
+    graphs = compiled_graphs()
     for r in range(rounds):
         count = args.steps // rounds + (1 if r < args.steps % rounds else 0)
         for job in jobs:
-            set_checkpointing(model, job.checkpointing)
+            set_job(model, job, compiled)
             if d.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(d.device)
             _sync(d.device)
@@ -302,7 +325,17 @@ def time_jobs(
                 job.peak_memory_gib = max(job.peak_memory_gib or 0.0, peak)
         if d.device.type == "cpu":
             peaks.append(measure_matmul_tflops(dtype, threads))
+    if compiled is not None and compiled_graphs() != graphs:
+        raise RuntimeError(
+            f"a timed step recompiled: {graphs} graphs after the warm-up, {compiled_graphs()} after the timed steps"
+        )
     return max(peaks) if peaks else None
+
+
+def set_job(model: MiniGPT4, job: Job, compiled: CompiledParts | None) -> None:
+    set_checkpointing(model, job.checkpointing)
+    if compiled is not None:
+        compiled.enable(job.compiled)
 
 
 def result(job: Job, d: DistInfo, peak: float | None) -> Result:
@@ -312,6 +345,7 @@ def result(job: Job, d: DistInfo, peak: float | None) -> Result:
     return Result(
         mode=job.mode,
         checkpointing=job.checkpointing,
+        compiled=job.compiled,
         flops_per_sample=w.flops / max(w.samples, 1),
         samples_per_s=w.samples / job.seconds,
         tokens_per_s=w.tokens / job.seconds,
@@ -369,17 +403,20 @@ def main(argv: list[str] | None = None) -> None:
         ]
         if args.checkpointing == "config":
             settings = [cfg.model.gradient_checkpointing]
+        compile_settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         jobs = []
         for mode in modes:
             mcfg = mode_config(cfg, mode, shards, os.path.join(work, "features"), pack)
             batches = take_batches(mcfg, model, d, args.warmup + args.steps)
             cached = mcfg.data.kind == "features"
-            for ckpt in settings:  # the same batches with and without checkpointing
-                tally = Tally(mcfg.model, model.sample_layouts(), cached, d.device)
-                jobs.append(Job(mode, ckpt, mcfg, batches, tally))
+            for ckpt in settings:  # the same batches with and without checkpointing, compiled or not
+                for comp in compile_settings:
+                    tally = Tally(mcfg.model, model.sample_layouts(), cached, d.device)
+                    jobs.append(Job(mode, ckpt, mcfg, batches, tally, compiled=comp))
         model.train()
         dtype = DTYPES[cfg.train.precision]
-        measured = time_jobs(engine, model, jobs, d, args, dtype)
+        compiled = CompiledParts(model, d.device) if args.compile != "off" else None
+        measured = time_jobs(engine, model, jobs, d, args, dtype, compiled)
         peak = cfg.train.peak_tflops or measured or device_peak_tflops(d.device, dtype)
         results = [result(job, d, peak) for job in jobs]
         if d.rank == 0:
@@ -455,13 +492,16 @@ def report(
         f"micro batch: {cfg.data.batch_size}  grad accum: {cfg.train.grad_accum}  unpacked sequence: {seq} tokens  "
         f"packed: {pack[0]} row(s) x {pack[1]} tokens, at most {cfg.data.batch_size} samples"
     )
+    if args.compile != "off":
+        print(f"compiled graphs: {compiled_graphs()}, all made in the warm-up steps")
     if measured is not None:
         print(
             f"CPU matmul peak (measured, {cfg.train.precision}): {measured:.4f} TFLOP/s "
             f"with {torch.get_num_threads()} thread(s), as the steps ran; the best of {max(1, min(args.rounds, args.steps))} rounds"
         )
     for r in results:
-        print(f"== {r.mode}{' (gradient checkpointing)' if r.checkpointing else ''} ==")
+        label = f"{r.mode} compiled" if r.compiled else r.mode
+        print(f"== {label}{' (gradient checkpointing)' if r.checkpointing else ''} ==")
         print(f"model FLOPs per sample: {r.flops_per_sample / 1e9:.2f} GFLOP")
         print(f"step time: {r.step_ms:.1f} ms")
         print(f"samples/s: {r.samples_per_s:.2f}")
@@ -478,12 +518,19 @@ def report(
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = next((b for b in results if b.mode == "plain" and b.checkpointing == r.checkpointing), None)
+        base = next(
+            (
+                b
+                for b in results
+                if b.mode == "plain" and b.checkpointing == r.checkpointing and not b.compiled
+            ),
+            None,
+        )
         ratio = f"{r.samples_per_s / base.samples_per_s:.2f}x" if base else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         mem = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "-"
         print(
-            f"| {r.mode} | {'on' if r.checkpointing else 'off'} | {r.flops_per_sample / 1e9:.4g} | {r.samples_per_s:.1f} "
+            f"| {f'{r.mode} compiled' if r.compiled else r.mode} | {'on' if r.checkpointing else 'off'} | {r.flops_per_sample / 1e9:.4g} | {r.samples_per_s:.1f} "
             f"| {r.tokens_per_s:.0f} | {100 * r.padding_fraction:.1f}% | {r.samples_per_step:.1f} | {ratio} | {mfu} | {mem} |"
         )
     print()
@@ -515,8 +562,9 @@ def end_to_end(results: list[Result], extract_rate: float | None, samples: float
     """Hours for one run and for three runs (three LLMs, or three tries) over `samples`: a run from
     images pays the vision path every time; a cache pays it once, in extraction (`extract_rate`
     samples/s; None: no cache was made)."""
-    rate = {r.mode: r.samples_per_s for r in results if not r.checkpointing} or {
-        r.mode: r.samples_per_s for r in results
+    eager = [r for r in results if not r.compiled] or results
+    rate = {r.mode: r.samples_per_s for r in eager if not r.checkpointing} or {
+        r.mode: r.samples_per_s for r in eager
     }
     if "plain" not in rate:
         return {}

@@ -28,7 +28,7 @@ from mgpt4.model.generation import (
 )
 from mgpt4.model.layout import IMAGE, IMAGE_ONLY, Layout, layout, sample_prompts, wrap_instruction
 from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
-from mgpt4.model.packing import pack_sequences, packed_attention_kwargs
+from mgpt4.model.packing import pack_sequences, use_packed_attention
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, prompt_tokenizer, resolve_text
@@ -302,6 +302,7 @@ class MiniGPT4(nn.Module):
         pack_pos: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         inputs, attention_mask, labels = self.build_inputs(img_embeds, text_ids, text_mask, prompt)
+        per_sample = use_packed_attention(self.llm)
         if pack_slot is not None:
             rows = pack_sequences(inputs, labels, pack_slot, pack_pos)
             return self.llm(
@@ -309,7 +310,7 @@ class MiniGPT4(nn.Module):
                 position_ids=rows.position_ids,
                 labels=rows.labels,
                 use_cache=False,
-                **packed_attention_kwargs(self.llm, rows),
+                **(rows.attention_kwargs() if per_sample else {}),
             )
         return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
 

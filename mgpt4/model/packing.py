@@ -135,14 +135,13 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
-def packed_attention_kwargs(llm: torch.nn.Module, packed: PackedRows) -> dict[str, torch.Tensor]:
-    """The extra keyword arguments of an LLM call on packed rows: under SDPA the per-sample attention's
-    (the LLM is switched to `PACKED_SDPA` on its first packed call, for good: without a packing it is
-    SDPA); none under FlashAttention-2 (its varlen kernel finds the samples in the position ids) or
-    eager (a block-diagonal mask)."""
+def use_packed_attention(llm: torch.nn.Module) -> bool:
+    """Switch an SDPA LLM to `PACKED_SDPA` (for good: without a packing it is SDPA) and say whether packed
+    calls should pass `PackedRows.attention_kwargs`: yes under SDPA; no under FlashAttention-2 (its varlen
+    kernel finds the samples in the position ids) or eager (a block-diagonal mask). Called before every
+    training call, packed or not, so that all of a run's calls see one implementation (a compiled LLM
+    then compiles once)."""
     config = llm.config
     if config._attn_implementation == "sdpa":
         llm.set_attn_implementation(PACKED_SDPA)
-    if config._attn_implementation != PACKED_SDPA:
-        return {}
-    return packed.attention_kwargs()
+    return config._attn_implementation == PACKED_SDPA

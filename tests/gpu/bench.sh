@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stage-1 GPU benchmark: a 7B-shaped MiniGPT-4 (ViT-g, Q-Former, Vicuna-7B sizes) with random weights,
 # bf16, ZeRO-2 on one GPU; every mode (plain, packed, cached, packed+cached), without and with gradient
-# checkpointing. Writes what it measured to $OUT (default gpu-bench/):
+# checkpointing, then compiled (`train.compile`: CUDA graphs). Writes what it measured to $OUT (default gpu-bench/):
 # one log per part, bench.json, table.md, and parts.txt (each part's exit status and seconds), even
 # when a part fails or hits its timeout; the exit status is then 1. Under 8 minutes on one H100.
 #
@@ -46,26 +46,35 @@ if [ "$MODE" = gpu ]; then
          --deepspeed ds_configs/z2.json --set train.precision=bf16 --set "data.batch_size=${BATCH:-64}"
          --set data.num_workers=6 --set model.attn_implementation=$ATTN --pack-rows "${PACK_ROWS:-2}"
          --steps "${STEPS:-10}" --warmup 3 --extract-batch 128)
-  TIMEOUTS=(120 300)
+  # Compiling a 7B-shaped step takes a minute or more per shape: the two ends (plain, packed+cached), each
+  # also eager in the same run, so the gain is measured against the same machine state.
+  COMPILED=(--modes plain,packed+cached --compile both --steps 6 --warmup 1 --rounds 2)
+  TIMEOUTS=(60 200 200)   # 460 s in all: under 8 minutes
 else
   echo "CPU $(nproc) cores" > "$OUT/device.txt"
   ATTN=sdpa
   BENCH=(python -m mgpt4.bench.train --recipe tiny_stage1 --steps 2 --warmup 1 --rounds 1)
-  TIMEOUTS=(120 300)
+  COMPILED=(--modes packed+cached --compile both)  # inductor on 2 cores: minutes per compiled mode
+  TIMEOUTS=(120 400 600)
 fi
+# PART_TIMEOUTS="60 200 200" overrides the parts' timeouts (seconds, in order).
+if [ -n "${PART_TIMEOUTS:-}" ]; then read -r -a TIMEOUTS <<< "$PART_TIMEOUTS"; fi
 echo "attention: $ATTN" >> "$OUT/device.txt"
 cat "$OUT/device.txt"
 
 # 1. Packed rows equal unpacked ones on this device too (loss and projection gradient, fp32); on the CPU
 #    the gpu-marked tests skip, which still proves the command.
 part packing-test "${TIMEOUTS[0]}" python -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_model_packing.py tests/test_packed_attention.py
+  tests/test_model_packing.py tests/test_packed_attention.py tests/test_compile.py
 # 2. Every mode, without and with gradient checkpointing.
 part bench "${TIMEOUTS[1]}" "${BENCH[@]}" --checkpointing both --json "$OUT/bench.json"
+# 3. Compiled and eager side by side, without checkpointing.
+part bench-compiled "${TIMEOUTS[2]}" "${BENCH[@]}" "${COMPILED[@]}" --checkpointing off \
+  --json "$OUT/bench-compiled.json"
 
 {
   echo "Measured $(date -u +%Y-%m-%d) on $(head -1 "$OUT/device.txt" | cut -d, -f1), attention $ATTN:"
-  for name in bench; do
+  for name in bench bench-compiled; do
     echo
     echo "$name ($(grep "^$name " "$OUT/parts.txt"))"
     grep '^|' "$OUT/$name.log" || echo "(no table: see $OUT/$name.log)"
