@@ -103,8 +103,14 @@ def test_readme_benchmark_command_runs(command, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = proc.stdout
     if "mgpt4.bench.train" in command:
-        assert re.search(r"^\| plain \| (off|on) \| [0-9.]+ \| [0-9.]+ \|", out, re.M), out[-3000:]
-        assert re.search(r"^\| packed \| (off|on) \| [0-9.]+ \| [0-9.]+ \|", out, re.M), out[-3000:]
+        modes = re.search(r"--modes (\S+)", command)
+        for mode in modes.group(1).split(",") if modes else bench.MODES:
+            row = rf"^\| {re.escape(mode)} \| (off|on) \| [0-9.]+ \| [0-9.]+ \|"
+            assert re.search(row, out, re.M), (mode, out[-3000:])
+            if "--compile both" in command:
+                assert re.search(row.replace(re.escape(mode), re.escape(mode) + " compiled"), out, re.M), out[
+                    -3000:
+                ]
     elif "mgpt4.bench.data" in command:
         assert re.search(r"^speedup: [0-9.]+$", out, re.M), out[-3000:]
     else:  # the GPU script in its CPU mode: every part ran and passed, and the table was written
