@@ -11,8 +11,9 @@ import torch
 from mgpt4.data.packing import RowPacker
 from mgpt4.model import apply_freeze, build_model
 from mgpt4.model.presets import stage1_text, tiny
+from mgpt4.strict_config import ConfigError
 from mgpt4.tokenizer import encode_answers
-from mgpt4.train.compiled import compile_model, compiled_graphs
+from mgpt4.train.compiled import check_compile, compile_model, compiled_graphs
 
 CAPTIONS = [
     "a red circle",
@@ -110,3 +111,10 @@ def test_cuda_graphs_steps_equal_eager_and_compile_once(tokenizer, packed):
     losses += _train(compiled, batches[2:], opt_c)
     assert compiled_graphs() == graphs
     torch.testing.assert_close(losses, _train(eager, batches, opt_e), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_is_refused_under_zero3_only():
+    with pytest.raises(ConfigError, match=r"train\.compile: not under ZeRO-3"):
+        check_compile(True, 3)
+    check_compile(True, 2)
+    check_compile(False, 3)

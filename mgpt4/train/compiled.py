@@ -18,6 +18,16 @@ import torch
 from torch._dynamo.utils import counters
 
 from mgpt4.model import MiniGPT4
+from mgpt4.strict_config import ConfigError
+
+
+def check_compile(compile_on: bool, zero_stage: int) -> None:
+    """Refuse `train.compile` under ZeRO-3 (ConfigError naming the key)."""
+    if compile_on and zero_stage == 3:
+        raise ConfigError(
+            "train.compile: not under ZeRO-3 (its hooks gather each module's parameters, which compiled "
+            "graphs bypass); use a ZeRO-2 config or train.compile=false"
+        )
 
 
 def compiled_graphs() -> int:

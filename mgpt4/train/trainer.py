@@ -26,12 +26,11 @@ from mgpt4.dist import DistInfo, all_mean, barrier, set_timeout, shutdown
 from mgpt4.logs import get_logger
 from mgpt4.model import MiniGPT4, apply_freeze, build_model, load_weights
 from mgpt4.model.llm import llm_sizes
-from mgpt4.strict_config import ConfigError
 from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
 from mgpt4.train import run_lock
 from mgpt4.train.assets import ensure_demo_assets
-from mgpt4.train.compiled import compile_model, compiled_graphs
+from mgpt4.train.compiled import check_compile, compile_model, compiled_graphs
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.flops import device_peak_tflops
 from mgpt4.train.metrics import Metrics, device_memory_gb, log_failure
@@ -123,11 +122,7 @@ def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch
 def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
-    if cfg.train.compile and zero_stage(ds_config) == 3:
-        raise ConfigError(
-            "train.compile: not under ZeRO-3 (its hooks gather each module's parameters, which compiled "
-            "graphs bypass); use a ZeRO-2 config or train.compile=false"
-        )
+    check_compile(cfg.train.compile, zero_stage(ds_config))
     run_lock.take(cfg.train.output_dir, d.rank)  # no other run reads or writes the folder from here on
     start = resume_mod.plan_start(cfg, d.world_size, resume)  # the checkpoints checked, no writes
     ensure_demo_assets(cfg)  # 3. demo assets: rank 0 generates, the others then find them
