@@ -3,10 +3,10 @@ AOTAutograd) compiled with `torch.compile`.
 
 Every step has the same shapes (images [B, 3, S, S]; answers padded to max_txt_len, or packed rows of
 `pack_rows x pack_length`), so each part compiles once, with static shapes (`dynamic=False`), on the first
-step; later steps reuse the graphs. On the CPU inductor generates C++/OpenMP kernels; on CUDA the mode is
-"reduce-overhead": the compiled parts are replayed as CUDA graphs, which removes the launch overhead of
-the many small kernels of a step. `compiled_graphs()` counts what has been compiled, so a run can show
-that it compiled once (the trainer logs it with the first log window and at the end).
+step; later steps reuse the graphs. Calls without gradients (validation, generation) run eager. On the
+CPU inductor generates C++/OpenMP kernels; on CUDA the mode is "reduce-overhead": the compiled parts are
+replayed as CUDA graphs, which removes the launch overhead of the many small kernels of a step. `compiled_graphs()` counts what has been compiled, so a run can show
+that it compiled once (the trainer logs it with every log window).
 
 The projection (two tensors) and the loss stay eager. Not under ZeRO-3: there every parameter is
 gathered by hooks around each module's call, which compiled graphs bypass (refused when the run starts).
@@ -49,11 +49,13 @@ class CompiledParts:
 
     def enable(self, on: bool = True) -> None:
         """Install the compiled parts on the model (instance attributes shadow its methods), or remove
-        them: the model's own eager methods run again."""
+        them: the model's own eager methods run again. Installed, they serve the training forward
+        (gradients on) only: validation and generation (no gradients; generation with a new length at
+        every token) keep the eager methods instead of compiling graphs of their own."""
         m = self.model
         if on:
-            m.image_features = self.vision
-            m.llm.forward = self.llm
+            m.image_features = _training_only(self.vision, type(m).image_features.__get__(m))
+            m.llm.forward = _training_only(self.llm, type(m.llm).forward.__get__(m.llm))
             if self.cuda_graphs and self._hook is None:
                 # Each forward starts a new step of the CUDA graphs: outputs of the last one may be reused.
                 self._hook = m.register_forward_pre_hook(
@@ -65,6 +67,13 @@ class CompiledParts:
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
+
+
+def _training_only(compiled, eager):
+    def call(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+    return call
 
 
 def compile_model(model: MiniGPT4, device: torch.device) -> CompiledParts:

@@ -230,7 +230,7 @@ def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
         for reason, n in c.items():
             skipped[reason] = skipped.get(reason, 0) + n
     run.metrics.write(run.step, scalars, device_memory_gb(run.dist.device), skipped, run.tally.take_window())
-    if run.cfg.train.compile:  # training steps add none after the first; validation compiles its own once
+    if run.cfg.train.compile:  # training steps add none after the first
         log.info(f"step {run.step}: compiled graphs: {compiled_graphs()}")
     if not run.reported:
         # Adam's state exists only after the first step, so where memory lives is reported here.
