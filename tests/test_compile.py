@@ -79,6 +79,10 @@ def test_compiled_steps_equal_eager_and_compile_once_resume_included(tokenizer, 
     assert graphs > 0  # the step was compiled
     losses = first + _train(compiled, batches[1:], opt_c)
     assert compiled_graphs() == graphs, "a later step recompiled"
+    with torch.no_grad():  # validation and generation run eager: they compile nothing
+        compiled(**batches[0])
+        compiled.generate(batches[0]["image"][:1], "<Img><ImageHere></Img>", max_new_tokens=3)
+    assert compiled_graphs() == graphs, "a call without gradients compiled"
     torch.testing.assert_close(losses, _train(eager, batches, opt_e), rtol=1e-5, atol=1e-5)
 
     # A resume: a fresh compiled model takes the saved trainable state and optimizer, and goes on.
