@@ -386,6 +386,9 @@ class TrainConfig:
     # projection, its optimizer moments, the schedule, step and samples seen, and start a fresh data
     # pass (a new seeded order, for the current ranks and inputs).
     resume_data: str = "exact"
+    # torch.compile the step's frozen vision forward and its LLM (forward and backward), once, on the first
+    # step (`mgpt4.train.compiled`): inductor kernels on the CPU, CUDA graphs on a GPU. Not under ZeRO-3.
+    compile: bool = False
 
 
 def check_eval_schedule(t: TrainConfig, data: DataConfig) -> None:

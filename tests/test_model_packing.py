@@ -99,7 +99,8 @@ def test_positions_restart_and_labels_stay_inside_their_sample():
         [[IGNORE_INDEX, IGNORE_INDEX, 10, 11, IGNORE_INDEX], [IGNORE_INDEX, 20, 21, 22, 23]]
     )
     slot, pos = _layout([4, 5], rows=1, length=11, slots=2)
-    packed, positions, packed_labels = pack_sequences(inputs, labels, slot, pos)
+    rows = pack_sequences(inputs, labels, slot, pos)
+    packed, positions, packed_labels = rows.inputs_embeds, rows.position_ids, rows.labels
     assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0]]
     assert packed[0, :, 0].tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 0, 0]
     # The second sample starts with an ignored label, so no shifted target crosses the boundary.

@@ -31,6 +31,7 @@ from mgpt4.data.config import DataConfig, SourceConfig
 from mgpt4.data.loader import build_loader
 from mgpt4.data.synthetic import write_shards
 from mgpt4.data.transforms import CLIP_MEAN, CLIP_STD, clean_caption, normalize_uint8
+from mgpt4.dataclass_flags import HelpWithDefaults
 from mgpt4.tokenizer import train_tiny_tokenizer
 
 BATCH = 64
@@ -191,7 +192,11 @@ def gpu_decode_rate(urls: list[str]) -> float | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mgpt4.bench.data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mgpt4.bench.data",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpWithDefaults,
+    )
     p.add_argument("--n224", type=int, default=1024, help="samples in the 224 px corpus")
     p.add_argument("--nlarge", type=int, default=512, help="samples in the 500-1000 px corpus")
     # Enough batches that each timed window holds at least one refill of mgpt4's 1000-sample
@@ -199,7 +204,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=32, help="timed batches of 64 per run, 224 px corpus")
     p.add_argument("--batches-large", type=int, default=16, help="timed batches of 64 per run, 500-1000 px")
     p.add_argument("--repeats", type=int, default=3, help="runs per pipeline and corpus (best is used)")
-    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgpt4-bench-data"))
+    p.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "mgpt4-bench-data"),
+        help="where the corpora are generated (and reused by the next run)",
+    )
     args = p.parse_args(argv)
 
     os.makedirs(args.workdir, exist_ok=True)

@@ -7,10 +7,11 @@
 
 Modes: `plain` (the official layout: one sample per row, answers padded to max_txt_len), `packed` (whole
 samples packed into rows, `data.pack_length`), `cached` (features from a cache: no decode, ViT or
-Q-Former in the step) and `packed+cached`. Each mode reads the same synthetic image shards (captions of
-10-15 words) through the real loader, with the crops a cache holds (`data.crops: sample`); its batches
-are made before the clock starts, so only the model step is timed (the data pipeline has its own
-benchmark, mgpt4.bench.data). The cache is extracted from those shards first, and timed: a cached step
+Q-Former in the step) and `packed+cached`; with `--compile`, each also compiled (`train.compile`: rows
+"MODE compiled", compiled in the warm-up; a timed step that recompiles is an error). Each mode reads the
+same synthetic image shards (captions of 10-15 words) through the real loader, with the crops a cache
+holds (`data.crops: sample`); its batches are made before the clock starts, so only the model step is
+timed (the data pipeline has its own benchmark, mgpt4.bench.data). The cache is extracted from those shards first, and timed: a cached step
 skips work that extraction did, so the end-to-end time of one run and of three runs on one cache is
 printed against plain. On the CPU the measured matmul peak is the MFU denominator and is printed too.
 """
@@ -33,13 +34,16 @@ import torch
 from mgpt4.config import DTYPES, Config, WeightsConfig
 from mgpt4.data import DeviceFeeder, SourceConfig, build_loader
 from mgpt4.data.batches import model_inputs
+from mgpt4.data.config import ValConfig
 from mgpt4.data.synthetic import write_shards
+from mgpt4.dataclass_flags import HelpWithDefaults
 from mgpt4.dist import DistInfo, RankInfo, barrier, shutdown
 from mgpt4.features.extract import ExtractOptions, extract
 from mgpt4.model import MiniGPT4
 from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train.assets import ensure_demo_assets
+from mgpt4.train.compiled import CompiledParts, compiled_graphs
 from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.flops import device_peak_tflops, measure_matmul_tflops
 from mgpt4.train.recipes import RECIPES, get_recipe
@@ -49,25 +53,56 @@ from mgpt4.train.trainer import build_model_and_engine, seed_all
 
 MODES = ("plain", "packed", "cached", "packed+cached")
 # The issue's small CPU size: ViT 224 px / patch 14 / 256 wide / 6 deep; Q-Former 256 wide, 4 layers,
-# 32 queries; LLaMA 512 wide, 4 layers, FFN 1376, a 400-piece tokenizer; batch 8, max_txt_len 32.
+# 32 queries; LLaMA 512 wide, 4 layers, FFN 1376, a 400-piece tokenizer; batch 8, max_txt_len 32; fp32
+# (a CPU has no fast bf16).
 PRESETS = {
     "small": [
         "model.vision.image_size=224", "data.image_size=224", "model.vision.width=256", "model.vision.depth=6",
         "model.vision.heads=4", "model.qformer.width=256", "model.qformer.depth=4", "model.qformer.heads=4",
         "model.qformer.ffn_dim=1024", "model.qformer.num_query_tokens=32", "model.llm.hidden_size=512",
         "model.llm.num_layers=4", "model.llm.num_heads=8", "model.llm.intermediate_size=1376",
-        "model.llm.vocab_size=400", "data.batch_size=8", "model.text.max_txt_len=32",
+        "model.llm.vocab_size=400", "data.batch_size=8", "model.text.max_txt_len=32", "train.precision=fp32",
+        "model.precision.vit=fp32", "model.precision.qformer=fp32", "model.precision.llm=fp32",
     ],
 }  # fmt: skip
 
 
+def stage1_recipes() -> list[str]:
+    """The recipes the bench runs: those that train stage 1 from image shards."""
+    return [name for name, recipe in RECIPES.items() if recipe().data.kind == "webdataset"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="tiny_stage1", choices=list(RECIPES))
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="a named set of --set overrides")
-    p.add_argument("--deepspeed", default="ds_configs/z2.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p = argparse.ArgumentParser(
+        prog="python -m mgpt4.bench.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpWithDefaults,
+    )
+    p.add_argument(
+        "--recipe",
+        default="tiny_stage1",
+        choices=stage1_recipes(),
+        help="a stage-1 recipe (mgpt4.train.recipes)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="a named set of --set overrides (its model.qformer ones only where the recipe has a Q-Former)",
+    )
+    p.add_argument("--deepspeed", default="ds_configs/z2.json", help="the ZeRO settings")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, after the preset's; repeatable",
+    )
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated, of {', '.join(MODES)} (default: all; without a Q-Former, no cached ones)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, per mode")
     p.add_argument(
@@ -76,8 +111,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pack-length", type=int, default=0, help="tokens per packed row; 0: fit one row to the batch"
     )
-    p.add_argument("--pack-rows", type=int, default=1)
-    p.add_argument("--checkpointing", choices=["config", "off", "on", "both"], default="config")
+    p.add_argument("--pack-rows", type=int, default=1, help="packed rows per step")
+    p.add_argument(
+        "--checkpointing",
+        choices=["config", "off", "on", "both"],
+        default="config",
+        help="gradient checkpointing of the LLM: as the recipe says, off, on, or each mode with both",
+    )
+    p.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="train.compile (torch.compile; CUDA graphs on a GPU) for every mode: off, on, or each mode both ways",
+    )
     p.add_argument(
         "--run-samples", type=float, default=5.12e6, help="samples of the run the end-to-end times are for"
     )
@@ -90,10 +136,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def choose_modes(arg: str | None, cfg: Config) -> list[str]:
+    """The modes to run: `--modes`, or all that the model has (a feature cache needs a Q-Former)."""
+    has_cache = cfg.model.qformer is not None
+    if arg is None:
+        return [m for m in MODES if has_cache or "cached" not in m]
+    modes = [m.strip() for m in arg.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes: choose from {', '.join(MODES)}, got {arg!r}")
+    if not has_cache and any("cached" in m for m in modes):
+        raise SystemExit(
+            f"--modes: recipe {cfg.recipe} has no Q-Former, and a feature cache holds the Q-Former's "
+            "output: choose plain or packed"
+        )
+    return modes
+
+
 @dataclass
 class Result:
     mode: str
     checkpointing: bool
+    compiled: bool
     flops_per_sample: float
     samples_per_s: float
     tokens_per_s: float
@@ -121,13 +184,20 @@ def bench_data(cfg: Config, folder: str, samples: int, world_size: int) -> list[
 
 
 def prepare(args: argparse.Namespace, d: DistInfo) -> tuple[Config, dict]:
-    overrides = (PRESETS[args.preset] if args.preset else []) + args.set
-    cfg = apply_overrides(get_recipe(args.recipe), overrides)
+    recipe = get_recipe(args.recipe)
+    preset = PRESETS[args.preset] if args.preset else []
+    if recipe.model.qformer is None:  # the LLaMA-2 variant: the preset's ViT and LLM, no Q-Former
+        preset = [o for o in preset if not o.startswith("model.qformer.")]
+    cfg = apply_overrides(recipe, preset + args.set)
     if args.random_weights:
         cfg.model.weights = WeightsConfig()
         cfg.train.demo_assets = False
     if cfg.data.kind != "webdataset":
         raise SystemExit("mgpt4.bench.train benchmarks stage 1: choose a recipe with data.kind webdataset")
+    # Only training steps are timed, never a validation: its held-out shards (which a random-weights run
+    # has none of) are not asked for.
+    cfg.data.val = ValConfig()
+    cfg.train.eval_every = 0
     cfg.data.sources = [SourceConfig(name="bench", shards="unused.tar")]  # filled with the bench shards
     cfg, ds_config, _ = resolve_config(cfg, args.deepspeed, d.world_size, check_inputs=False)
     ensure_demo_assets(cfg)
@@ -185,7 +255,7 @@ def pack_shape(cfg: Config, model: MiniGPT4, shards: list[str], args: argparse.N
 
 @dataclass
 class Job:
-    """One mode under one checkpointing setting: its batches and what its timed steps held."""
+    """One mode under one checkpointing and compile setting: its batches and what its timed steps held."""
 
     mode: str
     checkpointing: bool
@@ -195,9 +265,16 @@ class Job:
     seconds: float = 0.0
     steps: int = 0
     peak_memory_gib: float | None = None
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} compiled" if self.compiled else self.mode
 
 
-def run_steps(engine, job: Job, first: int, count: int) -> None:
+def run_steps(engine, job: Job, first: int, count: int) -> int:
+    """Run `count` steps of `job`; returns the torch threads they ran with (what the CPU peak is
+    measured with)."""
     for i in range(first, first + count):
         batch = job.batches[i % len(job.batches)]
         for _ in range(job.cfg.train.grad_accum):
@@ -205,32 +282,60 @@ def run_steps(engine, job: Job, first: int, count: int) -> None:
             engine.backward(loss)
             engine.step()
             job.tally.add(batch)
+    return torch.get_num_threads()
 
 
-def time_jobs(engine, model: MiniGPT4, jobs: list[Job], d: DistInfo, args: argparse.Namespace) -> None:
+def time_jobs(
+    engine,
+    model: MiniGPT4,
+    jobs: list[Job],
+    d: DistInfo,
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    compiled: CompiledParts | None = None,
+) -> float | None:
     """Warm every job up, then time them in interleaved rounds: on a shared machine a burst of someone
-    else's load then slows every mode alike instead of the one that happened to run then."""
+    else's load then slows every mode alike instead of the one that happened to run then. On the CPU
+    the matmul peak is measured in every round too, as the steps run (their thread count, the engine's
+    dtype), and the best round's is returned: the MFU denominator. Compiled jobs compile in their
+    warm-up (at least one step), never in a timed step: the graphs made by then are counted, and a
+    timed step that compiles again is an error."""
     rounds = max(1, min(args.rounds, args.steps))
+    peaks = []
     for job in jobs:
-        set_checkpointing(model, job.checkpointing)
-        run_steps(engine, job, 0, args.warmup)
+        set_job(model, job, compiled)
+        run_steps(engine, job, 0, max(args.warmup, 1 if job.compiled else 0))
         job.tally.sync()
         job.tally.take_window()
+    graphs = compiled_graphs()
     for r in range(rounds):
         count = args.steps // rounds + (1 if r < args.steps % rounds else 0)
         for job in jobs:
-            set_checkpointing(model, job.checkpointing)
+            set_job(model, job, compiled)
             if d.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(d.device)
             _sync(d.device)
             start = time.perf_counter()
-            run_steps(engine, job, args.warmup + job.steps, count)
+            threads = run_steps(engine, job, args.warmup + job.steps, count)
             _sync(d.device)
             job.seconds += time.perf_counter() - start
             job.steps += count
             if d.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(d.device) / 2**30
                 job.peak_memory_gib = max(job.peak_memory_gib or 0.0, peak)
+        if d.device.type == "cpu":
+            peaks.append(measure_matmul_tflops(dtype, threads))
+    if compiled is not None and compiled_graphs() != graphs:
+        raise RuntimeError(
+            f"a timed step recompiled: {graphs} graphs after the warm-up, {compiled_graphs()} after the timed steps"
+        )
+    return max(peaks) if peaks else None
+
+
+def set_job(model: MiniGPT4, job: Job, compiled: CompiledParts | None) -> None:
+    set_checkpointing(model, job.checkpointing)
+    if compiled is not None:
+        compiled.enable(job.compiled)
 
 
 def result(job: Job, d: DistInfo, peak: float | None) -> Result:
@@ -240,6 +345,7 @@ def result(job: Job, d: DistInfo, peak: float | None) -> Result:
     return Result(
         mode=job.mode,
         checkpointing=job.checkpointing,
+        compiled=job.compiled,
         flops_per_sample=w.flops / max(w.samples, 1),
         samples_per_s=w.samples / job.seconds,
         tokens_per_s=w.tokens / job.seconds,
@@ -266,13 +372,11 @@ def set_checkpointing(model: MiniGPT4, on: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise SystemExit(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
     d = eng_mod.init_distributed(60.0)
     work = tempfile.mkdtemp(prefix="mgpt4-bench-") if d.rank == 0 else None
     try:
         cfg, ds_config = prepare(args, d)
+        modes = choose_modes(args.modes, cfg)
         box = [work]
         if torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(box, src=0)
@@ -289,26 +393,31 @@ def main(argv: list[str] | None = None) -> None:
             model.tokenizer is None
         ):  # random weights: a tokenizer of the LLM's vocabulary, trained on the captions
             model.tokenizer = bench_tokenizer(cfg, shards, work, d)
-        extraction = time_extraction(cfg, model, shards, os.path.join(work, "features"), args, d)
+        cached = any("cached" in m for m in modes)  # the cache is made (and timed) only for them
+        extraction = (
+            time_extraction(cfg, model, shards, os.path.join(work, "features"), args, d) if cached else None
+        )
         pack = pack_shape(cfg, model, shards, args)
-        dtype = DTYPES[cfg.train.precision]
-        measured = measure_matmul_tflops(dtype) if d.device.type == "cpu" else None
-        peak = cfg.train.peak_tflops or measured or device_peak_tflops(d.device, dtype)
         settings = {"config": [False, True], "off": [False], "on": [True], "both": [False, True]}[
             args.checkpointing
         ]
         if args.checkpointing == "config":
             settings = [cfg.model.gradient_checkpointing]
+        compile_settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         jobs = []
         for mode in modes:
             mcfg = mode_config(cfg, mode, shards, os.path.join(work, "features"), pack)
             batches = take_batches(mcfg, model, d, args.warmup + args.steps)
             cached = mcfg.data.kind == "features"
-            for ckpt in settings:  # the same batches with and without checkpointing
-                tally = Tally(mcfg.model, model.sample_layouts(), cached, d.device)
-                jobs.append(Job(mode, ckpt, mcfg, batches, tally))
+            for ckpt in settings:  # the same batches with and without checkpointing, compiled or not
+                for comp in compile_settings:
+                    tally = Tally(mcfg.model, model.sample_layouts(), cached, d.device)
+                    jobs.append(Job(mode, ckpt, mcfg, batches, tally, compiled=comp))
         model.train()
-        time_jobs(engine, model, jobs, d, args)
+        dtype = DTYPES[cfg.train.precision]
+        compiled = CompiledParts(model, d.device) if args.compile != "off" else None
+        measured = time_jobs(engine, model, jobs, d, args, dtype, compiled)
+        peak = cfg.train.peak_tflops or measured or device_peak_tflops(d.device, dtype)
         results = [result(job, d, peak) for job in jobs]
         if d.rank == 0:
             report(cfg, model, d, args, pack, measured, peak, results, extraction)
@@ -371,7 +480,7 @@ def report(
     measured: float | None,
     peak: float | None,
     results: list[Result],
-    extraction: dict,
+    extraction: dict | None,
 ) -> None:
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full sizes under ZeRO-3
@@ -383,10 +492,16 @@ def report(
         f"micro batch: {cfg.data.batch_size}  grad accum: {cfg.train.grad_accum}  unpacked sequence: {seq} tokens  "
         f"packed: {pack[0]} row(s) x {pack[1]} tokens, at most {cfg.data.batch_size} samples"
     )
+    if args.compile != "off":
+        print(f"compiled graphs: {compiled_graphs()}, all made in the warm-up steps")
     if measured is not None:
-        print(f"CPU matmul peak (measured, {cfg.train.precision}): {measured:.4f} TFLOP/s")
+        print(
+            f"CPU matmul peak (measured, {cfg.train.precision}): {measured:.4f} TFLOP/s "
+            f"with {torch.get_num_threads()} thread(s), as the steps ran; the best of {max(1, min(args.rounds, args.steps))} rounds"
+        )
     for r in results:
-        print(f"== {r.mode}{' (gradient checkpointing)' if r.checkpointing else ''} ==")
+        label = f"{r.mode} compiled" if r.compiled else r.mode
+        print(f"== {label}{' (gradient checkpointing)' if r.checkpointing else ''} ==")
         print(f"model FLOPs per sample: {r.flops_per_sample / 1e9:.2f} GFLOP")
         print(f"step time: {r.step_ms:.1f} ms")
         print(f"samples/s: {r.samples_per_s:.2f}")
@@ -403,19 +518,28 @@ def report(
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = next((b for b in results if b.mode == "plain" and b.checkpointing == r.checkpointing), None)
+        base = next(
+            (
+                b
+                for b in results
+                if b.mode == "plain" and b.checkpointing == r.checkpointing and not b.compiled
+            ),
+            None,
+        )
         ratio = f"{r.samples_per_s / base.samples_per_s:.2f}x" if base else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         mem = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "-"
         print(
-            f"| {r.mode} | {'on' if r.checkpointing else 'off'} | {r.flops_per_sample / 1e9:.4g} | {r.samples_per_s:.1f} "
+            f"| {f'{r.mode} compiled' if r.compiled else r.mode} | {'on' if r.checkpointing else 'off'} | {r.flops_per_sample / 1e9:.4g} | {r.samples_per_s:.1f} "
             f"| {r.tokens_per_s:.0f} | {100 * r.padding_fraction:.1f}% | {r.samples_per_step:.1f} | {ratio} | {mfu} | {mem} |"
         )
     print()
-    rate = extraction["samples_per_s"]
-    print(
-        f"extraction: {extraction['samples']} samples in {extraction['seconds']:.1f} s = {rate:.1f} samples/s"
-    )
+    rate = None
+    if extraction is not None:
+        rate = extraction["samples_per_s"]
+        print(
+            f"extraction: {extraction['samples']} samples in {extraction['seconds']:.1f} s = {rate:.1f} samples/s"
+        )
     costs = end_to_end(results, rate, args.run_samples)
     if costs:
         print(f"end to end for {args.run_samples:,.0f} samples, from the rates above (hours):")
@@ -434,11 +558,13 @@ def report(
             )  # fmt: skip
 
 
-def end_to_end(results: list[Result], extract_rate: float, samples: float) -> dict[str, float]:
+def end_to_end(results: list[Result], extract_rate: float | None, samples: float) -> dict[str, float]:
     """Hours for one run and for three runs (three LLMs, or three tries) over `samples`: a run from
-    images pays the vision path every time; a cache pays it once, in extraction."""
-    rate = {r.mode: r.samples_per_s for r in results if not r.checkpointing} or {
-        r.mode: r.samples_per_s for r in results
+    images pays the vision path every time; a cache pays it once, in extraction (`extract_rate`
+    samples/s; None: no cache was made)."""
+    eager = [r for r in results if not r.compiled] or results
+    rate = {r.mode: r.samples_per_s for r in eager if not r.checkpointing} or {
+        r.mode: r.samples_per_s for r in eager
     }
     if "plain" not in rate:
         return {}
@@ -446,12 +572,12 @@ def end_to_end(results: list[Result], extract_rate: float, samples: float) -> di
     out = {"one run, plain": hours(rate["plain"])}
     if "packed" in rate:
         out["one run, packed"] = hours(rate["packed"])
-    if "packed+cached" in rate:
+    if "packed+cached" in rate and extract_rate:
         out["one run, extraction + packed+cached"] = hours(extract_rate) + hours(rate["packed+cached"])
     out["three runs, plain"] = 3 * hours(rate["plain"])
     if "packed" in rate:
         out["three runs, packed"] = 3 * hours(rate["packed"])
-    if "packed+cached" in rate:
+    if "packed+cached" in rate and extract_rate:
         out["three runs on one cache, extraction + 3 x packed+cached"] = hours(extract_rate) + 3 * hours(
             rate["packed+cached"]
         )

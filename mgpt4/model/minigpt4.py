@@ -29,7 +29,7 @@ from mgpt4.model.generation import (
 )
 from mgpt4.model.layout import IMAGE, IMAGE_ONLY, Layout, layout, sample_prompts, wrap_instruction
 from mgpt4.model.llm import build_llm, llm_class, resolve_llm_config
-from mgpt4.model.packing import pack_sequences
+from mgpt4.model.packing import pack_sequences, use_packed_attention
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, conversation_wrappers, prompt_tokenizer, resolve_text
@@ -370,9 +370,16 @@ class MiniGPT4(nn.Module):
         pack_slot: torch.Tensor | None,
         pack_pos: torch.Tensor | None,
     ) -> CausalLMOutputWithPast:
+        per_sample = use_packed_attention(self.llm)
         if pack_slot is not None:
-            inputs, positions, labels = pack_sequences(inputs, labels, pack_slot, pack_pos)
-            return self.llm(inputs_embeds=inputs, position_ids=positions, labels=labels, use_cache=False)
+            rows = pack_sequences(inputs, labels, pack_slot, pack_pos)
+            return self.llm(
+                inputs_embeds=rows.inputs_embeds,
+                position_ids=rows.position_ids,
+                labels=rows.labels,
+                use_cache=False,
+                **(rows.attention_kwargs() if per_sample else {}),
+            )
         return self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def instruction_prompt(self, instruction: torch.Tensor | None) -> str | None:

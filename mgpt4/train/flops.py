@@ -118,7 +118,8 @@ def train_flops(
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The table's peak for a CUDA device; for the CPU, a measured matmul peak; None if unknown."""
+    """The table's peak for a CUDA device; for the CPU, a measured matmul peak with the calling thread's
+    torch threads (the training step's: call it from the thread that runs the steps); None if unknown."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in DEVICE_PEAK_TFLOPS.items():
@@ -128,17 +129,40 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None
     return measure_matmul_tflops(dtype)
 
 
+# Square matmul sizes the CPU peak is the best of: a 7B step's GEMMs are larger than the small size's,
+# and a size cache-blocks and threads best at its own; the best of them bounds what a step's matmuls get.
+PEAK_SIZES = (512, 1024, 2048)
+
+
 def measure_matmul_tflops(
-    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    sizes: tuple[int, ...] = PEAK_SIZES,
+    seconds: float = 0.3,
 ) -> float:
-    """Sustained square-matmul TFLOP/s of this CPU with torch's threads (the MFU denominator on CPU)."""
+    """Sustained square-matmul TFLOP/s of this CPU, the MFU denominator on CPU: the best over `sizes`,
+    each timed for about `seconds`, in `dtype` with `threads` torch threads (default: the caller's
+    `torch.get_num_threads()`). Measure the way the step runs, its dtype and its thread count: with
+    fewer threads than the step the peak is too low, and MFU above 100%. The caller's thread count is
+    restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     # A generator of its own: measuring leaves the global RNG (dropout's, restored on resume) untouched.
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, dtype=dtype, generator=g)
-    b = torch.randn(size, size, dtype=dtype, generator=g)
-    torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+    try:
+        best = 0.0
+        for size in sizes:
+            a = torch.randn(size, size, dtype=dtype, generator=g)
+            b = torch.randn(size, size, dtype=dtype, generator=g)
+            torch.mm(a, b)  # warm: thread pool up, kernels chosen
+            count, start = 0, time.perf_counter()
+            while not count or time.perf_counter() - start < seconds:
+                torch.mm(a, b)
+                count += 1
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * size**3 * count / elapsed / 1e12)
+            if elapsed / count > seconds / 4:  # a larger size would take seconds per matmul (slow dtypes)
+                break
+        return best
+    finally:
+        torch.set_num_threads(before)

@@ -31,6 +31,8 @@ from mgpt4.train import engine as eng_mod
 from mgpt4.train import resume as resume_mod
 from mgpt4.train import run_lock
 from mgpt4.train.assets import ensure_demo_assets
+from mgpt4.train.compiled import check_compile, compile_model, compiled_graphs
+from mgpt4.train.ds_config import zero_stage
 from mgpt4.train.flops import device_peak_tflops
 from mgpt4.train.metrics import Metrics, device_memory_gb, log_failure
 from mgpt4.train.preemption import Preemption
@@ -121,11 +123,14 @@ def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch
 def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
     """Everything after the process group (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
+    check_compile(cfg.train.compile, zero_stage(ds_config))
     run_lock.take(cfg.train.output_dir, d.rank)  # no other run reads or writes the folder from here on
     start = resume_mod.plan_start(cfg, d.world_size, resume)  # the checkpoints checked, no writes
     ensure_demo_assets(cfg)  # 3. demo assets: rank 0 generates, the others then find them
     seed_all(cfg.train.seed)  # 4. seed: the same on every rank, so random parts start equal
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
+    if cfg.train.compile:
+        compile_model(model, d.device)  # compiles on the first step
     text, q = cfg.model.text, cfg.model.qformer
     layouts = model.sample_layouts()  # one per instruction: what the loader packs and the tally counts
     conversations = cfg.data.kind == "conversations"
@@ -230,6 +235,8 @@ def log_window(run: Run, loss_sum: torch.Tensor, steps: int) -> None:
         for reason, n in c.items():
             skipped[reason] = skipped.get(reason, 0) + n
     run.metrics.write(run.step, scalars, device_memory_gb(run.dist.device), skipped, run.tally.take_window())
+    if run.cfg.train.compile:  # training steps add none after the first
+        log.info(f"step {run.step}: compiled graphs: {compiled_graphs()}")
     if not run.reported:
         # Adam's state exists only after the first step, so where memory lives is reported here.
         report = eng_mod.memory_report(run.engine, run.optimizer, run.model)
