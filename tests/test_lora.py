@@ -297,7 +297,7 @@ def test_starting_the_data_or_measuring_the_cpu_leaves_the_dropout_rng(tmp_path)
     loader = build_loader(cfg, tiny_tokenizer(), 24, "###")
     before = torch.get_rng_state()
     next(iter(loader))
-    measure_matmul_tflops(size=8, seconds=0.01)
+    measure_matmul_tflops(sizes=(8,), seconds=0.01)
     assert torch.equal(torch.get_rng_state(), before)
 
 

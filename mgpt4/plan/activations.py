@@ -12,9 +12,11 @@ unless said:
     the attention's fp32 log-sum-exp (heads x 4 bytes)
     the MLP's gate, act(gate) and up projections (3 x intermediate)
 
-plus, per layer, the SDPA attention mask of padded or packed rows (rows x L x L) or, under eager
+plus, per layer, the SDPA attention mask of padded rows (rows x L x L) or, under eager
 attention, the query, key and value, and the softmax output in fp32 and in the LLM's dtype (rows x heads
-x L x L each), and no mask; FlashAttention-2 takes no mask and keeps key and value at their own heads. With
+x L x L each), and no mask; FlashAttention-2 takes no mask and keeps key and value at their own heads.
+Packed rows under SDPA keep the attention's tensors in the per-sample layout (samples x their length, key
+and value at their own heads) and no mask, as `mgpt4.model.packing.packed_sdpa_attention` runs it. With
 gradient checkpointing each layer keeps its input only (hidden, in the LLM's dtype) and recomputes the
 rest in the backward. Once per forward: the final norm's fp32 input and 1/rms, the rotary cos and sin
 (rows x L x head_dim each, one row for padded batches: the positions are shared), the loss's fp32
@@ -69,6 +71,9 @@ class Batch:
     packed: bool
     image_tokens: int
     image_width: int
+    # A packed sample's length in the per-sample layout (context + max_txt_len): where SDPA computes
+    # each sample's own attention block (`mgpt4.model.packing.packed_sdpa_attention`).
+    sample_length: int = 0
 
 
 def layer_bytes(s: LLMShape, b: Batch, dtype_bytes: int, attn: str, checkpointing: bool) -> int:
@@ -85,6 +90,12 @@ def layer_bytes(s: LLMShape, b: Batch, dtype_bytes: int, attn: str, checkpointin
         # The fp32 softmax and its copy in the LLM's dtype (the same tensor when that is fp32).
         probs = square * s.heads * (FP32 + (dtype_bytes if dtype_bytes != FP32 else 0))
         return tokens * (norms + mlp) + (q + 2 * kv) * dtype_bytes * tokens + probs
+    if b.packed and attn == "sdpa":
+        # Per sample, without a mask: SDPA keeps the gathered query, key and value (key and value at
+        # their own heads: no mask, so SDPA takes the groups itself), its output and log-sum-exp.
+        per_sample = b.samples * b.sample_length
+        attention = per_sample * ((2 * q + 2 * s.kv_heads * s.head_dim) * dtype_bytes + s.heads * FP32)
+        return tokens * (norms + mlp) + attention
     attention = tokens * ((2 * q + 2 * kv) * dtype_bytes + s.heads * FP32)
     mask = 0 if attn == "flash_attention_2" else square * dtype_bytes
     return tokens * (norms + mlp) + attention + mask
@@ -102,5 +113,7 @@ def activation_bytes(
     if not checkpointing:  # the rotary tables live inside the checkpointed layers otherwise
         once += 2 * (b.rows if b.packed else 1) * b.length * s.head_dim * dtype_bytes
     if b.packed:
-        once += tokens * INT64
+        once += tokens * INT64  # the rows' gather index
+        if attn == "sdpa":
+            once += b.samples * b.sample_length * INT64  # and the per-sample attention's
     return once + s.layers * layer_bytes(s, b, dtype_bytes, attn, checkpointing)

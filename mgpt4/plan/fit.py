@@ -95,7 +95,7 @@ def micro_batch(cfg: Config, model, context: int, rows: int | None = None) -> Ba
         r = rows if rows is not None else cfg.data.pack_rows
         # A packed batch holds at most batch_size samples; more rows hold proportionally more.
         samples = math.ceil(cfg.data.batch_size * r / cfg.data.pack_rows)
-        return Batch(r, cfg.data.pack_length, samples, True, n_img, width)
+        return Batch(r, cfg.data.pack_length, samples, True, n_img, width, context + d.text.max_txt_len)
     r = rows if rows is not None else cfg.data.batch_size
     return Batch(r, context + d.text.max_txt_len, r, False, n_img, width)
 
