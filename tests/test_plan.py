@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -259,3 +260,16 @@ def test_gpu_peak_within_15_percent_of_the_plan(checkpointing, tokenizer):
 
         planned += layer_bytes(shape, batch, 2, cfg.model.attn_implementation, False)
     assert abs(planned - measured) <= 0.15 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("recipe,gpus", [("stage2_vicuna7b", 1), ("stage2_vicuna7b", 4)])
+def test_the_readme_table_rows_are_the_planners(recipe, gpus, capsys):
+    """The README's 'Fit your GPU' table is the planner's output, not edited by hand (two rows of it: a
+    7B meta build takes seconds)."""
+    from mgpt4.plan.__main__ import main as plan_main
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    rows = [line for line in readme.splitlines() if line.startswith(f"| {recipe} | {gpus} |")]
+    assert len(rows) == 1, rows
+    plan_main(["--recipe", recipe, "--gpus", str(gpus), "--table", "24,40,80"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == rows[0]
