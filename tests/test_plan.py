@@ -268,7 +268,8 @@ def test_the_readme_table_rows_are_the_planners(recipe, gpus, capsys):
     7B meta build takes seconds)."""
     from mgpt4.plan.__main__ import main as plan_main
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+        readme = f.read()
     rows = [line for line in readme.splitlines() if line.startswith(f"| {recipe} | {gpus} |")]
     assert len(rows) == 1, rows
     plan_main(["--recipe", recipe, "--gpus", str(gpus), "--table", "24,40,80"])
