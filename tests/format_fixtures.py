@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from data_fixtures import jpeg
+from tests.data_fixtures import jpeg
 
 INSTRUCTION = "Render a clear and concise summary of the photo."
 

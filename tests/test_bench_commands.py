@@ -116,7 +116,13 @@ def test_readme_benchmark_command_runs(command, tmp_path):
     else:  # the GPU script in its CPU mode: every part ran and passed, and the table was written
         parts = (tmp_path / "gpu-bench" / "parts.txt").read_text().splitlines()
         assert parts and all(" rc=0 " in p for p in parts), parts
-        assert {p.split()[0] for p in parts} >= {"packing-test", "bench"}
+        assert {p.split()[0] for p in parts} == {
+            "packing-test",
+            "bench",
+            "bench-compiled",
+            "quantized",
+            "serve",
+        }
         table = (tmp_path / "gpu-bench" / "table.md").read_text()
         assert re.search(r"^\| packed\+cached \| on \|", table, re.M), table
 
@@ -126,7 +132,9 @@ def test_the_gpu_script_writes_what_it_measured_when_parts_fail(tmp_path):
     the table is written, and the script's own status says something failed."""
     out = tmp_path / "gpu-bench"
     proc = run(
-        f"OUT={out} PART_TIMEOUTS='1 1 1' bash tests/gpu/bench.sh --cpu", str(tmp_path / "cache"), timeout=300
+        f"OUT={out} PART_TIMEOUTS='1 1 1 1 1' bash tests/gpu/bench.sh --cpu",
+        str(tmp_path / "cache"),
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stdout[-3000:]
     parts = (out / "parts.txt").read_text().splitlines()
@@ -134,6 +142,8 @@ def test_the_gpu_script_writes_what_it_measured_when_parts_fail(tmp_path):
         ["packing-test", "rc=124"],
         ["bench", "rc=124"],
         ["bench-compiled", "rc=124"],
+        ["quantized", "rc=124"],
+        ["serve", "rc=124"],
     ], parts
     table = (out / "table.md").read_text()
     assert "bench (bench rc=124" in table and "(no table: see" in table

@@ -9,12 +9,12 @@ from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import make_align, tiny_tokenizer
 
 from mgpt4.data import DataConfig, build_loader
 from mgpt4.data.samples import MAX_SKIP_RUN
 from mgpt4.data.workers import DataSourceError
 from mgpt4.tokenizer import encode_answers
+from tests.data_fixtures import make_align, tiny_tokenizer
 
 SIZE = 16
 L = 24

@@ -10,16 +10,16 @@ import sys
 import tarfile
 
 import pytest
-from data_fixtures import tiny_tokenizer
-from format_fixtures import llava_entries, llava_set, write_images, write_json
 from PIL import Image
-from test_data_formats import _captions, _cfg
-from test_data_resume import _take
 
 from mgpt4.data import SourceConfig, build_loader
 from mgpt4.data.convert import convert, main
 from mgpt4.data.formats.annotations import build_index, load_index
 from mgpt4.data.shard_lists import expand_shards
+from tests.data_fixtures import tiny_tokenizer
+from tests.format_fixtures import llava_entries, llava_set, write_images, write_json
+from tests.test_data_formats import _captions, _cfg
+from tests.test_data_resume import _take
 
 
 def _members(path):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_fixtures import numbered_shards, tiny_tokenizer
 from PIL import Image
 from torchvision import transforms
 
 from mgpt4.data import CLIP_MEAN, CLIP_STD, DataConfig, DeviceFeeder, SourceConfig, build_loader
+from tests.data_fixtures import numbered_shards, tiny_tokenizer
 
 
 class _Clock:

@@ -10,14 +10,21 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from data_fixtures import numbered_shards, tiny_tokenizer
-from format_fixtures import llava_entries, llava_set, sharegpt_entries, sharegpt_set, write_images, write_json
-from test_data_resume import _resume_matches, _take
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.formats.annotations import AnnotationError, build_index
 from mgpt4.data.formats.records import parse_record
 from mgpt4.strict_config import ConfigError
+from tests.data_fixtures import numbered_shards, tiny_tokenizer
+from tests.format_fixtures import (
+    llava_entries,
+    llava_set,
+    sharegpt_entries,
+    sharegpt_set,
+    write_images,
+    write_json,
+)
+from tests.test_data_resume import _resume_matches, _take
 
 L = 12
 
@@ -121,7 +128,7 @@ def test_packed_annotation_source_resumes_exactly(tmp_path):
     llava = llava_set(str(tmp_path / "l"), 9)
     cfg = _cfg([SourceConfig(format="llava", annotations=llava)], pack_length=40, pack_rows=2, batch_size=6)
     tok = tiny_tokenizer()
-    from test_data_packing import CONTEXT
+    from tests.test_data_packing import CONTEXT
 
     def loader():
         return build_loader(cfg, tok, L, "\n", context_lengths=(CONTEXT,))

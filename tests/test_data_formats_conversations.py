@@ -8,10 +8,6 @@ import json
 
 import pytest
 import torch
-from data_fixtures import tiny_tokenizer
-from decoder_folders import CHATML_TEMPLATE
-from format_fixtures import llava_entries, llava_set, sharegpt_set, write_images, write_json
-from test_data_resume import _take
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.formats.records import parse_record
@@ -22,6 +18,10 @@ from mgpt4.model.presets import stage2_text, tiny
 from mgpt4.model.prompts import STAGE2_INSTRUCTIONS
 from mgpt4.strict_config import ConfigError
 from mgpt4.tokenizer import encode_answers
+from tests.data_fixtures import tiny_tokenizer
+from tests.decoder_folders import CHATML_TEMPLATE
+from tests.format_fixtures import llava_entries, llava_set, sharegpt_set, write_images, write_json
+from tests.test_data_resume import _take
 
 TURNS = [
     ("user", "<image>\nWhat is in the picture?"),

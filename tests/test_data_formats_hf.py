@@ -7,15 +7,15 @@ import os
 
 import datasets
 import pytest
-from data_fixtures import jpeg, tiny_tokenizer
-from format_fixtures import llava_set, write_images
-from test_data_formats import _captions, _cfg
-from test_data_formats_conversations import _conv_cfg, _loader, data_model  # noqa: F401 (a fixture)
-from test_data_resume import _take
 
 from mgpt4.data import SourceConfig, build_loader
 from mgpt4.data.formats.annotations import AnnotationError
 from mgpt4.data.formats.hf import load_hf
+from tests.data_fixtures import jpeg, tiny_tokenizer
+from tests.format_fixtures import llava_set, write_images
+from tests.test_data_formats import _captions, _cfg
+from tests.test_data_formats_conversations import _conv_cfg, _loader, data_model  # noqa: F401 (a fixture)
+from tests.test_data_resume import _take
 
 L = 12
 
@@ -48,7 +48,7 @@ def test_parquet_with_embedded_images_trains_as_pairs(tmp_path):
 
 
 def test_a_folder_of_parquet_files_with_renamed_columns_mixes_and_resumes(tmp_path):
-    from test_data_resume import _resume_matches
+    from tests.test_data_resume import _resume_matches
 
     _parquet(str(tmp_path / "p"), 7, image="jpg", caption="text")
     llava = llava_set(str(tmp_path / "l"), 5)

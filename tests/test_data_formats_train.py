@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from format_fixtures import llava_set, sharegpt_set
 
+from tests.format_fixtures import llava_set, sharegpt_set
 from tests.launch import deepspeed_cmd, read_jsonl, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]

@@ -8,12 +8,12 @@ import contextlib
 import signal
 
 import numpy as np
-from data_fixtures import gzip_bytes, member_spans, numbered_shards, tiny_tokenizer
 
 from mgpt4.data import DataConfig, SourceConfig
 from mgpt4.data.batches import BatchText
 from mgpt4.data.shard_stream import ShardBatches, sample_id, source_urls
 from mgpt4.data.tar_reader import ShardError, TarReader
+from tests.data_fixtures import gzip_bytes, member_spans, numbered_shards, tiny_tokenizer
 
 CASES = 300
 SHARD_REASONS = {"corrupt_shard", "truncated_shard"}

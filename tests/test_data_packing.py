@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from data_fixtures import bad_shard, sample_files, tiny_tokenizer, write_tar
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.packing import RowPacker, suggest_rows
 from mgpt4.model.layout import IMAGE_ONLY, layout
+from tests.data_fixtures import bad_shard, sample_files, tiny_tokenizer, write_tar
 
 L = 12  # max_txt_len
 # A stage-1 sample of the tiny model before its answer: BOS and 8 image tokens (no text to tokenize).

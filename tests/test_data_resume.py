@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from data_fixtures import bad_shard, make_align, numbered_shards, tiny_tokenizer
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
+from tests.data_fixtures import bad_shard, make_align, numbered_shards, tiny_tokenizer
 
 L = 12
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from data_fixtures import make_align, numbered_shards, tiny_tokenizer
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.loader import DataStateMismatch, describe_list_change
+from tests.data_fixtures import make_align, numbered_shards, tiny_tokenizer
 
 L = 12
 

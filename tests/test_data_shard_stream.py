@@ -11,15 +11,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from data_fixtures import (
-    HTTP_ERROR_BODY,
-    bad_shard,
-    gzip_bytes,
-    numbered_shards,
-    sample_files,
-    tiny_tokenizer,
-    write_tar,
-)
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.batches import BatchText
@@ -28,6 +19,15 @@ from mgpt4.data.shard_stream import DataSourceError, ShardBatches, sample_id, so
 from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import clean_caption
 from mgpt4.tokenizer import encode_answers
+from tests.data_fixtures import (
+    HTTP_ERROR_BODY,
+    bad_shard,
+    gzip_bytes,
+    numbered_shards,
+    sample_files,
+    tiny_tokenizer,
+    write_tar,
+)
 
 SIZE = 16
 L = 12

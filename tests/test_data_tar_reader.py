@@ -6,7 +6,10 @@ import io
 import tarfile
 
 import pytest
-from data_fixtures import (
+
+from mgpt4.data.shard_lists import check_url, expand_shards
+from mgpt4.data.tar_reader import ShardError, TarReader
+from tests.data_fixtures import (
     HTTP_ERROR_BODY,
     flipped,
     gzip_bytes,
@@ -15,9 +18,6 @@ from data_fixtures import (
     sample_files,
     write_tar,
 )
-
-from mgpt4.data.shard_lists import check_url, expand_shards
-from mgpt4.data.tar_reader import ShardError, TarReader
 
 
 def _all(reader: TarReader) -> list[tuple[str, dict[str, bytes]]]:

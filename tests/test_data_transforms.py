@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from data_fixtures import WORDS, jpeg, tiny_tokenizer
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -29,6 +28,7 @@ from mgpt4.data.transforms import (
     normalize_uint8,
 )
 from mgpt4.tokenizer import encode_answers
+from tests.data_fixtures import WORDS, jpeg, tiny_tokenizer
 
 OFFICIAL_NORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
 

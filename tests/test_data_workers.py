@@ -7,9 +7,9 @@ import contextlib
 
 import psutil
 import torch
-from data_fixtures import numbered_shards, tiny_tokenizer
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
+from tests.data_fixtures import numbered_shards, tiny_tokenizer
 
 L = 12
 MODEL_BYTES = 2**30
@@ -49,9 +49,9 @@ def test_a_worker_does_not_hold_the_models_parameters(tmp_path):
 # waits to be killed.
 _TRAINER = """
 import sys, time
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r})
 import psutil
-from data_fixtures import numbered_shards, tiny_tokenizer
+from tests.data_fixtures import numbered_shards, tiny_tokenizer
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 
 if __name__ == "__main__":  # a worker runs this file again as __mp_main__
@@ -74,7 +74,8 @@ def test_workers_and_their_fork_server_end_with_a_killed_trainer(tmp_path):
     import sys
 
     script = tmp_path / "trainer.py"
-    script.write_text(_TRAINER.format(tests=os.path.dirname(__file__), folder=str(tmp_path)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(_TRAINER.format(root=root, folder=str(tmp_path)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         below = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]

@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from data_fixtures import bad_shard
 
 from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
 from mgpt4.data import DataConfig, DeviceFeeder, SourceConfig, build_loader
@@ -28,6 +27,7 @@ from mgpt4.model import from_config
 from mgpt4.model.presets import stage1_text, tiny
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.feature_cache import check_feature_cache
+from tests.data_fixtures import bad_shard
 from tests.launch import REPO
 
 ONE_RANK = RankInfo()

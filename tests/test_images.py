@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from data_fixtures import tiny_tokenizer, write_tar
 from PIL import Image, ImageOps
 
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.transforms import CLIP_MEAN, CLIP_STD, ImageError, ImageTransform, normalize_uint8
 from mgpt4.images import eval_transform
+from tests.data_fixtures import tiny_tokenizer, write_tar
 
 S = 32  # the model's image size in these tests
 

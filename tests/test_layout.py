@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from data_fixtures import sample_files, write_tar
 
 from mgpt4.chat.session import ChatSession
 from mgpt4.curate.describe import DescribeConfig, describe_prompts
@@ -23,6 +22,7 @@ from mgpt4.model.prompts import STAGE2_INSTRUCTIONS
 from mgpt4.tokenizer import encode_answers
 from mgpt4.train.tally import Tally, batch_counts
 from tests.conftest import TOKENIZER_CORPUS
+from tests.data_fixtures import sample_files, write_tar
 from tests.decoder_folders import write_decoder_folder
 from tests.official_files import write_tiny_vision_files
 

@@ -287,10 +287,9 @@ def test_the_loader_and_chat_load_a_lora_run_and_reply(readable_lora, tmp_path, 
 def test_starting_the_data_or_measuring_the_cpu_leaves_the_dropout_rng(tmp_path):
     """LoRA's dropout draws from the global RNG, which a resume restores before the loop starts the data
     and the metrics measure the CPU: neither may draw from it, or a resumed run's dropout masks differ."""
-    from data_fixtures import make_align, tiny_tokenizer
-
     from mgpt4.data import DataConfig, build_loader
     from mgpt4.train.flops import measure_matmul_tflops
+    from tests.data_fixtures import make_align, tiny_tokenizer
 
     root = make_align(tmp_path / "a", 6)
     cfg = DataConfig(kind="align", align_root=root, batch_size=3, num_workers=0, image_size=16)

@@ -9,12 +9,12 @@ import importlib.util
 
 import pytest
 import torch
-from official_files import write_official_files
 
 from mgpt4.config import Config, quantized_llm_refusal
 from mgpt4.model.presets import tiny
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.resolve import check_precision
+from tests.official_files import write_official_files
 
 
 def _cfg(quant: str, llm: str | None = "/models/llm") -> Config:

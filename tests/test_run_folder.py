@@ -12,13 +12,13 @@ import sys
 
 import pytest
 import torch
-from data_fixtures import numbered_shards, tiny_tokenizer
 
 from mgpt4.config import OptimConfig
 from mgpt4.data import DataConfig, SourceConfig, build_loader
 from mgpt4.data.loader import DataStateMismatch
 from mgpt4.train import run_lock
 from mgpt4.train.optim import build_optimizer, lr_at, resume_schedule
+from tests.data_fixtures import numbered_shards, tiny_tokenizer
 from tests.launch import read_jsonl, run
 
 slow = pytest.mark.slow

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The stage-1 GPU benchmark: a 7B-shaped MiniGPT-4 (ViT-g, Q-Former, Vicuna-7B sizes) with random weights,
 # bf16, ZeRO-2 on one GPU; every mode (plain, packed, cached, packed+cached), without and with gradient
-# checkpointing, then compiled (`train.compile`: CUDA graphs). Writes what it measured to $OUT (default gpu-bench/):
+# checkpointing, then compiled (`train.compile`: CUDA graphs); then the quantised-LLM checks
+# (tests/gpu/quantized.sh's tests) and the server's batching benchmark. Writes what it measured to $OUT (default gpu-bench/):
 # one log per part, bench.json, table.md, and parts.txt (each part's exit status and seconds), even
 # when a part fails or hits its timeout; the exit status is then 1. Under 8 minutes on one H100.
 #
@@ -49,15 +50,18 @@ if [ "$MODE" = gpu ]; then
   # Compiling a 7B-shaped step takes a minute or more per shape: the two ends (plain, packed+cached), each
   # also eager in the same run, so the gain is measured against the same machine state.
   COMPILED=(--modes plain,packed+cached --compile both --steps 6 --warmup 1 --rounds 2)
-  TIMEOUTS=(60 200 200)   # 460 s in all: under 8 minutes
+  SERVE=(python -m mgpt4.bench.serve --device cuda --requests 32)   # the tiny model: the batching gain
+  TIMEOUTS=(50 170 170 40 30)   # 460 s in all: under 8 minutes
 else
   echo "CPU $(nproc) cores" > "$OUT/device.txt"
   ATTN=sdpa
   BENCH=(python -m mgpt4.bench.train --recipe tiny_stage1 --steps 2 --warmup 1 --rounds 1)
   COMPILED=(--modes packed+cached --compile both)  # inductor on 2 cores: minutes per compiled mode
-  TIMEOUTS=(120 400 600)
+  SERVE=(python -m mgpt4.bench.serve --device cpu --requests 4
+         --concurrency 1 4 --max-tokens 4)
+  TIMEOUTS=(120 400 600 60 120)
 fi
-# PART_TIMEOUTS="60 200 200" overrides the parts' timeouts (seconds, in order).
+# PART_TIMEOUTS="50 170 170 40 30" overrides the parts' timeouts (seconds, in order).
 if [ -n "${PART_TIMEOUTS:-}" ]; then read -r -a TIMEOUTS <<< "$PART_TIMEOUTS"; fi
 echo "attention: $ATTN" >> "$OUT/device.txt"
 cat "$OUT/device.txt"
@@ -71,10 +75,16 @@ part bench "${TIMEOUTS[1]}" "${BENCH[@]}" --checkpointing both --json "$OUT/benc
 # 3. Compiled and eager side by side, without checkpointing.
 part bench-compiled "${TIMEOUTS[2]}" "${BENCH[@]}" "${COMPILED[@]}" --checkpointing off \
   --json "$OUT/bench-compiled.json"
+# 4. The quantised frozen LLM (int8 / nf4) trains and loads, and the planner's estimate holds on the GPU
+#    (skipped without CUDA and bitsandbytes: pip install -e .[lowmem]).
+part quantized "${TIMEOUTS[3]}" python -m pytest -q -p no:cacheprovider -m gpu -rA \
+  tests/test_quantized_llm.py tests/test_plan.py
+# 5. The server: requests/s and tokens/s, batched against one request at a time.
+part serve "${TIMEOUTS[4]}" "${SERVE[@]}"
 
 {
   echo "Measured $(date -u +%Y-%m-%d) on $(head -1 "$OUT/device.txt" | cut -d, -f1), attention $ATTN:"
-  for name in bench bench-compiled; do
+  for name in bench bench-compiled serve; do
     echo
     echo "$name ($(grep "^$name " "$OUT/parts.txt"))"
     grep '^|' "$OUT/$name.log" || echo "(no table: see $OUT/$name.log)"
