@@ -20,7 +20,7 @@ setup(
         "webdataset>=1.0,<2",
         "tensorboard>=2.15,<3",
         # 0.2.3's model proto needs protobuf 7, which wandb (an lmms-eval dependency) rules out; transformers
-        # then cannot read a tokenizer.model. 0.2.2's proto loads on protobuf 3 to 7.
+        # then cannot read a tokenizer.model. 0.2.2's proto carries no runtime version check.
         "sentencepiece>=0.2,<0.2.3",
         "tokenizers>=0.22,<1",  # the export's legacy LLaMA tokenizer rules (mgpt4/export/processor.py)
         "jinja2>=3.1",  # tokenizers' chat templates (model.text.template: chat_template)
