@@ -34,3 +34,15 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg():
     return tiny()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`rehearsal` tests (the full-size rehearsal: ~20 GB of RAM, ~16 GB of disk, tens of minutes) run only
+    when a -m expression names them (`python -m pytest -m rehearsal`); any other run, CI's included,
+    deselects them."""
+    if "rehearsal" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("rehearsal") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
