@@ -62,12 +62,13 @@ SMALL = {
 SIZES = {"full": {}, "small": SMALL}
 RANKS = 2
 STEPS = 2
-# Generation is what costs at 7B on CPU: bf16 matmuls run at about 7 GFLOP/s a core here (no bf16
-# instructions), and under ZeRO-3 each new token gathers the whole partitioned LLM over gloo (13.5 GB at
-# about 1 GB/s). So the sample captions are of one image, not the recipe's 4, and stage 2's text is cut
-# from 160 tokens to 8 (its end-of-run captions generate max_txt_len tokens); stage 1's 32 stay.
+# Compute is what costs at 7B on CPU: bf16 matmuls run at about 7 GFLOP/s a core here (no bf16
+# instructions), so a step's LLM forward and backward take minutes, and under ZeRO-3 each generated token
+# gathers the whole partitioned LLM over gloo (13.5 GB at about 1 GB/s). So the text of both stages is cut
+# to 8 tokens (the recipes' max_txt_len is 32 and 160; sample captions generate that many), and the sample
+# captions are of one image, not 4: the same code paths at a fraction of the time.
 SAMPLE_IMAGES = 1
-STAGE2_TEXT_TOKENS = 8
+TEXT_TOKENS = 8
 QUESTION = "What is in this picture?"
 
 
@@ -292,7 +293,12 @@ def train_stage(
     shutil.rmtree(out, ignore_errors=True)
     args = ["--recipe", recipe, "--deepspeed", ds_config]
     sets = [f"train.output_dir={out}", "train.log_every=1", "train.precision=bf16"]
-    for o in [*overrides, *sets, f"train.num_sample_images={SAMPLE_IMAGES}"]:
+    for o in [
+        *overrides,
+        *sets,
+        f"train.num_sample_images={SAMPLE_IMAGES}",
+        f"model.text.max_txt_len={TEXT_TOKENS}",
+    ]:
         args += ["--set", o]
     env = launcher_env(os.path.join(workdir, "cache"))
     watched = Watched(deepspeed_cmd(launcher, RANKS, *args), os.path.join(workdir, f"{name}.log"), env)
@@ -449,7 +455,6 @@ def rehearse(size: str, workdir: str, keep: bool, timeout_s: float) -> dict[str,
             *common,
             f"model.weights.proj={ckpt}/llama_proj.pth",
             f"data.align_root={paths['align_root']}",
-            f"model.text.max_txt_len={STAGE2_TEXT_TOKENS}",
             "train.steps=1",
             "train.save_every=1",
         ]
