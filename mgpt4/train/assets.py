@@ -196,6 +196,81 @@ def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
     return final
 
 
+# Tiny vision towers (`model.vision.kind: hf`): two-tower CLIP and SigLIP folders as `save_pretrained`
+# writes them, 56 px, patch 14 (16 patches), 32 wide, 2 layers; CLIP with a class token.
+TOWER_FAMILIES = ("siglip", "clip")
+
+
+def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
+    """A random two-tower `family` model (CLIP or SigLIP, the text half at toy size too) saved with its
+    preprocessor_config.json (56 px; CLIP's mean/std, SigLIP's 0.5) into `folder`, as transformers
+    writes a downloaded one. Returns `folder`."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+
+    if family not in TOWER_FAMILIES:
+        raise ValueError(f"tiny tower: expected one of {TOWER_FAMILIES}, got {family!r}")
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(seed)
+    if family == "clip":
+        model = CLIPModel(
+            CLIPConfig(vision_config=vision, text_config={**text, "bos_token_id": 1, "eos_token_id": 2})
+        )
+        pre = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    else:
+        model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+        pre = SiglipImageProcessor(size={"height": 56, "width": 56})
+    model.save_pretrained(folder)
+    pre.save_pretrained(folder)
+    return folder
+
+
+def tiny_tower_location(family: str = "siglip", seed: int = 0) -> str:
+    """Where the tiny random tower folder of the `tiny_tower_*` recipes lives in the cache."""
+    return os.path.join(cache_root(), "tiny-towers", f"v{ASSETS_VERSION}-{family}-seed{seed}")
+
+
+def ensure_tiny_tower(family: str = "siglip", seed: int = 0) -> str:
+    """`write_tiny_tower` into the cache once (an atomic rename: ranks racing here end with one folder)."""
+    final = tiny_tower_location(family, seed)
+    if os.path.isdir(final):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tower-", dir=os.path.dirname(final))
+    try:
+        write_tiny_tower(tmp, family, seed)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def _wants_tiny_decoder(cfg: ModelConfig) -> bool:
     """A demo config whose LLM sizes come from a folder (the `tiny_decoder_*` recipes: one left null
     cannot be made up): its unset `model.weights.llm` is the tiny Qwen2 folder, whose config.json
@@ -235,6 +310,8 @@ def fill_demo_paths(cfg: Config) -> list[str]:
         filled.append(w.llm)
     tiny = _tiny_for(cfg.model)  # your own LLM folder: no tiny LLM or tokenizer is pointed to or made
     names = [n for n in ("eva_vit", "blip2", "llm") if getattr(tiny, n)]
+    if cfg.model.vision.kind == "hf":  # the tower comes from its folder: no EVA or BLIP-2 file
+        names = [n for n in names if n == "llm"]
     if not all(getattr(w, n) for n in names) and not w.blip2_hf:
         for name in names:
             if not getattr(w, name):
