@@ -48,6 +48,8 @@ CONNECTORS = ("qformer", "concat", "none")
 PROJECTORS = ("linear", "mlp2x_gelu")
 # The VisionConfig fields that describe EVA ViT-g only; with kind hf the folder gives the sizes.
 EVA_ONLY = ("mlp_dim", "ln_eps", "ln_vision_eps")
+# The VisionConfig sizes that a kind hf tower's folder gives (left all at their defaults: read from it).
+TOWER_SIZES = ("image_size", "patch_size", "width", "depth", "heads")
 
 
 @dataclass
@@ -55,8 +57,9 @@ class VisionConfig:
     """The vision tower: EVA ViT (timm `Eva`) followed by `ln_vision`, or a transformers vision model.
 
     With `kind: hf` the sizes (image_size, patch_size, width, depth, heads) mirror the folder's
-    config.json and preprocessor_config.json and must agree with them (`hf_vision_config` writes
-    them); mlp_dim, ln_eps and ln_vision_eps belong to EVA and stay unset.
+    config.json and preprocessor_config.json: left all at their defaults they are read from it when
+    the config is validated, set they must agree with it (`hf_vision_config` writes them); mlp_dim,
+    ln_eps and ln_vision_eps belong to EVA and stay unset.
     """
 
     kind: str = "eva_vit_g"
@@ -80,6 +83,8 @@ class VisionConfig:
     ln_vision_eps: float = 1e-5
 
     def resolved_mlp_dim(self) -> int:
+        if self.kind == "hf" and self.folder:  # the tower folder's MLP width (FLOPs count it)
+            return tower_folder(self.folder, "model.vision.folder").mlp_dim
         return self.mlp_dim if self.mlp_dim is not None else int(self.width * OFFICIAL_VIT_MLP_RATIO)
 
     @property
@@ -353,13 +358,17 @@ class ModelConfig:
                     "(CLIP, SigLIP, DINOv2) from a local folder; set model.vision.folder"
                 )
             t = tower_folder(v.folder, "model.vision.folder")
-            for name in ("image_size", "patch_size", "width", "depth", "heads"):
+            default = VisionConfig()
+            if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
+                # Left unset (the recipes' stage1_tower, a --set folder): the folder's sizes.
+                for name in TOWER_SIZES:
+                    setattr(v, name, getattr(t, name))
+            for name in TOWER_SIZES:
                 if getattr(v, name) != getattr(t, name):
                     raise ConfigError(
                         f"model.vision.{name}: {getattr(v, name)}, but the tower folder {v.folder} has "
                         f"{getattr(t, name)}; leave the sizes to the folder (`hf_vision_config`)"
                     )
-            default = VisionConfig()
             for name in EVA_ONLY:
                 if getattr(v, name) != getattr(default, name):
                     raise ConfigError(
@@ -607,6 +616,8 @@ class Config:
                 "hf tower, whose many image tokens per sample a cache would not repay): train it from "
                 "images (data.kind 'webdataset')"
             )
+        if self.model.vision.kind == "hf" and self.data.image_size == DataConfig().image_size:
+            self.data.image_size = self.model.vision.image_size  # left unset: the tower folder's size
         if self.data.image_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "

@@ -231,12 +231,13 @@ def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
         num_attention_heads=4,
         vocab_size=64,
         max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     if family == "clip":
-        model = CLIPModel(
-            CLIPConfig(vision_config=vision, text_config={**text, "bos_token_id": 1, "eos_token_id": 2})
-        )
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text))
         pre = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     else:
         model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
