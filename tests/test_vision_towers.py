@@ -322,3 +322,56 @@ def test_tower_recipes_read_sizes_from_the_folder(towers):
         cfg.validate()
         assert (cfg.model.vision.image_size, cfg.model.vision.width, cfg.data.image_size) == (56, 32, 56)
         assert cfg.model.image_token_shape() == (16, 32)  # layer -2, every patch, class token dropped
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_tiny_tower_trains_on_two_ranks_packed_under_zero2_then_generates(tmp_path, projector):
+    """tiny_tower_stage1 (its SigLIP and Qwen2 generated into a fresh cache) through the real launcher:
+    two steps on 2 ranks under ZeRO-2 with packed rows; the checkpoint's config and projection give
+    the trained model back, and it generates."""
+    from mgpt4.model import from_config
+    from mgpt4.strict_config import from_dict
+    from tests.launch import deepspeed_cmd, read_jsonl, run
+
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    sets = [
+        f"train.output_dir={out}",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "data.val.samples=0",
+        f"model.projector={projector}",
+        "data.pack_length=160",
+        "data.pack_rows=2",
+    ]
+    cmd = deepspeed_cmd(
+        "launchers/pretrain.py",
+        2,
+        "--recipe",
+        "tiny_tower_stage1",
+        "--deepspeed",
+        "ds_configs/z2.json",
+        *(a for s in sets for a in ("--set", s)),
+    )
+    proc = run(cmd, cache)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2] and all(r["train/loss"] > 0 for r in rows)
+    report = json.loads((out / "engine.json").read_text())
+    assert report["zero_stage"] == 2 and report["world_size"] == 2
+    ckpt = out / "checkpoints" / "step_00000002"
+    cfg = from_dict(ModelConfig, json.loads((ckpt / "config.json").read_text())["model"], "model")
+    assert (cfg.vision.kind, cfg.connector, cfg.projector) == ("hf", "none", projector)
+    cfg.weights.proj = str(ckpt / "llama_proj.pth")
+    model = from_config(cfg).eval()
+    saved = torch.load(ckpt / "llama_proj.pth", weights_only=True)["model"]
+    assert set(saved) == {f"llama_proj.{k}" for k in model.llama_proj.state_dict()}
+    for k, v in model.llama_proj.state_dict().items():
+        assert torch.equal(v, saved[f"llama_proj.{k}"])
+    conv = model.new_conversation()
+    conv.add_image()
+    conv.ask("What is it?")
+    [reply] = model.generate(torch.randn(1, 3, 56, 56), conv.prompt_for_reply(), max_new_tokens=4)
+    assert isinstance(reply, str)
