@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +94,9 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2 + int(self.has_cls())
 
     def has_cls(self) -> bool:
-        if self.kind == "hf" and self.folder:
+        """Whether the tower's tokens start with a class token (EVA, CLIP, DINOv2: yes; SigLIP: no). A
+        hf folder not on this machine yet (a dry run) is taken to have one."""
+        if self.kind == "hf" and self.folder and os.path.isdir(self.folder):
             return tower_folder(self.folder, "model.vision.folder").has_cls
         return True
 
@@ -357,24 +360,6 @@ class ModelConfig:
                     "model.vision.folder: model.vision.kind is hf, which reads a transformers vision model "
                     "(CLIP, SigLIP, DINOv2) from a local folder; set model.vision.folder"
                 )
-            t = tower_folder(v.folder, "model.vision.folder")
-            default = VisionConfig()
-            if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
-                # Left unset (the recipes' stage1_tower, a --set folder): the folder's sizes.
-                for name in TOWER_SIZES:
-                    setattr(v, name, getattr(t, name))
-            for name in TOWER_SIZES:
-                if getattr(v, name) != getattr(t, name):
-                    raise ConfigError(
-                        f"model.vision.{name}: {getattr(v, name)}, but the tower folder {v.folder} has "
-                        f"{getattr(t, name)}; leave the sizes to the folder (`hf_vision_config`)"
-                    )
-            for name in EVA_ONLY:
-                if getattr(v, name) != getattr(default, name):
-                    raise ConfigError(
-                        f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind hf the tower "
-                        "folder gives the architecture: leave it out"
-                    )
             for name in ("eva_vit", "blip2", "blip2_hf"):
                 if getattr(w, name):
                     raise ConfigError(
@@ -386,15 +371,36 @@ class ModelConfig:
                     "model.connector: qformer (BLIP-2's Q-Former) reads EVA ViT-g tokens; with "
                     "model.vision.kind hf use concat or none"
                 )
-            if not 1 <= abs(v.feature_layer) <= t.depth:
-                raise ConfigError(
-                    f"model.vision.feature_layer: {v.feature_layer} is outside the tower's {t.depth} layers "
-                    f"(-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
-                )
-            if v.keep_cls and not t.has_cls:
-                raise ConfigError(
-                    f"model.vision.keep_cls: the {t.model_type} tower in {v.folder} has no class token"
-                )
+            # A folder not on this machine (a dry run on a login node) is listed by the run's input check
+            # (`mgpt4.train.resolve`); the checks that read it wait for it.
+            if os.path.isdir(v.folder):
+                t = tower_folder(v.folder, "model.vision.folder")
+                default = VisionConfig()
+                if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
+                    # Left unset (the recipes' stage1_tower, a --set folder): the folder's sizes.
+                    for name in TOWER_SIZES:
+                        setattr(v, name, getattr(t, name))
+                for name in TOWER_SIZES:
+                    if getattr(v, name) != getattr(t, name):
+                        raise ConfigError(
+                            f"model.vision.{name}: {getattr(v, name)}, but the tower folder {v.folder} has "
+                            f"{getattr(t, name)}; leave the sizes to the folder (`hf_vision_config`)"
+                        )
+                for name in EVA_ONLY:
+                    if getattr(v, name) != getattr(default, name):
+                        raise ConfigError(
+                            f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind hf the tower "
+                            "folder gives the architecture: leave it out"
+                        )
+                if not 1 <= abs(v.feature_layer) <= t.depth:
+                    raise ConfigError(
+                        f"model.vision.feature_layer: {v.feature_layer} is outside the tower's {t.depth} layers "
+                        f"(-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
+                    )
+                if v.keep_cls and not t.has_cls:
+                    raise ConfigError(
+                        f"model.vision.keep_cls: the {t.model_type} tower in {v.folder} has no class token"
+                    )
         else:
             if v.folder:
                 raise ConfigError(

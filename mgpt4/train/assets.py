@@ -199,6 +199,7 @@ def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
 # Tiny vision towers (`model.vision.kind: hf`): two-tower CLIP and SigLIP folders as `save_pretrained`
 # writes them, 56 px, patch 14 (16 patches), 32 wide, 2 layers; CLIP with a class token.
 TOWER_FAMILIES = ("siglip", "clip")
+TINY_TOWER_SIZES = {"image_size": 56, "patch_size": 14, "width": 32, "depth": 2, "heads": 4}
 
 
 def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
@@ -216,13 +217,14 @@ def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
 
     if family not in TOWER_FAMILIES:
         raise ValueError(f"tiny tower: expected one of {TOWER_FAMILIES}, got {family!r}")
+    t = TINY_TOWER_SIZES
     vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=56,
-        patch_size=14,
+        hidden_size=t["width"],
+        intermediate_size=2 * t["width"],
+        num_hidden_layers=t["depth"],
+        num_attention_heads=t["heads"],
+        image_size=t["image_size"],
+        patch_size=t["patch_size"],
     )
     text = dict(
         hidden_size=32,
@@ -238,10 +240,11 @@ def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
     torch.manual_seed(seed)
     if family == "clip":
         model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text))
-        pre = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        side = t["image_size"]
+        pre = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     else:
         model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
-        pre = SiglipImageProcessor(size={"height": 56, "width": 56})
+        pre = SiglipImageProcessor(size={"height": t["image_size"], "width": t["image_size"]})
     model.save_pretrained(folder)
     pre.save_pretrained(folder)
     return folder
@@ -305,6 +308,8 @@ def fill_demo_paths(cfg: Config) -> list[str]:
         if val.enabled() and not val.shards:
             val.shards = list(synthetic.val_shards)
             filled.extend(synthetic.val_shards)
+    if cfg.model.vision.kind == "hf" and cfg.model.vision.folder == tiny_tower_location():
+        filled.append(cfg.model.vision.folder)  # the tiny_tower recipes' SigLIP, made by the first run
     w = cfg.model.weights
     if not w.llm and _wants_tiny_decoder(cfg.model):
         w.llm = tiny_decoder_location()
@@ -362,5 +367,7 @@ def _make_missing(cfg: Config) -> None:
         synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)
     if decoder:
         ensure_tiny_decoder(synthetic.captions)
+    if cfg.model.vision.kind == "hf" and cfg.model.vision.folder == tiny_tower_location():
+        ensure_tiny_tower()
     if missing_tiny:
         ensure_tiny_weights(cfg.model, synthetic.captions, own_llm=tiny.llm is None)

@@ -33,7 +33,7 @@ from mgpt4.model.presets import (
     vicuna7b,
     vicuna13b,
 )
-from mgpt4.train.assets import DEMO_VAL_SAMPLES, ensure_tiny_tower
+from mgpt4.train.assets import DEMO_VAL_SAMPLES, TINY_TOWER_SIZES, tiny_tower_location
 
 
 def _official_weights(llm: str, qformer: bool = True) -> WeightsConfig:
@@ -250,9 +250,13 @@ def tiny_decoder_stage2() -> Config:
 
 
 def _tiny_tower() -> ModelConfig:
-    # A tiny random SigLIP folder written into the cache when the recipe is first named (its sizes are
-    # read from it at config time), unless --set model.vision.folder names yours; the tiny Qwen2 folder.
-    return _tower(_tiny_decoder(), ensure_tiny_tower())
+    # A tiny random SigLIP folder generated into the cache by the first run (`--set model.vision.folder=DIR`
+    # takes yours: set its sizes too, or `--set model.vision={"kind":"hf","folder":DIR}` to read them from
+    # it); the tiny Qwen2 folder.
+    model = _tower(_tiny_decoder(), tiny_tower_location())
+    for name, value in TINY_TOWER_SIZES.items():
+        setattr(model.vision, name, value)
+    return model
 
 
 def tiny_tower_stage1() -> Config:

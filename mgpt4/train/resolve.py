@@ -96,6 +96,9 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
         path = getattr(w, name)
         if path and path not in will_exist and not os.path.exists(path):
             missing.append(f"model.weights.{name}: {path!r} does not exist")
+    tower = cfg.model.vision.folder
+    if cfg.model.vision.kind == "hf" and tower not in will_exist and not os.path.isdir(tower or ""):
+        missing.append(f"model.vision.folder: {tower!r} does not exist")
     d = cfg.data
     if d.kind == "align":
         if d.align_root not in will_exist:
