@@ -375,3 +375,13 @@ def test_tiny_tower_trains_on_two_ranks_packed_under_zero2_then_generates(tmp_pa
     conv.ask("What is it?")
     [reply] = model.generate(torch.randn(1, 3, 56, 56), conv.prompt_for_reply(), max_new_tokens=4)
     assert isinstance(reply, str)
+    # The hf export has no format for this vision path: one line, before any weight loads, nothing written.
+    from mgpt4.export.__main__ import main as export_main
+
+    exported = tmp_path / "export"
+    with pytest.raises(SystemExit) as e:
+        export_main(["hf", "--checkpoint", str(out), "--out", str(exported), "--device", "cpu"])
+    assert str(e.value).startswith(
+        f"export: model.vision.kind=hf, model.connector=none, model.projector={projector}"
+    )
+    assert "\n" not in str(e.value) and not exported.exists()
