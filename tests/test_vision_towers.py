@@ -278,7 +278,8 @@ def test_bad_settings_fail_at_config_time_naming_the_key(towers, tmp_path):
 
 
 def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monkeypatch):
-    """The feature cache (Q-Former output only), ZeRO-3 and the hf export refuse a tower in one line."""
+    """The feature cache (Q-Former output only: training from one, and extracting one), ZeRO-3 and the hf
+    export refuse a tower in one line."""
     from mgpt4.config import Config
     from mgpt4.data.config import DataConfig, SourceConfig
     from mgpt4.export.hf import export_refusal
@@ -303,6 +304,12 @@ def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monke
     with pytest.raises(ConfigError, match=r"^model.vision.kind=hf: .*ZeRO-2"):
         check_precision(run, 3)
     check_precision(run, 2)
+    from mgpt4.dist import RankInfo
+    from mgpt4.features.extract import ExtractOptions, extract
+
+    with pytest.raises(ValueError, match=r"^model.vision.kind=hf: a feature cache holds the EVA ViT-g"):
+        extract(run, ExtractOptions(out=str(tmp_path / "features")), RankInfo())
+    assert not (tmp_path / "features").exists()
     why = export_refusal(run.model)
     assert why and why.startswith("model.vision.kind=hf, model.connector=none, model.projector=mlp2x_gelu")
     assert export_refusal(tiny()) is None
