@@ -35,6 +35,7 @@ class TowerFolder:
     patch_size: int
     image_size: int  # what the preprocessor feeds it (square)
     has_cls: bool
+    two_tower: bool  # a CLIP or SigLIP folder, whose vision half is the tower
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -115,6 +116,7 @@ def _read(folder: str, mtime: float) -> TowerFolder:
         patch_size=vision.patch_size,
         image_size=size,
         has_cls=TOWER_TYPES[model_type],
+        two_tower=vision is not cfg,
         mean=tuple(float(x) for x in mean),
         std=tuple(float(x) for x in std),
     )

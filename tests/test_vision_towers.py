@@ -1,6 +1,6 @@
 """Any transformers vision tower (`model.vision.kind: hf`) with a Linear or MLP projector.
 
-Tiny random CLIP and SigLIP folders, written as transformers saves them, each with the `linear` and
+Tiny random CLIP and SigLIP folders (and a DINOv2), written as transformers saves them, each with the `linear` and
 `mlp2x_gelu` projectors: the tower's tokens equal transformers' own model on its own preprocessing,
 forward and backward train the projector only, generation, the layout's image-token count, strict
 loading, and one clear line for each bad setting. The 2-rank ZeRO-2 run goes through the real launcher.
@@ -160,12 +160,16 @@ def test_tower_loading_is_strict(towers, tmp_path):
     missing = "vision_model.encoder.layers.1.mlp.fc2.weight"
     save_file({k: v for k, v in state.items() if k != missing}, str(folder / "model.safetensors"))
     with pytest.raises(
-        WeightsError, match=r"missing key for visual_encoder\.model\.encoder\.layers\.1\.mlp\.fc2"
+        WeightsError,
+        match=r"broken: the weights do not fit its SiglipVisionModel: missing key encoder\.layers\.1\.mlp\.fc2\.weight$",
     ):
         built(tower_cfg(str(folder)))
     state["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(7, 32)
     save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(WeightsError, match=r"layers\.0\.mlp\.fc1\.weight'.*found \[7, 32\]"):
+    with pytest.raises(
+        WeightsError,
+        match=r"SiglipVisionModel: key encoder\.layers\.0\.mlp\.fc1\.weight: found \[7, 32\], expected \[64, 32\]$",
+    ):
         built(tower_cfg(str(folder)))
 
 
@@ -392,3 +396,45 @@ def test_tiny_tower_trains_on_two_ranks_packed_under_zero2_then_generates(tmp_pa
         f"export: model.vision.kind=hf, model.connector=none, model.projector={projector}"
     )
     assert "\n" not in str(e.value) and not exported.exists()
+
+
+def test_dinov2_tower_interpolates_to_its_preprocessor_size(tmp_path):
+    """A DINOv2 folder (a vision model alone, no prefix; made at 112 px, served at 56 by its crop):
+    its tokens are transformers' own, the class token first, position embeddings interpolated."""
+    from transformers import AutoModel, BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = str(tmp_path / "dinov2")
+    torch.manual_seed(0)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=112,
+            patch_size=14,
+        )
+    ).save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 56, "width": 56},
+        do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    cfg = tower_cfg(folder, "mlp2x_gelu", "none", keep_cls=True)
+    assert cfg.image_token_shape() == (17, 32)
+    model = built(cfg)
+    from mgpt4.images import CLIP_MEAN, CLIP_STD
+
+    pixels = torch.rand(2, 3, 56, 56)
+    clip_normalised = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(
+        1, 3, 1, 1
+    )
+    own = (pixels - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
+    ref = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = ref(pixel_values=own, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(model.image_features(clip_normalised), expected, atol=1e-5, rtol=1e-5)

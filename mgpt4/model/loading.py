@@ -24,6 +24,7 @@ from mgpt4.model.lora import LORA_DIR, attach_lora, load_lora
 from mgpt4.model.minigpt4 import MiniGPT4
 from mgpt4.model.towers import projector_linears
 from mgpt4.model.vision import interpolate_pos_embed
+from mgpt4.tower_folder import read_tower_folder
 
 __all__ = ["WeightsError", "load_weights"]
 
@@ -372,26 +373,52 @@ def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # A transformers vision tower folder (model.vision.kind hf)
 
-# A two-tower folder (CLIP, SigLIP) keeps its vision model under this prefix; a vision model saved
-# alone by transformers 5 has none (4.x wrote it there too).
+# A two-tower folder (CLIP, SigLIP) keeps its vision model under this prefix; its other keys (the text
+# tower, the contrastive projections and scale) are not the tower's.
 HF_VISION_PREFIX = "vision_model."
 
 
 def load_hf_tower(model: MiniGPT4, folder: str) -> list[str]:
-    """The tower's weights from its folder, strictly: every parameter of the vision model from the file,
-    shapes equal; a two-tower folder's text half is not read. Returns the ignored file keys."""
+    """The tower's weights from its folder through transformers' `from_pretrained` (which knows each
+    model's checkpoint names, old and new), strictly: no parameter missing, none of another shape, and
+    no key of the vision model left over; only a two-tower folder's other half is passed over.
+    Returns those ignored keys; WeightsError naming the folder otherwise."""
+    import transformers
+
     inner = model.visual_encoder.model
-    own = tuple(sorted({k.split(".")[0] + "." for k in inner.state_dict()}))
-    sd = read_hf_state(folder, (HF_VISION_PREFIX, *own), model.cfg.weights.allow_pickle)
-    if any(k.startswith(HF_VISION_PREFIX) for k in sd) and HF_VISION_PREFIX not in own:
-        sd = {k[len(HF_VISION_PREFIX) :]: v for k, v in sd.items() if k.startswith(HF_VISION_PREFIX)}
-    if not sd:
-        raise WeightsError(
-            f"{folder}: no weights of its {type(inner).__name__} found (keys under {list(own)} or "
-            f"{HF_VISION_PREFIX}); is it the folder model.vision.folder should name?"
+    two_tower = read_tower_folder(folder).two_tower
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its table of the text half's keys: reported here instead
+    try:
+        loaded, info = type(inner).from_pretrained(
+            folder,
+            config=inner.config,
+            dtype=next(inner.parameters()).dtype,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, by name and shapes, as a problem
         )
-    rename = lambda k: "visual_encoder.model." + k  # noqa: E731
-    return load_mapped(model, ("visual_encoder.",), sd, folder, rename, (r".*position_ids",))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise WeightsError(
+            f"{folder}: the tower's weights do not load: {(str(e).splitlines() or [repr(e)])[0]}"
+        ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    ignored = [k for k in info["unexpected_keys"] if two_tower and not k.startswith(HF_VISION_PREFIX)]
+    problems = [f"missing key {k}" for k in sorted(info["missing_keys"])]
+    problems += [
+        f"key {m[0]}: found {list(m[1])}, expected {list(m[2])}"
+        if isinstance(m, tuple) and len(m) == 3
+        else f"key {m}"
+        for m in info.get("mismatched_keys", [])
+    ]
+    problems += [f"unexpected key {k}" for k in sorted(set(info["unexpected_keys"]) - set(ignored))]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise WeightsError(f"{folder}: the weights do not fit its {type(inner).__name__}: {shown}")
+    device = next(inner.parameters()).device
+    model.visual_encoder.model = loaded.to(device)
+    return sorted(ignored)
 
 
 # ---------------------------------------------------------------------------------------------
