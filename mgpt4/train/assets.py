@@ -94,11 +94,7 @@ def ensure_tiny_weights(
             bare = ModelConfig(vision=cfg.vision, qformer=cfg.qformer, llm=cfg.llm)
             save_official_files(MiniGPT4(bare, tokenizer=tokenizer), tmp)
             shutil.rmtree(os.path.join(tmp, "tokenizer"))
-        try:
-            os.rename(tmp, final)  # atomic: ranks racing here all end with the same complete folder
-        except OSError:
-            if not os.path.isdir(final):
-                raise
+        _publish(tmp, final)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,11 +181,7 @@ def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
         )
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)  # atomic, as for the tiny weights
-        except OSError:
-            if not os.path.isdir(final):
-                raise
+        _publish(tmp, final)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -264,11 +256,7 @@ def ensure_tiny_tower(family: str = "siglip", seed: int = 0) -> str:
     tmp = tempfile.mkdtemp(prefix=".tower-", dir=os.path.dirname(final))
     try:
         write_tiny_tower(tmp, family, seed)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isdir(final):
-                raise
+        _publish(tmp, final)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -371,3 +359,13 @@ def _make_missing(cfg: Config) -> None:
         ensure_tiny_tower()
     if missing_tiny:
         ensure_tiny_weights(cfg.model, synthetic.captions, own_llm=tiny.llm is None)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename the finished folder `tmp` to `final`, atomically: ranks racing here all end with the same
+    complete folder (a rank that loses the race keeps the winner's and drops its own)."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
