@@ -167,7 +167,8 @@ def convert(
                 bar.update(job.stop - job.start)
         else:
             lost = _write_in_pool(jobs, workers, bar)
-            if lost:  # a worker died (killed for memory, a crashing image decoder): once more, fresh processes
+            if lost:
+                # A worker died (killed for memory, a crashing image decoder): once more, in fresh processes.
                 log.warning("a conversion worker died; writing shards %s again", [j.shard for j in lost])
                 lost = _write_in_pool(lost, workers, bar)
             if lost:
