@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from mgpt4.data.config import DataConfig
 from mgpt4.strict_config import ConfigError
+from mgpt4.tower_folder import TowerFolder, read_tower_folder
 
 # Precision names used across the config, and the torch dtypes they stand for.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,10 +38,41 @@ PATCHES_PER_IMAGE_TOKEN = 4
 TEMPLATE_NAMES = ("vicuna_v0", "llama2_chat", "chat_template")
 
 
+# `model.vision.kind`: the official EVA ViT-g (timm `Eva` + `ln_vision`), or a transformers vision model
+# (CLIP, SigLIP, DINOv2) read from a local folder (`mgpt4.tower_folder`).
+VISION_KINDS = ("eva_vit_g", "hf")
+# `model.connector`: the BLIP-2 Q-Former (official), N adjacent tokens concatenated (the official
+# LLaMA-2 variant, N = 4), or every token as it is.
+CONNECTORS = ("qformer", "concat", "none")
+# `model.projector`: one Linear (official `llama_proj`), or Linear-GELU-Linear as LLaVA-1.5's
+# `mlp2x_gelu` (`llama_proj.0` and `llama_proj.2`).
+PROJECTORS = ("linear", "mlp2x_gelu")
+# The VisionConfig fields that describe EVA ViT-g only; with kind hf the folder gives the sizes.
+EVA_ONLY = ("mlp_dim", "ln_eps", "ln_vision_eps")
+# The VisionConfig sizes that a kind hf tower's folder gives (left all at their defaults: read from it).
+TOWER_SIZES = ("image_size", "patch_size", "width", "depth", "heads")
+
+
 @dataclass
 class VisionConfig:
-    """EVA ViT (timm `Eva`) followed by `ln_vision`."""
+    """The vision tower: EVA ViT (timm `Eva`) followed by `ln_vision`, or a transformers vision model.
 
+    With `kind: hf` the sizes (image_size, patch_size, width, depth, heads) mirror the folder's
+    config.json and preprocessor_config.json: left all at their defaults they are read from it when
+    the config is validated, set they must agree with it (`hf_vision_config` writes them); mlp_dim,
+    ln_eps and ln_vision_eps belong to EVA and stay unset.
+    """
+
+    kind: str = "eva_vit_g"
+    # kind hf: a local folder with config.json (a CLIP or SigLIP model, whose vision half is taken, or a
+    # vision model such as DINOv2), preprocessor_config.json and the weights.
+    folder: str | None = None
+    # kind hf: the hidden state the image tokens come from: -1 the last layer's output, -2 the one
+    # before (LLaVA), k > 0 the k-th layer's output. EVA ViT-g uses its last block (official).
+    feature_layer: int = -1
+    # Keep the class token (CLIP, DINOv2) among the image tokens; None: the Q-Former reads every token
+    # (official), the other connectors drop it (the official LLaMA-2 variant, LLaVA).
+    keep_cls: bool | None = None
     image_size: int = 224
     patch_size: int = 14
     width: int = 1408
@@ -51,11 +84,45 @@ class VisionConfig:
     ln_vision_eps: float = 1e-5
 
     def resolved_mlp_dim(self) -> int:
+        if self.kind == "hf" and self.folder:  # the tower folder's MLP width (FLOPs count it)
+            return tower_folder(self.folder, "model.vision.folder").mlp_dim
         return self.mlp_dim if self.mlp_dim is not None else int(self.width * OFFICIAL_VIT_MLP_RATIO)
 
     @property
     def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
+        """Tokens per image out of the tower: the patches and, for EVA, CLIP and DINOv2, a class token."""
+        return (self.image_size // self.patch_size) ** 2 + int(self.has_cls())
+
+    def has_cls(self) -> bool:
+        """Whether the tower's tokens start with a class token (EVA, CLIP, DINOv2: yes; SigLIP: no). A
+        hf folder not on this machine yet (a dry run) is taken to have one."""
+        if self.kind == "hf" and self.folder and os.path.isdir(self.folder):
+            return tower_folder(self.folder, "model.vision.folder").has_cls
+        return True
+
+
+def tower_folder(folder: str, key: str) -> TowerFolder:
+    """`read_tower_folder`, its ValueError as a ConfigError naming `key`."""
+    try:
+        return read_tower_folder(folder)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def hf_vision_config(folder: str, feature_layer: int = -1, keep_cls: bool | None = None) -> VisionConfig:
+    """The `model.vision` of a transformers tower folder: kind hf, its sizes read from the folder."""
+    t = tower_folder(folder, "model.vision.folder")
+    return VisionConfig(
+        kind="hf",
+        folder=folder,
+        feature_layer=feature_layer,
+        keep_cls=keep_cls,
+        image_size=t.image_size,
+        patch_size=t.patch_size,
+        width=t.width,
+        depth=t.depth,
+        heads=t.heads,
+    )
 
 
 @dataclass
@@ -221,6 +288,13 @@ class ModelConfig:
     # None: no Q-Former, as the official LLaMA-2 MiniGPT-4. The ViT tokens (CLS dropped) are then
     # concatenated 4 by 4 into the image tokens: 256 x 1408 -> 64 x 5632 at 224 px.
     qformer: QFormerConfig | None = field(default_factory=QFormerConfig)
+    # How the tower's tokens become image tokens (CONNECTORS): qformer, concat or none. None: the
+    # official choice, qformer when model.qformer is set, concat (4 by 4) when it is null.
+    connector: str | None = None
+    # connector concat: this many adjacent tower tokens make one image token (official LLaMA-2: 4).
+    concat_tokens: int = PATCHES_PER_IMAGE_TOKEN
+    # The trainable projection into the LLM (PROJECTORS): linear (official) or mlp2x_gelu (LLaVA-1.5).
+    projector: str = "linear"
     llm: LLMConfig = field(default_factory=LLMConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -232,13 +306,129 @@ class ModelConfig:
     # LoRA adapters on the LLM (off by default: only the projection trains).
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def connector_kind(self) -> str:
+        """`connector`, or the official one for `qformer`: qformer when it is set, else concat."""
+        if self.connector is not None:
+            return self.connector
+        return "qformer" if self.qformer is not None else "concat"
+
+    def keeps_cls(self) -> bool:
+        """Whether the tower's class token (if it has one) goes on into the connector."""
+        if self.vision.keep_cls is not None:
+            return self.vision.keep_cls
+        return self.connector_kind() == "qformer"
+
+    def tower_tokens(self) -> int:
+        """Tokens per image that enter the connector: the tower's, less a class token it drops."""
+        n = self.vision.num_tokens
+        return n - 1 if self.vision.has_cls() and not self.keeps_cls() else n
+
     def image_token_shape(self) -> tuple[int, int]:
-        """(count, width) of the image tokens that enter `llama_proj`: the Q-Former's queries, or without a
-        Q-Former the ViT's patch tokens concatenated 4 by 4 (official LLaMA-2 MiniGPT-4: 64 x 5632)."""
-        if self.qformer is not None:
+        """(count, width) of the image tokens that enter `llama_proj`: the Q-Former's queries, or the
+        tower's tokens concatenated `concat_tokens` by `concat_tokens` (official LLaMA-2 MiniGPT-4:
+        256 x 1408 -> 64 x 5632), or the tower's tokens as they are (connector none)."""
+        connector = self.connector_kind()
+        if connector == "qformer" and self.qformer is not None:
             return self.qformer.num_query_tokens, self.qformer.width
-        patches = self.vision.num_tokens - 1
-        return patches // PATCHES_PER_IMAGE_TOKEN, self.vision.width * PATCHES_PER_IMAGE_TOKEN
+        n, width = self.tower_tokens(), self.vision.width
+        if connector == "concat":
+            return n // self.concat_tokens, width * self.concat_tokens
+        return n, width
+
+    def _validate_vision_path(self) -> None:
+        """Tower, connector and projector: known names, consistent with each other and the tower folder."""
+        v, w = self.vision, self.weights
+        if v.kind not in VISION_KINDS:
+            raise ConfigError(f"model.vision.kind: expected one of {VISION_KINDS}, got {v.kind!r}")
+        if self.connector is not None and self.connector not in CONNECTORS:
+            raise ConfigError(f"model.connector: expected one of {CONNECTORS}, got {self.connector!r}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"model.projector: expected one of {PROJECTORS}, got {self.projector!r}")
+        connector = self.connector_kind()
+        if connector == "qformer" and self.qformer is None:
+            raise ConfigError(
+                "model.connector is qformer, but model.qformer is null: give model.qformer sizes"
+            )
+        if connector != "qformer" and self.qformer is not None:
+            raise ConfigError(
+                f"model.connector is {connector}, but model.qformer holds Q-Former sizes: set model.qformer "
+                "to null (a model without a Q-Former)"
+            )
+        if v.kind == "hf":
+            if not v.folder:
+                raise ConfigError(
+                    "model.vision.folder: model.vision.kind is hf, which reads a transformers vision model "
+                    "(CLIP, SigLIP, DINOv2) from a local folder; set model.vision.folder"
+                )
+            for name in ("eva_vit", "blip2", "blip2_hf"):
+                if getattr(w, name):
+                    raise ConfigError(
+                        f"model.weights.{name} is set, but model.vision.kind is hf: the tower's weights come "
+                        "from model.vision.folder, and there is no EVA ViT-g or BLIP-2 part to load"
+                    )
+            if connector == "qformer":
+                raise ConfigError(
+                    "model.connector: qformer (BLIP-2's Q-Former) reads EVA ViT-g tokens; with "
+                    "model.vision.kind hf use concat or none"
+                )
+            # A folder not on this machine (a dry run on a login node) is listed by the run's input check
+            # (`mgpt4.train.resolve`); the checks that read it wait for it.
+            if os.path.isdir(v.folder):
+                t = tower_folder(v.folder, "model.vision.folder")
+                default = VisionConfig()
+                if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
+                    # Left unset (the recipes' stage1_tower, a --set folder): the folder's sizes.
+                    for name in TOWER_SIZES:
+                        setattr(v, name, getattr(t, name))
+                for name in TOWER_SIZES:
+                    if getattr(v, name) != getattr(t, name):
+                        raise ConfigError(
+                            f"model.vision.{name}: {getattr(v, name)}, but the tower folder {v.folder} has "
+                            f"{getattr(t, name)}; leave the sizes to the folder (`hf_vision_config`)"
+                        )
+                for name in EVA_ONLY:
+                    if getattr(v, name) != getattr(default, name):
+                        raise ConfigError(
+                            f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind hf the tower "
+                            "folder gives the architecture: leave it out"
+                        )
+                if not 1 <= abs(v.feature_layer) <= t.depth:
+                    raise ConfigError(
+                        f"model.vision.feature_layer: {v.feature_layer} is outside the tower's {t.depth} layers "
+                        f"(-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
+                    )
+                if v.keep_cls and not t.has_cls:
+                    raise ConfigError(
+                        f"model.vision.keep_cls: the {t.model_type} tower in {v.folder} has no class token"
+                    )
+        else:
+            if v.folder:
+                raise ConfigError(
+                    "model.vision.folder is set, but model.vision.kind is eva_vit_g (whose weights are "
+                    "model.weights.eva_vit): set model.vision.kind=hf, or leave the folder out"
+                )
+            if v.feature_layer != -1:
+                raise ConfigError(
+                    "model.vision.feature_layer: eva_vit_g feeds its last block, as the official model; "
+                    "another layer needs model.vision.kind hf"
+                )
+        if connector == "qformer" and v.keep_cls is False:
+            raise ConfigError(
+                "model.vision.keep_cls: false, but the Q-Former reads every tower token, the class token "
+                "included (official); leave it out"
+            )
+        if connector != "concat" and self.concat_tokens != PATCHES_PER_IMAGE_TOKEN:
+            raise ConfigError(
+                f"model.concat_tokens is set ({self.concat_tokens}), but model.connector is {connector}: "
+                "set model.connector=concat, or leave it out"
+            )
+        if connector == "concat":
+            n = self.tower_tokens()
+            if self.concat_tokens < 1 or n % self.concat_tokens:
+                raise ConfigError(
+                    f"model.concat_tokens: {self.concat_tokens} adjacent tokens make one image token, "
+                    f"which does not divide the tower's {n} tokens per image"
+                )
 
     def validate(self) -> None:
         """Every check of the model settings (ConfigError naming the field). A config that passes is
@@ -249,6 +439,7 @@ class ModelConfig:
             for f in dataclasses.fields(sizes) if sizes is not None else ():
                 value = getattr(sizes, f.name)
                 size = f.type in (int, "int", "int | None") and not f.name.endswith("_id")
+                size = size and f.name != "feature_layer"  # counts from the last layer when negative
                 if size and isinstance(value, int) and value < 1:
                     raise ConfigError(f"model.{part}.{f.name}: expected a positive integer, got {value!r}")
         if self.text.max_txt_len < 1:
@@ -285,11 +476,7 @@ class ModelConfig:
                     f"(the LLaMA-2 variant) and reads no BLIP-2 file. Unset model.weights.{field_name}, or give "
                     "model.qformer sizes."
                 )
-        if q is None and (v.num_tokens - 1) % PATCHES_PER_IMAGE_TOKEN:
-            raise ConfigError(
-                f"model.qformer is null, so every {PATCHES_PER_IMAGE_TOKEN} ViT patch tokens become one "
-                f"image token, but model.vision gives {v.num_tokens - 1} patches"
-            )
+        self._validate_vision_path()
         m = self.llm
         if m.hidden_size is not None and m.num_heads is not None and m.hidden_size % m.num_heads:
             raise ConfigError(
@@ -428,12 +615,15 @@ class Config:
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
         check_eval_schedule(t, self.data)
-        if self.data.kind == "features" and self.model.qformer is None:
+        if self.data.kind == "features" and self.model.connector_kind() != "qformer":
             raise ConfigError(
-                "data.kind: a feature cache holds the Q-Former's output, and model.qformer is null (the "
-                "LLaMA-2 variant, whose 64 x 5632 image tokens per sample a cache would not repay): train "
-                "it from images (data.kind 'webdataset')"
+                "data.kind: a feature cache holds the Q-Former's output, and model.connector is "
+                f"{self.model.connector_kind()} (no Q-Former: the LLaMA-2 variant or a model.vision.kind "
+                "hf tower, whose many image tokens per sample a cache would not repay): train it from "
+                "images (data.kind 'webdataset')"
             )
+        if self.model.vision.kind == "hf" and self.data.image_size == DataConfig().image_size:
+            self.data.image_size = self.model.vision.image_size  # left unset: the tower folder's size
         if self.data.image_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "

@@ -45,6 +45,8 @@ def reduced(command: str, tmp: str) -> str:
         return f"{command} {small} --workdir {tmp}/bench-data"
     if command.startswith("bash tests/gpu/bench.sh"):
         return f"OUT={tmp}/gpu-bench {command} --cpu"
+    if "python -m mgpt4.bench.serve" in command:
+        return f"{command} --requests 4 --concurrency 1 4 --max-tokens 4 --device cpu"
     raise AssertionError(f"README Benchmarks: no reduced form for {command!r}")
 
 
@@ -113,6 +115,9 @@ def test_readme_benchmark_command_runs(command, tmp_path):
                 ]
     elif "mgpt4.bench.data" in command:
         assert re.search(r"^speedup: [0-9.]+$", out, re.M), out[-3000:]
+    elif "mgpt4.bench.serve" in command:
+        assert re.search(r"^batched\s+4\s", out, re.M), out[-3000:]
+        assert re.search(r"^speedup at 4: [0-9.]+$", out, re.M), out[-3000:]
     else:  # the GPU script in its CPU mode: every part ran and passed, and the table was written
         parts = (tmp_path / "gpu-bench" / "parts.txt").read_text().splitlines()
         assert parts and all(" rc=0 " in p for p in parts), parts

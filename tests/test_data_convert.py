@@ -89,6 +89,38 @@ def test_reencode_writes_jpeg(tmp_path):
         assert img.format == "JPEG" and max(img.size) == 100
 
 
+class DyingIndex:
+    """An index whose worker dies (as if killed for memory) at entry `die_at`: every time, or only until
+    `marker` exists. Module level, so that a spawned worker can unpickle it."""
+
+    def __init__(self, inner, die_at: int, marker: str = ""):
+        self.inner, self.die_at, self.marker = inner, die_at, marker
+        self.fmt = inner.fmt
+
+    def __len__(self):
+        return len(self.inner)
+
+    def sample(self, i):
+        if i == self.die_at and not (self.marker and os.path.exists(self.marker)):
+            if self.marker:
+                open(self.marker, "w").close()
+            os._exit(9)
+        return self.inner.sample(i)
+
+
+def test_a_worker_that_dies_is_replaced_once_then_named(tmp_path):
+    # multiprocessing.Pool waited forever for the task of a killed worker (a CI run hung here).
+    index = load_index(llava_set(str(tmp_path / "in"), 6), "llava")
+    once = convert(DyingIndex(index, 3, str(tmp_path / "died")), str(tmp_path / "a"), 2, 2, progress=False)
+    assert once["samples"] == 6 and os.path.exists(tmp_path / "died")
+    assert once == {**convert(index, str(tmp_path / "b"), 2, 0, progress=False), "pattern": once["pattern"]}
+    with pytest.raises(RuntimeError, match=r"a conversion worker died twice while writing .*00001\.tar"):
+        convert(DyingIndex(index, 3), str(tmp_path / "c"), 2, 2, progress=False)
+    assert not os.path.exists(tmp_path / "c" / "00001.tar")
+    again = convert(index, str(tmp_path / "c"), 2, 2, progress=False)  # only what is missing
+    assert again["samples"] == 6
+
+
 def test_the_command_line(tmp_path, capsys):
     path = llava_set(str(tmp_path / "in"), 3, jsonl=True)
     proc = subprocess.run(

@@ -49,8 +49,10 @@ def _entries() -> dict[str, Entry]:
     from mgpt4.curate.hf_rewriter import HFRewriterConfig
     from mgpt4.eval import __main__ as evaluation
     from mgpt4.eval.captions import CaptionEvalConfig
+    from mgpt4.export import __main__ as export
     from mgpt4.features import __main__ as features
     from mgpt4.features.extract import ExtractOptions
+    from mgpt4.serve import __main__ as serve
 
     model = {ModelSource: source_from_args, GenerationSettings: settings_from_args}
     fix = ["--input", "i", "--out", "o"]
@@ -98,16 +100,19 @@ def _entries() -> dict[str, Entry]:
         "extract": Entry(
             features.build_parser, "extract", ["--out", "o"], {ExtractOptions: features.extract_options}
         ),
+        "serve": Entry(serve.build_parser, None, [], model),
+        "export": Entry(export.build_parser, "hf", ["--out", "o"], {ModelSource: source_from_args}),
     }
 
 
 def test_every_tool_with_flags_is_covered():
-    """Every `python -m` tool but training (a recipe with --set overrides) is an entry below."""
+    """Every `python -m` tool but training and the planner (a recipe with --set overrides) is an entry
+    below."""
     tools = {
         os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(REPO, "mgpt4/*/__main__.py"))
     }
-    covered = {"chat", "curate", "eval", "features"}
-    assert tools == covered
+    covered = {"chat", "curate", "eval", "features", "serve", "export"}
+    assert tools - {"plan"} == covered
 
 
 def _subparser(entry: Entry) -> argparse.ArgumentParser:

@@ -188,6 +188,8 @@ def prepare(args: argparse.Namespace, d: DistInfo) -> tuple[Config, dict]:
     preset = PRESETS[args.preset] if args.preset else []
     if recipe.model.qformer is None:  # the LLaMA-2 variant: the preset's ViT and LLM, no Q-Former
         preset = [o for o in preset if not o.startswith("model.qformer.")]
+    if recipe.model.vision.kind == "hf":  # a tower folder's sizes are its own (the preset's ViT is EVA's)
+        preset = [o for o in preset if not o.startswith(("model.vision.", "data.image_size="))]
     cfg = apply_overrides(recipe, preset + args.set)
     if args.random_weights:
         cfg.model.weights = WeightsConfig()

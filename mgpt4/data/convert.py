@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import multiprocessing
 import os
 import sys
 import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,7 @@ from mgpt4.data.formats.hf import HFIndex, load_hf
 from mgpt4.data.formats.records import parse_record
 
 SUMMARY_FILE = "convert.json"
+log = logging.getLogger(__name__)
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
 
 
@@ -162,14 +166,42 @@ def convert(
                 write_shard(job)
                 bar.update(job.stop - job.start)
         else:
-            # Fresh interpreters, not forks of this one: each gets the index (arrays and a path) pickled.
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                sizes = {j.shard: j.stop - j.start for j in jobs}
-                for shard, _, _ in pool.imap_unordered(write_shard, jobs):
-                    bar.update(sizes[shard])
+            lost = _write_in_pool(jobs, workers, bar)
+            if lost:
+                # A worker died (killed for memory, a crashing image decoder): once more, in fresh processes.
+                log.warning("a conversion worker died; writing shards %s again", [j.shard for j in lost])
+                lost = _write_in_pool(lost, workers, bar)
+            if lost:
+                names = ", ".join(os.path.basename(j.path) for j in lost)
+                raise RuntimeError(
+                    f"{out}: a conversion worker died twice while writing {names}; the other shards are "
+                    "written, and running the same command again writes only the missing ones"
+                )
     finally:
         bar.close()
     return summarize(out, width, shards)
+
+
+def _write_in_pool(jobs: list[Job], workers: int, bar: tqdm) -> list[Job]:
+    """Write `jobs` in `workers` fresh interpreters; returns the jobs lost to a worker that died.
+
+    concurrent.futures, not multiprocessing.Pool: a Pool whose worker is killed waits for its task forever,
+    where the executor marks every unfinished task broken.
+    """
+    # Fresh interpreters, not forks of this one: each gets the index (arrays and a path) pickled.
+    ctx = multiprocessing.get_context("spawn")
+    lost = []
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+        futures = {pool.submit(write_shard, job): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                future.result()
+            except BrokenProcessPool:
+                lost.append(job)
+                continue
+            bar.update(job.stop - job.start)
+    return sorted(lost, key=lambda j: j.shard)
 
 
 def summarize(out: str, width: int, shards: int) -> dict[str, Any]:
@@ -222,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.format, args.annotations, args.image_root, args.image_column, args.text_column
         )
         summary = convert(entries, args.out, args.per_shard, args.workers, args.reencode, args.max_side)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"mgpt4.data.convert: error: {e}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import multiprocessing
 import os
 import sys
@@ -39,7 +40,7 @@ from mgpt4.data.packed_stream import PackedShardDataset
 from mgpt4.data.samples import SKIP_REASONS
 from mgpt4.data.shard_stream import ShardDataset
 from mgpt4.data.streams import Stream, stream_seed
-from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset
+from mgpt4.data.workers import FATAL_KEY, STATE_KEY, WORKER_KEY, DataSourceError, WorkerDataset, watch_trainer
 
 STATE_VERSION = 2  # 2: the state also holds the inputs (shard lists, align pairs) and the data pass
 # How many names of added or removed shards a message shows.
@@ -165,6 +166,9 @@ class Loader:
             # Its own generator for the workers' base seed: starting an iteration (after a resume too)
             # leaves the global RNG, which the model's dropout draws from, as it was.
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=functools.partial(watch_trainer, self.dataset.trainer_pid)
+            if workers > 0
+            else None,
         )
         self._dl_iter = iter(dl)
         return self._dl_iter

@@ -51,8 +51,6 @@ class WorkerDataset(IterableDataset):
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"dataset built for {self.num_workers} workers runs in {info.num_workers}")
         worker = (physical + self.worker_offset) % self.num_workers
-        if info is not None:
-            exit_with(self.trainer_pid)
         try:
             for batch, state in self.worker_batches(worker, self.start_states.get(worker)):
                 batch[WORKER_KEY] = worker
@@ -83,8 +81,17 @@ def exit_with(pid: int) -> None:
             select.select([fd], [], [])  # readable once the process has ended
         os._exit(0)
 
-    if _alive(pid):
-        threading.Thread(target=wait_and_exit, name="mgpt4-exit-with-trainer", daemon=True).start()
+    if not _alive(pid):
+        os._exit(0)
+    threading.Thread(target=wait_and_exit, name="mgpt4-exit-with-trainer", daemon=True).start()
+
+
+def watch_trainer(trainer_pid: int, worker_id: int) -> None:
+    """DataLoader's `worker_init_fn` (with `functools.partial(watch_trainer, pid)`): each worker watches
+    the trainer from the moment it starts. Watching from the dataset's first batch instead left a worker
+    that had not yet been asked for one (an idle second worker, a slow start under load) running
+    forever after a kill -9 of the trainer."""
+    exit_with(trainer_pid)
 
 
 def _alive(pid: int) -> bool:

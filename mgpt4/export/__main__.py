@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mgpt4.checkpoints import find_checkpoint
-    from mgpt4.export.hf import check_out_dir, export_hf
+    from mgpt4.export.hf import check_out_dir, export_hf, export_refusal
     from mgpt4.export.model_card import ExportFacts, eval_scores
     from mgpt4.export.processor import ExportError
-    from mgpt4.inference import check_source, load_model
+    from mgpt4.inference import check_source, load_model, model_config
     from mgpt4.inference.flags import source_from_args
 
     source = source_from_args(args)
@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     check_out_dir(args.out)
     check_source(source)
+    refusal = export_refusal(model_config(source, warn=False))
+    if refusal:
+        raise SystemExit(f"export: {refusal}")
     try:
         eval_scores(args.eval_metrics)
     except ValueError as e:

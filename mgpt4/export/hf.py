@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, ModelConfig
 from mgpt4.export.hf_blip2 import measure_ln_eps
 from mgpt4.export.model_card import ExportFacts, write_model_card
 from mgpt4.export.processor import ExportError, build_processor, generation_config
@@ -23,6 +24,21 @@ from mgpt4.model import MiniGPT4
 from mgpt4.model.hf_names import EXPORT_RECORD, export_record
 
 log = get_logger(__name__)
+
+
+def export_refusal(cfg: ModelConfig) -> str | None:
+    """Why this model has no transformers format here, or None: the export writes the two official
+    vision paths (EVA ViT-g with the Q-Former, or 4 tokens concatenated without the class token) and a
+    Linear projection; another tower, connector or projector is refused before any weight loads."""
+    official = cfg.vision.kind == "eva_vit_g" and cfg.projector == "linear" and cfg.vision.keep_cls is None
+    concat = cfg.connector_kind() == "concat" and cfg.concat_tokens == PATCHES_PER_IMAGE_TOKEN
+    if official and (cfg.connector_kind() == "qformer" or concat):
+        return None
+    return (
+        f"model.vision.kind={cfg.vision.kind}, model.connector={cfg.connector_kind()}, model.projector="
+        f"{cfg.projector}: the hf export writes the official MiniGPT-4 vision paths only (eva_vit_g with "
+        "qformer, or concat 4, and a linear projector); load this model from its checkpoint instead"
+    )
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -96,9 +112,13 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
     """Write `model` (eval mode, from `mgpt4.inference.load_model`) as a transformers folder at `out_dir`.
 
     A LoRA run's adapters are merged into the LLM first (`merge_adapters`: the model is changed in place).
-    Raises SystemExit for an output folder that is a file or not empty, ExportError when the exported
+    Raises SystemExit for an output folder that is a file or not empty, ExportError for a model without a
+    transformers format (`export_refusal`) or when the exported
     tokenizer cannot reproduce mgpt4's prompt tokens. Returns `out_dir`.
     """
+    refusal = export_refusal(model.cfg)
+    if refusal:
+        raise ExportError(refusal)
     check_out_dir(out_dir)
     merged = merge_adapters(model)
     parent = os.path.dirname(os.path.abspath(out_dir))

@@ -377,6 +377,12 @@ def extract(
     `cfg.model` is built and loaded here. Returns this rank's reports; rank 0 also writes the manifests.
     """
     d = cfg.data
+    if cfg.model.vision.kind != "eva_vit_g":
+        # Said before any shard is read; training refuses such a cache too (`Config.validate`).
+        raise ValueError(
+            f"model.vision.kind={cfg.model.vision.kind}: a feature cache holds the EVA ViT-g / Q-Former "
+            "path's outputs; train a transformers vision tower from images (data.kind 'webdataset')"
+        )
     if d.kind != "webdataset":
         raise ValueError(f"extract reads image shards: data.kind must be 'webdataset', not {d.kind!r}")
     if opts.dtype not in FEATURE_DTYPES:

@@ -227,6 +227,8 @@ def missing_weight_flags(cfg: ModelConfig) -> list[str]:
     The LLaMA-2 variant (`cfg.qformer` None) has no Q-Former, so it needs no --blip2."""
     weights, missing = cfg.weights, []
     vision = ("eva_vit", "blip2") if cfg.qformer is not None else ("eva_vit",)
+    if cfg.vision.kind == "hf":  # the tower's weights are in its folder (model.vision.folder)
+        vision = ()
     if not weights.blip2_hf:
         missing += [WEIGHT_FLAGS[k] for k in vision if not getattr(weights, k)]
     missing += [WEIGHT_FLAGS[k] for k in ("llm", "proj") if not getattr(weights, k)]

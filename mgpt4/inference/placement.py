@@ -49,11 +49,6 @@ def from_config_8bit(cfg: ModelConfig, device: str) -> MiniGPT4:
             + ("" if torch.cuda.is_available() else " and no GPU is visible")
             + "; use --llm-dtype bf16 instead"
         )
-    if cfg.lora.enabled():
-        raise SystemExit(
-            "--llm-8bit: this model has LoRA adapters (model.lora), which the 8-bit loader does not attach; "
-            "use --llm-dtype bf16 instead"
-        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise SystemExit("--llm-8bit needs bitsandbytes: pip install bitsandbytes")
     # int8 matmuls compute in half precision; fp32 would only cost memory.

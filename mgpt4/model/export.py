@@ -17,10 +17,17 @@ from mgpt4.model.minigpt4 import MiniGPT4
 
 
 def save_projection(state: dict[str, torch.Tensor], path: str) -> None:
-    """Save `llama_proj.weight` / `llama_proj.bias` (fp32, CPU) in the official MiniGPT-4 format, atomically."""
-    keys = {"llama_proj.weight", "llama_proj.bias"}
-    if set(state) != keys:
-        raise ValueError(f"projection state must hold exactly {sorted(keys)}, got {sorted(state)}")
+    """Save `llama_proj.weight` / `llama_proj.bias` (fp32, CPU) in the official MiniGPT-4 format, atomically
+    (an mlp2x_gelu projector: `llama_proj.{0,2}.{weight,bias}` in the same form)."""
+    # The official Linear, or LLaVA-1.5's mlp2x_gelu (`model.projector`).
+    forms = (
+        {"llama_proj.weight", "llama_proj.bias"},
+        {f"llama_proj.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+    )
+    if set(state) not in forms:
+        raise ValueError(
+            f"projection state must hold exactly {[sorted(k) for k in forms]}, got {sorted(state)}"
+        )
     tmp = path + ".tmp"
     torch.save({"model": {k: v.detach().float().cpu().clone() for k, v in state.items()}}, tmp)
     os.replace(tmp, path)

@@ -22,7 +22,9 @@ from mgpt4.model.errors import WeightsError
 from mgpt4.model.hf_names import from_hf_name, split_qkv_bias
 from mgpt4.model.lora import LORA_DIR, attach_lora, load_lora
 from mgpt4.model.minigpt4 import MiniGPT4
+from mgpt4.model.towers import projector_linears
 from mgpt4.model.vision import interpolate_pos_embed
+from mgpt4.tower_folder import read_tower_folder
 
 __all__ = ["WeightsError", "load_weights"]
 
@@ -54,6 +56,21 @@ PROJ_IGNORED = (
     r".*rotary_emb\.inv_freq",
     r".*attn\.k_bias",
 )
+
+# The weight names of each projector (`model.projector`), first Linear first.
+PROJECTOR_KEYS = {
+    "linear": ("llama_proj.weight", "llama_proj.bias"),
+    "mlp2x_gelu": ("llama_proj.0.weight", "llama_proj.0.bias", "llama_proj.2.weight", "llama_proj.2.bias"),
+}
+
+
+def _projector_of(sd: dict) -> str | None:
+    """Which projector a checkpoint's `llama_proj.*` keys were written by (None: neither form)."""
+    for name, keys in PROJECTOR_KEYS.items():
+        if keys[0] in sd:
+            return name
+    return None
+
 
 # LLM size by hidden width, to say which model a projection was made for.
 LLM_SIZES = {4096: "LLaMA/Vicuna-7B", 5120: "LLaMA/Vicuna-13B", 6656: "LLaMA-33B", 8192: "LLaMA-65B/70B"}
@@ -354,6 +371,57 @@ def load_blip2_hf(model: MiniGPT4, folder: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A transformers vision tower folder (model.vision.kind hf)
+
+# A two-tower folder (CLIP, SigLIP) keeps its vision model under this prefix; its other keys (the text
+# tower, the contrastive projections and scale) are not the tower's.
+HF_VISION_PREFIX = "vision_model."
+
+
+def load_hf_tower(model: MiniGPT4, folder: str) -> list[str]:
+    """The tower's weights from its folder through transformers' `from_pretrained` (which knows each
+    model's checkpoint names, old and new), strictly: no parameter missing, none of another shape, and
+    no key of the vision model left over; only a two-tower folder's other half is passed over.
+    Returns those ignored keys; WeightsError naming the folder otherwise."""
+    import transformers
+
+    inner = model.visual_encoder.model
+    two_tower = read_tower_folder(folder).two_tower
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its table of the text half's keys: reported here instead
+    try:
+        loaded, info = type(inner).from_pretrained(
+            folder,
+            config=inner.config,
+            dtype=next(inner.parameters()).dtype,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, by name and shapes, as a problem
+        )
+    except (RuntimeError, ValueError, OSError) as e:
+        raise WeightsError(
+            f"{folder}: the tower's weights do not load: {(str(e).splitlines() or [repr(e)])[0]}"
+        ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    ignored = [k for k in info["unexpected_keys"] if two_tower and not k.startswith(HF_VISION_PREFIX)]
+    problems = [f"missing key {k}" for k in sorted(info["missing_keys"])]
+    problems += [
+        f"key {m[0]}: found {list(m[1])}, expected {list(m[2])}"
+        if isinstance(m, tuple) and len(m) == 3
+        else f"key {m}"
+        for m in info.get("mismatched_keys", [])
+    ]
+    problems += [f"unexpected key {k}" for k in sorted(set(info["unexpected_keys"]) - set(ignored))]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise WeightsError(f"{folder}: the weights do not fit its {type(inner).__name__}: {shown}")
+    device = next(inner.parameters()).device
+    model.visual_encoder.model = loaded.to(device)
+    return sorted(ignored)
+
+
+# ---------------------------------------------------------------------------------------------
 # MiniGPT-4 checkpoint: llama_proj
 
 
@@ -373,8 +441,34 @@ def _describe_variants(cfg, file_width: int) -> dict[int, str]:
 def load_proj(model: MiniGPT4, path: str) -> list[str]:
     """`llama_proj.*` from a MiniGPT-4 checkpoint (`{"model": {...}}`); known buffers are tolerated."""
     sd = _unwrap_model(read_checkpoint(path, model.cfg.weights.allow_pickle), path)
-    w = sd.get("llama_proj.weight")
-    expected = model.llama_proj.weight.shape
+    made_as = _projector_of(sd)
+    if made_as is not None and made_as != model.cfg.projector:
+        raise WeightsError(
+            f"{path}: the projection is a {made_as} projector (keys {sorted(PROJECTOR_KEYS[made_as])}), but "
+            f"model.projector is {model.cfg.projector}: set model.projector={made_as}, or use a checkpoint "
+            f"made with {model.cfg.projector}"
+        )
+    first, last = projector_linears(model.llama_proj)
+    in_key, out_key = PROJECTOR_KEYS[model.cfg.projector][0], PROJECTOR_KEYS[model.cfg.projector][-1]
+    w = sd.get(in_key)
+    expected = first.weight.shape
+    # The official towers' widths are named by variant below; any other tower's by its settings.
+    general = model.cfg.projector != "linear" or model.cfg.vision.kind != "eva_vit_g"
+    if general and w is not None and w.ndim == 2 and w.shape[1] != expected[1]:
+        raise WeightsError(
+            f"{path}: key {in_key!r} has shape {list(w.shape)}, made for image tokens of width "
+            f"{w.shape[1]}, but this model's tower and connector give width {expected[1]} "
+            f"({model.cfg.vision.kind}, connector {model.cfg.connector_kind()}): use the projector "
+            "checkpoint made for this tower and connector"
+        )
+    out_w, out_expected = sd.get(out_key), last.weight.shape
+    if general and out_w is not None and out_w.ndim == 2 and out_w.shape[0] != out_expected[0]:
+        raise WeightsError(
+            f"{path}: key {out_key!r} has shape {list(out_w.shape)}, made for an LLM with "
+            f"{_describe_width(out_w.shape[0])}, but this model's LLM has {_describe_width(out_expected[0])} "
+            f"and expects {list(out_expected)}. Use the projection checkpoint made for this LLM "
+            f"(or set model.llm to the LLM the checkpoint was trained with)."
+        )
     if w is not None and w.ndim == 2 and w.shape[1] != expected[1]:
         variants = _describe_variants(model.cfg, w.shape[1])
         made_for = variants.get(w.shape[1], f"a model whose image tokens have width {w.shape[1]}")
@@ -469,6 +563,8 @@ def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
     model.cfg.validate_once()
     w = model.cfg.weights
     ignored: dict[str, list[str]] = {}
+    if model.cfg.vision.kind == "hf":
+        ignored[model.cfg.vision.folder] = load_hf_tower(model, model.cfg.vision.folder)
     if w.eva_vit:
         ignored[w.eva_vit] = load_eva_vit(model, w.eva_vit)
     if w.blip2:
@@ -480,7 +576,10 @@ def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
     if w.proj:
         _refuse_lora_projection(model, w.proj)
         ignored[w.proj] = load_proj(model, w.proj)
-        log.info(f"projection llama_proj {list(model.llama_proj.weight.shape)} loaded from {w.proj}")
+        first, last = projector_linears(model.llama_proj)
+        shape = [last.weight.shape[0], first.weight.shape[1]]
+        kind = "" if model.cfg.projector == "linear" else f" ({model.cfg.projector})"
+        log.info(f"projection llama_proj{kind} {shape} loaded from {w.proj}")
     if model.cfg.lora.enabled():
         # After the LLM's weights: PEFT wraps the loaded layers (the adapters are no part of its folder).
         attach_lora(model)

@@ -1,5 +1,9 @@
 """MiniGPT-4: frozen EVA ViT -> ln_vision -> frozen Q-Former -> trainable llama_proj -> frozen LLM.
 
+The vision path is three declared parts (`mgpt4.model.towers`): the tower (EVA ViT-g, or a transformers
+CLIP / SigLIP / DINOv2), the connector (Q-Former, N tokens concatenated, or none) and the projector
+(`llama_proj`: Linear, or LLaVA-1.5's mlp2x_gelu).
+
 Single-device model code: no DeepSpeed, no ranks. The forward pass follows the official
 MiniGPT-4 (see shared/reference/README.md, "The forward pass"), in the layout of `mgpt4.model.layout`:
 `[BOS] [prompt before <ImageHere>] [32 image embeddings] [prompt after] [answer + end_sym] [pad]`.
@@ -33,7 +37,8 @@ from mgpt4.model.packing import pack_sequences, use_packed_attention
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, conversation_wrappers, prompt_tokenizer, resolve_text
-from mgpt4.model.vision import FP32LayerNorm, build_eva_vit, concat_patch_tokens
+from mgpt4.model.towers import HFVisionTower, build_projector, connect_tokens
+from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
 from mgpt4.tokenizer import encode_answers
 
 IGNORE_INDEX = -100
@@ -64,16 +69,21 @@ class MiniGPT4(nn.Module):
         hf_llm = resolve_llm_config(cfg, check=True)
         n_img, img_width = cfg.image_token_shape()
         with ctx:
-            self.visual_encoder = build_eva_vit(cfg.vision)
-            # Without a Q-Former no file provides ln_vision: it stays freshly initialised (weight 1,
-            # bias 0), as in the official LLaMA-2 variant.
-            self.ln_vision = FP32LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
+            self.ln_vision = None
+            if cfg.vision.kind == "hf":
+                # A transformers tower (CLIP, SigLIP, DINOv2): its weights come from its folder.
+                self.visual_encoder = HFVisionTower(cfg.vision)
+            else:
+                self.visual_encoder = build_eva_vit(cfg.vision)
+                # Without a Q-Former no file provides ln_vision: it stays freshly initialised (weight 1,
+                # bias 0), as in the official LLaMA-2 variant.
+                self.ln_vision = FP32LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
             self.qformer = self.query_tokens = None
             if cfg.qformer is not None:
                 self.qformer = build_qformer(cfg.qformer, encoder_width=cfg.vision.width)
                 self.query_tokens = nn.Parameter(torch.zeros(1, n_img, img_width))
                 nn.init.normal_(self.query_tokens, std=0.02)
-            self.llama_proj = nn.Linear(img_width, hf_llm.hidden_size)
+            self.llama_proj = build_projector(cfg.projector, img_width, hf_llm.hidden_size)
         if cfg.weights.llm is not None and device is None:
             # Only a skeleton: the load step replaces it with the folder's weights.
             with torch.device("meta"):
@@ -144,12 +154,14 @@ class MiniGPT4(nn.Module):
         # The frozen vision path runs without autograd: no activations are kept for it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
             # The vision path may sit on another device than the LLM (chat's --vision-device cpu).
+            if self.ln_vision is None:  # a transformers tower (model.vision.kind hf)
+                return connect_tokens(self.cfg, self.visual_encoder(image))
             w = self.visual_encoder.patch_embed.proj.weight
             feats = self.ln_vision(
                 self.visual_encoder.forward_features(image.to(device=w.device, dtype=w.dtype))
             )
             if self.qformer is None:
-                return concat_patch_tokens(feats)
+                return connect_tokens(self.cfg, feats)
             q_dtype = self.query_tokens.dtype
             queries = self.query_tokens.expand(feats.shape[0], -1, -1)
             feats = feats.to(q_dtype)
@@ -161,7 +173,7 @@ class MiniGPT4(nn.Module):
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Image tokens [B, N, W] (from `image_features` or a feature cache) -> LLM input embeddings
         [B, N, llm hidden], in the dtype and on the device of the LLM's embedding table."""
-        w = self.llama_proj.weight
+        w = next(self.llama_proj.parameters())
         img = self.llama_proj(features.to(device=w.device, dtype=w.dtype))
         table = self.llm.get_input_embeddings().weight
         return img.to(device=table.device, dtype=table.dtype)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models.eva import Eva
 from torch import nn
 
-from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, VisionConfig
+from mgpt4.config import VisionConfig
 
 
 def build_eva_vit(cfg: VisionConfig) -> Eva:
@@ -49,15 +49,6 @@ class FP32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-
-def concat_patch_tokens(feats: torch.Tensor) -> torch.Tensor:
-    """ViT tokens [B, 1 + N, C] -> image tokens [B, N/4, 4C]: the CLS token is dropped and every 4
-    adjacent patch tokens (in the ViT's row-major order) are concatenated, as the official LLaMA-2
-    MiniGPT-4's `encode_img` does without a Q-Former."""
-    patches = feats[:, 1:, :]
-    bsz, n, width = patches.shape
-    return patches.reshape(bsz, n // PATCHES_PER_IMAGE_TOKEN, width * PATCHES_PER_IMAGE_TOKEN)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:

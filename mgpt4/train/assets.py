@@ -94,11 +94,7 @@ def ensure_tiny_weights(
             bare = ModelConfig(vision=cfg.vision, qformer=cfg.qformer, llm=cfg.llm)
             save_official_files(MiniGPT4(bare, tokenizer=tokenizer), tmp)
             shutil.rmtree(os.path.join(tmp, "tokenizer"))
-        try:
-            os.rename(tmp, final)  # atomic: ranks racing here all end with the same complete folder
-        except OSError:
-            if not os.path.isdir(final):
-                raise
+        _publish(tmp, final)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,11 +181,82 @@ def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
         )
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)  # atomic, as for the tiny weights
-        except OSError:
-            if not os.path.isdir(final):
-                raise
+        _publish(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# Tiny vision towers (`model.vision.kind: hf`): two-tower CLIP and SigLIP folders as `save_pretrained`
+# writes them, 56 px, patch 14 (16 patches), 32 wide, 2 layers; CLIP with a class token.
+TOWER_FAMILIES = ("siglip", "clip")
+TINY_TOWER_SIZES = {"image_size": 56, "patch_size": 14, "width": 32, "depth": 2, "heads": 4}
+
+
+def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
+    """A random two-tower `family` model (CLIP or SigLIP, the text half at toy size too) saved with its
+    preprocessor_config.json (56 px; CLIP's mean/std, SigLIP's 0.5) into `folder`, as transformers
+    writes a downloaded one. Returns `folder`."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+
+    if family not in TOWER_FAMILIES:
+        raise ValueError(f"tiny tower: expected one of {TOWER_FAMILIES}, got {family!r}")
+    t = TINY_TOWER_SIZES
+    vision = dict(
+        hidden_size=t["width"],
+        intermediate_size=2 * t["width"],
+        num_hidden_layers=t["depth"],
+        num_attention_heads=t["heads"],
+        image_size=t["image_size"],
+        patch_size=t["patch_size"],
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text))
+        side = t["image_size"]
+        pre = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    else:
+        model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+        pre = SiglipImageProcessor(size={"height": t["image_size"], "width": t["image_size"]})
+    model.save_pretrained(folder)
+    pre.save_pretrained(folder)
+    return folder
+
+
+def tiny_tower_location(family: str = "siglip", seed: int = 0) -> str:
+    """Where the tiny random tower folder of the `tiny_tower_*` recipes lives in the cache."""
+    return os.path.join(cache_root(), "tiny-towers", f"v{ASSETS_VERSION}-{family}-seed{seed}")
+
+
+def ensure_tiny_tower(family: str = "siglip", seed: int = 0) -> str:
+    """`write_tiny_tower` into the cache once (an atomic rename: ranks racing here end with one folder)."""
+    final = tiny_tower_location(family, seed)
+    if os.path.isdir(final):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tower-", dir=os.path.dirname(final))
+    try:
+        write_tiny_tower(tmp, family, seed)
+        _publish(tmp, final)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -229,12 +296,16 @@ def fill_demo_paths(cfg: Config) -> list[str]:
         if val.enabled() and not val.shards:
             val.shards = list(synthetic.val_shards)
             filled.extend(synthetic.val_shards)
+    if cfg.model.vision.kind == "hf" and cfg.model.vision.folder == tiny_tower_location():
+        filled.append(cfg.model.vision.folder)  # the tiny_tower recipes' SigLIP, made by the first run
     w = cfg.model.weights
     if not w.llm and _wants_tiny_decoder(cfg.model):
         w.llm = tiny_decoder_location()
         filled.append(w.llm)
     tiny = _tiny_for(cfg.model)  # your own LLM folder: no tiny LLM or tokenizer is pointed to or made
     names = [n for n in ("eva_vit", "blip2", "llm") if getattr(tiny, n)]
+    if cfg.model.vision.kind == "hf":  # the tower comes from its folder: no EVA or BLIP-2 file
+        names = [n for n in names if n == "llm"]
     if not all(getattr(w, n) for n in names) and not w.blip2_hf:
         for name in names:
             if not getattr(w, name):
@@ -284,5 +355,17 @@ def _make_missing(cfg: Config) -> None:
         synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)
     if decoder:
         ensure_tiny_decoder(synthetic.captions)
+    if cfg.model.vision.kind == "hf" and cfg.model.vision.folder == tiny_tower_location():
+        ensure_tiny_tower()
     if missing_tiny:
         ensure_tiny_weights(cfg.model, synthetic.captions, own_llm=tiny.llm is None)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename the finished folder `tmp` to `final`, atomically: ranks racing here all end with the same
+    complete folder (a rank that loses the race keeps the winner's and drops its own)."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise

@@ -45,7 +45,7 @@ DEVICE_PEAK_TFLOPS = {
 def vit_flops(m: ModelConfig) -> float:
     v = m.vision
     n, w, f = v.num_tokens, v.width, v.resolved_mlp_dim()
-    patch = 2 * (n - 1) * w * 3 * v.patch_size**2
+    patch = 2 * (v.image_size // v.patch_size) ** 2 * w * 3 * v.patch_size**2
     per_layer = 2 * n * (4 * w * w + 2 * w * f) + 4 * n * n * w
     return patch + v.depth * per_layer
 
@@ -89,7 +89,10 @@ def frozen_vision_flops(m: ModelConfig) -> float:
 def projection_flops(m: ModelConfig, llm: LLMSizes) -> float:
     """The projection's forward and weight gradient per sample."""
     n_img, width = m.image_token_shape()
-    return 2 * (2 * n_img * width * llm.hidden_size)
+    h = llm.hidden_size
+    # mlp2x_gelu: a second Linear(h, h) after the first (LLaVA-1.5).
+    macs = width * h + (h * h if m.projector == "mlp2x_gelu" else 0)
+    return 2 * (2 * n_img * macs)
 
 
 def train_flops_per_sample(

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mgpt4.config import Config, LLMConfig, ModelConfig, OptimConfig, TextConfig, TrainConfig, WeightsConfig
+from mgpt4.config import (
+    Config,
+    LLMConfig,
+    ModelConfig,
+    OptimConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+    WeightsConfig,
+)
 from mgpt4.data.config import DataConfig, SourceConfig, ValConfig
 from mgpt4.model.presets import (
     decoder,
@@ -24,7 +33,7 @@ from mgpt4.model.presets import (
     vicuna7b,
     vicuna13b,
 )
-from mgpt4.train.assets import DEMO_VAL_SAMPLES
+from mgpt4.train.assets import DEMO_VAL_SAMPLES, TINY_TOWER_SIZES, tiny_tower_location
 
 
 def _official_weights(llm: str, qformer: bool = True) -> WeightsConfig:
@@ -114,6 +123,31 @@ def stage1_decoder() -> Config:
 def stage2_decoder() -> Config:
     """Stage 2 on any Hugging Face decoder, in its tokenizer's chat template, answers ending with its EOS."""
     return _stage2(decoder, "decoder", "stage2_decoder")
+
+
+def _tower(model: ModelConfig, folder: str | None = None) -> ModelConfig:
+    """`model` on a transformers vision tower (`model.vision.kind: hf`; its sizes are read from the folder
+    when the config is validated), as LLaVA-1.5 uses one: the penultimate layer's patch tokens, every
+    one of them (no Q-Former), through the mlp2x_gelu projector."""
+    model.vision = VisionConfig(kind="hf", folder=folder or "weights/vision_tower", feature_layer=-2)
+    model.qformer, model.connector, model.projector = None, "none", "mlp2x_gelu"
+    model.weights.eva_vit = model.weights.blip2 = None  # the tower's weights are in its folder
+    return model
+
+
+def stage1_tower() -> Config:
+    """Stage 1 on any transformers vision tower (`--set model.vision.folder=DIR`: CLIP, SigLIP, DINOv2)
+    and any Hugging Face decoder (`--set model.weights.llm=DIR`); the Vicuna recipe's schedule."""
+    cfg = _stage1(decoder, "decoder", "stage1_tower")
+    _tower(cfg.model)
+    return cfg
+
+
+def stage2_tower() -> Config:
+    """Stage 2 on a vision tower and a decoder, from stage1_tower's projection (`model.weights.proj`)."""
+    cfg = _stage2(decoder, "decoder", "stage2_tower")
+    _tower(cfg.model)
+    return cfg
 
 
 def _tiny_train(steps: int, name: str) -> TrainConfig:
@@ -215,6 +249,26 @@ def tiny_decoder_stage2() -> Config:
     return _tiny_variant(tiny_stage2, _tiny_decoder(), "tiny_decoder_stage2")
 
 
+def _tiny_tower() -> ModelConfig:
+    # A tiny random SigLIP folder generated into the cache by the first run (`--set model.vision.folder=DIR`
+    # takes yours: set its sizes too, or `--set model.vision={"kind":"hf","folder":DIR}` to read them from
+    # it); the tiny Qwen2 folder.
+    model = _tower(_tiny_decoder(), tiny_tower_location())
+    for name, value in TINY_TOWER_SIZES.items():
+        setattr(model.vision, name, value)
+    return model
+
+
+def tiny_tower_stage1() -> Config:
+    """tiny_stage1 on a tiny random SigLIP tower (16 patch tokens, mlp2x_gelu) and the tiny Qwen2."""
+    return _tiny_variant(tiny_stage1, _tiny_tower(), "tiny_tower_stage1")
+
+
+def tiny_tower_stage2() -> Config:
+    """tiny_stage2 on the tiny SigLIP tower and Qwen2, in the tokenizer's chat template."""
+    return _tiny_variant(tiny_stage2, _tiny_tower(), "tiny_tower_stage2")
+
+
 RECIPES: dict[str, Callable[[], Config]] = {
     "tiny_stage1": tiny_stage1,
     "tiny_stage2": tiny_stage2,
@@ -222,6 +276,8 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "tiny_llama2_stage2": tiny_llama2_stage2,
     "tiny_decoder_stage1": tiny_decoder_stage1,
     "tiny_decoder_stage2": tiny_decoder_stage2,
+    "tiny_tower_stage1": tiny_tower_stage1,
+    "tiny_tower_stage2": tiny_tower_stage2,
     "stage1_vicuna13b": stage1_vicuna13b,
     "stage1_vicuna7b": stage1_vicuna7b,
     "stage2_vicuna13b": stage2_vicuna13b,
@@ -230,6 +286,8 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "stage2_llama2_7b": stage2_llama2_7b,
     "stage1_decoder": stage1_decoder,
     "stage2_decoder": stage2_decoder,
+    "stage1_tower": stage1_tower,
+    "stage2_tower": stage2_tower,
 }
 
 

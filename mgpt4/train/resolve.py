@@ -67,6 +67,11 @@ def check_precision(cfg: Config, stage: int) -> None:
             f"model.precision.proj={p.proj}: in training the projection keeps fp32 master weights and "
             f"computes in train.precision ({engine}); set model.precision.proj=fp32"
         )
+    if stage == 3 and cfg.model.vision.kind == "hf":
+        raise ConfigError(
+            "model.vision.kind=hf: a transformers vision tower is trained under ZeRO-2 here (ds_configs/"
+            "z2.json), where every rank holds the frozen tower whole; ZeRO-3 does not take it yet"
+        )
     if stage == 3 and p.llm in QUANTIZED:
         raise ConfigError(
             f"model.precision.llm={p.llm}: ZeRO-3 cannot partition bitsandbytes' quantised weights; train a "
@@ -91,6 +96,9 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
         path = getattr(w, name)
         if path and path not in will_exist and not os.path.exists(path):
             missing.append(f"model.weights.{name}: {path!r} does not exist")
+    tower = cfg.model.vision.folder
+    if cfg.model.vision.kind == "hf" and tower not in will_exist and not os.path.isdir(tower or ""):
+        missing.append(f"model.vision.folder: {tower!r} does not exist")
     d = cfg.data
     if d.kind == "align":
         if d.align_root not in will_exist:
