@@ -1,6 +1,6 @@
 """A rehearsal at real shapes on CPU: random weights in the official layouts, then the real launchers.
 
-    python -m tests.rehearsal --size full --workdir /scratch/rehearsal     # ~20 GB RAM, ~16 GB disk
+    python -m tests.rehearsal --size full --workdir /scratch/rehearsal     # ~23 GB RAM, ~16 GB disk, hours
     python -m tests.rehearsal --size small                                 # the same path, toy sizes
     python -m pytest -m rehearsal                                          # the full size, as a test
 
@@ -62,9 +62,11 @@ SMALL = {
 SIZES = {"full": {}, "small": SMALL}
 RANKS = 2
 STEPS = 2
-# Compute is what costs at 7B on CPU: bf16 matmuls run at about 7 GFLOP/s a core here (no bf16
-# instructions), so a step's LLM forward and backward take minutes, and under ZeRO-3 each generated token
-# gathers the whole partitioned LLM over gloo (13.5 GB at about 1 GB/s). So the text of both stages is cut
+# Compute is what costs at 7B on CPU. On a CPU without bf16 instructions (AVX2 only), a bf16 matmul with
+# the weight as stored ([out, in], as in grad_input = grad_output @ weight, the LLM's backward) ran at
+# 0.37 GFLOP/s a core, against 5.6 with the weight transposed and 8.4 in fp32. So one step's backward
+# through the 7B LLM takes more than 45 minutes there, and under ZeRO-3 each generated token gathers the
+# whole partitioned LLM over gloo (13.5 GB at about 1 GB/s). The text of both stages is therefore cut
 # to 8 tokens (the recipes' max_txt_len is 32 and 160; sample captions generate that many), and the sample
 # captions are of one image, not 4: the same code paths at a fraction of the time.
 SAMPLE_IMAGES = 1
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the weight files (a later run with this --workdir reuses them)",
     )
-    p.add_argument("--timeout", type=float, default=3600, help="seconds each command may run")
+    p.add_argument("--timeout", type=float, default=14400, help="seconds each command may run")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"mgpt4-rehearsal-{args.size}-")
     try:
