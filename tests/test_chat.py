@@ -622,8 +622,11 @@ def test_missing_weight_files_are_named_not_silently_random(checkpoint, image, c
 def test_a_bad_checkpoint_or_conflicting_flags_are_said_before_loading(checkpoint, image, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^--checkpoint and --preset tiny: give one"):
         chat.main(["--image", image, "--checkpoint", checkpoint, "--preset", "tiny"])
-    with pytest.raises(SystemExit, match=r"^--checkpoint .*nowhere: no mgpt4 checkpoint found there"):
+    with pytest.raises(SystemExit, match=r"^--checkpoint .*nowhere: no such file or folder$"):
         chat.main(["--image", image, "--checkpoint", str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()  # a folder that is there but holds no checkpoint
+    with pytest.raises(SystemExit, match=r"^--checkpoint .*empty: no mgpt4 checkpoint found there$"):
+        chat.main(["--image", image, "--checkpoint", str(tmp_path / "empty")])
     assert "Loading the model" not in capsys.readouterr().out
 
 

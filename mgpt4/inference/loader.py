@@ -179,6 +179,8 @@ def model_config(source: ModelSource, warn: bool = True) -> ModelConfig:
     if folder:
         return export_source_config(folder, source)
     if source.checkpoint:
+        if not os.path.exists(source.checkpoint):  # a typo, not a folder without a checkpoint: say which
+            raise SystemExit(f"--checkpoint {source.checkpoint}: no such file or folder")
         ckpt = find_checkpoint(source.checkpoint)
         if ckpt is None:
             raise SystemExit(f"--checkpoint {source.checkpoint}: no mgpt4 checkpoint found there")
