@@ -5,6 +5,7 @@ assets beside your own LLM, a shard path that is a folder."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -182,7 +183,9 @@ def test_a_text_file_as_a_weight_file_is_named(tmp_path, text):
     assert "\n" not in line.split("but it starts with ")[0] and repr(text.encode()[:40]) in line
 
 
-def test_the_tiny_assets_make_no_tokenizer_or_llm_beside_your_own_llm(tmp_path, monkeypatch, tokenizer):
+def test_the_tiny_assets_make_no_tokenizer_or_llm_beside_your_own_llm(
+    tmp_path, monkeypatch, tokenizer, caplog
+):
     """tiny_stage1 on your LLM folder with its sizes left to it (`model.llm={}`): only the tiny vision
     files are made, and they load; before, a tiny tokenizer with vocab_size=None failed in sentencepiece."""
     from mgpt4.model import build_model, load_weights
@@ -200,7 +203,13 @@ def test_the_tiny_assets_make_no_tokenizer_or_llm_beside_your_own_llm(tmp_path, 
     fill_demo_paths(cfg)
     w = cfg.model.weights
     assert w.llm == folder and w.eva_vit.startswith(str(tmp_path / "cache")) and w.blip2
-    ensure_demo_assets(cfg)
+    with caplog.at_level(logging.INFO, logger="mgpt4.train.assets"):
+        ensure_demo_assets(cfg)
+        # Where a first run's files go is said once, when they are made (a user asked where 20 MB went).
+        said = [r.getMessage() for r in caplog.records if r.name == "mgpt4.train.assets"]
+        assert said == [f"first use: writing the demo data and tiny weights under {tmp_path / 'cache'}"]
+        ensure_demo_assets(cfg)
+        assert [r.name for r in caplog.records].count("mgpt4.train.assets") == 1
     made = sorted(os.listdir(os.path.dirname(w.eva_vit)))
     assert made == ["blip2_pretrained.pth", "eva_vit_g.pth"]  # no llm/, no tokenizer
     cfg.validate()

@@ -13,6 +13,7 @@ the real path.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,9 @@ from mgpt4.model.prompts import STAGE2_INSTRUCTIONS, STAGE2_TEMPLATE, VICUNA_V0_
 ASSETS_VERSION = 1
 # Held-out samples generated beside the synthetic training data, for the tiny recipes' val/loss.
 DEMO_VAL_SAMPLES = 32
+
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> str:
@@ -351,11 +355,22 @@ def _make_missing(cfg: Config) -> None:
     uses_tiny = bool({tiny.eva_vit, tiny.blip2, tiny.llm} & {w.eva_vit, w.blip2, w.llm} - {None})
     missing_tiny = uses_tiny and not os.path.isdir(os.path.dirname(tiny.eva_vit))
     # The tiny tokenizer is trained on the synthetic captions; the vision files alone need none.
-    if (missing_tiny and tiny.llm) or decoder or any(p.startswith(synthetic.root) for p in data_paths):
+    make_synthetic = (
+        (missing_tiny and tiny.llm) or decoder or any(p.startswith(synthetic.root) for p in data_paths)
+    )
+    tower = cfg.model.vision.kind == "hf" and cfg.model.vision.folder == tiny_tower_location()
+    if (
+        missing_tiny
+        or decoder
+        or (tower and not os.path.isdir(tiny_tower_location()))
+        or (make_synthetic and not os.path.isdir(synthetic.root))
+    ):  # said once, so that a first run's minute and the cache's megabytes have a place
+        log.info("first use: writing the demo data and tiny weights under %s", cache_root())
+    if make_synthetic:
         synthetic = ensure_synthetic(val=DEMO_VAL_SAMPLES)
     if decoder:
         ensure_tiny_decoder(synthetic.captions)
-    if cfg.model.vision.kind == "hf" and cfg.model.vision.folder == tiny_tower_location():
+    if tower:
         ensure_tiny_tower()
     if missing_tiny:
         ensure_tiny_weights(cfg.model, synthetic.captions, own_llm=tiny.llm is None)
