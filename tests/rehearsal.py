@@ -71,6 +71,8 @@ STEPS = 2
 # captions are of one image, not 4: the same code paths at a fraction of the time.
 SAMPLE_IMAGES = 1
 TEXT_TOKENS = 8
+# Seconds each command of a full-size run may take: on a CPU without bf16 instructions a step takes hours.
+FULL_TIMEOUT_S = 4 * 3600
 QUESTION = "What is in this picture?"
 
 
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the weight files (a later run with this --workdir reuses them)",
     )
-    p.add_argument("--timeout", type=float, default=14400, help="seconds each command may run")
+    p.add_argument("--timeout", type=float, default=FULL_TIMEOUT_S, help="seconds each command may run")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"mgpt4-rehearsal-{args.size}-")
     try:

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from tests.rehearsal import RANKS, STEPS, rehearse
+from tests.rehearsal import FULL_TIMEOUT_S, RANKS, STEPS, rehearse
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -38,7 +38,7 @@ def test_rehearsal_small(tmp_path):
 
 @pytest.mark.rehearsal
 def test_rehearsal_full(tmp_path):
-    report = rehearse("full", str(tmp_path), keep=False, timeout_s=14400)
+    report = rehearse("full", str(tmp_path), keep=False, timeout_s=FULL_TIMEOUT_S)
     _check_report(report, [4096, 768])
     # The LLM is sharded, not whole on each rank: 6.74B parameters over 2 ranks.
     assert max(report["stage1"]["params_per_rank"]["llm"]) < 6.74e9 / RANKS + 1e6
