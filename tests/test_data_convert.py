@@ -141,7 +141,7 @@ def test_the_command_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_features_extract_reads_an_annotation_file_through_its_shards(tmp_path, monkeypatch):
+def test_features_extract_reads_the_converted_shards(tmp_path, monkeypatch):
     from mgpt4.config import Config, WeightsConfig
     from mgpt4.data import DataConfig
     from mgpt4.dist import RankInfo
@@ -160,8 +160,6 @@ def test_features_extract_reads_an_annotation_file_through_its_shards(tmp_path, 
     )
     cfg = Config(recipe="test", model=model, data=data)
     opts = ExtractOptions(out=str(tmp_path / "features"), batch_size=4, num_workers=0, device="cpu")
-    with pytest.raises(ValueError, match=r"python -m mgpt4.data.convert --format llava --annotations "):
-        extract(cfg, opts, RankInfo())
     summary = convert(
         load_index(path, "llava"), str(tmp_path / "shards"), per_shard=4, workers=0, progress=False
     )

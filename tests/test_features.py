@@ -334,3 +334,105 @@ def test_settings_a_cache_cannot_honour_are_refused():
         DataConfig(kind="features", crops="sample", sources=[SourceConfig(shards="x.tar")]).validate()
     with pytest.raises(ConfigError, match=r"data\.features_root: only kind 'features' reads it"):
         DataConfig(features_root="/x", sources=[SourceConfig(shards="x.tar")]).validate()
+
+
+def test_an_annotation_source_is_extracted_in_parts_and_trains_from_them(assets, tmp_path, caplog):
+    """A LLaVA JSON source: parts of `entries_per_part` entries, the crops training from its images
+    with `crops: sample` draws, a bad image counted, a re-run that writes only what is missing, and
+    training from the parts; a changed file or another cut is refused."""
+    from mgpt4.data.formats.annotations import load_index
+    from tests.format_fixtures import llava_entries, write_images, write_json
+
+    folder = tmp_path / "llava"
+    images = write_images(str(folder), 10)
+    (folder / images[6]).write_bytes(b"not a jpeg")  # read-time damage: skipped and counted
+    path = write_json(str(folder / "chat.json"), llava_entries(images))
+    cfg = _config(assets)
+    cfg.data.sources = [SourceConfig(name="llava", format="llava", annotations=path)]
+    out = str(tmp_path / "features")
+    _extract(cfg, out, entries_per_part=4)
+    parts = os.path.join(out, "llava")
+    names = ["entries-000000.tar", "entries-000001.tar", "entries-000002.tar"]
+    assert sorted(f for f in os.listdir(parts) if f.endswith(".tar")) == names
+    manifest = read_manifest(parts)
+    assert manifest["parts"] == names and manifest["entries_per_part"] == 4
+    assert manifest["annotations"]["entries"] == 10 and manifest["annotations"]["format"] == "llava"
+    assert manifest["samples"] == 9 and {k: v for k, v in manifest["skipped"].items() if v} == {
+        "corrupt_image": 1
+    }
+    # Entry by entry: the Q-Former output on the crop a run on the images draws with crops: sample.
+    model = from_config(copy.deepcopy(cfg.model)).eval()
+    transform = ImageTransform(56, train=True)
+    index = load_index(path, "llava", pairs=True)
+    seen = []
+    for name in names:
+        reader = TarReader(os.path.join(parts, name))
+        while (sample := reader.next_sample()) is not None:
+            key, files = sample
+            seen.append(int(key))
+            _, _, _, source = index.sample(int(key))
+            assert files["txt"] == source["txt"]
+            pixels = torch.empty(3, 56, 56, dtype=torch.uint8)
+            transform(source["jpg"], sample_crop_uniforms(0, "chat.json", key), pixels)
+            with torch.no_grad():
+                expected = model.image_features(normalize_uint8(pixels[None]))[0]
+            got = torch.empty(8, 64)
+            decode_features(files["npy"], (8, 64), got)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert seen == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    # A lost part is written again, byte for byte; the others are kept.
+    with open(os.path.join(parts, names[1]), "rb") as f:
+        before = f.read()
+    os.remove(os.path.join(parts, names[1]))
+    with caplog.at_level("INFO", logger="mgpt4.features"):
+        _extract(cfg, out, entries_per_part=4)
+    assert "2 of 3 shards were done before, 1 written now" in caplog.text
+    with open(os.path.join(parts, names[1]), "rb") as f:
+        assert f.read() == before
+    with pytest.raises(ValueError, match=r"another --entries-per-part or a changed file"):
+        _extract(cfg, out, entries_per_part=5)
+    # Training from the parts: the config names the annotation file and the cache root.
+    cached = _config(assets, kind="features", features_root=out, crops="stream", batch_size=3)
+    cached.data.sources = [SourceConfig(name="llava", format="llava", annotations=path)]
+    cached.validate()
+    assert check_feature_cache(cached) == []
+    losses = _train(cached, steps=6)  # two epochs of the 9 samples
+    assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # Refused: no features_root (nothing names the parts), and a changed annotation file.
+    bare = _config(assets, kind="features", crops="stream")
+    bare.data.sources = cached.data.sources
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.format: .*set data\.features_root"):
+        bare.validate()
+    write_json(path, llava_entries(images[:9]))
+    with pytest.raises(
+        ConfigError, match=r"data\.sources\[0\]\.annotations: .*chat\.json is not the annotation file"
+    ):
+        check_feature_cache(cached)
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "huggingface"])
+def test_sharegpt_and_parquet_sources_feed_the_cache(assets, tmp_path, fmt):
+    """The other annotation formats go through the same parts: every entry once, its caption kept."""
+    from tests.format_fixtures import sharegpt_set
+    from tests.test_data_formats_hf import _parquet
+
+    if fmt == "sharegpt":
+        path, caption = sharegpt_set(str(tmp_path / "in"), 5), "sample number {} of shard 1"
+    else:
+        path, caption = _parquet(str(tmp_path / "in"), 5), "sample number {} of shard 2"
+    cfg = _config(assets)
+    cfg.data.sources = [SourceConfig(name="mine", format=fmt, annotations=path)]
+    out = str(tmp_path / "features")
+    _extract(cfg, out, entries_per_part=3)
+    folder = os.path.join(out, "mine")
+    assert read_manifest(folder)["parts"] == ["entries-000000.tar", "entries-000001.tar"]
+    captions = []
+    for name in read_manifest(folder)["parts"]:
+        reader = TarReader(os.path.join(folder, name))
+        while (sample := reader.next_sample()) is not None:
+            captions.append(sample[1]["txt"].decode())
+    assert captions == [caption.format(i) for i in range(5)]
+    cached = _config(assets, kind="features", features_root=out, crops="stream", batch_size=2)
+    cached.data.sources = cfg.data.sources
+    assert check_feature_cache(cached) == []
+    assert all(np.isfinite(_train(cached, steps=3)))

@@ -50,6 +50,11 @@ class SourceConfig:
     def is_annotations(self) -> bool:
         return self.format != "webdataset"
 
+    def reads_annotations(self, kind: str) -> bool:
+        """Whether training of `kind` reads this source's annotation file; under kind 'features' an
+        annotation source reads the feature shards extracted from it instead (`data.features_root`)."""
+        return self.is_annotations() and kind != "features"
+
     def validate(self, kind: str, where: str) -> None:
         if self.format not in SOURCE_FORMATS:
             raise ConfigError(f"{where}.format: expected one of {SOURCE_FORMATS}, got {self.format!r}")
@@ -60,11 +65,6 @@ class SourceConfig:
                 if getattr(self, name):
                     raise ConfigError(f"{where}.{name}: not for format webdataset")
             return
-        if kind == "features":
-            raise ConfigError(
-                f"{where}.format: kind 'features' reads feature shards (format webdataset); a {self.format} "
-                f"source trains with kind 'webdataset'"
-            )
         if self.shards:
             raise ConfigError(f"{where}.shards: a {self.format} source reads {where}.annotations, not shards")
         if not self.annotations:
@@ -247,6 +247,12 @@ class DataConfig:
             for i, src in enumerate(self.sources):
                 where = f"{path}.sources[{i}]"
                 src.validate(self.kind, where)
+                if self.kind == "features" and src.is_annotations() and not self.features_root:
+                    raise ConfigError(
+                        f"{where}.format: kind 'features' reads a {src.format} source's features from "
+                        f"{path}.features_root/<source name>/ (the folder `python -m mgpt4.features extract` "
+                        f"wrote); set {path}.features_root"
+                    )
                 if self.kind == "conversations" and not src.is_annotations():
                     raise ConfigError(
                         f"{where}.format: kind 'conversations' reads the formats llava, sharegpt and "

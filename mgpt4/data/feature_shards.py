@@ -9,12 +9,16 @@ same name under `<out>/<source name>/` with per sample:
 
 and beside the shards `NAME.json` (samples written and skipped, by reason) and, once a run has
 finished, `features.json`: the manifest that says which model, weights, crops and dtype made them.
+An annotation source (a LLaVA/ShareGPT file or a Hugging Face dataset) has no shards to name the
+outputs, so its entries are cut into parts of `entries_per_part` in file order, written as
+`entries-000000.tar`, ...; the manifest lists the parts (`parts`) and records the annotation file it read.
 Training with `data.kind: features` reads these shards with the same stream, shuffling, mixing and
 resume as image shards.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -96,6 +100,38 @@ def shard_identity(url: str) -> list | None:
         return None
     with open(path, "rb") as f:
         return [os.path.getsize(path), hashlib.sha256(f.read(4096)).hexdigest()]
+
+
+# The feature shard of entries [k * entries_per_part, (k + 1) * entries_per_part) of an annotation source.
+PART_NAME = "entries-{:06d}.tar"
+
+
+def annotation_identity(path: str) -> list:
+    """[bytes, sha256 of the first 4 KiB] of an annotation file; [bytes of every file, None] for a
+    folder (a save_to_disk dataset) or a glob of parquet files: what tells a cache that its annotation
+    source changed, without reading it whole."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return [os.path.getsize(path), hashlib.sha256(f.read(4096)).hexdigest()]
+    files = [path] if os.path.isdir(path) else sorted(glob.glob(path))
+    return [sum(weight_bytes(p) for p in files), None]
+
+
+def annotation_parts(folder: str, where: str) -> list[str]:
+    """The feature shard paths of an annotation source's cache folder, as its manifest lists them;
+    ValueError naming `where` when the folder holds no finished extraction of an annotation source."""
+    manifest = read_manifest(folder)
+    if manifest is None or "parts" not in manifest:
+        what = (
+            "no " + MANIFEST_FILE
+            if manifest is None
+            else f"a {MANIFEST_FILE} of image shards, not of entries"
+        )
+        raise ValueError(
+            f"{where}: {folder} has {what}: extract this source's features first "
+            f"(`python -m mgpt4.features extract --recipe ... --out <features_root>`; a re-run does only what is missing)"
+        )
+    return [os.path.join(folder, name) for name in manifest["parts"]]
 
 
 def features_folder(root: str, source_name: str) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from mgpt4.data.batches import BatchText, make_batch
 from mgpt4.data.config import DataConfig
-from mgpt4.data.feature_shards import features_folder
+from mgpt4.data.feature_shards import annotation_parts, features_folder
 from mgpt4.data.formats.annotations import AnnotationIndex, load_index
 from mgpt4.data.formats.hf import HFIndex, load_hf_once
 from mgpt4.data.formats.stream import AnnotationStream
@@ -71,7 +71,7 @@ def check_sources(
     `will_exist`; with none, the sources count as checked for `source_urls`."""
     missing = []
     for i in range(len(cfg.sources)):
-        if cfg.sources[i].is_annotations():
+        if cfg.sources[i].reads_annotations(cfg.kind):
             try:
                 check_readers(cfg, i, range(len(source_entries(cfg, i))), rank_count, workers, "entries")
             except FileNotFoundError as e:
@@ -118,7 +118,7 @@ def source_urls(
             raise ValueError(missing[0])
     out: list[list[str] | AnnotationIndex | HFIndex] = []
     for i in range(len(cfg.sources)):
-        if cfg.sources[i].is_annotations():
+        if cfg.sources[i].reads_annotations(cfg.kind):
             out.append(source_entries(cfg, i))
             continue
         urls = expand_source(cfg, i)
@@ -142,12 +142,16 @@ def warn_missing(urls: Sequence[str], where: str, name: str) -> None:
 
 def expand_source(cfg: DataConfig, index: int) -> list[str]:
     """The shard URLs of source `index`. Kind 'features' with `features_root`: the feature shards of the
-    same file names under features_root/<source name>/ (the layout `mgpt4.features extract` writes)."""
-    urls = expand_shards(cfg.sources[index].shards, f"data.sources[{index}].shards")
+    same file names under features_root/<source name>/ (the layout `mgpt4.features extract` writes);
+    for an annotation source, the parts its manifest lists there (ValueError when it has none)."""
+    src = cfg.sources[index]
     if cfg.kind == "features" and cfg.features_root:
         folder = features_folder(cfg.features_root, cfg.source_names()[index])
-        urls = [os.path.join(folder, shard_file_name(u)) for u in urls]
-    return urls
+        if src.is_annotations():
+            return annotation_parts(folder, f"data.sources[{index}] ({cfg.source_names()[index]})")
+        urls = expand_shards(src.shards, f"data.sources[{index}].shards")
+        return [os.path.join(folder, shard_file_name(u)) for u in urls]
+    return expand_shards(src.shards, f"data.sources[{index}].shards")
 
 
 def check_readers(

@@ -1,6 +1,7 @@
 """Extraction: image shards -> feature shards of the same names, over any number of ranks, resumable.
 
-The unit of work is one image shard. Ranks list what is already done (a finished feature shard exists
+The unit of work is one image shard, or for an annotation source (LLaVA, ShareGPT, Hugging Face) one
+part of `--entries-per-part` entries in file order (`entries-000000.tar`, ...). Ranks list what is already done (a finished feature shard exists
 under its final name: it is renamed into place only when complete), meet once, and then each takes every
 world_size-th pending shard, so a re-run does only what is missing. Inside a rank, DataLoader workers
 read and decode whole shards (the training transform with `data.crops: sample`); the main process runs
@@ -33,14 +34,17 @@ from mgpt4.data.feature_shards import (
     FEATURE_EXT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    PART_NAME,
+    annotation_identity,
     encode_features,
     features_folder,
     shard_identity,
     weight_bytes,
     weight_digest,
 )
-from mgpt4.data.samples import SKIP_REASONS, ShardSamples, SkipCounter
+from mgpt4.data.samples import SKIP_REASONS, ShardSamples, SkipCounter, caption_or_skip
 from mgpt4.data.shard_lists import expand_shards, shard_file_name
+from mgpt4.data.shard_stream import source_entries
 from mgpt4.data.transforms import ImageError, image_transform, normalize_uint8, sample_crop_uniforms
 from mgpt4.dist import RankInfo
 from mgpt4.logs import get_logger
@@ -68,6 +72,10 @@ class ExtractOptions:
     # Of the stored features: fp16 (48 KiB per sample at 32 x 768) or fp32.
     dtype: str = field(
         default="fp16", metadata={"choices": list(FEATURE_DTYPES), "help": "stored feature dtype"}
+    )
+    # An annotation source is written in parts of this many entries (a re-run must keep the number).
+    entries_per_part: int = field(
+        default=10_000, metadata={"help": "entries per feature shard of an annotation source"}
     )
     # "auto": this rank's GPU when there is one, else the CPU.
     device: str = field(default="auto", metadata={"help": "auto (this rank's GPU, else CPU), cuda or cpu"})
@@ -170,6 +178,57 @@ class ShardImages(IterableDataset):
         yield last
 
 
+class AnnotationImages(ShardImages):
+    """Parts of an annotation source, each read whole in entry order as `ShardImages` reads a shard:
+    part p holds entries `spans[p][0]` to `spans[p][1] - 1`. Crops are drawn as training from the images
+    with `data.crops: sample` draws them: from the annotation file's name and the entry's key (its
+    entry or line number), so the cache holds the crops that run would see."""
+
+    def __init__(
+        self,
+        entries,
+        spans: Sequence[tuple[int, int]],
+        names: Sequence[str],
+        cfg: DataConfig,
+        batch_size: int,
+    ):
+        super().__init__(list(names), cfg, batch_size)
+        self.entries = entries
+        self.spans = list(spans)
+
+    def _shard(self, index: int, transform) -> Iterator[dict[str, Any]]:
+        skips = SkipCounter()
+        keys: list[str] = []
+        captions: list[str] = []
+        images = image_buffer(self.batch_size, self.cfg.image_size)
+        first, end = self.spans[index]
+        for i in range(first, end):
+            got = self.entries.sample(i)
+            if got[0] != "ok":  # (reason, where, detail): an unreadable image, an image URL, a changed file
+                skips.add(*got)
+                continue
+            _, url, key, files = got
+            where = f"{key} in {url}"
+            caption = caption_or_skip(files, where, skips)
+            if caption is None:
+                continue
+            try:
+                crop = sample_crop_uniforms(self.cfg.seed, shard_file_name(url), key)
+                transform(files["jpg"], crop, images[len(keys)])
+            except ImageError as e:
+                skips.add(e.reason, where, str(e))
+                continue
+            keys.append(key)
+            captions.append(caption)
+            if len(keys) == self.batch_size:
+                yield self._chunk(index, images, keys, captions)
+                keys, captions = [], []
+                images = image_buffer(self.batch_size, self.cfg.image_size)
+        last = self._chunk(index, images, keys, captions)
+        last.update(end=True, counts=dict(skips.counts), opened=True)
+        yield last
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -177,9 +236,10 @@ class ShardImages(IterableDataset):
 class FeatureShardWriter:
     """One feature shard, written under a temporary name and renamed into place when complete."""
 
-    def __init__(self, path: str, image_shard: str):
+    def __init__(self, path: str, image_shard: str, stats: dict | None = None):
         self.path = path
         self.image_shard = image_shard
+        self.stats = stats or {}  # more to record in the stats file (an annotation part: its entries)
         self.tmp = path + ".tmp"
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in finish)
         self.samples = 0
@@ -205,6 +265,7 @@ class FeatureShardWriter:
             "samples": self.samples,
             "skipped": skipped,
             "seconds": seconds,
+            **self.stats,
         }
         write_json_atomic(self.path[: -len(".tar")] + STATS_SUFFIX, stats)
         os.replace(self.tmp, self.path)  # the shard counts as done only from here on
@@ -240,6 +301,63 @@ def source_shards(cfg: Config, index: int) -> list[str]:
     return urls
 
 
+@dataclass
+class SourceUnits:
+    """What one source is cut into for extraction: output file names and, per name, the image shard
+    URL (a shard source) or the entry span (an annotation source, with its index and identity)."""
+
+    names: list[str]
+    urls: list[str] | None = None
+    spans: list[tuple[int, int]] | None = None
+    entries: Any = None
+    identity: list | None = None
+
+    def dataset(self, picked: Sequence[int], cfg: DataConfig, batch_size: int) -> ShardImages:
+        if self.urls is not None:
+            return ShardImages([self.urls[i] for i in picked], cfg, batch_size)
+        assert self.spans is not None
+        return AnnotationImages(
+            self.entries, [self.spans[i] for i in picked], [self.names[i] for i in picked], cfg, batch_size
+        )
+
+    def stats(self, i: int) -> dict:
+        if self.spans is None:
+            return {}
+        return {"entries": list(self.spans[i]), "annotations": self.identity}
+
+
+def source_units(cfg: Config, index: int, entries_per_part: int) -> SourceUnits:
+    """Source `index` as units of work: its image shards, or its entries in parts of `entries_per_part`."""
+    src = cfg.data.sources[index]
+    if not src.is_annotations():
+        urls = source_shards(cfg, index)
+        return SourceUnits([shard_file_name(u) for u in urls], urls=urls)
+    entries = source_entries(cfg.data, index)
+    n = len(entries)
+    spans = [(a, min(a + entries_per_part, n)) for a in range(0, n, entries_per_part)]
+    names = [PART_NAME.format(k) for k in range(len(spans))]
+    return SourceUnits(names, spans=spans, entries=entries, identity=annotation_identity(src.annotations))
+
+
+def check_parts(folder: str, units: SourceUnits, name: str) -> None:
+    """A re-run into a folder of parts must cut the same entries of the same file: ValueError otherwise
+    (the parts already written would hold other entries than their names say)."""
+    for i, part in enumerate(units.names):
+        path = os.path.join(folder, part[: -len(".tar")] + STATS_SUFFIX)
+        if not (os.path.exists(os.path.join(folder, part)) and os.path.isfile(path)):
+            continue
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+        if stats.get("entries") != list(units.spans[i]) or stats.get("annotations") != units.identity:
+            raise ValueError(
+                f"{os.path.join(folder, part)} holds entries {stats.get('entries')} of an annotation file of "
+                f"identity {stats.get('annotations')}; this run cuts source {name!r} into entries "
+                f"{list(units.spans[i])} of {units.identity} (another --entries-per-part or a changed file): "
+                "extract into a new folder"
+            )
+        return  # one part tells: all parts of a run are cut alike
+
+
 def extract_source(
     cfg: Config,
     index: int,
@@ -250,17 +368,20 @@ def extract_source(
 ) -> SourceReport:
     """This rank's share of one source's pending shards (a collective call: ranks meet once first)."""
     name = cfg.data.source_names()[index]
-    urls = source_shards(cfg, index)
+    units = source_units(cfg, index, opts.entries_per_part)
+    names = units.names
     folder = features_folder(opts.out, name)
     os.makedirs(folder, exist_ok=True)
-    pending = [i for i, u in enumerate(urls) if not os.path.exists(os.path.join(folder, shard_file_name(u)))]
+    if units.spans is not None:
+        check_parts(folder, units, name)
+    pending = [i for i, n in enumerate(names) if not os.path.exists(os.path.join(folder, n))]
     dist.barrier()  # every rank has listed the same pending shards before any rank writes one
     mine = dist.share(pending, info)
-    report = SourceReport(name, len(urls), len(pending))
+    report = SourceReport(name, len(names), len(pending))
     if not mine:
         return report
     loader = DataLoader(
-        ShardImages([urls[i] for i in mine], cfg.data, opts.batch_size),
+        units.dataset(mine, cfg.data, opts.batch_size),
         batch_size=None,
         num_workers=min(opts.num_workers, len(mine)),
         prefetch_factor=2 if opts.num_workers > 0 else None,
@@ -271,10 +392,11 @@ def extract_source(
     try:
         for chunk in loader:
             shard = chunk["shard"]
-            url = urls[mine[shard]]
+            out_name = names[mine[shard]]
             if shard not in writers:
-                path = os.path.join(folder, shard_file_name(url))
-                writers[shard] = (FeatureShardWriter(path, shard_file_name(url)), time.perf_counter())
+                path = os.path.join(folder, out_name)
+                writer = FeatureShardWriter(path, out_name, units.stats(mine[shard]))
+                writers[shard] = (writer, time.perf_counter())
             writer, began = writers[shard]
             if chunk["keys"]:
                 images = normalize_uint8(chunk["image"].to(device, non_blocking=True))
@@ -287,14 +409,14 @@ def extract_source(
                     report.skipped[reason] = report.skipped.get(reason, 0) + n
                 if not chunk["opened"]:  # nothing was read: no output, so the next run tries again
                     writers.pop(shard)[0].abandon()
-                    report.failed_shards.append(url)
+                    report.failed_shards.append(units.urls[mine[shard]] if units.urls else out_name)
                     continue
                 writer.finish(chunk["counts"], time.perf_counter() - began)
                 del writers[shard]
                 report.shards_written += 1
                 report.samples += writer.samples
                 log.info(
-                    f"extract {name}: {shard_file_name(url)} ({writer.samples} samples) "
+                    f"extract {name}: {out_name} ({writer.samples} samples) "
                     f"[{report.shards_written}/{len(mine)} of this rank]"
                 )
     finally:
@@ -309,10 +431,10 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
     (those of earlier runs included, from their stats files)."""
     name = cfg.data.source_names()[index]
     folder = features_folder(opts.out, name)
-    urls = source_shards(cfg, index)
+    units = source_units(cfg, index, opts.entries_per_part)
     samples, skipped, done = 0, dict.fromkeys(SKIP_REASONS, 0), 0
-    for url in urls:
-        stem = shard_file_name(url)[: -len(".tar")]
+    for out_name in units.names:
+        stem = out_name[: -len(".tar")]
         path = os.path.join(folder, stem + STATS_SUFFIX)
         if os.path.exists(os.path.join(folder, stem + ".tar")) and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -336,11 +458,7 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": name,
-        "shards": len(urls),
-        # Each image shard by file name, [size, sha256 of its first 4 KiB]: training from the cache
-        # checks that its sources still name these shards (tar sizes come in 10 KiB steps, so the
-        # first header and bytes of image data tell two sets apart where sizes agree).
-        "image_shards": {shard_file_name(u): shard_identity(u) for u in urls},
+        "shards": len(units.names),
         "shards_done": done,
         "samples": samples,
         "skipped": skipped,
@@ -364,6 +482,21 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if units.urls is not None:
+        # Each image shard by file name, [size, sha256 of its first 4 KiB]: training from the cache
+        # checks that its sources still name these shards (tar sizes come in 10 KiB steps, so the
+        # first header and bytes of image data tell two sets apart where sizes agree).
+        manifest["image_shards"] = {shard_file_name(u): shard_identity(u) for u in units.urls}
+    else:
+        src = cfg.data.sources[index]
+        manifest["annotations"] = {
+            "path": os.path.abspath(src.annotations),
+            "format": src.format,
+            "identity": units.identity,
+            "entries": len(units.entries),
+        }
+        manifest["entries_per_part"] = opts.entries_per_part
+        manifest["parts"] = units.names
     write_json_atomic(os.path.join(folder, MANIFEST_FILE), manifest)
     return manifest
 
@@ -384,24 +517,16 @@ def extract(
             "path's outputs; train a transformers vision tower from images (data.kind 'webdataset')"
         )
     if d.kind != "webdataset":
-        raise ValueError(f"extract reads image shards: data.kind must be 'webdataset', not {d.kind!r}")
+        raise ValueError(f"extract reads stage-1 sources: data.kind must be 'webdataset', not {d.kind!r}")
     if opts.dtype not in FEATURE_DTYPES:
         raise ValueError(f"--dtype: expected one of {tuple(FEATURE_DTYPES)}, got {opts.dtype!r}")
-    if opts.batch_size < 1 or opts.num_workers < 0:
-        raise ValueError("--batch-size must be positive and --num-workers 0 or more")
+    if opts.batch_size < 1 or opts.num_workers < 0 or opts.entries_per_part < 1:
+        raise ValueError("--batch-size and --entries-per-part must be positive and --num-workers 0 or more")
     names = d.source_names()
     chosen = opts.sources or names
     unknown = [s for s in chosen if s not in names]
     if unknown:
         raise ValueError(f"--sources: {unknown} are not sources of this config (it has {names})")
-    for i, src in enumerate(d.sources):
-        if names[i] in chosen and src.is_annotations():
-            # A feature cache is named by image shards; an annotation file becomes shards first.
-            raise ValueError(
-                f"data.sources[{i}]: extract reads image shards, and source {names[i]!r} is a {src.format} "
-                f"file; write it as shards with `python -m mgpt4.data.convert --format {src.format} "
-                f"--annotations {src.annotations} --out <folder>` and extract those"
-            )
     device = torch.device(dist.rank_device(opts.device, info))
     if model is None:
         model = build_vision_model(cfg.model, device)

@@ -8,11 +8,13 @@ training every local cache folder's `features.json` is compared with the model c
 from __future__ import annotations
 
 import functools
+import glob
 import os
 
 from mgpt4.config import Config
 from mgpt4.data.feature_shards import (
     MANIFEST_FILE,
+    annotation_identity,
     read_manifest,
     shard_identity,
     weight_bytes,
@@ -62,10 +64,13 @@ def image_shard_mismatches(cfg: Config, source: str, manifest: dict, checked: in
     from: a name the cache does not hold, another size, or (for `checked` shards spread over the list,
     so that a start-up reads 4 KiB of a few files, not of ten thousand) other first bytes. One line
     each, the first five."""
+    index = cfg.data.source_names().index(source)
+    src = cfg.data.sources[index]
+    if src.is_annotations():
+        return annotation_mismatches(src.annotations, f"data.sources[{index}].annotations", manifest)
     made_from = manifest.get("image_shards")
     if not cfg.data.features_root or made_from is None:
         return []  # shards that name feature shards directly, or a cache that did not record them
-    index = cfg.data.source_names().index(source)
     field = f"data.sources[{index}].shards"
     urls = expand_shards(cfg.data.sources[index].shards, field)
     read = set(urls[:: max(1, len(urls) // checked)])
@@ -87,6 +92,21 @@ def image_shard_mismatches(cfg: Config, source: str, manifest: dict, checked: in
                 f"{field}: {path} begins with other bytes than the {name} the cache was made from"
             )
     return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+
+
+def annotation_mismatches(path: str, field: str, manifest: dict) -> list[str]:
+    """Whether an annotation source is the file (or dataset) its cache was made from: one line if not."""
+    made_from = manifest.get("annotations")
+    if made_from is None:
+        return [f"{field}: {path}, but the cache was made from image shards, not from an annotation file"]
+    if not os.path.exists(path) and not glob.glob(path):
+        return []  # the features train without it; the cache recorded which file it was
+    if annotation_identity(path) != made_from.get("identity"):
+        return [
+            f"{field}: {path} is not the annotation file the cache was made from ({made_from.get('path')}, "
+            f"{made_from.get('identity', [None])[0]} bytes): extract again into a new folder"
+        ]
+    return []
 
 
 def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
