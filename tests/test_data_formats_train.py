@@ -1,4 +1,4 @@
-"""A LLaVA annotation source trains on 2 ranks under ZeRO-2, mixed with shards, and resumes exactly."""
+"""Sources of each annotation format train on 2 ranks under ZeRO-2, mixed with shards, and resume exactly."""
 
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("mgpt4-cache"))
 
 
-def test_llava_source_trains_on_two_ranks_and_resumes_exactly(tmp_path, cache):
+def test_every_annotation_format_trains_on_two_ranks_and_resumes_exactly(tmp_path, cache):
+    from tests.test_data_formats_hf import _parquet
+
     annotations = llava_set(str(tmp_path / "llava"), 24, jsonl=True)
     sources = [
         {"name": "synthetic", "ratio": 1},  # the tiny recipe fills in its synthetic shards
         {"name": "llava", "format": "llava", "annotations": annotations, "ratio": 2},
+        {"name": "share", "format": "sharegpt", "annotations": sharegpt_set(str(tmp_path / "share"), 12)},
+        {"name": "hf", "format": "huggingface", "annotations": _parquet(str(tmp_path / "hf"), 12)},
     ]
     common = ["--deepspeed", "ds_configs/z2.json", "--set", f"data.sources={json.dumps(sources)}",
               "--set", "data.mix=sample", "--set", "data.num_workers=2", "--set", "train.steps=4",

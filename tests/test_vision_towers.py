@@ -305,8 +305,7 @@ def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monke
     run = tiny_tower_stage1()
     fill_demo_paths(run)  # paths only: nothing is generated but the recipe's tower
     run.validate()
-    with pytest.raises(ConfigError, match=r"^model.vision.kind=hf: .*ZeRO-2"):
-        check_precision(run, 3)
+    check_precision(run, 3)  # ZeRO-3 partitions the tower too (tests/test_vision_towers_zero3.py)
     check_precision(run, 2)
     from mgpt4.dist import RankInfo
     from mgpt4.features.extract import ExtractOptions, extract

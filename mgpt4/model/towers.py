@@ -36,7 +36,11 @@ class HFVisionTower(nn.Module):
         from transformers import AutoModel
 
         t = tower_folder(cfg.folder, "model.vision.folder")
-        self.model = AutoModel.from_config(t.vision_config, attn_implementation="sdpa")
+        # Its random init is overwritten by the load step; drawn aside so that the parts built after it
+        # (the projector) start equal under ZeRO-2 and ZeRO-3, where transformers initialises the
+        # tower under zero.Init and draws a different amount from the global generator.
+        with torch.random.fork_rng(devices=[]):
+            self.model = AutoModel.from_config(t.vision_config, attn_implementation="sdpa")
         self.feature_layer = cfg.feature_layer
         clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
         mean, std = torch.tensor(t.mean), torch.tensor(t.std)
