@@ -138,6 +138,7 @@ def test_the_llava_config_follows_the_tower_settings(exports):
         with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
             card = f.read()
         assert "LlavaForConditionalGeneration.from_pretrained" in card and "ln_vision" not in card
+        assert "vision_feature_select_strategy " + strategy in card
 
 
 def test_a_kept_clip_class_token_exports_as_full(tmp_path, tokenizer):

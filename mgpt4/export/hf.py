@@ -16,7 +16,7 @@ import torch
 
 from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, ModelConfig
 from mgpt4.export.hf_blip2 import measure_ln_eps
-from mgpt4.export.hf_llava import is_llava, llava_processor, to_llava
+from mgpt4.export.hf_llava import is_llava, llava_note, llava_processor, to_llava
 from mgpt4.export.model_card import ExportFacts, write_model_card
 from mgpt4.export.processor import ExportError, build_processor, generation_config
 from mgpt4.images import CLIP_MEAN, CLIP_STD
@@ -149,7 +149,7 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
             model, processor.tokenizer, image_token_id, model.text_spec.bos_id
         )
         hf.save_pretrained(tmp)
-        notes = [n for n in (ln_vision_note(model), merged) if n]
+        notes = [n for n in (ln_vision_note(model), llava_note(model) if llava else None, merged) if n]
         for note in notes:
             log.info(note)
         write_model_card(tmp, model, facts or ExportFacts(), type(hf).__name__, notes)

@@ -130,3 +130,13 @@ def llava_processor(model: MiniGPT4, tokenizer):
         vision_feature_select_strategy=select_strategy(model.cfg),
         num_additional_image_tokens=int(model.cfg.vision.has_cls()),
     )
+
+
+def llava_note(model: MiniGPT4) -> str:
+    """The model card's note on what the export feeds the tower."""
+    cfg = model.cfg
+    return (
+        f"images: resized whole, bicubic, to {cfg.vision.image_size} x {cfg.vision.image_size} (mgpt4's resize; "
+        "no center crop) and normalised with the tower's own mean and std, as mgpt4's model sees them; "
+        f"hidden state {cfg.vision.feature_layer}, vision_feature_select_strategy {select_strategy(cfg)}"
+    )

@@ -18,6 +18,7 @@ import torch
 
 from mgpt4.checkpoints import CONFIG_FILE, RUN_STATE, read_checkpoint_config
 from mgpt4.model import MiniGPT4
+from mgpt4.tower_folder import read_tower_folder
 
 NOT_RECORDED = "not recorded"
 SCORE_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -122,9 +123,8 @@ def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str, notes: Seq
     llava = model_class == "LlavaForConditionalGeneration"
     variant = "LLaMA-2 variant (no Q-Former)" if cfg.qformer is None else "Q-Former variant"
     if llava:
-        variant = (
-            f"with a transformers vision tower ({cfg.vision.folder}) and LLaVA-1.5's mlp2x_gelu projector"
-        )
+        tower = read_tower_folder(cfg.vision.folder).model_type
+        variant = f"with a transformers `{tower}` tower and LLaVA-1.5's mlp2x_gelu projector (LLaVA's layout)"
     remote = cfg.qformer is None and not llava
     load_class = "AutoModelForImageTextToText" if remote else model_class
     trust = ", trust_remote_code=True" if remote else ""

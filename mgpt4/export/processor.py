@@ -11,6 +11,8 @@ chat template and the generation config, all reproducing what mgpt4 feeds its mo
   puts it (the tokenizer adds none). For the official templates the tokenizer cuts text as the official
   slow LLaMA tokenizer (`mgpt4.tokenizer.encode_like_slow_llama`): every piece between special tokens
   starts with sentencepiece's `▁` (`_legacy_tokenizer`).
+- The LLaVA export (`mgpt4.export.hf_llava`) passes its own processor: `LlavaProcessor` with the tower's
+  image processor, which expands each image's one `<image>` (`<Img><image></Img>` in the template).
 - Decoding: `generation_config` with the official demo's defaults, stop strings and `<image>` suppressed.
 - `check_prompt_tokens` renders probe conversations both ways and refuses an export whose prompt tokens
   differ from those `MiniGPT4.layout` gives.
