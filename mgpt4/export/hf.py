@@ -16,7 +16,7 @@ import torch
 
 from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, ModelConfig
 from mgpt4.export.hf_blip2 import measure_ln_eps
-from mgpt4.export.hf_llava import is_llava, llava_note, llava_processor, to_llava
+from mgpt4.export.hf_llava import is_llava, llava_layout, llava_note, llava_processor, to_llava
 from mgpt4.export.model_card import ExportFacts, write_model_card
 from mgpt4.export.processor import ExportError, build_processor, generation_config
 from mgpt4.images import CLIP_MEAN, CLIP_STD
@@ -36,8 +36,14 @@ def export_refusal(cfg: ModelConfig) -> str | None:
     concat = cfg.connector_kind() == "concat" and cfg.concat_tokens == PATCHES_PER_IMAGE_TOKEN
     if official and (cfg.connector_kind() == "qformer" or concat):
         return None
-    if is_llava(cfg):
-        return None
+    if llava_layout(cfg):
+        if not os.path.isdir(cfg.vision.folder or ""):
+            return (
+                f"model.vision.folder: {cfg.vision.folder} is no folder here; the LLaVA export reads the "
+                "tower's config.json and preprocessor_config.json from it"
+            )
+        if is_llava(cfg):
+            return None
     return (
         f"model.vision.kind={cfg.vision.kind}, model.connector={cfg.connector_kind()}, model.projector="
         f"{cfg.projector}: the hf export writes the official MiniGPT-4 vision paths (eva_vit_g with "

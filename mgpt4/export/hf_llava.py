@@ -20,6 +20,8 @@ after mgpt4's resize (bicubic, to the tower's square size, no crop).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from mgpt4.config import ModelConfig
@@ -30,11 +32,18 @@ from mgpt4.tower_folder import read_tower_folder
 LLAVA_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
+def llava_layout(cfg: ModelConfig) -> bool:
+    """Whether the vision path is LLaVA's: a transformers tower, connector none, mlp2x_gelu."""
+    return cfg.vision.kind == "hf" and cfg.connector_kind() == "none" and cfg.projector == "mlp2x_gelu"
+
+
 def is_llava(cfg: ModelConfig) -> bool:
-    """Whether the model is exactly LLaVA's layout: a CLIP or SigLIP tower, connector none, mlp2x_gelu."""
-    if cfg.vision.kind != "hf" or cfg.connector_kind() != "none" or cfg.projector != "mlp2x_gelu":
+    """Whether the model is exactly `LlavaForConditionalGeneration`: LLaVA's layout on a CLIP or SigLIP
+    tower whose folder is here (DINOv2 is not one of the towers LLaVA is served with)."""
+    folder = cfg.vision.folder
+    if not llava_layout(cfg) or not folder or not os.path.isdir(folder):
         return False
-    return bool(cfg.vision.folder) and read_tower_folder(cfg.vision.folder).model_type in LLAVA_TOWERS
+    return read_tower_folder(folder).model_type in LLAVA_TOWERS
 
 
 def select_strategy(cfg: ModelConfig) -> str:
