@@ -27,7 +27,12 @@ sys.meta_path.insert(0, _NoMgpt4())
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor, Blip2ForConditionalGeneration  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Blip2ForConditionalGeneration,
+    LlavaForConditionalGeneration,
+)
 
 
 def _mgpt4_importable() -> bool:
@@ -58,6 +63,8 @@ def run(job: dict) -> None:
     processor = AutoProcessor.from_pretrained(job["folder"], backend="pil")
     if job["remote"]:
         model = AutoModelForImageTextToText.from_pretrained(job["folder"], trust_remote_code=True)
+    elif job.get("llava"):
+        model = LlavaForConditionalGeneration.from_pretrained(job["folder"])
     else:
         model = Blip2ForConditionalGeneration.from_pretrained(job["folder"])
     model.eval()
@@ -75,6 +82,16 @@ def run(job: dict) -> None:
     for stop in model.generation_config.stop_strings or []:
         reply = reply.split(stop)[0]
     reply = reply.strip()
+    direct = {}
+    if job.get("pixels"):  # given pixels (the model's own normalisation): image embeddings and greedy tokens
+        pixels = torch.load(job["pixels"], weights_only=True)
+        with torch.no_grad():
+            direct["direct_image_embeds"] = torch.stack(
+                model.get_image_features(pixel_values=pixels).pooler_output
+            )
+        ids = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out_direct = model.generate(**ids, pixel_values=pixels, generation_config=greedy, tokenizer=tok)
+        direct["direct_tokens"] = out_direct[0, inputs["input_ids"].shape[1] :].tolist()
     # Saved again as loaded by default: transformers keeps a `backend` argument among the tokenizer's
     # settings, so the PIL-backed processor would write `"backend": "pil"` into tokenizer_config.json.
     AutoProcessor.from_pretrained(job["folder"]).save_pretrained(job["resaved"])
@@ -87,7 +104,7 @@ def run(job: dict) -> None:
     one = model.generation_config.__class__.from_dict(greedy.to_dict())
     one.max_new_tokens = 1
     first = model.generate(**inputs, generation_config=one, tokenizer=tok)[0, -1].item()
-    one.suppress_tokens = None
+    one.suppress_tokens = []  # not None: GenerationMixin.generate fills a None from the model's own config
     unsuppressed = model.generate(**inputs, generation_config=one, tokenizer=tok)[0, -1].item()
     torch.save(
         {
@@ -101,6 +118,8 @@ def run(job: dict) -> None:
             "image_token_suppressed": first == new[0] and unsuppressed == image_id,
             "resaved_files": sorted(os.listdir(job["resaved"])),
             "resaved_differences": _differences(job["folder"], job["resaved"]),
+            "input_ids": inputs["input_ids"][0].tolist(),
+            **direct,
         },
         job["result"],
     )

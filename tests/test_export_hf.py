@@ -144,6 +144,13 @@ def _reference(model: MiniGPT4, image_path: str, turns) -> dict:
                 out[key] = model.llm(inputs_embeds=embeds).logits[0].float()
             finally:
                 model.ln_vision.eps = saved
+    out["reply"], out["tokens"] = greedy_reply(model, pixels, prompt)
+    return out
+
+
+def greedy_reply(model: MiniGPT4, pixels: torch.Tensor, prompt: str) -> tuple[str, list[int]]:
+    """mgpt4's greedy reply to `prompt` about one image [1,3,S,S] (NEW_TOKENS at most), and the new token
+    ids its LLM's generate returned."""
     captured = {}
     generate = model.llm.generate
 
@@ -153,11 +160,32 @@ def _reference(model: MiniGPT4, image_path: str, turns) -> dict:
 
     model.llm.generate = recording
     try:
-        out["reply"] = model.generate(pixels, prompt, GREEDY, max_new_tokens=NEW_TOKENS)[0]
+        reply = model.generate(pixels, prompt, GREEDY, max_new_tokens=NEW_TOKENS)[0]
     finally:
         del model.llm.generate
-    out["tokens"] = captured["ids"][0].tolist()
-    return out
+    return reply, captured["ids"][0].tolist()
+
+
+def run_loader(jobs: list[dict], root: Path) -> None:
+    """Run the loader on `jobs` in a fresh process that cannot import mgpt4; each job's result file is
+    then written (`tests/export_hf_loader.py`)."""
+    spec = str(root / "jobs.json")
+    with open(spec, "w", encoding="utf-8") as f:
+        json.dump(jobs, f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(
+        HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+    )
+    # -I: no PYTHONPATH, no current folder; the loader also blocks any import of mgpt4 (it is installed).
+    proc = subprocess.run(
+        [sys.executable, "-I", LOADER, spec],
+        env=env,
+        cwd=str(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -185,23 +213,7 @@ def exports(tmp_path_factory, tokenizer):
         }
         jobs.append(job)
         results[template] = (out, run, ref, job)
-    spec = str(root / "jobs.json")
-    with open(spec, "w", encoding="utf-8") as f:
-        json.dump(jobs, f)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(
-        HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
-    )
-    # -I: no PYTHONPATH, no current folder; the loader also blocks any import of mgpt4 (it is installed).
-    proc = subprocess.run(
-        [sys.executable, "-I", LOADER, spec],
-        env=env,
-        cwd=str(root),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_loader(jobs, root)
     return {
         t: (out, run, ref, torch.load(job["result"], weights_only=True))
         for t, (out, run, ref, job) in results.items()

@@ -282,8 +282,8 @@ def test_bad_settings_fail_at_config_time_naming_the_key(towers, tmp_path):
 
 
 def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monkeypatch):
-    """The feature cache (Q-Former output only: training from one, and extracting one), ZeRO-3 and the hf
-    export refuse a tower in one line."""
+    """The feature cache (Q-Former output only: training from one, and extracting one) and ZeRO-3 refuse
+    a tower in one line; the hf export refuses a tower path other than LLaVA's in one line."""
     from mgpt4.config import Config
     from mgpt4.data.config import DataConfig, SourceConfig
     from mgpt4.export.hf import export_refusal
@@ -313,8 +313,13 @@ def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monke
     with pytest.raises(ValueError, match=r"^model.vision.kind=hf: a feature cache holds the EVA ViT-g"):
         extract(run, ExtractOptions(out=str(tmp_path / "features")), RankInfo())
     assert not (tmp_path / "features").exists()
-    why = export_refusal(run.model)
-    assert why and why.startswith("model.vision.kind=hf, model.connector=none, model.projector=mlp2x_gelu")
+    # LLaVA's layout exports (tests/test_export_llava.py) once its tower folder is here; another is refused.
+    why = export_refusal(run.model)  # the recipe's tower folder is not generated here
+    assert why and why.startswith(f"model.vision.folder: {run.model.vision.folder} is no folder here")
+    assert export_refusal(tower_cfg(towers["siglip"], "mlp2x_gelu", connector="none")) is None
+    why = export_refusal(tower_cfg(towers["siglip"], "linear", connector="none"))
+    assert why and why.startswith("model.vision.kind=hf, model.connector=none, model.projector=linear")
+    assert "\n" not in why
     assert export_refusal(tiny()) is None
 
 

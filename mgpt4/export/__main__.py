@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     hf = sub.add_parser(
         "hf",
-        help="a transformers folder: Blip2ForConditionalGeneration (Q-Former models) or, for the LLaMA-2 "
-        "variant, its own modeling code (trust_remote_code=True)",
+        help="a transformers folder: Blip2ForConditionalGeneration (Q-Former models), for the LLaMA-2 "
+        "variant its own modeling code (trust_remote_code=True), for a CLIP or SigLIP tower with mlp2x_gelu "
+        "and connector none LlavaForConditionalGeneration",
         formatter_class=HelpWithDefaults,
     )
     hf.add_argument("--out", required=True, help="the folder to write (new, or empty)")

@@ -16,6 +16,7 @@ import torch
 
 from mgpt4.config import PATCHES_PER_IMAGE_TOKEN, ModelConfig
 from mgpt4.export.hf_blip2 import measure_ln_eps
+from mgpt4.export.hf_llava import is_llava, llava_layout, llava_note, llava_processor, to_llava
 from mgpt4.export.model_card import ExportFacts, write_model_card
 from mgpt4.export.processor import ExportError, build_processor, generation_config
 from mgpt4.images import CLIP_MEAN, CLIP_STD
@@ -29,15 +30,25 @@ log = get_logger(__name__)
 def export_refusal(cfg: ModelConfig) -> str | None:
     """Why this model has no transformers format here, or None: the export writes the two official
     vision paths (EVA ViT-g with the Q-Former, or 4 tokens concatenated without the class token) and a
-    Linear projection; another tower, connector or projector is refused before any weight loads."""
+    Linear projection, and LLaVA's layout (a CLIP or SigLIP tower, no connector, mlp2x_gelu); another
+    tower, connector or projector is refused before any weight loads."""
     official = cfg.vision.kind == "eva_vit_g" and cfg.projector == "linear" and cfg.vision.keep_cls is None
     concat = cfg.connector_kind() == "concat" and cfg.concat_tokens == PATCHES_PER_IMAGE_TOKEN
     if official and (cfg.connector_kind() == "qformer" or concat):
         return None
+    if llava_layout(cfg):
+        if not os.path.isdir(cfg.vision.folder or ""):
+            return (
+                f"model.vision.folder: {cfg.vision.folder} is no folder here; the LLaVA export reads the "
+                "tower's config.json and preprocessor_config.json from it"
+            )
+        if is_llava(cfg):
+            return None
     return (
         f"model.vision.kind={cfg.vision.kind}, model.connector={cfg.connector_kind()}, model.projector="
-        f"{cfg.projector}: the hf export writes the official MiniGPT-4 vision paths only (eva_vit_g with "
-        "qformer, or concat 4, and a linear projector); load this model from its checkpoint instead"
+        f"{cfg.projector}: the hf export writes the official MiniGPT-4 vision paths (eva_vit_g with "
+        "qformer, or concat 4, and a linear projector) and LLaVA's (a CLIP or SigLIP tower with connector "
+        "none and mlp2x_gelu) only; load this model from its checkpoint instead"
     )
 
 
@@ -53,8 +64,11 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def to_transformers(model: MiniGPT4, image_token_id: int):
-    """The transformers model of the export: `Blip2ForConditionalGeneration`, or for the LLaMA-2 variant
-    (no Q-Former) the remote-code `MiniGPT4Llama2ForConditionalGeneration`."""
+    """The transformers model of the export: `Blip2ForConditionalGeneration`, for the LLaMA-2 variant
+    (no Q-Former) the remote-code `MiniGPT4Llama2ForConditionalGeneration`, for a CLIP or SigLIP tower
+    with mlp2x_gelu `LlavaForConditionalGeneration`."""
+    if is_llava(model.cfg):
+        return to_llava(model, image_token_id)
     if model.qformer is not None:
         from mgpt4.export.hf_blip2 import to_blip2
 
@@ -74,8 +88,11 @@ def probe_images(model: MiniGPT4, count: int = 4, seed: int = 0) -> torch.Tensor
     return ((pixels - mean) / std).to(device=w.device, dtype=w.dtype)
 
 
-def ln_vision_note(model: MiniGPT4) -> str:
-    """What the export changes about ln_vision, measured on probe images for a BLIP-2 export."""
+def ln_vision_note(model: MiniGPT4) -> str | None:
+    """What the export changes about ln_vision, measured on probe images for a BLIP-2 export (None for
+    a transformers tower, which has no ln_vision)."""
+    if model.ln_vision is None:
+        return None
     own = model.ln_vision.eps
     if model.qformer is None:
         return f"ln_vision keeps its eps {own:g} (the folder's modeling code sets it)"
@@ -125,15 +142,20 @@ def export_hf(model: MiniGPT4, out_dir: str, facts: ExportFacts | None = None) -
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        processor, image_token_id = build_processor(model, tmp)
+        llava = is_llava(model.cfg)
+        if llava:  # LlavaProcessor expands each image's one `<image>` into its tokens
+            processor, image_token_id = build_processor(model, tmp, llava_processor, image_tokens=1)
+        else:
+            processor, image_token_id = build_processor(model, tmp)
         hf = to_transformers(model, image_token_id)
-        # What transformers' configs cannot say, for loading the folder back into mgpt4 (--checkpoint).
-        setattr(hf.config, EXPORT_RECORD, export_record(model))
+        if not llava:
+            # What transformers' configs cannot say, for loading the folder back into mgpt4 (--checkpoint).
+            setattr(hf.config, EXPORT_RECORD, export_record(model))
         hf.generation_config = generation_config(
             model, processor.tokenizer, image_token_id, model.text_spec.bos_id
         )
         hf.save_pretrained(tmp)
-        notes = [ln_vision_note(model)] + ([merged] if merged else [])
+        notes = [n for n in (ln_vision_note(model), llava_note(model) if llava else None, merged) if n]
         for note in notes:
             log.info(note)
         write_model_card(tmp, model, facts or ExportFacts(), type(hf).__name__, notes)

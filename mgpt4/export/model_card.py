@@ -18,6 +18,7 @@ import torch
 
 from mgpt4.checkpoints import CONFIG_FILE, RUN_STATE, read_checkpoint_config
 from mgpt4.model import MiniGPT4
+from mgpt4.tower_folder import read_tower_folder
 
 NOT_RECORDED = "not recorded"
 SCORE_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -119,9 +120,13 @@ def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str, notes: Seq
         metrics = last_metrics(_run_dir(facts.checkpoint), state.get("step"))
     scores = eval_scores(facts.eval_metrics)
     w = cfg.weights
+    llava = model_class == "LlavaForConditionalGeneration"
     variant = "LLaMA-2 variant (no Q-Former)" if cfg.qformer is None else "Q-Former variant"
-    remote = cfg.qformer is None
-    load_class = "AutoModelForImageTextToText" if remote else "Blip2ForConditionalGeneration"
+    if llava:
+        tower = read_tower_folder(cfg.vision.folder).model_type
+        variant = f"with a transformers `{tower}` tower and LLaVA-1.5's mlp2x_gelu projector (LLaVA's layout)"
+    remote = cfg.qformer is None and not llava
+    load_class = "AutoModelForImageTextToText" if remote else model_class
     trust = ", trust_remote_code=True" if remote else ""
     train = config.get("train") or {}
 
@@ -144,7 +149,8 @@ def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str, notes: Seq
         "",
         "## Base weights",
         "",
-        f"- vision: {w.blip2_hf or w.eva_vit or NOT_RECORDED}" + (f" + {w.blip2}" if w.blip2 else ""),
+        f"- vision: {w.blip2_hf or w.eva_vit or cfg.vision.folder or NOT_RECORDED}"
+        + (f" + {w.blip2}" if w.blip2 else ""),
         f"- language model: {w.llm or NOT_RECORDED}",
         f"- projection (`llama_proj`, the trained part): {w.proj or NOT_RECORDED}",
         f"- conversation template: `{cfg.text.template}`; {model.num_image_tokens} image tokens per image, "
@@ -197,7 +203,16 @@ def model_card(model: MiniGPT4, facts: ExportFacts, model_class: str, notes: Seq
         "",
         '- `backend="pil"`: the pixels the model was trained on (PIL bicubic resize; the torchvision backend',
         "  differs by up to about 1/255 per pixel).",
-        "- The chat template is the tokenizer's: transformers' `Blip2Processor` drops its own when loaded.",
+        *(
+            [
+                "- The chat template writes one `<image>` per image; `LlavaProcessor` expands it into the image's",
+                f"  {model.num_image_tokens} tokens, which the `<Img>` ... `</Img>` of mgpt4's prompt surround.",
+            ]
+            if llava
+            else [
+                "- The chat template is the tokenizer's: transformers' `Blip2Processor` drops its own when loaded."
+            ]
+        ),
         "- `generation_config=model.generation_config`: the official decoding defaults (sampling, top_p 0.9,",
         "  300 new tokens), the stop strings (they need `tokenizer=`) and the suppressed `<image>` token;",
         "  BLIP-2's `generate` does not read the folder's generation config by itself.",

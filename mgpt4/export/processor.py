@@ -11,6 +11,8 @@ chat template and the generation config, all reproducing what mgpt4 feeds its mo
   puts it (the tokenizer adds none). For the official templates the tokenizer cuts text as the official
   slow LLaMA tokenizer (`mgpt4.tokenizer.encode_like_slow_llama`): every piece between special tokens
   starts with sentencepiece's `▁` (`_legacy_tokenizer`).
+- The LLaVA export (`mgpt4.export.hf_llava`) passes its own processor: `LlavaProcessor` with the tower's
+  image processor, which expands each image's one `<image>` (`<Img><image></Img>` in the template).
 - Decoding: `generation_config` with the official demo's defaults, stop strings and `<image>` suppressed.
 - `check_prompt_tokens` renders probe conversations both ways and refuses an export whose prompt tokens
   differ from those `MiniGPT4.layout` gives.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mgpt4.images import CLIP_MEAN, CLIP_STD
 from mgpt4.model import MiniGPT4
@@ -209,13 +211,16 @@ def wrapped_chat_template(tokenizer_template: str, num_image_tokens: int, bos: b
     )
 
 
-def chat_template(model: MiniGPT4, joiner: str = "") -> str:
-    """The export's chat template for the model's conversation template."""
+def chat_template(model: MiniGPT4, joiner: str = "", image_tokens: int | None = None) -> str:
+    """The export's chat template for the model's conversation template, writing `image_tokens`
+    `<image>` tokens per image (default: the model's image tokens, for a processor that does not expand
+    them; 1 for one that does, as `LlavaProcessor`)."""
     template, bos = model.text_spec.template, model.text_spec.bos_id is not None
+    n = model.num_image_tokens if image_tokens is None else image_tokens
     if isinstance(template, TokenizerChatTemplate):
-        return wrapped_chat_template(template.tokenizer.chat_template, model.num_image_tokens, bos, joiner)
+        return wrapped_chat_template(template.tokenizer.chat_template, n, bos, joiner)
     if isinstance(template, ConversationTemplate):
-        return official_chat_template(template, model.num_image_tokens, bos, joiner)
+        return official_chat_template(template, n, bos, joiner)
     raise ExportError(f"no chat template for the conversation template {type(template).__name__}")
 
 
@@ -260,11 +265,17 @@ def probe_conversations(model: MiniGPT4) -> list[tuple[Conversation, list[dict]]
     return out
 
 
-def mgpt4_prompt_ids(model: MiniGPT4, prompt: str, image_token_id: int) -> list[int]:
-    """The ids of `prompt` as `MiniGPT4.layout` lays them out, each image position as `image_token_id`."""
+def mgpt4_prompt_ids(
+    model: MiniGPT4, prompt: str, image_token_id: int, image_tokens: int | None = None
+) -> list[int]:
+    """The ids of `prompt` as `MiniGPT4.layout` lays them out, each image position as `image_token_id`
+    (`image_tokens` of them per image when given: the text of a processor that expands them)."""
     ids: list[int] = []
     for segment in model.layout(prompt).segments:
-        ids.extend([image_token_id] * segment.length if segment.kind == IMAGE else segment.ids)
+        if segment.kind == IMAGE:
+            ids.extend([image_token_id] * (segment.length if image_tokens is None else image_tokens))
+        else:
+            ids.extend(segment.ids)
     return ids
 
 
@@ -279,10 +290,13 @@ def exported_prompt_ids(processor, messages: Sequence[dict]) -> tuple[list[int],
     return list(tok(text)["input_ids"]), list(direct)
 
 
-def check_prompt_tokens(model: MiniGPT4, processor, image_token_id: int) -> str | None:
-    """None when the processor tokenizes the probe conversations as mgpt4 does; else the first difference."""
+def check_prompt_tokens(
+    model: MiniGPT4, processor, image_token_id: int, image_tokens: int | None = None
+) -> str | None:
+    """None when the processor tokenizes the probe conversations as mgpt4 does (with `image_tokens`
+    `<image>` tokens per image, see `chat_template`); else the first difference."""
     for conv, messages in probe_conversations(model):
-        want = mgpt4_prompt_ids(model, conv.prompt_for_reply(), image_token_id)
+        want = mgpt4_prompt_ids(model, conv.prompt_for_reply(), image_token_id, image_tokens)
         for got in exported_prompt_ids(processor, messages):
             if want == got:
                 continue
@@ -296,8 +310,27 @@ def check_prompt_tokens(model: MiniGPT4, processor, image_token_id: int) -> str 
     return None
 
 
-def build_processor(model: MiniGPT4, out_dir: str | None = None):
-    """The `Blip2Processor` that reproduces mgpt4's inputs, checked against `MiniGPT4.layout`.
+def blip2_processor(model: MiniGPT4, tokenizer):
+    """transformers' `Blip2Processor` on mgpt4's eval transform, not expanding `<image>` (the chat
+    template writes every image token)."""
+    from transformers import Blip2Processor
+
+    return Blip2Processor(
+        image_processor=image_processor(model.cfg.vision.image_size),
+        tokenizer=tokenizer,
+        num_query_tokens=None,
+    )
+
+
+def build_processor(
+    model: MiniGPT4,
+    out_dir: str | None = None,
+    make_processor: Callable = blip2_processor,
+    image_tokens: int | None = None,
+):
+    """The processor (`make_processor(model, tokenizer)`, `Blip2Processor` by default) that reproduces
+    mgpt4's inputs, checked against `MiniGPT4.layout`; its chat template writes `image_tokens` `<image>`
+    tokens per image (default: all of the model's; 1 for a processor that expands each, as LLaVA's).
 
     The official templates get the legacy tokenizer; what joins the last `<image>` to `</Img>` is the
     first of "" and " " (a sentencepiece tokenizer whose pieces start with `▁` only at the start of the
@@ -305,22 +338,16 @@ def build_processor(model: MiniGPT4, out_dir: str | None = None):
     which the probe conversations tokenize as in mgpt4. Raises ExportError when none does.
     Returns (processor, image_token_id).
     """
-    from transformers import Blip2Processor
-
     official = model.text_spec.template.slow_llama_pieces
     tokenizer = export_tokenizer(model, legacy=official)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     problem = None
     for joiner in ("", " "):
-        processor = Blip2Processor(
-            image_processor=image_processor(model.cfg.vision.image_size),
-            tokenizer=tokenizer,
-            num_query_tokens=None,
-        )
+        processor = make_processor(model, tokenizer)
         # The tokenizer carries the template: Blip2Processor's constructor drops its own `chat_template`
         # when the folder is loaded. Both are set (the same text, saved once as chat_template.jinja).
-        tokenizer.chat_template = processor.chat_template = chat_template(model, joiner)
-        problem = check_prompt_tokens(model, processor, image_token_id)
+        tokenizer.chat_template = processor.chat_template = chat_template(model, joiner, image_tokens)
+        problem = check_prompt_tokens(model, processor, image_token_id, image_tokens)
         if problem is None:
             if out_dir is not None:
                 processor.save_pretrained(out_dir)
@@ -333,6 +360,7 @@ def build_processor(model: MiniGPT4, out_dir: str | None = None):
 __all__ = [
     "IMAGE_TOKEN",
     "ExportError",
+    "blip2_processor",
     "build_processor",
     "chat_template",
     "generation_config",

@@ -92,3 +92,12 @@ def load_exact(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise RuntimeError(f"export weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     module.tie_weights()
+
+
+def meta_built(model_class, config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`model_class(config)` built on the meta device and filled with `state` (`load_exact`: the tensors
+    are shared, so a 13B model is not held twice), in eval mode."""
+    with torch.device("meta"):
+        module = model_class(config)
+    load_exact(module, state)
+    return module.eval()
