@@ -282,8 +282,8 @@ def test_bad_settings_fail_at_config_time_naming_the_key(towers, tmp_path):
 
 
 def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monkeypatch):
-    """The feature cache (Q-Former output only: training from one, and extracting one) and ZeRO-3 refuse
-    a tower in one line; the hf export refuses a tower path other than LLaVA's in one line."""
+    """The feature cache (Q-Former output only: training from one, and extracting one) refuses a tower
+    in one line, ZeRO-3 takes it; the hf export refuses a tower path other than LLaVA's in one line."""
     from mgpt4.config import Config
     from mgpt4.data.config import DataConfig, SourceConfig
     from mgpt4.export.hf import export_refusal
