@@ -306,6 +306,15 @@ class ModelConfig:
     # LoRA adapters on the LLM (off by default: only the projection trains).
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def vision_files(self) -> dict[str, str]:
+        """The files the image tokens depend on, by name (`eva_vit`, `blip2`, `blip2_hf`, or `tower`: a
+        transformers tower's folder), those the config names: what a feature cache records and checks."""
+        w = self.weights
+        files = {"eva_vit": w.eva_vit, "blip2": w.blip2, "blip2_hf": w.blip2_hf}
+        if self.vision.folder:
+            files = {"tower": self.vision.folder}
+        return {k: v for k, v in files.items() if v}
+
     def connector_kind(self) -> str:
         """`connector`, or the official one for `qformer`: qformer when it is set, else concat."""
         if self.connector is not None:
@@ -615,13 +624,6 @@ class Config:
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
         check_eval_schedule(t, self.data)
-        if self.data.kind == "features" and self.model.connector_kind() != "qformer":
-            raise ConfigError(
-                "data.kind: a feature cache holds the Q-Former's output, and model.connector is "
-                f"{self.model.connector_kind()} (no Q-Former: the LLaMA-2 variant or a model.vision.kind "
-                "hf tower, whose many image tokens per sample a cache would not repay): train it from "
-                "images (data.kind 'webdataset')"
-            )
         if self.model.vision.kind == "hf" and self.data.image_size == DataConfig().image_size:
             self.data.image_size = self.model.vision.image_size  # left unset: the tower folder's size
         if self.data.image_size != self.model.vision.image_size:

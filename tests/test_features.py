@@ -152,14 +152,13 @@ def _train(cfg: Config, steps: int) -> list[float]:
     """The trainer's step without DeepSpeed (plain AdamW on the projection): the losses, one per step."""
     torch.manual_seed(0)
     model = from_config(copy.deepcopy(cfg.model))
-    q = cfg.model.qformer
     loader = build_loader(
         cfg.data,
         model.tokenizer,
         cfg.model.text.max_txt_len,
         cfg.model.text.end_sym,
         context_lengths=[lay.context_length for lay in model.sample_layouts()],
-        feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
+        feature_shape=cfg.model.image_token_shape() if cfg.data.kind == "features" else None,
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -233,7 +232,7 @@ def test_a_cache_of_another_vision_path_is_refused(assets, cache):
     cfg = _config(assets, kind="features", features_root=cache, crops="stream")
     cfg.model.qformer.num_query_tokens = 4
     with pytest.raises(
-        ConfigError, match=r"features are \[8, 64\] per sample; model.qformer gives \[4, 64\]"
+        ConfigError, match=r"features are \[8, 64\] per sample; the model's image tokens are \[4, 64\]"
     ):
         check_feature_cache(cfg)
     cfg = _config(assets, kind="features", features_root=cache, crops="stream")

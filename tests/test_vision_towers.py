@@ -282,37 +282,20 @@ def test_bad_settings_fail_at_config_time_naming_the_key(towers, tmp_path):
 
 
 def test_jobs_without_a_tower_path_refuse_at_config_time(towers, tmp_path, monkeypatch):
-    """The feature cache (Q-Former output only: training from one, and extracting one) refuses a tower
-    in one line, ZeRO-3 takes it; the hf export refuses a tower path other than LLaVA's in one line."""
-    from mgpt4.config import Config
-    from mgpt4.data.config import DataConfig, SourceConfig
+    """ZeRO-3 and the feature cache take a tower (tests/test_vision_towers_zero3.py,
+    tests/test_features_towers.py); the hf export refuses a tower path other than LLaVA's in one line."""
     from mgpt4.export.hf import export_refusal
     from mgpt4.train.recipes import tiny_tower_stage1
     from mgpt4.train.resolve import check_precision
 
     monkeypatch.setenv("MGPT4_CACHE", str(tmp_path))  # the recipe writes its tiny SigLIP there
-    data = DataConfig(
-        kind="features",
-        image_size=56,
-        sources=[SourceConfig(name="s", shards="a.tar")],
-        features_root=str(tmp_path),
-    )
-    cfg = Config(model=tower_cfg(towers["siglip"]), data=data)
-    with pytest.raises(ConfigError, match=r"^data.kind: a feature cache holds the Q-Former's output"):
-        cfg.validate()
     from mgpt4.train.assets import fill_demo_paths
 
     run = tiny_tower_stage1()
     fill_demo_paths(run)  # paths only: nothing is generated but the recipe's tower
     run.validate()
-    check_precision(run, 3)  # ZeRO-3 partitions the tower too (tests/test_vision_towers_zero3.py)
+    check_precision(run, 3)
     check_precision(run, 2)
-    from mgpt4.dist import RankInfo
-    from mgpt4.features.extract import ExtractOptions, extract
-
-    with pytest.raises(ValueError, match=r"^model.vision.kind=hf: a feature cache holds the EVA ViT-g"):
-        extract(run, ExtractOptions(out=str(tmp_path / "features")), RankInfo())
-    assert not (tmp_path / "features").exists()
     # LLaVA's layout exports (tests/test_export_llava.py) once its tower folder is here; another is refused.
     why = export_refusal(run.model)  # the recipe's tower folder is not generated here
     assert why and why.startswith(f"model.vision.folder: {run.model.vision.folder} is no folder here")

@@ -445,15 +445,13 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
                 skipped[reason] = skipped.get(reason, 0) + int(n)
     m = cfg.model
     weights = {}
-    for part in ("eva_vit", "blip2", "blip2_hf"):
-        path = getattr(m.weights, part)
+    for part, path in m.vision_files().items():
         if path:
             weights[part] = {
                 "path": os.path.abspath(path),
                 "bytes": weight_bytes(path),
                 "sha256": weight_digest(path),
             }
-    q = m.qformer
     d = cfg.data
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -463,11 +461,13 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
         "samples": samples,
         "skipped": skipped,
         "failed_shards": sorted({u for r in reports for u in r.failed_shards}),
-        "shape": [q.num_query_tokens, q.width],
+        "shape": list(m.image_token_shape()),
         "dtype": opts.dtype,
         "model": {
             "vision": to_dict(m.vision),
-            "qformer": to_dict(m.qformer),
+            "qformer": to_dict(m.qformer) if m.connector_kind() == "qformer" else None,
+            "connector": m.connector_kind(),
+            "concat_tokens": m.concat_tokens,
             "precision": {"vit": m.precision.vit, "qformer": m.precision.qformer},
         },
         "weights": weights,
@@ -510,12 +510,6 @@ def extract(
     `cfg.model` is built and loaded here. Returns this rank's reports; rank 0 also writes the manifests.
     """
     d = cfg.data
-    if cfg.model.vision.kind != "eva_vit_g":
-        # Said before any shard is read; training refuses such a cache too (`Config.validate`).
-        raise ValueError(
-            f"model.vision.kind={cfg.model.vision.kind}: a feature cache holds the EVA ViT-g / Q-Former "
-            "path's outputs; train a transformers vision tower from images (data.kind 'webdataset')"
-        )
     if d.kind != "webdataset":
         raise ValueError(f"extract reads stage-1 sources: data.kind must be 'webdataset', not {d.kind!r}")
     if opts.dtype not in FEATURE_DTYPES:

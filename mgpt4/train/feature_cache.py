@@ -113,12 +113,23 @@ def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
     """Where a cache's manifest and the model config disagree, one line each."""
     m = cfg.model
     problems = []
-    shape = [m.qformer.num_query_tokens, m.qformer.width]
+    shape = list(m.image_token_shape())
     if manifest.get("shape") != shape:
         problems.append(
-            f"features are {manifest.get('shape')} per sample; model.qformer gives {shape} (num_query_tokens, width)"
+            f"features are {manifest.get('shape')} per sample; the model's image tokens are {shape} "
+            "(count, width: model.qformer, or model.vision with model.connector)"
         )
-    for part, ours in (("vision", to_dict(m.vision)), ("qformer", to_dict(m.qformer))):
+    made = manifest.get("model", {})
+    theirs = (made.get("connector", "qformer"), made.get("concat_tokens", m.concat_tokens))  # older: Q-Former
+    ours = (m.connector_kind(), m.concat_tokens)
+    if theirs[0] != ours[0] or (ours[0] == "concat" and theirs[1] != ours[1]):
+        problems.append(
+            f"model.connector: the cache has {theirs[0]!r} ({theirs[1]}), the config {ours[0]!r} ({ours[1]})"
+        )
+    parts = [("vision", to_dict(m.vision))] + (
+        [("qformer", to_dict(m.qformer))] if m.connector_kind() == "qformer" else []
+    )
+    for part, ours in parts:
         theirs = manifest.get("model", {}).get(part, {})
         for key, value in ours.items():
             if theirs.get(key) != value:
@@ -128,9 +139,8 @@ def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
     # Weight files named by the config must be the ones the cache was made with; unnamed ones are fine
     # (the step never runs the vision path, so its weights do not matter then).
     made_with = manifest.get("weights", {})
-    for part in ("eva_vit", "blip2", "blip2_hf"):
-        path = getattr(m.weights, part)
-        if not path or not os.path.exists(path):
+    for part, path in m.vision_files().items():
+        if not os.path.exists(path):
             continue
         if part not in made_with:
             problems.append(f"model.weights.{part}: {path}, but the cache was made without that file")

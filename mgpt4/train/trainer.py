@@ -131,7 +131,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
     zero, model, engine, optimizer, scheduler = build_model_and_engine(cfg, ds_config)
     if cfg.train.compile:
         compile_model(model, d.device)  # compiles on the first step
-    text, q = cfg.model.text, cfg.model.qformer
+    text = cfg.model.text
     layouts = model.sample_layouts()  # one per instruction: what the loader packs and the tally counts
     conversations = cfg.data.kind == "conversations"
     if conversations:  # a conversation's text is all in text_ids; the tally adds its image tokens
@@ -145,7 +145,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
         d.world_size,
         num_instructions=len(text.instructions),
         context_lengths=[lay.context_length for lay in layouts],
-        feature_shape=(q.num_query_tokens, q.width) if cfg.data.kind == "features" else None,
+        feature_shape=cfg.model.image_token_shape() if cfg.data.kind == "features" else None,
         conversation=model.conversation_encoder(cfg.data.conversation_tokens) if conversations else None,
     )
     validation = build_validation(cfg, model, d.rank, d.world_size, d.device)  # held-out set, read once

@@ -1,0 +1,80 @@
+"""A feature cache for every vision path: a transformers tower (each connector it takes) and the
+LLaMA-2 variant's EVA ViT without a Q-Former; the cache holds the tokens that enter the projector,
+and one epoch from it equals one from the images (1e-5, fp32)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
+from mgpt4.data import DataConfig, SourceConfig
+from mgpt4.data.feature_shards import read_manifest
+from mgpt4.data.synthetic import write_shards
+from mgpt4.strict_config import ConfigError
+from mgpt4.train.feature_cache import check_feature_cache
+from tests.test_features import ONE_RANK, _train, assets  # noqa: F401 (a fixture)
+from tests.test_vision_towers import tower_cfg, towers  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tower-shards")
+    urls, _ = write_shards(str(root / "s"), 2, 10, min_size=60, max_size=110, seed=3)
+    return urls
+
+
+def _config(model, shards, **data) -> Config:
+    base = {
+        "sources": [SourceConfig(name="s", shards=shards)],
+        "batch_size": 4,
+        "num_workers": 0,
+        "image_size": model.vision.image_size,
+        "shuffle_buffer": 6,
+        "resampled": False,
+        "crops": "sample",
+    }
+    base.update(data)
+    return Config(
+        recipe="test",
+        model=model,
+        data=DataConfig(**base),
+        optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_lr=1e-3, warmup_steps=1),
+        train=TrainConfig(steps=5, precision="fp32"),
+    )
+
+
+@pytest.mark.parametrize(
+    "family,connector,projector", [("siglip", "none", "mlp2x_gelu"), ("clip", "concat", "linear")]
+)
+def test_a_tower_cache_equals_its_images(assets, towers, shards, tmp_path, family, connector, projector):  # noqa: F811
+    from mgpt4.features.extract import ExtractOptions, extract
+
+    def model_cfg(**vision):
+        m = tower_cfg(towers[family], projector, connector, **vision)
+        m.weights = WeightsConfig(llm=assets["narrow"].llm)  # a tiny LLM and its tokenizer
+        return m
+
+    model = model_cfg()
+    cfg = _config(model, shards)
+    cfg.validate()
+    out = str(tmp_path / "features")
+    extract(cfg, ExtractOptions(out=out, batch_size=3, num_workers=0, dtype="fp32"), ONE_RANK)
+    manifest = read_manifest(os.path.join(out, "s"))
+    assert manifest["shape"] == list(model.image_token_shape()) and manifest["samples"] == 20
+    assert manifest["model"]["connector"] == connector and "tower" in manifest["weights"]
+    from_images = _train(_config(model, shards), steps=5)  # 20 samples: one epoch
+    cached = _config(model, shards, kind="features", features_root=out, crops="stream")
+    cached.validate()
+    assert check_feature_cache(cached) == []
+    from_cache = _train(cached, steps=5)
+    np.testing.assert_allclose(from_cache, from_images, rtol=1e-5, atol=1e-5)
+    # Keyed by the layer and the connector: a cache of another one is refused.
+    layer = -1 if model.vision.feature_layer != -1 else -2
+    other = _config(
+        model_cfg(feature_layer=layer), shards, kind="features", features_root=out, crops="stream"
+    )
+    with pytest.raises(ConfigError, match=r"model\.vision\.feature_layer: the cache has"):
+        check_feature_cache(other)
