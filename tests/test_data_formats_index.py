@@ -42,20 +42,29 @@ def _reference(path: str, fmt: str, root: str, pairs: bool) -> tuple[list, list,
     else:
         text = data.decode("utf-8-sig")
         bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+
+        def broken(e: json.JSONDecodeError) -> str:
+            where = f"line {e.lineno} column {e.colno}: {e.msg}"
+            return f"{path}: broken JSON at {where} (after {len(entries)} good entries)"
+
         pos = _SPACE.match(text, _SPACE.match(text).end() + 1).end()
-        while text[pos] != "]":
+        while text[pos : pos + 1] != "]" or entries:
             try:
                 entry, end = json.JSONDecoder().raw_decode(text, pos)
             except json.JSONDecodeError as e:
-                return (
-                    f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg} "
-                    f"(after {len(entries)} good entries)"
-                )
+                return broken(e)
             starts.append(bom + len(text[:pos].encode()))
             ends.append(bom + len(text[:end].encode()))
             entries.append((len(entries), entry))
             pos = _SPACE.match(text, end).end()
-            pos = _SPACE.match(text, pos + 1).end() if text[pos] == "," else pos
+            if text[pos : pos + 1] == "]":
+                rest = _SPACE.match(text, pos + 1).end()
+                if rest != len(text):
+                    return broken(json.JSONDecodeError("extra data after the list", text, rest))
+                break
+            if text[pos : pos + 1] != ",":
+                return broken(json.JSONDecodeError("expected ',' or ']' after an entry", text, pos))
+            pos = _SPACE.match(text, pos + 1).end()
     problems, missing = [], 0
     for number, entry in entries:
         if isinstance(entry, Exception):
@@ -181,8 +190,11 @@ def _write(path: str, entries: list, jsonl: bool, rng: random.Random) -> None:
             ",\t",
             ",\u2003",
         ]  # \u2003: whitespace to Python, accepted between entries
-        text = "[" + "".join(p + rng.choice(seps) for p in parts[:-1]) + parts[-1] + "\n]\n"
+        text = "[" + "".join(p + rng.choice(seps) for p in parts[:-1]) + "".join(parts[-1:]) + "\n]\n"
         text = ("\ufeff" if rng.random() < 0.5 else "") + text
+        if rng.random() < 0.4:  # broken: cut short, or a stray character between or inside entries
+            cut = rng.randrange(2, len(text))
+            text = text[:cut] if rng.random() < 0.5 else text[:cut] + rng.choice("}]x,") + text[cut:]
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -191,7 +203,7 @@ def _write(path: str, entries: list, jsonl: bool, rng: random.Random) -> None:
 @pytest.mark.parametrize("fmt", ["llava", "sharegpt"])
 def test_the_index_matches_the_plain_build(tmp_path, image_tree, fmt, jsonl):
     root, good, bad = image_tree
-    for seed in range(12):
+    for seed in range(20):
         rng = random.Random(seed)
         count = rng.choice([1, 5, 40, 200])
         entries = [_entry(rng, fmt, good, bad) for _ in range(count)]
@@ -290,3 +302,41 @@ def test_missing_images_are_named_as_before(tmp_path, image_tree):
     assert lines[20] == f"entry 22: image file {os.path.join(root, 'nope/17.jpg')!r} does not exist"
     assert lines[21:] == ["... and 2 more"]
     assert str(e.value) == _reference(str(path), "llava", root, False)
+
+
+def test_a_role_that_is_not_a_string_is_a_problem_not_a_crash(tmp_path):
+    """A list or object as the role (unhashable) was a TypeError out of the check; it is a problem
+    named with its entry, like any other role that is not one of the known ones."""
+    (tmp_path / "p.jpg").write_bytes(b"jpeg")
+    conv = [{"from": ["human"], "value": "<image>"}, {"from": {"a": 1}, "value": "c"}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"image": "p.jpg", "conversations": conv}]))
+    with pytest.raises(AnnotationError) as e:
+        build_index(str(path), "llava")
+    roles = "['assistant', 'bot', 'gpt', 'human', 'model', 'system', 'user']"
+    assert str(e.value).split("\n  ")[1:] == [
+        f"entry 0: conversations[0].from: expected one of {roles}, got ['human']",
+        f"entry 0: conversations[1].from: expected one of {roles}, got {{'a': 1}}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('[{"a": 1} x]', "broken JSON at line 1 column 11: expected ',' or ']' after an entry (after 1 good"),
+        (
+            '[{"a": 1}]\n x',
+            "broken JSON at line 2 column 2: extra data after the list (after 1 good entries)",
+        ),
+        ('[{"a": 1},]', "broken JSON at line 1 column 11: Expecting value (after 1 good entries)"),
+        ("[ ]", "1 problem(s) among 0 llava entries:\n  no entries"),
+        ("[] junk", "1 problem(s) among 0 llava entries:\n  no entries"),
+        ('\ufeff [\u2003{"a": 1}\u00a0,\t{"b": 2}\u00a0]\u2003', "4 problem(s) among 2 llava entries:"),
+    ],
+)
+def test_the_list_around_the_entries(tmp_path, text, error):
+    path = tmp_path / "l.json"
+    path.write_text(text, encoding="utf-8")
+    built = _built(str(path), "llava", str(tmp_path), False)
+    assert built == _reference(str(path), "llava", str(tmp_path), False)
+    assert error in built

@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,9 +150,11 @@ class AnnotationIndex:
             self._map = None
 
 
-def _spans_jsonl(data: bytes) -> tuple[list[int], list[int], list[int], list[tuple[int, object | Exception]]]:
-    """(starts, ends, line numbers, [(line, entry or error)]) of the non-blank lines of a JSONL file."""
-    starts, ends, lines, entries = [], [], [], []
+def _jsonl_entries(
+    data: bytes, starts: list[int], ends: list[int], lines: list[int]
+) -> Iterator[tuple[int, object | Exception]]:
+    """(line, entry or error) of each non-blank line of a JSONL file, its byte span and line number
+    appended to `starts`, `ends`, `lines` as it is read."""
     pos, n = 0, len(data)
     line = 0
     while pos < n:
@@ -160,32 +163,35 @@ def _spans_jsonl(data: bytes) -> tuple[list[int], list[int], list[int], list[tup
         line += 1
         chunk = data[pos:end]
         if chunk.strip():
-            try:
-                entries.append((line, json.loads(chunk)))
-            except ValueError as e:
-                entries.append((line, e))
             starts.append(pos)
             ends.append(end)
             lines.append(line)
+            try:
+                entry = json.loads(chunk)
+            except ValueError as e:
+                entry = e
+            yield line, entry
         pos = end + 1
-    return starts, ends, lines, entries
 
 
-def _spans_json_list(data: bytes, path: str) -> tuple[list[int], list[int], list[tuple[int, object]]]:
-    """(byte starts, byte ends, [(entry number, entry)]) of a JSON list; AnnotationError with the line
-    number when the file is not valid JSON (a broken list cannot be read past its first error)."""
+def _json_list_entries(
+    data: bytes, path: str, starts: list[int], ends: list[int]
+) -> Iterator[tuple[int, object]]:
+    """(entry number, entry) of each entry of a JSON list as it is decoded, its byte span appended to
+    `starts` and `ends` (all of them byte offsets once the iteration ends); AnnotationError with the
+    line number when the file is not valid JSON (a broken list cannot be read past its first error).
+    Each entry is checked and let go before the next is decoded: the entries are never all held."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     bom = len(data) - len(text.encode("utf-8")) if data.startswith(b"\xef\xbb\xbf") else 0
     decoder = json.JSONDecoder()
-    starts, ends, entries = [], [], []
+    count = 0
 
     def broken(e: json.JSONDecodeError) -> AnnotationError:
         return AnnotationError(
-            f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg} "
-            f"(after {len(entries)} good entries)"
+            f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg} (after {count} good entries)"
         )
 
     pos = _SPACE.match(text, 0).end()
@@ -195,7 +201,7 @@ def _spans_json_list(data: bytes, path: str) -> tuple[list[int], list[int], list
         )
     pos = _SPACE.match(text, pos + 1).end()
     if text[pos : pos + 1] == "]":
-        return starts, ends, entries
+        return
     scan = decoder.scan_once  # raw_decode without its Python wrapper: the loop runs once an entry
     while True:
         try:
@@ -206,7 +212,8 @@ def _spans_json_list(data: bytes, path: str) -> tuple[list[int], list[int], list
             raise broken(e) from None
         starts.append(pos)  # character offsets, made byte offsets at the end
         ends.append(end)
-        entries.append((len(entries), entry))
+        yield count, entry
+        count += 1
         if text.startswith(",{", end):  # the common separator, as json.dump writes it
             pos = end + 1
             continue
@@ -216,16 +223,14 @@ def _spans_json_list(data: bytes, path: str) -> tuple[list[int], list[int], list
             rest = _SPACE.match(text, pos + 1).end()
             if rest != len(text):
                 raise broken(json.JSONDecodeError("extra data after the list", text, rest))
-            if text.isascii():
-                return (
-                    [c + bom for c in starts] if bom else starts,
-                    [c + bom for c in ends] if bom else ends,
-                    entries,
-                )
-            bounds = np.empty(2 * len(starts), dtype=np.int64)
-            bounds[0::2], bounds[1::2] = starts, ends  # ascending: each entry ends before the next starts
-            bounds = _byte_offsets(data, bom, bounds)
-            return bounds[0::2].tolist(), bounds[1::2].tolist(), entries
+            if not text.isascii():
+                bounds = np.empty(2 * len(starts), dtype=np.int64)
+                bounds[0::2], bounds[1::2] = starts, ends  # ascending: an entry ends before the next starts
+                bounds = _byte_offsets(data, bom, bounds)
+                starts[:], ends[:] = bounds[0::2].tolist(), bounds[1::2].tolist()
+            elif bom:
+                starts[:], ends[:] = [c + bom for c in starts], [c + bom for c in ends]
+            return
         if sep != ",":
             raise broken(json.JSONDecodeError("expected ',' or ']' after an entry", text, pos))
         pos = _SPACE.match(text, pos + 1).end()
@@ -330,14 +335,16 @@ def _build_index(
     with open(path, "rb") as f:
         data = f.read()
     jsonl = looks_like_jsonl(data)
+    starts: list[int] = []
+    ends: list[int] = []
     lines: list[int] | None = None
     if jsonl:
-        starts, ends, lines, entries = _spans_jsonl(data)
+        lines = []
+        entries = _jsonl_entries(data, starts, ends, lines)
         label = "line"
     else:
-        starts, ends, entries = _spans_json_list(data, path)
+        entries = _json_list_entries(data, path, starts, ends)
         label = "entry"
-    del data
     problems: list[str] = []
     missing = 0
     exists = _ImageCheck(root)
@@ -361,14 +368,15 @@ def _build_index(
                 problems.append(f"{label} {number}: image file {full!r} does not exist")
     if missing > SHOW_PROBLEMS:
         problems.append(f"{missing} image files missing in all (the first {SHOW_PROBLEMS} are named above)")
-    if not entries and not problems:
+    del data, entries
+    if not starts and not problems:
         problems.append("no entries")
     if problems:
         shown = problems[:SHOW_PROBLEMS]
         if len(problems) > SHOW_PROBLEMS:
             shown.append(f"... and {len(problems) - SHOW_PROBLEMS} more")
         raise AnnotationError(
-            "\n  ".join([f"{path}: {len(problems)} problem(s) among {len(entries)} {fmt} entries:", *shown])
+            "\n  ".join([f"{path}: {len(problems)} problem(s) among {len(starts)} {fmt} entries:", *shown])
         )
     index = AnnotationIndex(
         path, fmt, root, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), jsonl

@@ -91,7 +91,7 @@ def _turns(entry: dict) -> tuple[list[tuple[str, str]] | None, str | None, list[
             continue
         role_key, text_key = ("role", "content") if "role" in msg else ("from", "value")
         name = msg.get(role_key)
-        role = _ROLES.get(name) or (_ROLES.get(name.lower()) if isinstance(name, str) else None)
+        role = (_ROLES.get(name) or _ROLES.get(name.lower())) if isinstance(name, str) else None
         text = msg.get(text_key)
         if role is None:
             problems.append(f"{key}[{i}].{role_key}: expected one of {sorted(_ROLES)}, got {name!r:.40}")
