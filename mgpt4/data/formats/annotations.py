@@ -4,8 +4,11 @@ A 558K-entry JSON list would take about 1.5 GB as Python objects in every data w
 instead two int64 arrays, the byte span of each entry in the file (16 bytes an entry, 9.6 MB for 600K),
 made by one pass of the decoder over the file in the trainer's process. A worker gets the arrays and
 memory-maps the file (pages shared with every other process through the page cache), and parses
-the one entry it reads. The same pass checks every entry: all structural problems are raised in one
-error with the file and the entry (JSON list) or line (JSONL), before anything trains.
+the one entry it reads. The same pass checks every entry as it is decoded (the entries are never all
+held): all structural problems are raised in one error with the file and the entry (JSON list) or
+line (JSONL), before anything trains. For 600K LLaVA-Pretrain-like entries (144 MiB) the pass takes
+about 5 s of one core here (`python -m mgpt4.bench.formats`): half of it the decoder, a third the
+checks, a fraction of a second the images (one listing per folder).
 """
 
 from __future__ import annotations
