@@ -5,10 +5,11 @@ LLaVA-Pretrain-sized JSON list (600K entries by default).
 
 The file holds LLaVA-Pretrain-558K's entries in shape (id, image path, a `<image>` instruction, a
 caption of 10-20 words); the image paths cycle over `--images` real JPEGs (600K image files would
-only measure the file system: each entry's image is still checked with a stat, served warm here).
+only measure the file system: the check lists each image folder once and looks every entry's image up
+in it, served warm here).
 Printed:
 
-  index:   building and checking the index in the trainer's process (parse, check, stat) on a first
+  index:   building and checking the index in the trainer's process (parse, check, images) on a first
            run, loading it from the cache on a later one, and what travels to each worker (pickled)
   workers: the start-up of a loader with `--workers` workers until its first batch, and each
            worker's own memory (USS: the pages no other process shares) after a few batches

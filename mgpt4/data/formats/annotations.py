@@ -4,29 +4,35 @@ A 558K-entry JSON list would take about 1.5 GB as Python objects in every data w
 instead two int64 arrays, the byte span of each entry in the file (16 bytes an entry, 9.6 MB for 600K),
 made by one pass of the decoder over the file in the trainer's process. A worker gets the arrays and
 memory-maps the file (pages shared with every other process through the page cache), and parses
-the one entry it reads. The same pass checks every entry: all structural problems are raised in one
-error with the file and the entry (JSON list) or line (JSONL), before anything trains.
+the one entry it reads. The same pass checks every entry as it is decoded (the entries are never all
+held): all structural problems are raised in one error with the file and the entry (JSON list) or
+line (JSONL), before anything trains. For 600K LLaVA-Pretrain-like entries (144 MiB) the pass takes
+about 5 s of one core here (`python -m mgpt4.bench.formats`): half of it the decoder, a third the
+checks, a fraction of a second the images (one listing per folder).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import mmap
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from mgpt4.data.formats.records import FORMATS, Record, parse_record
+from mgpt4.data.formats.records import FORMATS, Record, parse_record, record_images
 
 log = logging.getLogger("mgpt4.data")
 
 # How many problems the error shows before it gives the count of the rest.
 SHOW_PROBLEMS = 20
 _SPACE = re.compile(r"\s*")
+_CHUNK = 1 << 22  # bytes counted at a time when character offsets are made byte offsets
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -147,9 +153,11 @@ class AnnotationIndex:
             self._map = None
 
 
-def _spans_jsonl(data: bytes) -> tuple[list[int], list[int], list[int], list[tuple[int, object | Exception]]]:
-    """(starts, ends, line numbers, [(line, entry or error)]) of the non-blank lines of a JSONL file."""
-    starts, ends, lines, entries = [], [], [], []
+def _jsonl_entries(
+    data: bytes, starts: list[int], ends: list[int], lines: list[int]
+) -> Iterator[tuple[int, object | Exception]]:
+    """(line, entry or error) of each non-blank line of a JSONL file, its byte span and line number
+    appended to `starts`, `ends`, `lines` as it is read."""
     pos, n = 0, len(data)
     line = 0
     while pos < n:
@@ -158,43 +166,35 @@ def _spans_jsonl(data: bytes) -> tuple[list[int], list[int], list[int], list[tup
         line += 1
         chunk = data[pos:end]
         if chunk.strip():
-            try:
-                entries.append((line, json.loads(chunk)))
-            except ValueError as e:
-                entries.append((line, e))
             starts.append(pos)
             ends.append(end)
             lines.append(line)
+            try:
+                entry = json.loads(chunk)
+            except ValueError as e:
+                entry = e
+            yield line, entry
         pos = end + 1
-    return starts, ends, lines, entries
 
 
-def _spans_json_list(data: bytes, path: str) -> tuple[list[int], list[int], list[tuple[int, object]]]:
-    """(byte starts, byte ends, [(entry number, entry)]) of a JSON list; AnnotationError with the line
-    number when the file is not valid JSON (a broken list cannot be read past its first error)."""
+def _json_list_entries(
+    data: bytes, path: str, starts: list[int], ends: list[int]
+) -> Iterator[tuple[int, object]]:
+    """(entry number, entry) of each entry of a JSON list as it is decoded, its byte span appended to
+    `starts` and `ends` (all of them byte offsets once the iteration ends); AnnotationError with the
+    line number when the file is not valid JSON (a broken list cannot be read past its first error).
+    Each entry is checked and let go before the next is decoded: the entries are never all held."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     bom = len(data) - len(text.encode("utf-8")) if data.startswith(b"\xef\xbb\xbf") else 0
-    ascii_only = text.isascii()
     decoder = json.JSONDecoder()
-    starts, ends, entries = [], [], []
-    # Byte offsets follow character offsets through the non-ASCII text between entries.
-    byte_at, char_at = bom, 0
-
-    def to_byte(c: int) -> int:
-        nonlocal byte_at, char_at
-        if ascii_only:
-            return c + bom
-        byte_at += len(text[char_at:c].encode("utf-8"))
-        char_at = c
-        return byte_at
+    count = 0
 
     def broken(e: json.JSONDecodeError) -> AnnotationError:
         return AnnotationError(
-            f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg} "
-            f"(after {len(entries)} good entries)"
+            f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg} (after {count} good entries)"
         )
 
     pos = _SPACE.match(text, 0).end()
@@ -204,31 +204,107 @@ def _spans_json_list(data: bytes, path: str) -> tuple[list[int], list[int], list
         )
     pos = _SPACE.match(text, pos + 1).end()
     if text[pos : pos + 1] == "]":
-        return starts, ends, entries
+        return
+    scan = decoder.scan_once  # raw_decode without its Python wrapper: the loop runs once an entry
     while True:
         try:
-            entry, end = decoder.raw_decode(text, pos)
+            entry, end = scan(text, pos)
+        except StopIteration as e:
+            raise broken(json.JSONDecodeError("Expecting value", text, e.value)) from None
         except json.JSONDecodeError as e:
             raise broken(e) from None
-        starts.append(to_byte(pos))
-        ends.append(to_byte(end))
-        entries.append((len(entries), entry))
+        starts.append(pos)  # character offsets, made byte offsets at the end
+        ends.append(end)
+        yield count, entry
+        count += 1
+        if text.startswith(",{", end):  # the common separator, as json.dump writes it
+            pos = end + 1
+            continue
         pos = _SPACE.match(text, end).end()
         sep = text[pos : pos + 1]
         if sep == "]":
             rest = _SPACE.match(text, pos + 1).end()
             if rest != len(text):
                 raise broken(json.JSONDecodeError("extra data after the list", text, rest))
-            return starts, ends, entries
+            if not text.isascii():
+                bounds = np.empty(2 * len(starts), dtype=np.int64)
+                bounds[0::2], bounds[1::2] = starts, ends  # ascending: an entry ends before the next starts
+                bounds = _byte_offsets(data, bom, bounds)
+                starts[:], ends[:] = bounds[0::2].tolist(), bounds[1::2].tolist()
+            elif bom:
+                starts[:], ends[:] = [c + bom for c in starts], [c + bom for c in ends]
+            return
         if sep != ",":
             raise broken(json.JSONDecodeError("expected ',' or ']' after an entry", text, pos))
         pos = _SPACE.match(text, pos + 1).end()
+
+
+def _byte_offsets(data: bytes, skip: int, chars: np.ndarray) -> np.ndarray:
+    """The byte offsets in `data` of the ascending character offsets `chars` in `data[skip:]` (UTF-8).
+
+    Character c starts c bytes after `skip`, plus one for each continuation byte (10xxxxxx) before it;
+    the continuation byte j (0-based) at byte q has q - skip - j characters before it. Counted a few
+    MiB at a time, so no array of the file's size is made."""
+    b = np.frombuffer(data, np.uint8)
+    out = np.empty_like(chars)
+    done, extra = 0, 0  # offsets converted; continuation bytes before the chunk
+    for lo in range(skip, len(b), _CHUNK):
+        hi = min(lo + _CHUNK, len(b))
+        cont = np.flatnonzero((b[lo:hi] & 0xC0) == 0x80) + lo
+        before = cont - skip - np.arange(extra, extra + len(cont))  # characters before each
+        upto = int(np.searchsorted(chars, hi - skip - extra - len(cont)))  # characters that start here
+        part = chars[done:upto]
+        out[done:upto] = part + skip + extra + np.searchsorted(before, part, side="right")
+        done, extra = upto, extra + len(cont)
+    out[done:] = chars[done:] + skip + extra  # the offset at the end of the text
+    return out
 
 
 def looks_like_jsonl(data: bytes) -> bool:
     """A JSON list starts with `[`; anything else is read as JSON lines."""
     head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
     return not head.startswith(b"[")
+
+
+class _ImageCheck:
+    """`check(image)`: whether an image path as the file writes it names an existing file (following
+    symbolic links) under the image root, or is a URL (not checked here: skipped when read).
+
+    A stat per entry costs seconds for a 558K-entry file (more on a network file system); instead each
+    folder the file names is listed once (`os.scandir`), and a name looked up in its listing. A name
+    the listing lacks is checked with `os.path.isfile` before it is called missing, so a file system
+    that matches names loosely (case, Unicode normalisation) gives the same verdict as a stat."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.folders: dict[str, set[str] | None] = {}  # folder as written -> its files (None: unlisted)
+
+    def __call__(self, image: str) -> bool:
+        cut = image.rfind("/") + 1
+        folder = image[:cut]  # with its last "/": "" (the root itself), "a/b/", "/abs/a/"
+        files = self.folders.get(folder)
+        if files is None and folder not in self.folders:
+            files = self.folders[folder] = self._list(folder)
+        if files is not None and image[cut:] in files:
+            return True
+        if "://" in image and is_url(image):
+            return True
+        return os.path.isfile(image if os.path.isabs(image) else os.path.join(self.root, image))
+
+    def _list(self, folder: str) -> set[str] | None:
+        """The names of the files in one folder of image paths (ending in "/"), or None where a listing
+        would not answer as a stat does: a folder that cannot be listed or searched, a URL, a system
+        with another path separator."""
+        if os.sep != "/" or os.altsep or "://" in folder:
+            return None
+        where = folder if folder.startswith("/") else os.path.join(self.root, folder)
+        try:
+            if not os.access(where, os.X_OK):  # names listed, but no file in it can be stat'ed
+                return None
+            with os.scandir(where) as it:
+                return {e.name for e in it if e.is_file()}
+        except OSError:
+            return None
 
 
 def build_index(
@@ -244,50 +320,66 @@ def build_index(
         raise ValueError(f"unknown annotation format {fmt!r}; expected one of {FORMATS}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: annotation file does not exist")
+    # The entries are millions of new containers, none in a reference cycle: the cyclic collector
+    # would walk them all again and again as they are made (a third of the time), to free nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_index(path, fmt, image_root, check_images, pairs)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _build_index(
+    path: str, fmt: str, image_root: str | None, check_images: bool, pairs: bool
+) -> AnnotationIndex:
     root = image_root if image_root else os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         data = f.read()
     jsonl = looks_like_jsonl(data)
+    starts: list[int] = []
+    ends: list[int] = []
     lines: list[int] | None = None
     if jsonl:
-        starts, ends, lines, entries = _spans_jsonl(data)
+        lines = []
+        entries = _jsonl_entries(data, starts, ends, lines)
         label = "line"
     else:
-        starts, ends, entries = _spans_json_list(data, path)
+        entries = _json_list_entries(data, path, starts, ends)
         label = "entry"
-    del data
     problems: list[str] = []
     missing = 0
+    exists = _ImageCheck(root)
     for number, entry in entries:
         if isinstance(entry, Exception):
             problems.append(f"line {number}: broken JSON: {entry}")
             continue
-        record, found = parse_record(entry, fmt)
-        problems += [f"{label} {number}: {p}" for p in found]
-        if record is not None and pairs and len(record.images) != 1:
-            problems.append(
-                f"{label} {number}: {len(record.images)} images; a training sample holds one image"
-            )
-        if record is None or not check_images:
+        images, found = record_images(entry, fmt)
+        if found:
+            problems += [f"{label} {number}: {p}" for p in found]
+        if images is not None and pairs and len(images) != 1:
+            problems.append(f"{label} {number}: {len(images)} images; a training sample holds one image")
+        if images is None or not check_images:
             continue
-        for image in record.images:
-            if is_url(image):
+        for image in images:
+            if exists(image):
                 continue
-            full = image if os.path.isabs(image) else os.path.join(root, image)
-            if not os.path.isfile(full):
-                missing += 1
-                if missing <= SHOW_PROBLEMS:
-                    problems.append(f"{label} {number}: image file {full!r} does not exist")
+            missing += 1
+            if missing <= SHOW_PROBLEMS:
+                full = image if os.path.isabs(image) else os.path.join(root, image)
+                problems.append(f"{label} {number}: image file {full!r} does not exist")
     if missing > SHOW_PROBLEMS:
         problems.append(f"{missing} image files missing in all (the first {SHOW_PROBLEMS} are named above)")
-    if not entries and not problems:
+    del data, entries
+    if not starts and not problems:
         problems.append("no entries")
     if problems:
         shown = problems[:SHOW_PROBLEMS]
         if len(problems) > SHOW_PROBLEMS:
             shown.append(f"... and {len(problems) - SHOW_PROBLEMS} more")
         raise AnnotationError(
-            "\n  ".join([f"{path}: {len(problems)} problem(s) among {len(entries)} {fmt} entries:", *shown])
+            "\n  ".join([f"{path}: {len(problems)} problem(s) among {len(starts)} {fmt} entries:", *shown])
         )
     index = AnnotationIndex(
         path, fmt, root, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), jsonl

@@ -91,7 +91,7 @@ def _turns(entry: dict) -> tuple[list[tuple[str, str]] | None, str | None, list[
             continue
         role_key, text_key = ("role", "content") if "role" in msg else ("from", "value")
         name = msg.get(role_key)
-        role = _ROLES.get(name) or (_ROLES.get(name.lower()) if isinstance(name, str) else None)
+        role = (_ROLES.get(name) or _ROLES.get(name.lower())) if isinstance(name, str) else None
         text = msg.get(text_key)
         if role is None:
             problems.append(f"{key}[{i}].{role_key}: expected one of {sorted(_ROLES)}, got {name!r:.40}")
@@ -144,3 +144,55 @@ def parse_record(entry: Any, fmt: str) -> tuple[Record | None, list[str]]:
     if problems:
         return None, problems
     return Record(tuple(images), tuple(turns), system), []
+
+
+def record_images(entry: Any, fmt: str) -> tuple[tuple[str, ...] | None, list[str]]:
+    """`parse_record`'s verdict without the Record: (the images, []) for a good entry, (None, problems)
+    otherwise. The index checks every entry of a 558K file at start-up: an entry of the common shape
+    (images, then user/assistant turns, an optional first system message) passes in one loop, any other
+    goes through `parse_record`, which words its problems (this never changes a verdict or a message)."""
+    if type(entry) is not dict:
+        return _verdict(entry, fmt)
+    value = entry.get("image" if fmt == "llava" else "images")
+    if type(value) is str and value.strip():
+        images: tuple[str, ...] = (value,)
+    elif type(value) is list and value and all(type(p) is str and p.strip() for p in value):
+        images = tuple(value)
+    else:  # absent (the other key may hold them), or a problem
+        return _verdict(entry, fmt)
+    msgs = entry.get("messages") if "messages" in entry else entry.get("conversations")
+    system = entry.get("system")
+    if type(msgs) is not list or (system is not None and type(system) is not str):
+        return _verdict(entry, fmt)
+    expected, turns, tokens, answered = USER, 0, 0, False
+    for i, msg in enumerate(msgs):
+        if type(msg) is not dict:
+            return _verdict(entry, fmt)
+        if "role" in msg:
+            name, text = msg.get("role"), msg.get("content")
+        else:
+            name, text = msg.get("from"), msg.get("value")
+        if type(name) is not str or type(text) is not str or "\ufffd" in text or "\x00" in text:
+            return _verdict(entry, fmt)
+        role = _ROLES.get(name) or _ROLES.get(name.lower())
+        if role == SYSTEM and i == 0:
+            continue
+        if role != expected:
+            return _verdict(entry, fmt)
+        if role == ASSISTANT:
+            expected = USER
+            answered = answered or bool(text.strip())
+        else:
+            expected = ASSISTANT
+        turns += 1
+        tokens += text.count(IMAGE_TOKEN)
+    if turns < 2 or expected != USER or not answered:
+        return _verdict(entry, fmt)
+    if tokens != len(images) and not (tokens == 0 and len(images) == 1):
+        return _verdict(entry, fmt)
+    return images, []
+
+
+def _verdict(entry: Any, fmt: str) -> tuple[tuple[str, ...] | None, list[str]]:
+    record, problems = parse_record(entry, fmt)
+    return (None, problems) if record is None else (record.images, [])
