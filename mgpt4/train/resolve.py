@@ -67,10 +67,11 @@ def check_precision(cfg: Config, stage: int) -> None:
             f"model.precision.proj={p.proj}: in training the projection keeps fp32 master weights and "
             f"computes in train.precision ({engine}); set model.precision.proj=fp32"
         )
-    if stage == 3 and cfg.model.vision.kind == "hf":
+    if stage == 3 and cfg.model.vision.kind in ("hf", "timm"):
+        what = "a transformers" if cfg.model.vision.kind == "hf" else "a timm"
         raise ConfigError(
-            "model.vision.kind=hf: a transformers vision tower is trained under ZeRO-2 here (ds_configs/"
-            "z2.json), where every rank holds the frozen tower whole; ZeRO-3 does not take it yet"
+            f"model.vision.kind={cfg.model.vision.kind}: {what} vision tower is trained under ZeRO-2 here "
+            "(ds_configs/z2.json), where every rank holds the frozen tower whole; ZeRO-3 does not take it yet"
         )
     if stage == 3 and p.llm in QUANTIZED:
         raise ConfigError(
@@ -92,7 +93,7 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
     """
     missing = []
     w = cfg.model.weights
-    for name in ("eva_vit", "blip2", "blip2_hf", "llm", "tokenizer", "proj"):
+    for name in ("eva_vit", "blip2", "blip2_hf", "timm", "llm", "tokenizer", "proj"):
         path = getattr(w, name)
         if path and path not in will_exist and not os.path.exists(path):
             missing.append(f"model.weights.{name}: {path!r} does not exist")
