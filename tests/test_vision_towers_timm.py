@@ -50,6 +50,11 @@ def weights(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def launch_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("mgpt4-cache"))
+
+
 def tower_cfg(
     path: str | None, projector: str = "linear", connector: str = "concat", **vision
 ) -> ModelConfig:
@@ -346,7 +351,7 @@ def test_siglip2_runs_as_one_square_grid_equal_to_transformers(tmp_path):
 @pytest.mark.multirank
 @pytest.mark.parametrize("projector", PROJECTORS)
 def test_timm_tower_trains_on_two_ranks_under_zero2_resumes_exactly_then_generates(
-    weights, tmp_path, projector
+    weights, launch_cache, tmp_path, projector
 ):
     """tiny_tower_stage1 with the tiny timm ViT for its tower, through the real launcher: two steps on 2
     ranks under ZeRO-2; the same run stopped after step 1 and resumed gives the same losses; the
@@ -355,7 +360,7 @@ def test_timm_tower_trains_on_two_ranks_under_zero2_resumes_exactly_then_generat
     from mgpt4.strict_config import from_dict
     from tests.launch import deepspeed_cmd, read_jsonl, run
 
-    cache = str(tmp_path / "cache")
+    cache = launch_cache  # the tiny Qwen2 and the synthetic shards, made once for both projectors
     vision = {"kind": "timm", "timm_name": NAME, "timm_kwargs": KWARGS, "feature_layer": -2}
     common = ["--recipe", "tiny_tower_stage1", "--deepspeed", "ds_configs/z2.json"]
     sets = [
