@@ -315,6 +315,11 @@ def test_jobs_without_a_timm_path_refuse_it_in_one_line(weights, tmp_path):
     assert not (tmp_path / "features").exists()
     why = export_refusal(run.model)
     assert why and why.startswith("model.vision.kind=timm, model.connector=concat, model.projector=linear")
+    from mgpt4.inference.loader import missing_weight_flags
+
+    assert "--set model.weights.timm=FILE" not in missing_weight_flags(run.model)
+    run.model.weights.timm = None  # a random tower is named among the parts no file fills
+    assert missing_weight_flags(run.model)[0] == "--set model.weights.timm=FILE"
     run.model.weights.timm = str(tmp_path / "absent.safetensors")
     assert f"model.weights.timm: '{tmp_path}/absent.safetensors' does not exist" in find_missing_inputs(
         run, 1, set()
