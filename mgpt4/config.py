@@ -17,6 +17,7 @@ import torch
 from mgpt4.data.config import DataConfig
 from mgpt4.strict_config import ConfigError
 from mgpt4.tower_folder import TowerFolder, read_tower_folder
+from mgpt4.tower_timm import TimmTower, read_timm_tower
 
 # Precision names used across the config, and the torch dtypes they stand for.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,9 +39,10 @@ PATCHES_PER_IMAGE_TOKEN = 4
 TEMPLATE_NAMES = ("vicuna_v0", "llama2_chat", "chat_template")
 
 
-# `model.vision.kind`: the official EVA ViT-g (timm `Eva` + `ln_vision`), or a transformers vision model
-# (CLIP, SigLIP, DINOv2) read from a local folder (`mgpt4.tower_folder`).
-VISION_KINDS = ("eva_vit_g", "hf")
+# `model.vision.kind`: the official EVA ViT-g (timm `Eva` + `ln_vision`), a transformers vision model
+# (CLIP, SigLIP, DINOv2) read from a local folder (`mgpt4.tower_folder`), or any timm ViT by its name,
+# its weights a local file (`mgpt4.tower_timm`, `model.weights.timm`).
+VISION_KINDS = ("eva_vit_g", "hf", "timm")
 # `model.connector`: the BLIP-2 Q-Former (official), N adjacent tokens concatenated (the official
 # LLaMA-2 variant, N = 4), or every token as it is.
 CONNECTORS = ("qformer", "concat", "none")
@@ -49,7 +51,8 @@ CONNECTORS = ("qformer", "concat", "none")
 PROJECTORS = ("linear", "mlp2x_gelu")
 # The VisionConfig fields that describe EVA ViT-g only; with kind hf the folder gives the sizes.
 EVA_ONLY = ("mlp_dim", "ln_eps", "ln_vision_eps")
-# The VisionConfig sizes that a kind hf tower's folder gives (left all at their defaults: read from it).
+# The VisionConfig sizes that a kind hf tower's folder (or a kind timm tower's built model) gives (left
+# all at their defaults: read from it).
 TOWER_SIZES = ("image_size", "patch_size", "width", "depth", "heads")
 
 
@@ -60,15 +63,25 @@ class VisionConfig:
     With `kind: hf` the sizes (image_size, patch_size, width, depth, heads) mirror the folder's
     config.json and preprocessor_config.json: left all at their defaults they are read from it when
     the config is validated, set they must agree with it (`hf_vision_config` writes them); mlp_dim,
-    ln_eps and ln_vision_eps belong to EVA and stay unset.
+    ln_eps and ln_vision_eps belong to EVA and stay unset. With `kind: timm` they mirror the model
+    that `timm.create_model(timm_name, **timm_kwargs)` builds, the same way.
     """
 
     kind: str = "eva_vit_g"
     # kind hf: a local folder with config.json (a CLIP or SigLIP model, whose vision half is taken, or a
     # vision model such as DINOv2), preprocessor_config.json and the weights.
     folder: str | None = None
-    # kind hf: the hidden state the image tokens come from: -1 the last layer's output, -2 the one
-    # before (LLaVA), k > 0 the k-th layer's output. EVA ViT-g uses its last block (official).
+    # kind timm: the timm architecture (`vit_base_patch16_clip_224.openai`, `vit_so400m_patch14_siglip_384`;
+    # the tag picks timm's data config, mean and std); built without its classifier head, weights from
+    # model.weights.timm.
+    timm_name: str | None = None
+    # kind timm: keyword arguments of `timm.create_model` that change the architecture (img_size,
+    # depth, ...), as a JSON object; they must match the weight file.
+    timm_kwargs: dict[str, object] = field(default_factory=dict)
+    # kind hf and timm: the hidden state the image tokens come from: -1 the last layer's output, -2
+    # the one before (LLaVA), k > 0 the k-th layer's output. kind timm: the last block's output goes
+    # through the model's final norm (timm's `forward_features`), the others are the blocks' raw
+    # outputs (`forward_intermediates`). EVA ViT-g uses its last block (official).
     feature_layer: int = -1
     # Keep the class token (CLIP, DINOv2) among the image tokens; None: the Q-Former reads every token
     # (official), the other connectors drop it (the official LLaMA-2 variant, LLaVA).
@@ -86,6 +99,8 @@ class VisionConfig:
     def resolved_mlp_dim(self) -> int:
         if self.kind == "hf" and self.folder:  # the tower folder's MLP width (FLOPs count it)
             return tower_folder(self.folder, "model.vision.folder").mlp_dim
+        if self.kind == "timm" and self.timm_name:
+            return timm_tower(self).mlp_dim
         return self.mlp_dim if self.mlp_dim is not None else int(self.width * OFFICIAL_VIT_MLP_RATIO)
 
     @property
@@ -95,9 +110,12 @@ class VisionConfig:
 
     def has_cls(self) -> bool:
         """Whether the tower's tokens start with a class token (EVA, CLIP, DINOv2: yes; SigLIP: no). A
-        hf folder not on this machine yet (a dry run) is taken to have one."""
+        hf folder not on this machine yet (a dry run) is taken to have one. A timm model: its own
+        (registers, where it has them, are no image tokens: the tower drops them)."""
         if self.kind == "hf" and self.folder and os.path.isdir(self.folder):
             return tower_folder(self.folder, "model.vision.folder").has_cls
+        if self.kind == "timm" and self.timm_name:
+            return timm_tower(self).has_cls
         return True
 
 
@@ -107,6 +125,31 @@ def tower_folder(folder: str, key: str) -> TowerFolder:
         return read_tower_folder(folder)
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def timm_tower(v: VisionConfig) -> TimmTower:
+    """`read_timm_tower` of `model.vision.timm_name` and `timm_kwargs`, its ValueError as a ConfigError."""
+    try:
+        return read_timm_tower(v.timm_name or "", v.timm_kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model.vision.{e}") from None
+
+
+def timm_vision_config(
+    name: str, kwargs: dict | None = None, feature_layer: int = -1, keep_cls: bool | None = None
+) -> VisionConfig:
+    """The `model.vision` of timm's `name` (built with `kwargs`): kind timm, its sizes read from the model."""
+    v = VisionConfig(kind="timm", timm_name=name, timm_kwargs=dict(kwargs or {}))
+    t = timm_tower(v)
+    v.feature_layer, v.keep_cls = feature_layer, keep_cls
+    v.image_size, v.patch_size, v.width, v.depth, v.heads = (
+        t.image_size,
+        t.patch_size,
+        t.width,
+        t.depth,
+        t.heads,
+    )
+    return v
 
 
 def hf_vision_config(folder: str, feature_layer: int = -1, keep_cls: bool | None = None) -> VisionConfig:
@@ -227,6 +270,9 @@ class WeightsConfig:
     llm: str | None = None  # a Hugging Face decoder folder (config.json, weights and tokenizer)
     tokenizer: str | None = None  # defaults to `llm`
     proj: str | None = None  # a MiniGPT-4 checkpoint holding llama_proj.*
+    # model.vision.kind timm: the tower's state dict in timm's names (.safetensors, or a torch file),
+    # as timm saves it (a hub download's model.safetensors); its `head.*` keys are passed over.
+    timm: str | None = None
     # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for model.lora:
     # what an mgpt4 LoRA checkpoint holds next to llama_proj.pth. None: fresh adapters (B = 0).
     lora: str | None = None
@@ -369,7 +415,7 @@ class ModelConfig:
                     "model.vision.folder: model.vision.kind is hf, which reads a transformers vision model "
                     "(CLIP, SigLIP, DINOv2) from a local folder; set model.vision.folder"
                 )
-            for name in ("eva_vit", "blip2", "blip2_hf"):
+            for name in ("eva_vit", "blip2", "blip2_hf", "timm"):
                 if getattr(w, name):
                     raise ConfigError(
                         f"model.weights.{name} is set, but model.vision.kind is hf: the tower's weights come "
@@ -410,7 +456,24 @@ class ModelConfig:
                     raise ConfigError(
                         f"model.vision.keep_cls: the {t.model_type} tower in {v.folder} has no class token"
                     )
+            if v.timm_name or v.timm_kwargs:
+                raise ConfigError(
+                    f"model.vision.{'timm_name' if v.timm_name else 'timm_kwargs'} is set, but "
+                    "model.vision.kind is hf (a transformers folder): set model.vision.kind=timm, or leave it out"
+                )
+        elif v.kind == "timm":
+            self._validate_timm_tower(connector)
         else:
+            if w.timm:
+                raise ConfigError(
+                    "model.weights.timm is set, but model.vision.kind is eva_vit_g (whose weights are "
+                    "model.weights.eva_vit): set model.vision.kind=timm, or leave it out"
+                )
+            if v.timm_name or v.timm_kwargs:
+                raise ConfigError(
+                    f"model.vision.{'timm_name' if v.timm_name else 'timm_kwargs'} is set, but "
+                    "model.vision.kind is eva_vit_g: set model.vision.kind=timm, or leave it out"
+                )
             if v.folder:
                 raise ConfigError(
                     "model.vision.folder is set, but model.vision.kind is eva_vit_g (whose weights are "
@@ -419,7 +482,7 @@ class ModelConfig:
             if v.feature_layer != -1:
                 raise ConfigError(
                     "model.vision.feature_layer: eva_vit_g feeds its last block, as the official model; "
-                    "another layer needs model.vision.kind hf"
+                    "another layer needs model.vision.kind hf or timm"
                 )
         if connector == "qformer" and v.keep_cls is False:
             raise ConfigError(
@@ -438,6 +501,56 @@ class ModelConfig:
                     f"model.concat_tokens: {self.concat_tokens} adjacent tokens make one image token, "
                     f"which does not divide the tower's {n} tokens per image"
                 )
+
+    def _validate_timm_tower(self, connector: str) -> None:
+        """kind timm: a timm ViT by name (built on the meta device to read its sizes), no EVA / BLIP-2
+        file, no folder, no Q-Former, a feature layer among its blocks."""
+        v, w = self.vision, self.weights
+        if not v.timm_name:
+            raise ConfigError(
+                "model.vision.timm_name: model.vision.kind is timm, which builds a timm ViT by its name "
+                "(e.g. vit_base_patch16_clip_224.openai); set model.vision.timm_name"
+            )
+        if v.folder:
+            raise ConfigError(
+                "model.vision.folder is set, but model.vision.kind is timm, whose weights are one file: "
+                "set model.weights.timm=FILE, or model.vision.kind=hf for a transformers folder"
+            )
+        for name in ("eva_vit", "blip2", "blip2_hf"):
+            if getattr(w, name):
+                raise ConfigError(
+                    f"model.weights.{name} is set, but model.vision.kind is timm: the tower's weights come "
+                    "from model.weights.timm, and there is no EVA ViT-g or BLIP-2 part to load"
+                )
+        if connector == "qformer":
+            raise ConfigError(
+                "model.connector: qformer (BLIP-2's Q-Former) reads EVA ViT-g tokens; with "
+                "model.vision.kind timm use concat or none"
+            )
+        t = timm_tower(v)
+        default = VisionConfig()
+        if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
+            for name in TOWER_SIZES:  # left unset: the built model's sizes
+                setattr(v, name, getattr(t, name))
+        for name in TOWER_SIZES:
+            if getattr(v, name) != getattr(t, name):
+                raise ConfigError(
+                    f"model.vision.{name}: {getattr(v, name)}, but the timm model {v.timm_name} has "
+                    f"{getattr(t, name)}; leave the sizes to the model (`timm_vision_config`)"
+                )
+        for name in EVA_ONLY:
+            if getattr(v, name) != getattr(default, name):
+                raise ConfigError(
+                    f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind timm the timm "
+                    "model gives the architecture: leave it out"
+                )
+        if not 1 <= abs(v.feature_layer) <= t.depth:
+            raise ConfigError(
+                f"model.vision.feature_layer: {v.feature_layer} is outside the timm model's {t.depth} "
+                f"blocks (-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
+            )
+        if v.keep_cls and not t.has_cls:
+            raise ConfigError(f"model.vision.keep_cls: the timm model {v.timm_name} has no class token")
 
     def validate(self) -> None:
         """Every check of the model settings (ConfigError naming the field). A config that passes is
@@ -624,8 +737,13 @@ class Config:
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
         check_eval_schedule(t, self.data)
-        if self.model.vision.kind == "hf" and self.data.image_size == DataConfig().image_size:
-            self.data.image_size = self.model.vision.image_size  # left unset: the tower folder's size
+        if self.data.kind == "features" and self.model.vision.kind == "timm":
+            raise ConfigError(
+                "data.kind: a feature cache of a model.vision.kind timm tower is not built yet (the cache "
+                "takes the EVA ViT-g and transformers towers); train it from images (data.kind 'webdataset')"
+            )
+        if self.model.vision.kind in ("hf", "timm") and self.data.image_size == DataConfig().image_size:
+            self.data.image_size = self.model.vision.image_size  # left unset: the tower's size
         if self.data.image_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.image_size ({self.data.image_size}) must equal model.vision.image_size "

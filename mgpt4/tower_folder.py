@@ -1,7 +1,7 @@
 """A Hugging Face vision tower folder (`model.vision.kind: hf`), read without its weights.
 
 What the config needs before any weight loads: the vision model's config (from config.json, the
-vision half of a CLIP or SigLIP folder), its sizes, whether its tokens start with a class token,
+vision half of a CLIP, SigLIP or SigLIP2 folder), its sizes, whether its tokens start with a class token,
 and the preprocessing of its preprocessor_config.json (image size, mean, std). Errors name the
 folder and the file (ValueError; the config turns them into ConfigError naming the setting).
 """
@@ -14,11 +14,20 @@ import os
 from dataclasses import dataclass
 
 # The towers mgpt4 reads, by the model_type of their vision config, and whether the sequence they
-# return starts with a class token (SigLIP has none: it pools with an attention head instead).
-TOWER_TYPES = {"clip_vision_model": True, "siglip_vision_model": False, "dinov2": True}
+# return starts with a class token (SigLIP and SigLIP2 have none: they pool with an attention head).
+TOWER_TYPES = {
+    "clip_vision_model": True,
+    "siglip_vision_model": False,
+    "siglip2_vision_model": False,
+    "dinov2": True,
+}
 # Towers that resize their position embeddings to any image size (DINOv2 is trained at 518 px and
-# served at 224); the others must see the size their position embeddings were made for.
-INTERPOLATING = ("dinov2",)
+# served at 224; SigLIP2 resizes its grid to each image's patches); the others must see the size
+# their position embeddings were made for.
+INTERPOLATING = ("dinov2", "siglip2_vision_model")
+# SigLIP2 (NaFlex) takes each image as a sequence of flattened patches with its patch grid
+# (`spatial_shapes`) and a padding mask; mgpt4 feeds it one square grid (`HFVisionTower`).
+NAFLEX = ("siglip2_vision_model",)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,21 @@ def _side(value: object, where: str) -> int:
     raise ValueError(f"{where}: expected an int, {{height, width}} or {{shortest_edge}}, got {value!r}")
 
 
+def _naflex_side(pre: dict, patch_size: int, where: str) -> int:
+    """The side of the square a SigLIP2 processor makes of a square image: the largest grid of whole
+    patches within its `max_num_patches` (transformers' own `get_image_size_for_max_num_patches`)."""
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    most = pre.get("max_num_patches")
+    if not (isinstance(most, int) and most >= 1) or pre.get("patch_size", patch_size) != patch_size:
+        raise ValueError(
+            f"{where}: expected a SigLIP2 preprocessor (max_num_patches, patch_size {patch_size}), got "
+            f"max_num_patches={most!r}, patch_size={pre.get('patch_size')!r}"
+        )
+    side, _ = get_image_size_for_max_num_patches(1024, 1024, patch_size, most)  # any square: the same
+    return int(side)
+
+
 @functools.lru_cache(maxsize=16)
 def _read(folder: str, mtime: float) -> TowerFolder:
     from transformers import AutoConfig
@@ -81,11 +105,13 @@ def _read(folder: str, mtime: float) -> TowerFolder:
     if model_type not in TOWER_TYPES:
         raise ValueError(
             f"{config_path}: model_type {cfg.model_type!r} is not a vision tower mgpt4 reads; expected a "
-            f"CLIP, SigLIP or DINOv2 folder (vision model types {sorted(TOWER_TYPES)})"
+            f"CLIP, SigLIP, SigLIP2 or DINOv2 folder (vision model types {sorted(TOWER_TYPES)})"
         )
     with open(pre_path) as f:
         pre = json.load(f)
-    if pre.get("do_center_crop") and "crop_size" in pre:
+    if model_type in NAFLEX:
+        size = _naflex_side(pre, vision.patch_size, pre_path)
+    elif pre.get("do_center_crop") and "crop_size" in pre:
         size = _side(pre["crop_size"], f"{pre_path}: crop_size")
     else:
         size = _side(pre.get("size"), f"{pre_path}: size")

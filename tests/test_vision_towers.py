@@ -238,8 +238,8 @@ def test_bad_settings_fail_at_config_time_naming_the_key(towers, tmp_path):
     cfg.connector = "resampler"
     assert refusal(cfg).startswith("model.connector: expected one of")
     cfg = tower_cfg(siglip)
-    cfg.vision.kind = "timm"
-    assert refusal(cfg).startswith("model.vision.kind: expected one of ('eva_vit_g', 'hf')")
+    cfg.vision.kind = "nope"
+    assert refusal(cfg).startswith("model.vision.kind: expected one of ('eva_vit_g', 'hf', 'timm')")
     cfg = tower_cfg(siglip)
     cfg.vision.width = 48
     assert refusal(cfg).startswith("model.vision.width: 48, but the tower folder")

@@ -510,6 +510,12 @@ def extract(
     `cfg.model` is built and loaded here. Returns this rank's reports; rank 0 also writes the manifests.
     """
     d = cfg.data
+    if cfg.model.vision.kind == "timm":
+        # Said before any shard is read; training refuses such a cache too (`Config.validate`).
+        raise ValueError(
+            "model.vision.kind=timm: a feature cache of a timm tower is not built yet (the cache takes the "
+            "EVA ViT-g and transformers towers); train it from images (data.kind 'webdataset')"
+        )
     if d.kind != "webdataset":
         raise ValueError(f"extract reads stage-1 sources: data.kind must be 'webdataset', not {d.kind!r}")
     if opts.dtype not in FEATURE_DTYPES:

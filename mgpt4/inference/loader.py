@@ -140,7 +140,13 @@ class ModelSource:
 
 
 # The weight file flags, by the part of the model they fill.
-WEIGHT_FLAGS = {"eva_vit": "--eva-vit", "blip2": "--blip2", "llm": "--llm", "proj": "--proj"}
+WEIGHT_FLAGS = {
+    "eva_vit": "--eva-vit",
+    "blip2": "--blip2",
+    "llm": "--llm",
+    "proj": "--proj",
+    "timm": "--set model.weights.timm=FILE",
+}
 
 
 def load_model(source: ModelSource, *, announce: bool = False) -> MiniGPT4:
@@ -231,6 +237,8 @@ def missing_weight_flags(cfg: ModelConfig) -> list[str]:
     vision = ("eva_vit", "blip2") if cfg.qformer is not None else ("eva_vit",)
     if cfg.vision.kind == "hf":  # the tower's weights are in its folder (model.vision.folder)
         vision = ()
+    if cfg.vision.kind == "timm":  # the tower's weights are one file (model.weights.timm)
+        vision = ("timm",)
     if not weights.blip2_hf:
         missing += [WEIGHT_FLAGS[k] for k in vision if not getattr(weights, k)]
     missing += [WEIGHT_FLAGS[k] for k in ("llm", "proj") if not getattr(weights, k)]

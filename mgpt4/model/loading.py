@@ -555,6 +555,47 @@ def quantized_llm(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# A timm tower's weight file (model.vision.kind timm, model.weights.timm)
+
+# The classifier head (and a CLIP model's projection, which timm keeps as `head`): the tower is built
+# without it (num_classes=0), as a tower's tokens need none.
+TIMM_IGNORED = (r"head\..*",)
+
+
+def read_timm_state(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A timm state dict from `path`: .safetensors (a hub download's model.safetensors), or a torch file
+    (`torch.save(model.state_dict())`, or one holding it under "state_dict" or "model")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own error types: a damaged or truncated file
+            raise WeightsError(
+                f"{path}: not a readable safetensors file: {(str(e).splitlines() or [repr(e)])[0]}"
+            ) from None
+    sd = torch_load(path, allow_pickle)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: expected a state dict (names -> tensors), found {type(sd).__name__}")
+    return sd
+
+
+def load_timm_tower(model: MiniGPT4, path: str) -> list[str]:
+    """The timm tower's weights from one file, strictly (every key of the built model, each of its
+    shape; only `head.*` passed over); returns those ignored keys. WeightsError naming the file, each
+    key and both shapes otherwise."""
+    sd = read_timm_state(path, model.cfg.weights.allow_pickle)
+    return load_mapped(
+        model, ("visual_encoder.model.",), sd, path, lambda k: f"visual_encoder.model.{k}", TIMM_IGNORED
+    )
+
+
 def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
     """Load every file named in `model.cfg.weights`; returns the ignored keys per file.
 
@@ -565,6 +606,8 @@ def load_weights(model: MiniGPT4) -> dict[str, list[str]]:
     ignored: dict[str, list[str]] = {}
     if model.cfg.vision.kind == "hf":
         ignored[model.cfg.vision.folder] = load_hf_tower(model, model.cfg.vision.folder)
+    if w.timm:
+        ignored[w.timm] = load_timm_tower(model, w.timm)
     if w.eva_vit:
         ignored[w.eva_vit] = load_eva_vit(model, w.eva_vit)
     if w.blip2:

@@ -37,7 +37,7 @@ from mgpt4.model.packing import pack_sequences, use_packed_attention
 from mgpt4.model.prompts import Conversation, clean_reply
 from mgpt4.model.qformer import build_qformer
 from mgpt4.model.templates import TextSpec, conversation_wrappers, prompt_tokenizer, resolve_text
-from mgpt4.model.towers import HFVisionTower, build_projector, connect_tokens
+from mgpt4.model.towers import HFVisionTower, TimmVisionTower, build_projector, connect_tokens
 from mgpt4.model.vision import FP32LayerNorm, build_eva_vit
 from mgpt4.tokenizer import encode_answers
 
@@ -73,6 +73,9 @@ class MiniGPT4(nn.Module):
             if cfg.vision.kind == "hf":
                 # A transformers tower (CLIP, SigLIP, DINOv2): its weights come from its folder.
                 self.visual_encoder = HFVisionTower(cfg.vision)
+            elif cfg.vision.kind == "timm":
+                # A timm ViT by name: its weights come from model.weights.timm.
+                self.visual_encoder = TimmVisionTower(cfg.vision)
             else:
                 self.visual_encoder = build_eva_vit(cfg.vision)
                 # Without a Q-Former no file provides ln_vision: it stays freshly initialised (weight 1,
@@ -154,7 +157,7 @@ class MiniGPT4(nn.Module):
         # The frozen vision path runs without autograd: no activations are kept for it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_needs_grad()):
             # The vision path may sit on another device than the LLM (chat's --vision-device cpu).
-            if self.ln_vision is None:  # a transformers tower (model.vision.kind hf)
+            if self.ln_vision is None:  # a transformers or timm tower (model.vision.kind hf, timm)
                 return connect_tokens(self.cfg, self.visual_encoder(image))
             w = self.visual_encoder.patch_embed.proj.weight
             feats = self.ln_vision(

@@ -192,20 +192,24 @@ def ensure_tiny_decoder(captions: list[str], seed: int = 0) -> str:
     return final
 
 
-# Tiny vision towers (`model.vision.kind: hf`): two-tower CLIP and SigLIP folders as `save_pretrained`
-# writes them, 56 px, patch 14 (16 patches), 32 wide, 2 layers; CLIP with a class token.
-TOWER_FAMILIES = ("siglip", "clip")
+# Tiny vision towers (`model.vision.kind: hf`): two-tower CLIP, SigLIP and SigLIP2 folders as
+# `save_pretrained` writes them, 56 px, patch 14 (16 patches), 32 wide, 2 layers; CLIP with a class token.
+TOWER_FAMILIES = ("siglip", "clip", "siglip2")
 TINY_TOWER_SIZES = {"image_size": 56, "patch_size": 14, "width": 32, "depth": 2, "heads": 4}
 
 
 def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
-    """A random two-tower `family` model (CLIP or SigLIP, the text half at toy size too) saved with its
-    preprocessor_config.json (56 px; CLIP's mean/std, SigLIP's 0.5) into `folder`, as transformers
-    writes a downloaded one. Returns `folder`."""
+    """A random two-tower `family` model (CLIP, SigLIP or SigLIP2, the text half at toy size too) saved
+    with its preprocessor_config.json (56 px; CLIP's mean/std, SigLIP's 0.5; SigLIP2's at most 16
+    patches of 14, which a square image fills as 4 x 4) into `folder`, as transformers writes a
+    downloaded one. Returns `folder`."""
     from transformers import (
         CLIPConfig,
         CLIPImageProcessor,
         CLIPModel,
+        Siglip2Config,
+        Siglip2ImageProcessor,
+        Siglip2Model,
         SiglipConfig,
         SiglipImageProcessor,
         SiglipModel,
@@ -238,6 +242,11 @@ def write_tiny_tower(folder: str, family: str = "siglip", seed: int = 0) -> str:
         model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text))
         side = t["image_size"]
         pre = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    elif family == "siglip2":
+        grid = (t["image_size"] // t["patch_size"]) ** 2
+        vision = {k: v for k, v in vision.items() if k != "image_size"} | {"num_patches": grid}
+        model = Siglip2Model(Siglip2Config(vision_config=vision, text_config=text))
+        pre = Siglip2ImageProcessor(patch_size=t["patch_size"], max_num_patches=grid)
     else:
         model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
         pre = SiglipImageProcessor(size={"height": t["image_size"], "width": t["image_size"]})
@@ -308,7 +317,7 @@ def fill_demo_paths(cfg: Config) -> list[str]:
         filled.append(w.llm)
     tiny = _tiny_for(cfg.model)  # your own LLM folder: no tiny LLM or tokenizer is pointed to or made
     names = [n for n in ("eva_vit", "blip2", "llm") if getattr(tiny, n)]
-    if cfg.model.vision.kind == "hf":  # the tower comes from its folder: no EVA or BLIP-2 file
+    if cfg.model.vision.kind != "eva_vit_g":  # the tower's own folder or file: no EVA or BLIP-2 file
         names = [n for n in names if n == "llm"]
     if not all(getattr(w, n) for n in names) and not w.blip2_hf:
         for name in names:

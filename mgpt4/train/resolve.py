@@ -67,6 +67,13 @@ def check_precision(cfg: Config, stage: int) -> None:
             f"model.precision.proj={p.proj}: in training the projection keeps fp32 master weights and "
             f"computes in train.precision ({engine}); set model.precision.proj=fp32"
         )
+    if stage == 3 and cfg.model.vision.kind == "timm":
+        # timm's forward_intermediates reads the root module's class token and position embedding outside
+        # any submodule's forward, where ZeRO-3 gathers parameters.
+        raise ConfigError(
+            "model.vision.kind=timm: a timm vision tower is trained under ZeRO-2 here (ds_configs/z2.json), "
+            "where every rank holds the frozen tower whole; ZeRO-3 does not take it yet"
+        )
     if stage == 3 and p.llm in QUANTIZED:
         raise ConfigError(
             f"model.precision.llm={p.llm}: ZeRO-3 cannot partition bitsandbytes' quantised weights; train a "
@@ -87,7 +94,7 @@ def find_missing_inputs(cfg: Config, world_size: int, will_exist: set[str]) -> l
     """
     missing = []
     w = cfg.model.weights
-    for name in ("eva_vit", "blip2", "blip2_hf", "llm", "tokenizer", "proj"):
+    for name in ("eva_vit", "blip2", "blip2_hf", "timm", "llm", "tokenizer", "proj"):
         path = getattr(w, name)
         if path and path not in will_exist and not os.path.exists(path):
             missing.append(f"model.weights.{name}: {path!r} does not exist")
