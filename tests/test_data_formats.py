@@ -263,7 +263,10 @@ def test_source_settings_are_checked():
         _cfg([SourceConfig(format="parquet!", annotations="a.json")]).validate()
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root: not for format webdataset"):
         _cfg([SourceConfig(shards="x.tar", image_root="/x")]).validate()
-    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.format: kind 'features' reads a llava source's features from .*set data\.features_root"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.sources\[0\]\.format: kind 'features' reads a llava source's features from .*set data\.features_root",
+    ):
         _cfg([SourceConfig(format="llava", annotations="a.json")], kind="features").validate()
 
 
