@@ -353,10 +353,11 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def vision_files(self) -> dict[str, str]:
-        """The files the image tokens depend on, by name (`eva_vit`, `blip2`, `blip2_hf`, or `tower`: a
-        transformers tower's folder), those the config names: what a feature cache records and checks."""
+        """The files the image tokens depend on, by name (`eva_vit`, `blip2`, `blip2_hf`, `timm`, or
+        `tower`: a transformers tower's folder), those the config names: what a feature cache records
+        and checks."""
         w = self.weights
-        files = {"eva_vit": w.eva_vit, "blip2": w.blip2, "blip2_hf": w.blip2_hf}
+        files = {"eva_vit": w.eva_vit, "blip2": w.blip2, "blip2_hf": w.blip2_hf, "timm": w.timm}
         if self.vision.folder:
             files = {"tower": self.vision.folder}
         return {k: v for k, v in files.items() if v}
@@ -737,11 +738,6 @@ class Config:
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(t, name)!r}")
         check_eval_schedule(t, self.data)
-        if self.data.kind == "features" and self.model.vision.kind == "timm":
-            raise ConfigError(
-                "data.kind: a feature cache of a model.vision.kind timm tower is not built yet (the cache "
-                "takes the EVA ViT-g and transformers towers); train it from images (data.kind 'webdataset')"
-            )
         if self.model.vision.kind in ("hf", "timm") and self.data.image_size == DataConfig().image_size:
             self.data.image_size = self.model.vision.image_size  # left unset: the tower's size
         if self.data.image_size != self.model.vision.image_size:

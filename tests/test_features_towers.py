@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
+from mgpt4.config import Config, OptimConfig, TrainConfig
 from mgpt4.data import DataConfig, SourceConfig
 from mgpt4.data.feature_shards import read_manifest
 from mgpt4.data.synthetic import write_shards
@@ -17,6 +17,8 @@ from mgpt4.strict_config import ConfigError
 from mgpt4.train.feature_cache import check_feature_cache
 from tests.test_features import ONE_RANK, _train, assets  # noqa: F401 (a fixture)
 from tests.test_vision_towers import tower_cfg, towers  # noqa: F401 (a fixture)
+from tests.test_vision_towers_timm import tower_cfg as timm_cfg
+from tests.test_vision_towers_timm import weights as timm_weights  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,27 @@ def _config(model, shards, **data) -> Config:
 
 
 @pytest.mark.parametrize(
-    "family,connector,projector", [("siglip", "none", "mlp2x_gelu"), ("clip", "concat", "linear")]
+    "family,connector,projector",
+    [("siglip", "none", "mlp2x_gelu"), ("clip", "concat", "linear"), ("timm", "none", "linear")],
 )
-def test_a_tower_cache_equals_its_images(assets, towers, shards, tmp_path, family, connector, projector):  # noqa: F811
+def test_a_tower_cache_equals_its_images(
+    assets,  # noqa: F811
+    towers,  # noqa: F811
+    timm_weights,  # noqa: F811
+    shards,
+    tmp_path,
+    family,
+    connector,
+    projector,
+):
     from mgpt4.features.extract import ExtractOptions, extract
 
     def model_cfg(**vision):
-        m = tower_cfg(towers[family], projector, connector, **vision)
-        m.weights = WeightsConfig(llm=assets["narrow"].llm)  # a tiny LLM and its tokenizer
+        if family == "timm":
+            m = timm_cfg(timm_weights, projector, connector, **vision)
+        else:
+            m = tower_cfg(towers[family], projector, connector, **vision)
+        m.weights.llm = assets["narrow"].llm  # a tiny LLM and its tokenizer
         return m
 
     model = model_cfg()
@@ -64,7 +79,7 @@ def test_a_tower_cache_equals_its_images(assets, towers, shards, tmp_path, famil
     extract(cfg, ExtractOptions(out=out, batch_size=3, num_workers=0, dtype="fp32"), ONE_RANK)
     manifest = read_manifest(os.path.join(out, "s"))
     assert manifest["shape"] == list(model.image_token_shape()) and manifest["samples"] == 20
-    assert manifest["model"]["connector"] == connector and "tower" in manifest["weights"]
+    assert manifest["model"]["connector"] == connector and {"tower", "timm"} & set(manifest["weights"])
     from_images = _train(_config(model, shards), steps=5)  # 20 samples: one epoch
     cached = _config(model, shards, kind="features", features_root=out, crops="stream")
     cached.validate()

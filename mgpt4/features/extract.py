@@ -107,7 +107,7 @@ def vision_only_config(cfg: ModelConfig) -> ModelConfig:
         vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, max_position_embeddings=8
     )
     w = cfg.weights
-    out.weights = WeightsConfig(eva_vit=w.eva_vit, blip2=w.blip2, blip2_hf=w.blip2_hf)
+    out.weights = WeightsConfig(eva_vit=w.eva_vit, blip2=w.blip2, blip2_hf=w.blip2_hf, timm=w.timm)
     out.precision.llm = out.precision.proj = "fp32"
     return out
 
@@ -510,12 +510,6 @@ def extract(
     `cfg.model` is built and loaded here. Returns this rank's reports; rank 0 also writes the manifests.
     """
     d = cfg.data
-    if cfg.model.vision.kind == "timm":
-        # Said before any shard is read; training refuses such a cache too (`Config.validate`).
-        raise ValueError(
-            "model.vision.kind=timm: a feature cache of a timm tower is not built yet (the cache takes the "
-            "EVA ViT-g and transformers towers); train it from images (data.kind 'webdataset')"
-        )
     if d.kind != "webdataset":
         raise ValueError(f"extract reads stage-1 sources: data.kind must be 'webdataset', not {d.kind!r}")
     if opts.dtype not in FEATURE_DTYPES:

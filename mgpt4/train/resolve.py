@@ -67,13 +67,6 @@ def check_precision(cfg: Config, stage: int) -> None:
             f"model.precision.proj={p.proj}: in training the projection keeps fp32 master weights and "
             f"computes in train.precision ({engine}); set model.precision.proj=fp32"
         )
-    if stage == 3 and cfg.model.vision.kind == "timm":
-        # timm's forward_intermediates reads the root module's class token and position embedding outside
-        # any submodule's forward, where ZeRO-3 gathers parameters.
-        raise ConfigError(
-            "model.vision.kind=timm: a timm vision tower is trained under ZeRO-2 here (ds_configs/z2.json), "
-            "where every rank holds the frozen tower whole; ZeRO-3 does not take it yet"
-        )
     if stage == 3 and p.llm in QUANTIZED:
         raise ConfigError(
             f"model.precision.llm={p.llm}: ZeRO-3 cannot partition bitsandbytes' quantised weights; train a "
