@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -328,6 +329,46 @@ class LoraConfig:
             )
 
 
+def _check_tower(
+    v: VisionConfig,
+    t: Any,
+    kind: str,
+    source: str,
+    owner: str,
+    helper: str,
+    giver: str,
+    layers_of: str,
+    unit: str,
+    cls_owner: str,
+) -> None:
+    """A tower's `model.vision` against what its folder or built model `t` says (sizes, depth, class
+    token): sizes left at their defaults are filled in from `t`; the rest fail in one line, worded with
+    `source` ("the tower folder X"), `giver` ("tower folder") and `cls_owner`."""
+    default = VisionConfig()
+    if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
+        for name in TOWER_SIZES:
+            setattr(v, name, getattr(t, name))
+    for name in TOWER_SIZES:
+        if getattr(v, name) != getattr(t, name):
+            raise ConfigError(
+                f"model.vision.{name}: {getattr(v, name)}, but {source} has "
+                f"{getattr(t, name)}; leave the sizes to the {owner} (`{helper}`)"
+            )
+    for name in EVA_ONLY:
+        if getattr(v, name) != getattr(default, name):
+            raise ConfigError(
+                f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind {kind} the {giver} "
+                "gives the architecture: leave it out"
+            )
+    if not 1 <= abs(v.feature_layer) <= t.depth:
+        raise ConfigError(
+            f"model.vision.feature_layer: {v.feature_layer} is outside {layers_of} {t.depth} {unit} "
+            f"(-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
+        )
+    if v.keep_cls and not t.has_cls:
+        raise ConfigError(f"model.vision.keep_cls: {cls_owner} has no class token")
+
+
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -431,32 +472,11 @@ class ModelConfig:
             # (`mgpt4.train.resolve`); the checks that read it wait for it.
             if os.path.isdir(v.folder):
                 t = tower_folder(v.folder, "model.vision.folder")
-                default = VisionConfig()
-                if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
-                    # Left unset (the recipes' stage1_tower, a --set folder): the folder's sizes.
-                    for name in TOWER_SIZES:
-                        setattr(v, name, getattr(t, name))
-                for name in TOWER_SIZES:
-                    if getattr(v, name) != getattr(t, name):
-                        raise ConfigError(
-                            f"model.vision.{name}: {getattr(v, name)}, but the tower folder {v.folder} has "
-                            f"{getattr(t, name)}; leave the sizes to the folder (`hf_vision_config`)"
-                        )
-                for name in EVA_ONLY:
-                    if getattr(v, name) != getattr(default, name):
-                        raise ConfigError(
-                            f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind hf the tower "
-                            "folder gives the architecture: leave it out"
-                        )
-                if not 1 <= abs(v.feature_layer) <= t.depth:
-                    raise ConfigError(
-                        f"model.vision.feature_layer: {v.feature_layer} is outside the tower's {t.depth} layers "
-                        f"(-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
-                    )
-                if v.keep_cls and not t.has_cls:
-                    raise ConfigError(
-                        f"model.vision.keep_cls: the {t.model_type} tower in {v.folder} has no class token"
-                    )
+                # Left unset (the recipes' stage1_tower, a --set folder): the folder's sizes.
+                _check_tower(
+                    v, t, "hf", f"the tower folder {v.folder}", "folder", "hf_vision_config",
+                    "tower folder", "the tower's", "layers", f"the {t.model_type} tower in {v.folder}",
+                )  # fmt: skip
             if v.timm_name or v.timm_kwargs:
                 raise ConfigError(
                     f"model.vision.{'timm_name' if v.timm_name else 'timm_kwargs'} is set, but "
@@ -529,29 +549,11 @@ class ModelConfig:
                 "model.vision.kind timm use concat or none"
             )
         t = timm_tower(v)
-        default = VisionConfig()
-        if all(getattr(v, n) == getattr(default, n) for n in TOWER_SIZES):
-            for name in TOWER_SIZES:  # left unset: the built model's sizes
-                setattr(v, name, getattr(t, name))
-        for name in TOWER_SIZES:
-            if getattr(v, name) != getattr(t, name):
-                raise ConfigError(
-                    f"model.vision.{name}: {getattr(v, name)}, but the timm model {v.timm_name} has "
-                    f"{getattr(t, name)}; leave the sizes to the model (`timm_vision_config`)"
-                )
-        for name in EVA_ONLY:
-            if getattr(v, name) != getattr(default, name):
-                raise ConfigError(
-                    f"model.vision.{name} is an EVA ViT-g setting; with model.vision.kind timm the timm "
-                    "model gives the architecture: leave it out"
-                )
-        if not 1 <= abs(v.feature_layer) <= t.depth:
-            raise ConfigError(
-                f"model.vision.feature_layer: {v.feature_layer} is outside the timm model's {t.depth} "
-                f"blocks (-{t.depth}..-1 from the last, 1..{t.depth} from the first)"
-            )
-        if v.keep_cls and not t.has_cls:
-            raise ConfigError(f"model.vision.keep_cls: the timm model {v.timm_name} has no class token")
+        # Left unset: the built model's sizes.
+        _check_tower(
+            v, t, "timm", f"the timm model {v.timm_name}", "model", "timm_vision_config",
+            "timm model", "the timm model's", "blocks", f"the timm model {v.timm_name}",
+        )  # fmt: skip
 
     def validate(self) -> None:
         """Every check of the model settings (ConfigError naming the field). A config that passes is

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mgpt4.config import Config, OptimConfig, TrainConfig, WeightsConfig
+from mgpt4.config import Config, ModelConfig, OptimConfig, TrainConfig, WeightsConfig
 from mgpt4.data import DataConfig, DeviceFeeder, SourceConfig, build_loader
 from mgpt4.data.batches import model_inputs
 from mgpt4.data.feature_shards import MANIFEST_FILE, decode_features, read_manifest
@@ -57,14 +57,16 @@ def assets(tmp_path_factory):
     return {"root": root, "laion": laion, "ccsbu": ccsbu, "narrow": narrow, "wide": wide}
 
 
-def _config(assets, width: int = 64, **data) -> Config:
-    model = tiny()
-    model.text = stage1_text()
-    w = assets["narrow"]
-    llm = w.llm if width == 64 else assets["wide"].llm
-    if width != 64:
-        model.llm.hidden_size, model.llm.intermediate_size = width, 2 * width
-    model.weights = WeightsConfig(eva_vit=w.eva_vit, blip2=w.blip2, llm=llm)
+def _config(assets, width: int = 64, model: ModelConfig | None = None, **data) -> Config:
+    """The official tiny model (LLM `width` wide) on two sources, or `model` (its own vision path) on them."""
+    if model is None:
+        model = tiny()
+        model.text = stage1_text()
+        w = assets["narrow"]
+        llm = w.llm if width == 64 else assets["wide"].llm
+        if width != 64:
+            model.llm.hidden_size, model.llm.intermediate_size = width, 2 * width
+        model.weights = WeightsConfig(eva_vit=w.eva_vit, blip2=w.blip2, llm=llm)
     base = {
         "sources": [
             SourceConfig(name="laion", shards=assets["laion"], ratio=2.0),
@@ -102,6 +104,17 @@ def cache(assets):
     return out
 
 
+def _assert_training_crop_features(model, jpg: bytes, crop_name: str, key: str, npy: bytes) -> None:
+    """A cached sample is the model's image tokens on the crop training draws from (crop name, key)."""
+    pixels = torch.empty(3, 56, 56, dtype=torch.uint8)
+    ImageTransform(56, train=True)(jpg, sample_crop_uniforms(0, crop_name, key), pixels)
+    with torch.no_grad():
+        expected = model.image_features(normalize_uint8(pixels[None]))[0]
+    got = torch.empty(8, 64)
+    decode_features(npy, (8, 64), got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_extraction_writes_the_loader_layout_with_the_training_crop(assets, cache):
     cfg = _config(assets)
     folder = os.path.join(cache, "laion")
@@ -115,19 +128,12 @@ def test_extraction_writes_the_loader_layout_with_the_training_crop(assets, cach
     assert manifest["crops"]["draw"] == "sample" and manifest["weights"]["eva_vit"]["bytes"] > 0
     # Sample by sample: the features are the model's Q-Former output on the crop training draws.
     model = from_config(copy.deepcopy(cfg.model)).eval()
-    transform = ImageTransform(56, train=True)
     images, cached = TarReader(assets["laion"][1]), TarReader(os.path.join(folder, "00001.tar"))
     for _ in range(10):
         key, files = images.next_sample()
         fkey, ffiles = cached.next_sample()
         assert fkey == key and ffiles["txt"] == files["txt"]
-        pixels = torch.empty(3, 56, 56, dtype=torch.uint8)
-        transform(files["jpg"], sample_crop_uniforms(0, "00001.tar", key), pixels)
-        with torch.no_grad():
-            expected = model.image_features(normalize_uint8(pixels[None]))[0]
-        got = torch.empty(8, 64)
-        decode_features(ffiles["npy"], (8, 64), got)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        _assert_training_crop_features(model, files["jpg"], "00001.tar", key, ffiles["npy"])
         assert json.loads(ffiles["json"]) == {
             "key": key,
             "caption": files["txt"].decode(),
@@ -361,7 +367,6 @@ def test_an_annotation_source_is_extracted_in_parts_and_trains_from_them(assets,
     }
     # Entry by entry: the Q-Former output on the crop a run on the images draws with crops: sample.
     model = from_config(copy.deepcopy(cfg.model)).eval()
-    transform = ImageTransform(56, train=True)
     index = load_index(path, "llava", pairs=True)
     seen = []
     for name in names:
@@ -371,24 +376,21 @@ def test_an_annotation_source_is_extracted_in_parts_and_trains_from_them(assets,
             seen.append(int(key))
             _, _, _, source = index.sample(int(key))
             assert files["txt"] == source["txt"]
-            pixels = torch.empty(3, 56, 56, dtype=torch.uint8)
-            transform(source["jpg"], sample_crop_uniforms(0, "chat.json", key), pixels)
-            with torch.no_grad():
-                expected = model.image_features(normalize_uint8(pixels[None]))[0]
-            got = torch.empty(8, 64)
-            decode_features(files["npy"], (8, 64), got)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            _assert_training_crop_features(model, source["jpg"], "chat.json", key, files["npy"])
     assert seen == [0, 1, 2, 3, 4, 5, 7, 8, 9]
     # A lost part is written again, byte for byte; the others are kept.
     with open(os.path.join(parts, names[1]), "rb") as f:
         before = f.read()
     os.remove(os.path.join(parts, names[1]))
     with caplog.at_level("INFO", logger="mgpt4.features"):
-        _extract(cfg, out, entries_per_part=4)
+        _extract(cfg, out)  # no --entries-per-part: the folder's cut
     assert "2 of 3 shards were done before, 1 written now" in caplog.text
     with open(os.path.join(parts, names[1]), "rb") as f:
         assert f.read() == before
-    with pytest.raises(ValueError, match=r"another --entries-per-part or a changed file"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--entries-per-part: .*entries-000000.tar holds entries 0 to 3, this run would cut 0 to 4",
+    ):
         _extract(cfg, out, entries_per_part=5)
     # Training from the parts: the config names the annotation file and the cache root.
     cached = _config(assets, kind="features", features_root=out, crops="stream", batch_size=3)
@@ -402,11 +404,16 @@ def test_an_annotation_source_is_extracted_in_parts_and_trains_from_them(assets,
     bare.data.sources = cached.data.sources
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.format: .*set data\.features_root"):
         bare.validate()
-    write_json(path, llava_entries(images[:9]))
+    # An edited caption beyond the first bytes, the file's size unchanged: the whole file's digest tells.
+    text = pathlib.Path(path).read_text()
+    pathlib.Path(path).write_text(text.replace("sample number 8 of", "sample number 9 of"))
+    assert len(pathlib.Path(path).read_text()) == len(text) and pathlib.Path(path).read_text() != text
     with pytest.raises(
         ConfigError, match=r"data\.sources\[0\]\.annotations: .*chat\.json is not the annotation file"
     ):
         check_feature_cache(cached)
+    with pytest.raises(ValueError, match=r"its parts were extracted from another version of source 'llava'"):
+        _extract(cfg, out)
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "huggingface"])

@@ -9,13 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from mgpt4.config import Config, OptimConfig, TrainConfig
-from mgpt4.data import DataConfig, SourceConfig
+from mgpt4.config import Config
+from mgpt4.data import SourceConfig
 from mgpt4.data.feature_shards import read_manifest
 from mgpt4.data.synthetic import write_shards
 from mgpt4.strict_config import ConfigError
 from mgpt4.train.feature_cache import check_feature_cache
 from tests.test_features import ONE_RANK, _train, assets  # noqa: F401 (a fixture)
+from tests.test_features import _config as _features_config
 from tests.test_vision_towers import tower_cfg, towers  # noqa: F401 (a fixture)
 from tests.test_vision_towers_timm import tower_cfg as timm_cfg
 from tests.test_vision_towers_timm import weights as timm_weights  # noqa: F401 (a fixture)
@@ -28,24 +29,9 @@ def shards(tmp_path_factory):
     return urls
 
 
-def _config(model, shards, **data) -> Config:
-    base = {
-        "sources": [SourceConfig(name="s", shards=shards)],
-        "batch_size": 4,
-        "num_workers": 0,
-        "image_size": model.vision.image_size,
-        "shuffle_buffer": 6,
-        "resampled": False,
-        "crops": "sample",
-    }
-    base.update(data)
-    return Config(
-        recipe="test",
-        model=model,
-        data=DataConfig(**base),
-        optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_lr=1e-3, warmup_steps=1),
-        train=TrainConfig(steps=5, precision="fp32"),
-    )
+def _config(assets, model, shards, **data) -> Config:  # noqa: F811 (the fixture's value)
+    """The tower `model` on one source of 20 samples (steps: 5 of 4 is one epoch)."""
+    return _features_config(assets, model=model, sources=[SourceConfig(name="s", shards=shards)], **data)
 
 
 @pytest.mark.parametrize(
@@ -73,15 +59,15 @@ def test_a_tower_cache_equals_its_images(
         return m
 
     model = model_cfg()
-    cfg = _config(model, shards)
+    cfg = _config(assets, model, shards)
     cfg.validate()
     out = str(tmp_path / "features")
     extract(cfg, ExtractOptions(out=out, batch_size=3, num_workers=0, dtype="fp32"), ONE_RANK)
     manifest = read_manifest(os.path.join(out, "s"))
     assert manifest["shape"] == list(model.image_token_shape()) and manifest["samples"] == 20
     assert manifest["model"]["connector"] == connector and {"tower", "timm"} & set(manifest["weights"])
-    from_images = _train(_config(model, shards), steps=5)  # 20 samples: one epoch
-    cached = _config(model, shards, kind="features", features_root=out, crops="stream")
+    from_images = _train(_config(assets, model, shards), steps=5)  # 20 samples: one epoch
+    cached = _config(assets, model, shards, kind="features", features_root=out, crops="stream")
     cached.validate()
     assert check_feature_cache(cached) == []
     from_cache = _train(cached, steps=5)
@@ -89,7 +75,15 @@ def test_a_tower_cache_equals_its_images(
     # Keyed by the layer and the connector: a cache of another one is refused.
     layer = -1 if model.vision.feature_layer != -1 else -2
     other = _config(
-        model_cfg(feature_layer=layer), shards, kind="features", features_root=out, crops="stream"
+        assets, model_cfg(feature_layer=layer), shards, kind="features", features_root=out, crops="stream"
     )
     with pytest.raises(ConfigError, match=r"model\.vision\.feature_layer: the cache has"):
         check_feature_cache(other)
+    # The official vision path (a Q-Former) on a tower's cache: named, not a traceback.
+    official = _features_config(
+        assets, sources=cfg.data.sources, kind="features", features_root=out, crops="stream"
+    )
+    with pytest.raises(
+        ConfigError, match=r"features are \[\d+, \d+\] per sample; the model's image tokens are \[8, 64\]"
+    ):
+        check_feature_cache(official)

@@ -373,12 +373,20 @@ def test_tiny_tower_trains_on_two_ranks_packed_under_zero2_then_generates(tmp_pa
     conv.ask("What is it?")
     [reply] = model.generate(torch.randn(1, 3, 56, 56), conv.prompt_for_reply(), max_new_tokens=4)
     assert isinstance(reply, str)
-    # The hf export has no format for this vision path: one line, before any weight loads, nothing written.
+    # mlp2x_gelu with no connector is LLaVA's layout (tests/test_export_llava.py); a linear projector has
+    # no transformers format: one line, before any weight loads, nothing written.
     from mgpt4.export.__main__ import main as export_main
 
     exported = tmp_path / "export"
+    args = ["hf", "--checkpoint", str(out), "--out", str(exported), "--device", "cpu"]
+    if projector == "mlp2x_gelu":
+        export_main(args)
+        assert json.loads((exported / "config.json").read_text())["architectures"] == [
+            "LlavaForConditionalGeneration"
+        ]
+        return
     with pytest.raises(SystemExit) as e:
-        export_main(["hf", "--checkpoint", str(out), "--out", str(exported), "--device", "cpu"])
+        export_main(args)
     assert str(e.value).startswith(
         f"export: model.vision.kind=hf, model.connector=none, model.projector={projector}"
     )

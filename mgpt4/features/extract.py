@@ -38,6 +38,7 @@ from mgpt4.data.feature_shards import (
     annotation_identity,
     encode_features,
     features_folder,
+    read_manifest,
     shard_identity,
     weight_bytes,
     weight_digest,
@@ -54,6 +55,7 @@ from mgpt4.strict_config import to_dict
 log = get_logger(__name__)
 
 STATS_SUFFIX = ".stats.json"
+DEFAULT_ENTRIES_PER_PART = 10_000
 # Ranks meet after listing what is done (all start together) and when every share is written.
 
 
@@ -74,8 +76,11 @@ class ExtractOptions:
         default="fp16", metadata={"choices": list(FEATURE_DTYPES), "help": "stored feature dtype"}
     )
     # An annotation source is written in parts of this many entries (a re-run must keep the number).
-    entries_per_part: int = field(
-        default=10_000, metadata={"help": "entries per feature shard of an annotation source"}
+    entries_per_part: int | None = field(
+        default=None,
+        metadata={
+            "help": "entries per feature shard of an annotation source (default: the cache folder's, else 10000)"
+        },
     )
     # "auto": this rank's GPU when there is one, else the CPU.
     device: str = field(default="auto", metadata={"help": "auto (this rank's GPU, else CPU), cuda or cpu"})
@@ -156,13 +161,30 @@ class ShardImages(IterableDataset):
         url = self.urls[index]
         name = shard_file_name(url)
         skips = SkipCounter()
+        shard = ShardSamples(url, skips)
+        samples = ((key, where, data, caption, name) for key, where, data, caption in shard)
+        # A shard that gave samples before its damage is written with them, as training reads it.
+        yield from self._batches(
+            index, samples, skips, transform, lambda: shard.error is None or shard.read > 0
+        )
+
+    def _batches(
+        self,
+        index: int,
+        samples: Iterator[tuple[str, str, bytes, str, str]],
+        skips: SkipCounter,
+        transform,
+        opened,
+    ) -> Iterator[dict[str, Any]]:
+        """Unit `index`'s (key, where, image bytes, caption, crop name) samples decoded with the crop
+        drawn from (crop name, key), in chunks of `batch_size`; the last has `end` set, the unit's skip
+        counts and `opened()` (whether it could be read at all)."""
         keys: list[str] = []
         captions: list[str] = []
         images = image_buffer(self.batch_size, self.cfg.image_size)
-        shard = ShardSamples(url, skips)
-        for key, where, data, caption in shard:
+        for key, where, data, caption, crop_name in samples:
             try:
-                transform(data, sample_crop_uniforms(self.cfg.seed, name, key), images[len(keys)])
+                transform(data, sample_crop_uniforms(self.cfg.seed, crop_name, key), images[len(keys)])
             except ImageError as e:
                 skips.add(e.reason, where, str(e))
                 continue
@@ -173,8 +195,7 @@ class ShardImages(IterableDataset):
                 keys, captions = [], []
                 images = image_buffer(self.batch_size, self.cfg.image_size)
         last = self._chunk(index, images, keys, captions)
-        # A shard that gave samples before its damage is written with them, as training reads it.
-        last.update(end=True, counts=dict(skips.counts), opened=shard.error is None or shard.read > 0)
+        last.update(end=True, counts=dict(skips.counts), opened=opened())
         yield last
 
 
@@ -198,9 +219,9 @@ class AnnotationImages(ShardImages):
 
     def _shard(self, index: int, transform) -> Iterator[dict[str, Any]]:
         skips = SkipCounter()
-        keys: list[str] = []
-        captions: list[str] = []
-        images = image_buffer(self.batch_size, self.cfg.image_size)
+        yield from self._batches(index, self._entries(index, skips), skips, transform, lambda: True)
+
+    def _entries(self, index: int, skips: SkipCounter) -> Iterator[tuple[str, str, bytes, str, str]]:
         first, end = self.spans[index]
         for i in range(first, end):
             got = self.entries.sample(i)
@@ -210,23 +231,8 @@ class AnnotationImages(ShardImages):
             _, url, key, files = got
             where = f"{key} in {url}"
             caption = caption_or_skip(files, where, skips)
-            if caption is None:
-                continue
-            try:
-                crop = sample_crop_uniforms(self.cfg.seed, shard_file_name(url), key)
-                transform(files["jpg"], crop, images[len(keys)])
-            except ImageError as e:
-                skips.add(e.reason, where, str(e))
-                continue
-            keys.append(key)
-            captions.append(caption)
-            if len(keys) == self.batch_size:
-                yield self._chunk(index, images, keys, captions)
-                keys, captions = [], []
-                images = image_buffer(self.batch_size, self.cfg.image_size)
-        last = self._chunk(index, images, keys, captions)
-        last.update(end=True, counts=dict(skips.counts), opened=True)
-        yield last
+            if caption is not None:
+                yield key, where, files["jpg"], caption, shard_file_name(url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,14 +354,36 @@ def check_parts(folder: str, units: SourceUnits, name: str) -> None:
             continue
         with open(path, encoding="utf-8") as f:
             stats = json.load(f)
-        if stats.get("entries") != list(units.spans[i]) or stats.get("annotations") != units.identity:
+        if stats.get("annotations") != units.identity:
             raise ValueError(
-                f"{os.path.join(folder, part)} holds entries {stats.get('entries')} of an annotation file of "
-                f"identity {stats.get('annotations')}; this run cuts source {name!r} into entries "
-                f"{list(units.spans[i])} of {units.identity} (another --entries-per-part or a changed file): "
-                "extract into a new folder"
+                f"{folder}: its parts were extracted from another version of source {name!r}'s annotation "
+                f"file ({stats.get('annotations', [None])[0]} bytes; {units.identity[0]} bytes now, or other "
+                "contents): extract into a new folder"
+            )
+        if stats.get("entries") != list(units.spans[i]):
+            first, end = stats.get("entries", [0, 0])
+            raise ValueError(
+                f"--entries-per-part: {os.path.join(folder, part)} holds entries {first} to {end - 1}, this run "
+                f"would cut {units.spans[i][0]} to {units.spans[i][1] - 1}; leave the flag out to keep the "
+                "folder's, or extract into a new folder"
             )
         return  # one part tells: all parts of a run are cut alike
+
+
+def part_size(folder: str, asked: int | None) -> int:
+    """Entries per part for a source's cache folder: `asked`, else what the folder's manifest or first
+    part says (a re-run keeps the cut), else DEFAULT_ENTRIES_PER_PART."""
+    if asked is not None:
+        return asked
+    manifest = read_manifest(folder) if os.path.isdir(folder) else None
+    if manifest and manifest.get("entries_per_part"):
+        return int(manifest["entries_per_part"])
+    stats = os.path.join(folder, PART_NAME.format(0)[: -len(".tar")] + STATS_SUFFIX)
+    if os.path.isfile(stats):  # an interrupted first run: part 0 holds the first `size` entries
+        with open(stats, encoding="utf-8") as f:
+            first, end = json.load(f)["entries"]
+        return end - first
+    return DEFAULT_ENTRIES_PER_PART
 
 
 def extract_source(
@@ -368,9 +396,9 @@ def extract_source(
 ) -> SourceReport:
     """This rank's share of one source's pending shards (a collective call: ranks meet once first)."""
     name = cfg.data.source_names()[index]
-    units = source_units(cfg, index, opts.entries_per_part)
-    names = units.names
     folder = features_folder(opts.out, name)
+    units = source_units(cfg, index, part_size(folder, opts.entries_per_part))
+    names = units.names
     os.makedirs(folder, exist_ok=True)
     if units.spans is not None:
         check_parts(folder, units, name)
@@ -431,7 +459,8 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
     (those of earlier runs included, from their stats files)."""
     name = cfg.data.source_names()[index]
     folder = features_folder(opts.out, name)
-    units = source_units(cfg, index, opts.entries_per_part)
+    size = part_size(folder, opts.entries_per_part)
+    units = source_units(cfg, index, size)
     samples, skipped, done = 0, dict.fromkeys(SKIP_REASONS, 0), 0
     for out_name in units.names:
         stem = out_name[: -len(".tar")]
@@ -495,7 +524,7 @@ def write_manifest(cfg: Config, index: int, opts: ExtractOptions, reports: Seque
             "identity": units.identity,
             "entries": len(units.entries),
         }
-        manifest["entries_per_part"] = opts.entries_per_part
+        manifest["entries_per_part"] = size
         manifest["parts"] = units.names
     write_json_atomic(os.path.join(folder, MANIFEST_FILE), manifest)
     return manifest
@@ -514,7 +543,7 @@ def extract(
         raise ValueError(f"extract reads stage-1 sources: data.kind must be 'webdataset', not {d.kind!r}")
     if opts.dtype not in FEATURE_DTYPES:
         raise ValueError(f"--dtype: expected one of {tuple(FEATURE_DTYPES)}, got {opts.dtype!r}")
-    if opts.batch_size < 1 or opts.num_workers < 0 or opts.entries_per_part < 1:
+    if opts.batch_size < 1 or opts.num_workers < 0 or (opts.entries_per_part or 1) < 1:
         raise ValueError("--batch-size and --entries-per-part must be positive and --num-workers 0 or more")
     names = d.source_names()
     chosen = opts.sources or names

@@ -53,7 +53,7 @@ def check_feature_cache(cfg: Config) -> list[str]:
         problems = manifest_mismatches(cfg, manifest) + image_shard_mismatches(cfg, name, manifest)
         if problems:
             raise ConfigError(
-                f"the feature cache in {folder} was not made by this model's vision path from these shards:\n  "
+                f"the feature cache in {folder} was not made by this model's vision path from these sources:\n  "
                 + "\n  ".join(problems)
             )
     return missing
@@ -130,7 +130,7 @@ def manifest_mismatches(cfg: Config, manifest: dict) -> list[str]:
         [("qformer", to_dict(m.qformer))] if m.connector_kind() == "qformer" else []
     )
     for part, ours in parts:
-        theirs = manifest.get("model", {}).get(part, {})
+        theirs = manifest.get("model", {}).get(part) or {}  # a cache without a Q-Former has none
         for key, value in ours.items():
             if theirs.get(key) != value:
                 problems.append(
