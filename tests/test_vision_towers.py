@@ -50,6 +50,26 @@ def built(cfg: ModelConfig, tokenizer=None):
     return model
 
 
+def assert_only_the_projector_learns_and_it_generates(model, cfg: ModelConfig, expected: set[str]) -> None:
+    """One loss on two 56 px images: gradients reach exactly the `expected` parameters; the image takes 4
+    tokens of width 128 (16 patches concatenated 4 by 4), and the model generates for a batch of two."""
+    loss = model.loss(torch.randn(2, 3, 56, 56), ["a red circle", "a blue square"])
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert cfg.image_token_shape() == (4, 128)
+    assert model.layout("<Img><ImageHere></Img>").count(IMAGE) == 4 == model.num_image_tokens
+    model.eval()
+    replies = model.generate(
+        torch.randn(2, 3, 56, 56), "<Img><ImageHere></Img> What is it?", max_new_tokens=3
+    )
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_tower_tokens_equal_transformers_on_its_own_preprocessing(towers, family, layer):
@@ -94,22 +114,8 @@ def test_forward_backward_trains_only_the_projector_and_generates(towers, tokeni
         projector, {f"llama_proj.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     )
     assert set(trainable) == expected
-    loss = model.loss(torch.randn(2, 3, 56, 56), ["a red circle", "a blue square"])
-    assert torch.isfinite(loss)
-    loss.backward()
-    for name, p in model.named_parameters():
-        if name in expected:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
     # 16 patches (CLIP's class token dropped) concatenated 4 by 4: 4 image tokens of width 128.
-    assert cfg.image_token_shape() == (4, 128)
-    assert model.layout("<Img><ImageHere></Img>").count(IMAGE) == 4 == model.num_image_tokens
-    model.eval()
-    replies = model.generate(
-        torch.randn(2, 3, 56, 56), "<Img><ImageHere></Img> What is it?", max_new_tokens=3
-    )
-    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert_only_the_projector_learns_and_it_generates(model, cfg, expected)
 
 
 @pytest.mark.parametrize(
