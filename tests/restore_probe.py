@@ -16,6 +16,7 @@ from mgpt4.strict_config import apply_overrides
 from mgpt4.train import engine as eng_mod
 from mgpt4.train import run_lock
 from mgpt4.train.cli import parse_args
+from mgpt4.train.preemption import Preemption
 from mgpt4.train.recipes import get_recipe
 from mgpt4.train.trainer import build
 
@@ -26,7 +27,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv[:at] + argv[at + 2 :], "tiny_stage1", __doc__)
     cfg = apply_overrides(get_recipe(args.recipe), args.set)
     d = eng_mod.init_distributed(cfg.train.startup_timeout_min)
-    run = build(cfg, args.deepspeed, not args.no_resume, d)
+    preemption = Preemption(d.rank)
+    run = build(cfg, args.deepspeed, not args.no_resume, d, preemption)
     try:
         state = run.state_dict()  # every rank: the trainable set is gathered from all of them
         if d.rank == 0:
@@ -34,6 +36,7 @@ def main(argv: list[str]) -> None:
     finally:
         run.metrics.close()
         run.feeder.source.close()
+        preemption.close()
         run_lock.release()
     dist.shutdown()
 

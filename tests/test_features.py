@@ -18,6 +18,7 @@ from mgpt4.config import Config, ModelConfig, OptimConfig, TrainConfig, WeightsC
 from mgpt4.data import DataConfig, DeviceFeeder, SourceConfig, build_loader
 from mgpt4.data.batches import model_inputs
 from mgpt4.data.feature_shards import MANIFEST_FILE, decode_features, read_manifest
+from mgpt4.data.shard_stream import source_urls
 from mgpt4.data.synthetic import write_shards
 from mgpt4.data.tar_reader import TarReader
 from mgpt4.data.transforms import ImageTransform, normalize_uint8, sample_crop_uniforms
@@ -414,6 +415,12 @@ def test_an_annotation_source_is_extracted_in_parts_and_trains_from_them(assets,
         check_feature_cache(cached)
     with pytest.raises(ValueError, match=r"its parts were extracted from another version of source 'llava'"):
         _extract(cfg, out)
+    # A part lost after extraction: the warning names the annotation source, which names no shards.
+    os.remove(os.path.join(parts, names[2]))
+    with caplog.at_level("WARNING", logger="mgpt4.data"):
+        source_urls(cached.data, 1, 0)
+    field = "data.sources[0].annotations (its feature parts under data.features_root)"
+    assert f"{field}: 1 of 3 shard(s) of source 'llava' are missing" in caplog.text
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "huggingface"])

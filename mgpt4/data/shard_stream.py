@@ -77,7 +77,7 @@ def check_sources(
             except FileNotFoundError as e:
                 missing.append(f"data.sources[{i}].annotations: {e}")
             continue
-        where = f"data.sources[{i}].shards"
+        where = source_field(cfg, i)
         urls = expand_source(cfg, i)  # kind 'features' with features_root: the feature shards
         for url in urls:
             check_url(url, where)
@@ -123,9 +123,17 @@ def source_urls(
             continue
         urls = expand_source(cfg, i)
         if rank == 0:
-            warn_missing(urls, f"data.sources[{i}].shards", cfg.source_names()[i])
+            warn_missing(urls, source_field(cfg, i), cfg.source_names()[i])
         out.append(urls)
     return out
+
+
+def source_field(cfg: DataConfig, index: int) -> str:
+    """The config field that names source `index`'s shards, for messages: an annotation source read as
+    features names no shards itself; its parts are the ones extracted under `data.features_root`."""
+    if cfg.kind == "features" and cfg.features_root and cfg.sources[index].is_annotations():
+        return f"data.sources[{index}].annotations (its feature parts under data.features_root)"
+    return f"data.sources[{index}].shards"
 
 
 def warn_missing(urls: Sequence[str], where: str, name: str) -> None:

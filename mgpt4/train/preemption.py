@@ -6,6 +6,14 @@ first node's ranks run in the batch step, which is not signalled; on one node no
 handler records the signal and says so in the log (which rank on which node); the training loop
 asks all ranks at each step boundary (one small all-reduce), so every rank stops at the same step,
 saves, and rank 0 requeues the job. The requeued job starts again and resumes from that checkpoint.
+
+SLURM signals every process of the step, not only the ranks: the data workers, their fork server,
+Python's resource tracker and torch.compile's workers get SIGUSR1 too, and a process that does not
+handle it dies of it (the default action). A rank that then asked a dead worker for a batch crashed
+instead of saving. So the rank blocks the signal in its main thread as its first act after the process
+group: every thread and process it starts from then on inherits the block (a signal mask survives
+fork and exec), and the rank takes a blocked signal itself at the step boundary (`sigtimedwait`). A
+signal that arrives while the model loads waits for the first step boundary instead of ending the rank.
 """
 
 from __future__ import annotations
@@ -24,29 +32,59 @@ log = get_logger(__name__)
 
 
 class Preemption:
+    """SIGUSR1 (or `signals`) -> a request that every rank sees at the same step boundary.
+
+    Construct it in the main thread before any data worker or compile worker starts; `close()`
+    gives the process its signal mask and handlers back.
+    """
+
     def __init__(self, rank: int = 0, signals: tuple[int, ...] = (signal.SIGUSR1,)):
         self.received: int | None = None
         self.who = f"rank {rank} on node {socket.gethostname()}"
         self.pid = os.getpid()
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        self.signals = tuple(signals)
+        # A thread that started earlier (gloo's, OpenMP's) does not block the signal and may take it:
+        # the handler records it there. Everything started from now on blocks it.
+        self._handlers = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        # macOS has no sigtimedwait: there the signal stays unblocked, as it was before (a worker may die).
+        self._blocks = hasattr(signal, "sigtimedwait")
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals) if self._blocks else None
 
     def _handle(self, signum, frame) -> None:
-        # SLURM signals every process of a task; forked data workers inherit this handler and
-        # ignore the signal (without a handler it would end them). The rank's own process acts.
+        # A process forked from this one inherits the handler (and the block): only the rank acts.
         if os.getpid() != self.pid:
             return
+        self._record(signum)
+
+    def _record(self, signum: int) -> None:
         self.received = signum
         # One os.write, not print: the handler may run in the middle of a print to the same stream.
         note = f"{self.who}: {signal.Signals(signum).name} received, saving at the next step boundary\n"
         os.write(1, note.encode())
 
+    def _take_pending(self) -> None:
+        """Take the signals that wait, blocked, for this process, and record the first (none: returns
+        at once)."""
+        while self._blocks and (info := signal.sigtimedwait(self.signals, 0)) is not None:
+            if self.received is None:
+                self._record(info.si_signo)
+
     def requested(self, device: torch.device) -> bool:
         """True on every rank once any rank has received the signal (a collective call)."""
+        self._take_pending()
         flag = torch.tensor([1 if self.received is not None else 0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def close(self) -> None:
+        """Unblock and restore the handlers this process had; a signal still waiting is recorded
+        first (unblocked under the old default handler it would end the process)."""
+        self._take_pending()
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
 
     @staticmethod
     def requeue(step: int) -> None:

@@ -120,8 +120,8 @@ def build_model_and_engine(cfg: Config, ds_config: dict[str, Any], device: torch
     return zero, model, engine, optimizer, scheduler
 
 
-def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
-    """Everything after the process group (step 1), in the declared order."""
+def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo, preemption: Preemption) -> Run:
+    """Everything after the process group and the preemption signal's block (step 1), in the declared order."""
     cfg, ds_config, _ = resolve_config(cfg, ds_path, d.world_size)  # 2. config: checks, no writes
     check_compile(cfg.train.compile, zero_stage(ds_config))
     run_lock.take(cfg.train.output_dir, d.rank)  # no other run reads or writes the folder from here on
@@ -159,7 +159,7 @@ def build(cfg: Config, ds_path: str, resume: bool, d: DistInfo) -> Run:
         zero=zero,
         feeder=DeviceFeeder(loader, d.device, DTYPES[cfg.train.precision]),
         tally=Tally(cfg.model, layouts, cfg.data.kind == "features", d.device, llm_sizes(model.llm.config)),
-        preemption=Preemption(d.rank),  # SIGUSR1 -> save and requeue at the next step boundary
+        preemption=preemption,
         validation=validation,
     )
     resume_mod.restore(start, run, d.rank, d.world_size)  # 9. checkpoint
@@ -291,9 +291,11 @@ def train_loop(run: Run) -> None:
 
 def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
     d = eng_mod.init_distributed(cfg.train.startup_timeout_min)  # 1. dist
+    # SIGUSR1 -> save and requeue at a step boundary. Blocked before any worker starts, so none dies of it.
+    preemption = Preemption(d.rank)
     clean = False
     try:
-        run = build(cfg, ds_path, resume, d)
+        run = build(cfg, ds_path, resume, d, preemption)
         try:
             if run.step >= min(run.cfg.train.stop_at or run.cfg.train.steps, run.cfg.train.steps):
                 log.info(f"nothing to do: the run is already at step {run.step}")
@@ -304,5 +306,6 @@ def train(cfg: Config, ds_path: str, resume: bool = True) -> None:
             run.feeder.source.close()
         clean = True
     finally:
+        preemption.close()
         run_lock.release()
         shutdown(clean)
