@@ -28,14 +28,16 @@ def main(argv: list[str]) -> None:
     cfg = apply_overrides(get_recipe(args.recipe), args.set)
     d = eng_mod.init_distributed(cfg.train.startup_timeout_min)
     preemption = Preemption(d.rank)
-    run = build(cfg, args.deepspeed, not args.no_resume, d, preemption)
     try:
-        state = run.state_dict()  # every rank: the trainable set is gathered from all of them
-        if d.rank == 0:
-            torch.save({k: v for k, v in state.items() if k != "rank"}, dest)
+        run = build(cfg, args.deepspeed, not args.no_resume, d, preemption)
+        try:
+            state = run.state_dict()  # every rank: the trainable set is gathered from all of them
+            if d.rank == 0:
+                torch.save({k: v for k, v in state.items() if k != "rank"}, dest)
+        finally:
+            run.metrics.close()
+            run.feeder.source.close()
     finally:
-        run.metrics.close()
-        run.feeder.source.close()
         preemption.close()
         run_lock.release()
     dist.shutdown()

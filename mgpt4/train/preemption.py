@@ -12,8 +12,10 @@ Python's resource tracker and torch.compile's workers get SIGUSR1 too, and a pro
 handle it dies of it (the default action). A rank that then asked a dead worker for a batch crashed
 instead of saving. So the rank blocks the signal in its main thread as its first act after the process
 group: every thread and process it starts from then on inherits the block (a signal mask survives
-fork and exec), and the rank takes a blocked signal itself at the step boundary (`sigtimedwait`). A
-signal that arrives while the model loads waits for the first step boundary instead of ending the rank.
+fork and exec). The rank itself still gets it: the kernel hands it to one of its older threads (gloo's,
+the TCP store's), which do not block it, and Python runs the handler in the main thread; where every
+thread blocks it, `requested()` takes it from the pending set (`sigtimedwait`). A signal that arrives
+while the model loads waits for the first step boundary instead of ending the rank.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class Preemption:
         self.who = f"rank {rank} on node {socket.gethostname()}"
         self.pid = os.getpid()
         self.signals = tuple(signals)
-        # A thread that started earlier (gloo's, OpenMP's) does not block the signal and may take it:
-        # the handler records it there. Everything started from now on blocks it.
+        # The handler runs (in the main thread) when a thread started earlier, which does not block
+        # the signal, receives it; everything started from now on blocks it.
         self._handlers = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         # macOS has no sigtimedwait: there the signal stays unblocked, as it was before (a worker may die).
         self._blocks = hasattr(signal, "sigtimedwait")
@@ -62,11 +64,11 @@ class Preemption:
         note = f"{self.who}: {signal.Signals(signum).name} received, saving at the next step boundary\n"
         os.write(1, note.encode())
 
-    def _take_pending(self) -> None:
+    def _take_pending(self, record: bool = True) -> None:
         """Take the signals that wait, blocked, for this process, and record the first (none: returns
         at once)."""
         while self._blocks and (info := signal.sigtimedwait(self.signals, 0)) is not None:
-            if self.received is None:
+            if record and self.received is None:
                 self._record(info.si_signo)
 
     def requested(self, device: torch.device) -> bool:
@@ -78,13 +80,14 @@ class Preemption:
         return bool(flag.item())
 
     def close(self) -> None:
-        """Unblock and restore the handlers this process had; a signal still waiting is recorded
-        first (unblocked under the old default handler it would end the process)."""
-        self._take_pending()
-        if self._mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        """Unblock what this object blocked, and give back the handlers the process had, except that a
+        default action (ending the process) becomes "ignore": the job's early signal may still come
+        while the rank shuts down, after its last checkpoint, and must not end it with a failure."""
         for sig, handler in self._handlers.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if handler == signal.SIG_DFL else handler)
+        self._take_pending(record=False)  # after the last step boundary: nothing will act on it
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self.signals) - self._mask)
 
     @staticmethod
     def requeue(step: int) -> None:

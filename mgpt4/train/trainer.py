@@ -278,10 +278,12 @@ def train_loop(run: Run) -> None:
         if run.step % t.log_every == 0 or last:
             log_window(run, loss_sum, window)
             loss_sum, window = torch.zeros((), device=run.dist.device), 0
-        if run.step % t.save_every == 0 or last:
+        saved = run.step % t.save_every == 0 or last
+        if saved:
             save(run)  # before any auxiliary output: a failure there never costs the checkpoint
-        elif run.preemption.requested(run.dist.device):
-            save(run)
+        if not last and run.preemption.requested(run.dist.device):  # every rank asks, save step or not
+            if not saved:
+                save(run)
             if run.dist.rank == 0:
                 run.preemption.requeue(run.step)
             return  # the job is ending: the checkpoint and the requeue, not this step's samples
