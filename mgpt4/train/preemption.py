@@ -37,7 +37,7 @@ class Preemption:
     """SIGUSR1 (or `signals`) -> a request that every rank sees at the same step boundary.
 
     Construct it in the main thread before any data worker or compile worker starts; `close()`
-    gives the process its signal mask and handlers back.
+    unblocks the signals and gives back the handlers (a default action becomes "ignore").
     """
 
     def __init__(self, rank: int = 0, signals: tuple[int, ...] = (signal.SIGUSR1,)):
@@ -49,8 +49,8 @@ class Preemption:
         # the signal, receives it; everything started from now on blocks it.
         self._handlers = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         # macOS has no sigtimedwait: there the signal stays unblocked, as it was before (a worker may die).
-        self._blocks = hasattr(signal, "sigtimedwait")
-        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals) if self._blocks else None
+        blocks = hasattr(signal, "sigtimedwait")
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals) if blocks else None
 
     def _handle(self, signum, frame) -> None:
         # A process forked from this one inherits the handler (and the block): only the rank acts.
@@ -67,7 +67,7 @@ class Preemption:
     def _take_pending(self, record: bool = True) -> None:
         """Take the signals that wait, blocked, for this process, and record the first (none: returns
         at once)."""
-        while self._blocks and (info := signal.sigtimedwait(self.signals, 0)) is not None:
+        while self._mask is not None and (info := signal.sigtimedwait(self.signals, 0)) is not None:
             if record and self.received is None:
                 self._record(info.si_signo)
 
