@@ -1,6 +1,6 @@
 """A rehearsal at real shapes on CPU: random weights in the official layouts, then the real launchers.
 
-    python -m tests.rehearsal --size full --workdir /scratch/rehearsal     # ~23 GB RAM, ~16 GB disk, hours
+    python -m tests.rehearsal --size full --workdir /scratch/rehearsal     # ~23 GB RAM, ~16 GB disk, ~25 min
     python -m tests.rehearsal --size small                                 # the same path, toy sizes
     python -m pytest -m rehearsal                                          # the full size, as a test
 
@@ -62,16 +62,17 @@ SMALL = {
 SIZES = {"full": {}, "small": SMALL}
 RANKS = 2
 STEPS = 2
-# Compute is what costs at 7B on CPU. On a CPU without bf16 instructions (AVX2 only), a bf16 matmul with
-# the weight as stored ([out, in], as in grad_input = grad_output @ weight, the LLM's backward) ran at
-# 0.37 GFLOP/s a core, against 5.6 with the weight transposed and 8.4 in fp32. So one step's backward
-# through the 7B LLM takes more than 45 minutes there, and under ZeRO-3 each generated token gathers the
-# whole partitioned LLM over gloo (13.5 GB at about 1 GB/s). The text of both stages is therefore cut
-# to 8 tokens (the recipes' max_txt_len is 32 and 160; sample captions generate that many), and the sample
-# captions are of one image, not 4: the same code paths at a fraction of the time.
+# Compute is what costs at 7B on CPU. With AVX-512 (oneDNN), a bf16 matmul runs at about 28 GFLOP/s a core
+# and a stage-1 step takes about 2 minutes on 2 cores. On a CPU with AVX2 only, a bf16 matmul with the
+# weight as stored ([out, in], as in grad_input = grad_output @ weight, the LLM's backward) ran at 0.37
+# GFLOP/s a core, and one step's backward took more than 45 minutes. Under ZeRO-3 each generated token
+# gathers the whole partitioned LLM over gloo (13.5 GB; about 30 s a token on 2 AVX-512 cores). The text
+# of both stages is therefore cut to 8 tokens (the recipes' max_txt_len is 32 and 160; sample captions
+# generate that many), and the sample captions are of one image, not 4: the same code paths at a
+# fraction of the time.
 SAMPLE_IMAGES = 1
 TEXT_TOKENS = 8
-# Seconds each command of a full-size run may take: on a CPU without bf16 instructions a step takes hours.
+# Seconds each command of a full-size run may take: on a CPU with AVX2 only a step takes hours.
 FULL_TIMEOUT_S = 4 * 3600
 QUESTION = "What is in this picture?"
 
@@ -135,21 +136,31 @@ def write_inputs(workdir: str, size: str) -> dict[str, object]:
     return paths
 
 
-def zero3_config(workdir: str, size: str) -> str:
-    """ds_configs/z3.json; at small size with every tensor partitioned (at full size the ViT-g's and the
-    Q-Former's large tensors are, and only those below 100K elements stay whole)."""
-    path = os.path.join(REPO, "ds_configs", "z3.json")
-    if size == "full":
-        return path
-    with open(path, encoding="utf-8") as f:
+# At full size, how many parameters ZeRO-3 may keep gathered (live, or kept for reuse within this
+# distance). z3.json has DeepSpeed's default, 1e9: 2 GB of bf16 per rank, which two ranks of the 7B model
+# on a 24 GiB machine do not have (step 2 was killed for memory with it). 2e8 is 0.4 GB.
+FULL_LIVE_PARAMETERS = 200_000_000
+
+
+def zero3_config(workdir: str, size: str) -> tuple[str, dict[str, int]]:
+    """ds_configs/z3.json with two changes: at full size, `FULL_LIVE_PARAMETERS` as
+    `stage3_max_live_parameters` and `stage3_max_reuse_distance`; at small size, every tensor
+    partitioned (at full size the ViT-g's and the Q-Former's large tensors are, and only those below 100K
+    elements stay whole). Returns the written config's path and the changes."""
+    with open(os.path.join(REPO, "ds_configs", "z3.json"), encoding="utf-8") as f:
         ds = json.load(f)
-    ds["zero_optimization"].update(
-        {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}
-    )
-    forced = os.path.join(workdir, "z3_partition_all.json")
-    with open(forced, "w", encoding="utf-8") as f:
+    if size == "full":
+        changes = {
+            "stage3_max_live_parameters": FULL_LIVE_PARAMETERS,
+            "stage3_max_reuse_distance": FULL_LIVE_PARAMETERS,
+        }
+    else:
+        changes = {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}
+    ds["zero_optimization"].update(changes)
+    path = os.path.join(workdir, f"z3_{size}.json")
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(ds, f, indent=2)
-    return forced
+    return path, changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,11 +439,12 @@ def chat(workdir: str, stage2_out: str, image: str, timeout_s: float) -> dict[st
 
 def rehearse(size: str, workdir: str, keep: bool, timeout_s: float) -> dict[str, object]:
     os.makedirs(workdir, exist_ok=True)
-    report: dict[str, object] = {"size": size, "ranks": RANKS, "zero": "ds_configs/z3.json"}
+    report: dict[str, object] = {"size": size, "ranks": RANKS}
     try:
         paths = write_inputs(workdir, size)
         report["files"] = {k: paths[k] for k in ("write_s", "weights_gb") if k in paths}
-        ds = zero3_config(workdir, size)
+        ds, changes = zero3_config(workdir, size)
+        report["zero"] = {"config": "ds_configs/z3.json", "changed": changes}
         sizes, shards = model_overrides(size), paths["shards"]
         # One data worker per rank at full size, where its memory shows it holds no model (issue 28: forked
         # workers held 8.8 GB each); none at small size, where starting one costs half a minute a stage.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mgpt4.config import ModelConfig
 from mgpt4.model.presets import model_preset, tiny, vicuna7b
 from mgpt4.strict_config import ConfigError, apply_overrides, from_dict, to_dict
+from tests.launch import REPO
 
 
 def test_round_trip():
@@ -155,6 +158,42 @@ def test_the_tiny_run_takes_your_own_shards_and_fills_in_only_the_rest(tmp_path,
     untouched = get_recipe("tiny_stage1")
     fill_demo_paths(untouched)
     assert all(p.startswith(str(tmp_path / "cache")) for p in untouched.data.sources[0].shards)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "own", "field"),
+    [
+        ("tiny_stage1", ["data.sources.0.shards=/my/data/{00000..00003}.tar"], "data.val.shards"),
+        (
+            "tiny_stage1",
+            ['data.sources=[{"name": "mine", "format": "llava", "annotations": "/my/llava.json"}]'],
+            "data.val.shards",
+        ),
+        ("tiny_stage2", ["data.align_root=/my/cc_sbu_align"], "data.val.align_root"),
+    ],
+)
+def test_your_data_with_the_recipes_synthetic_held_out_set_is_said(
+    tmp_path, monkeypatch, caplog, recipe, own, field
+):
+    """A tiny recipe on your data keeps validating on its synthetic held-out set unless told otherwise:
+    the run says so in one warning naming the field, since that val/loss measures the synthetic data."""
+    import logging
+
+    from mgpt4.train.recipes import get_recipe
+    from mgpt4.train.resolve import resolve_config
+
+    monkeypatch.setenv("MGPT4_CACHE", str(tmp_path / "cache"))
+    ds = os.path.join(REPO, "ds_configs", "z2.json")
+    with caplog.at_level(logging.WARNING, logger="mgpt4"):
+        resolve_config(apply_overrides(get_recipe(recipe), own), ds, 1, check_inputs=False)
+    (line,) = [r.getMessage() for r in caplog.records if "synthetic held-out" in r.getMessage()]
+    assert line.startswith(f"{field}: ") and "data.val.samples=0" in line
+    # Not said for the recipe's own data, your own held-out set, or validation turned off.
+    for quiet in ([], [*own, f"{field}=/my/held_out"], [*own, "data.val.samples=0", "train.eval_every=0"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mgpt4"):
+            resolve_config(apply_overrides(get_recipe(recipe), quiet), ds, 1, check_inputs=False)
+        assert not [r for r in caplog.records if "synthetic held-out" in r.getMessage()], quiet
 
 
 def test_a_model_config_is_validated_once_where_it_is_built_and_loaded(monkeypatch, tokenizer):

@@ -4,6 +4,7 @@ mixed with shards by ratio, resumed exactly, packed; every structural problem na
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 
@@ -179,7 +180,7 @@ def test_non_ascii_json_list_offsets(tmp_path):
     assert index.record(2).caption() == "sample number 2 of shard 0"
 
 
-def test_read_time_problems_are_skipped_and_counted(tmp_path):
+def test_read_time_problems_are_skipped_and_counted(tmp_path, caplog):
     images = write_images(str(tmp_path), 6)
     entries = llava_entries(images)
     entries[1]["image"] = "http://example.com/a.jpg"
@@ -190,10 +191,14 @@ def test_read_time_problems_are_skipped_and_counted(tmp_path):
         [SourceConfig(format="llava", annotations=path)], resampled=False, shuffle_buffer=6, batch_size=2
     )
     loader = build_loader(cfg, tiny_tokenizer(), L, "\n")
-    captions = _captions(_take(loader, 2))
+    with caplog.at_level(logging.WARNING, logger="mgpt4.data"):
+        captions = _captions(_take(loader, 2))
     assert sorted(captions) == sorted(f"sample number {i} of shard 0" for i in (0, 3, 4, 5))
     stats = loader.stats()
     assert stats["image_url"] == 1 and stats["corrupt_image"] == 1
+    # The skip line names the entry and the image file that did not decode, so the user can find it.
+    (corrupt,) = [r.getMessage() for r in caplog.records if "corrupt_image" in r.getMessage()]
+    assert f"{path} entry 2 (image {tmp_path / images[2]})" in corrupt
 
 
 def _problems(tmp_path, entries_or_text, fmt="llava", name="bad.json") -> str:

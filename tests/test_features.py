@@ -375,7 +375,7 @@ def test_an_annotation_source_is_extracted_in_parts_and_trains_from_them(assets,
         while (sample := reader.next_sample()) is not None:
             key, files = sample
             seen.append(int(key))
-            _, _, _, source = index.sample(int(key))
+            _, _, _, source, _ = index.sample(int(key))
             assert files["txt"] == source["txt"]
             _assert_training_crop_features(model, source["jpg"], "chat.json", key, files["npy"])
     assert seen == [0, 1, 2, 3, 4, 5, 7, 8, 9]

@@ -66,8 +66,7 @@ class ConversationBatches(ShardBatches):
                 self.skips.add(entry[0], entry[1], entry[2])
                 run.add(*self.skips.last)
                 continue
-            _, path, key, files = entry
-            where = f"{path} {key}"
+            _, path, key, files, where = entry
             record, _ = parse_record(json.loads(files["json"]), stream.entries.fmt)
             if record is None:  # the file changed since it was checked
                 self.skips.add("bad_json", where, "the entry is no longer a well-formed conversation")

@@ -277,7 +277,7 @@ class ShardStream:
                 continue
             bad_run.clear()
             offset = tar.next_offset
-            entries.append(("ok", tar.url, sample[0], sample[1]))
+            entries.append(("ok", tar.url, sample[0], sample[1], f"{sample[0]} in {tar.url}"))
         self._next_cursor = (k, offset)
         rng = stream_rng(
             Stream.SHARD_BLOCK, seed=self.seed, shards=self.index, reader=self.reader, block=self.j
@@ -380,8 +380,7 @@ class ShardBatches:
                 self.skips.add(entry[0], entry[1], entry[2])
                 run.add(*self.skips.last)
                 continue
-            _, url, key, files = entry
-            where = f"{key} in {url}"
+            _, url, key, files, where = entry
             caption = caption_or_skip(files, where, self.skips)
             if caption is None:
                 run.add(*self.skips.last)

@@ -228,8 +228,7 @@ class AnnotationImages(ShardImages):
             if got[0] != "ok":  # (reason, where, detail): an unreadable image, an image URL, a changed file
                 skips.add(*got)
                 continue
-            _, url, key, files = got
-            where = f"{key} in {url}"
+            _, url, key, files, where = got
             caption = caption_or_skip(files, where, skips)
             if caption is not None:
                 yield key, where, files["jpg"], caption, shard_file_name(url)

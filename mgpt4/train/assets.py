@@ -327,6 +327,31 @@ def fill_demo_paths(cfg: Config) -> list[str]:
     return filled
 
 
+def synthetic_val_for_own_data(cfg: Config, filled: list[str]) -> str | None:
+    """The warning for a demo run that trains on the user's data but validates on the synthetic held-out
+    set `fill_demo_paths` filled in (its `filled` paths); None when training and validation data agree.
+    Such a val/loss says nothing about the user's data, and choosing their held-out set is theirs."""
+    val = cfg.data.val
+
+    def ours(shards: str | list[str]) -> bool:  # a spec the user set is a string or their own list
+        return not isinstance(shards, str) and bool(shards) and all(s in filled for s in shards)
+
+    if cfg.data.kind == "align":
+        own, field = cfg.data.align_root not in filled, "data.val.align_root"
+        synthetic_val = bool(val.align_root) and val.align_root in filled
+    else:
+        own = any(src.is_annotations() or not ours(src.shards) for src in cfg.data.sources)
+        field, synthetic_val = "data.val.shards", ours(val.shards)
+    if not (own and synthetic_val and val.enabled()):
+        return None
+    what = "data.align_root" if cfg.data.kind == "align" else "data.sources"
+    return (
+        f"{field}: the recipe's synthetic held-out set, while {what} is yours: val/loss will measure "
+        f"the synthetic data; set {field} to held-out data of yours, or turn validation off with "
+        f"--set data.val.samples=0 --set train.eval_every=0"
+    )
+
+
 def ensure_demo_assets(cfg: Config) -> None:
     """Generate the cache files that `fill_demo_paths` pointed the config to, where missing.
 

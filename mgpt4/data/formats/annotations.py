@@ -133,19 +133,21 @@ class AnnotationIndex:
         return os.path.join(self.image_root, path)
 
     def sample(self, i: int) -> tuple:
-        """Entry i as a shard sample, `("ok", file, key, files)` with files `jpg` (the image's bytes,
-        whatever its format), `txt` (the caption) and `json` (the entry), or a skip `(reason, where,
-        detail)`: `bad_json` (the file changed), `image_url`, `no_image` (unreadable)."""
+        """Entry i as a shard sample, `("ok", file, key, files, where)` with files `jpg` (the image's
+        bytes, whatever its format), `txt` (the caption) and `json` (the entry), and `where` naming the
+        entry and its image file (what a skip line shows when the image does not decode), or a skip
+        `(reason, where, detail)`: `bad_json` (the file changed), `image_url`, `no_image` (unreadable)."""
         where = self.where(i)
         try:
             record = self.record(i)
         except ValueError as e:
             return ("bad_json", where, str(e))
-        image = read_image(self.image_path(record.images[0]), where)
+        path = self.image_path(record.images[0])
+        image = read_image(path, where)
         if isinstance(image, tuple):
             return image
         files = {"jpg": image, "txt": record.caption().encode(), "json": self.raw(i)}
-        return ("ok", self.path, str(self.number(i)), files)
+        return ("ok", self.path, str(self.number(i)), files, f"{where} (image {path})")
 
     def close(self) -> None:
         if self._map is not None:

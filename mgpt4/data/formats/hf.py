@@ -112,7 +112,8 @@ class HFIndex:
         return None, [f"{self.text_column!r}: expected a caption or a list of messages, got {text!r:.60}"]
 
     def sample(self, i: int) -> tuple:
-        """Row i as a shard sample ("ok", path, key, files) or a skip (reason, where, detail)."""
+        """Row i as a shard sample ("ok", path, key, files, where) or a skip (reason, where, detail);
+        `where` names the row, and the image file when the row holds a path rather than the bytes."""
         where = self.where(i)
         row = self.dataset[int(i)]
         record, problems = self.record_of(row[self.image_column], row[self.text_column])
@@ -121,15 +122,18 @@ class HFIndex:
         item = _image_items(row[self.image_column])[0]
         if isinstance(item, dict) and item.get("bytes"):
             data: Any = item["bytes"]
+            sample_where = where
         else:
             path = item if isinstance(item, str) else item["path"]
-            data = read_image(path if os.path.isabs(path) else os.path.join(self.image_root, path), where)
+            path = path if os.path.isabs(path) else os.path.join(self.image_root, path)
+            data = read_image(path, where)
             if isinstance(data, tuple):
                 return data
+            sample_where = f"{where} (image {path})"
         messages = [{"role": r, "content": t} for r, t in record.turns]
         entry = {"messages": messages, "images": list(record.images)}
         files = {"jpg": data, "txt": record.caption().encode(), "json": json.dumps(entry).encode()}
-        return ("ok", self.path, str(i), files)
+        return ("ok", self.path, str(i), files, sample_where)
 
     def close(self) -> None:
         pass

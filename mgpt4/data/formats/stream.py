@@ -7,7 +7,7 @@ readers-th entry. The crops of a block come from the same block generator. The p
 the next draw, so a resumed run reads exactly the same entries with the same crops.
 
 Each draw gives what a shard sample gives (`("ok", file, key, {"jpg": image bytes, "txt": caption,
-"json": the entry})`),
+"json": the entry}, where)`, where `where` names the entry and its image file for skip lines),
 or a skip (`(reason, where, detail)`): an image that cannot be read (`no_image`) or an image URL
 (`image_url`: mgpt4 reads local files; fetch them with img2dataset first).
 """
@@ -86,7 +86,7 @@ class AnnotationStream:
         return self.read(i), uniforms[k % self.block_size]
 
     def read(self, i: int) -> tuple:
-        """Entry i as a shard sample ("ok", file, key, files) or a skip (reason, where, detail)."""
+        """Entry i as a shard sample ("ok", file, key, files, where) or a skip (reason, where, detail)."""
         return self.entries.sample(i)
 
     def close(self) -> None:
