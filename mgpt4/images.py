@@ -17,6 +17,7 @@ The rules, applied by `to_rgb` (and so by `decode_rgb` and `eval_transform`):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -56,9 +57,18 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+def _pil_error(e: Exception) -> str:
+    """`Type: message` of a PIL error, without the in-memory file's repr that PIL puts in it
+    ("cannot identify image file <_io.BytesIO object at 0x...>"): noise in a skip line."""
+    return f"{type(e).__name__}: {_BYTES_IO.sub('', str(e))}"
+
+
+_BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def _damage(e: Exception) -> ImageError:
     reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
-    return ImageError(reason, f"{type(e).__name__}: {e}")
+    return ImageError(reason, _pil_error(e))
 
 
 def orientation(img: Image.Image) -> int:
@@ -144,7 +154,7 @@ def open_image(data: bytes) -> Image.Image:
         raise ImageError("too_large", f"above the {MAX_PIXELS} pixel limit: {e}") from None
     except Exception as e:
         # Without a readable header there is no image to speak of, cut short or not.
-        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+        raise ImageError("corrupt_image", _pil_error(e)) from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise ImageError("too_large", f"{w}x{h} pixels is above the {MAX_PIXELS} pixel limit")

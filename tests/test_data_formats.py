@@ -199,6 +199,7 @@ def test_read_time_problems_are_skipped_and_counted(tmp_path, caplog):
     # The skip line names the entry and the image file that did not decode, so the user can find it.
     (corrupt,) = [r.getMessage() for r in caplog.records if "corrupt_image" in r.getMessage()]
     assert f"{path} entry 2 (image {tmp_path / images[2]})" in corrupt
+    assert "UnidentifiedImageError" in corrupt and "BytesIO" not in corrupt  # PIL's in-memory file is noise
 
 
 def _problems(tmp_path, entries_or_text, fmt="llava", name="bad.json") -> str:

@@ -16,7 +16,7 @@ from mgpt4.config import Config
 from mgpt4.model import apply_freeze, build_model
 from mgpt4.plan.__main__ import main as plan_main
 from mgpt4.plan.activations import LLMShape, activation_bytes
-from mgpt4.plan.fit import RESERVE_BYTES, RESERVE_FRACTION, micro_batch, plan
+from mgpt4.plan.fit import PERSISTENCE_THRESHOLD, RESERVE_BYTES, RESERVE_FRACTION, micro_batch, plan
 from mgpt4.plan.optimizer import partition_numel, trainable_bytes
 from mgpt4.plan.weights import build_meta, by_part, count_params
 from mgpt4.strict_config import apply_overrides
@@ -274,3 +274,22 @@ def test_the_readme_table_rows_are_the_planners(recipe, gpus, capsys):
     assert len(rows) == 1, rows
     plan_main(["--recipe", recipe, "--gpus", str(gpus), "--table", "24,40,80"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == rows[0]
+
+
+def test_zero3_counts_the_llm_layers_deepspeed_keeps_gathered_at_the_turn():
+    """Where the forward turns into the backward, DeepSpeed keeps every parameter that runs again within
+    `stage3_max_reuse_distance` elements (1e9 in ds_configs/z3*.json) gathered. At 7B that is the last five
+    decoder layers (202M elements each; 2 GB of bf16): the 7B rehearsal's step 2 was killed for memory on
+    24 GiB with it, and passed with 2e8. Two layers (the running and the prefetched) were counted before."""
+    cfg = get_recipe("stage1_vicuna7b")
+    cfg.model.weights.llm = None  # the sizes are the config's; no folder is read
+    meta = build_meta(cfg.model)
+    with open(os.path.join(os.path.dirname(__file__), "..", "ds_configs", "z3.json"), encoding="utf-8") as f:
+        assert json.load(f)["zero_optimization"]["stage3_max_reuse_distance"] == 1_000_000_000
+    params = count_params(meta, cfg.model.precision.llm)
+    # The layer's partitioned tensors (its two RMSNorm weights stay whole: below the persistence threshold).
+    first = [p for p in params if p.layer == "llm.model.layers.0" and p.numel >= PERSISTENCE_THRESHOLD]
+    assert sum(p.numel for p in first) == 4 * 4096**2 + 3 * 4096 * 11008  # attention and MLP
+    layer = sum(p.nbytes for p in first)
+    z3 = plan(cfg, 1, 80, model=meta).stages[1]
+    assert z3.setting.name == "z3" and z3.gathered == 5 * layer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import tarfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,14 @@ def test_stage2_instructions_are_fixed_per_sample(data, tokenizer, world_size, b
         held.instructions == [sample_instruction(i, 4) for i in range(7)] == read_heldout(cfg, 4).instructions
     )
     assert len(set(held.instructions)) > 1  # several instructions, so batches are grouped by them
+    # A held-out folder smaller than data.val.samples is refused before the run, with what to set.
+    from mgpt4.train.resolve import find_missing_val
+
+    n = len(load_align(data.val_align_root))
+    with pytest.raises(
+        ValueError, match=rf"has {n} pairs, data.val.samples asks for 99; set data.val.samples={n} or fewer"
+    ):
+        find_missing_val(replace(cfg, val=ValConfig(samples=99, align_root=data.val_align_root)), set())
     data_root = pathlib.Path(data.val_align_root)
     anns = json.loads((data_root / "filter_cap.json").read_text())["annotations"]
     samples = [
@@ -148,7 +157,9 @@ def test_unusable_samples_are_skipped_and_counted_and_too_few_is_an_error(tmp_pa
     assert held.skipped == {"corrupt_image": 1, "no_caption": 1}
     cfg.val.samples = 3
     with pytest.raises(
-        ValueError, match=r"data.val.shards: the held-out source has 2 usable samples, .* asks for 3"
+        ValueError,
+        match=r"data.val.shards: the held-out source has 2 usable samples, .* asks for 3.*; "
+        r"set data.val.samples=2 or fewer",
     ):
         read_heldout(cfg)
 

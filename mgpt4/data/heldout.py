@@ -29,6 +29,13 @@ from mgpt4.data.transforms import ImageError, ImageTransform, clean_caption
 log = logging.getLogger("mgpt4.data")
 
 
+def fewer_samples(usable: int) -> str:
+    """What to set when the held-out source has only `usable` samples: for the end of an error line."""
+    if usable:
+        return f"set data.val.samples={usable} or fewer, or give a larger held-out source"
+    return "give a held-out source with usable samples, or set data.val.samples=0 and train.eval_every=0"
+
+
 def sample_instruction(index: int, num_instructions: int) -> int:
     """The instruction of held-out sample `index`: uniform, fixed by the index alone (not the seed)."""
     return int(stream_rng(Stream.HELDOUT_INSTRUCTION, index=index).integers(num_instructions))
@@ -107,7 +114,7 @@ def read_heldout(cfg: DataConfig, num_instructions: int = 0, rank: int = 0, worl
         source = "data.val.shards" if cfg.kind != "align" else "data.val"
         raise ValueError(
             f"{source}: the held-out source has {len(captions)} usable samples, data.val.samples asks for "
-            f"{want}" + (f" (skipped: {skipped})" if skipped else "")
+            f"{want}" + (f" (skipped: {skipped})" if skipped else "") + f"; {fewer_samples(len(captions))}"
         )
     instructions = [sample_instruction(i, num_instructions) for i in range(want)] if num_instructions else []
     return HeldOut(captions, instructions, images, cfg.image_size, skipped)

@@ -13,6 +13,7 @@ from mgpt4.checkpoints import PROJ_FILE, find_checkpoint
 from mgpt4.config import QUANTIZED, Config
 from mgpt4.data.align import load_align, split_holdout
 from mgpt4.data.config import DataConfig
+from mgpt4.data.heldout import fewer_samples
 from mgpt4.data.shard_lists import check_local_shards, check_not_folders, check_url, expand_shards
 from mgpt4.data.shard_stream import check_sources
 from mgpt4.dist import process_rank
@@ -149,6 +150,7 @@ def find_missing_val(d: DataConfig, will_exist: set[str]) -> list[str]:
         split_holdout(pairs, val.holdout)
     elif len(pairs) < val.samples:
         raise ValueError(
-            f"data.val.align_root: {root!r} has {len(pairs)} pairs, data.val.samples asks for {val.samples}"
+            f"data.val.align_root: {root!r} has {len(pairs)} pairs, data.val.samples asks for {val.samples}; "
+            + fewer_samples(len(pairs))
         )
     return []
