@@ -185,10 +185,12 @@ def test_checkpointing_and_packing_change_the_plan(tokenizer):
     z2, z3, offload = full.stages
     assert z2.activations[True] < 0.5 * z2.activations[False]
     assert 0 < z2.largest[False] < z2.largest[True]
-    # ZeRO-3 holds a partition of the frozen weights: less per rank, so a micro-batch at least as large;
-    # with offload the partition goes to host memory.
+    # ZeRO-3 holds a partition of the frozen weights; with offload the partition goes to host memory.
+    # A model below stage3_max_live_parameters (1e9 elements) is gathered whole during the step, so at
+    # this size ZeRO-3 holds its partition and the whole model: no larger a micro-batch than ZeRO-2.
     assert sum(z3.frozen.values()) < sum(z2.frozen.values())
-    assert z2.largest[False] <= z3.largest[False] <= offload.largest[False]
+    assert z3.gathered == sum(p.nbytes for p in full.params if p.numel >= PERSISTENCE_THRESHOLD)
+    assert z3.largest[False] <= z2.largest[False] and z3.largest[False] <= offload.largest[False]
     assert offload.host > 0 and z2.host == z3.host == 0
     # The largest micro-batch is the largest: one more sample does not fit.
     budget = full.gpu_bytes - RESERVE_BYTES - int(RESERVE_FRACTION * full.gpu_bytes)
@@ -276,20 +278,22 @@ def test_the_readme_table_rows_are_the_planners(recipe, gpus, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == rows[0]
 
 
-def test_zero3_counts_the_llm_layers_deepspeed_keeps_gathered_at_the_turn():
-    """Where the forward turns into the backward, DeepSpeed keeps every parameter that runs again within
-    `stage3_max_reuse_distance` elements (1e9 in ds_configs/z3*.json) gathered. At 7B that is the last five
-    decoder layers (202M elements each; 2 GB of bf16): the 7B rehearsal's step 2 was killed for memory on
-    24 GiB with it, and passed with 2e8. Two layers (the running and the prefetched) were counted before."""
+def test_zero3_counts_what_deepspeeds_prefetcher_keeps_gathered():
+    """DeepSpeed's ZeRO-3 prefetcher keeps up to `stage3_max_live_parameters` elements gathered (1e9 in
+    ds_configs/z3*.json): at 7B, 2 GB of bf16, about five decoder layers of 202M elements. The 7B
+    rehearsal's step 2 was killed for memory on 24 GiB with it, and passed with 2e8. Two layers (the
+    running and the prefetched) were counted before."""
     cfg = get_recipe("stage1_vicuna7b")
     cfg.model.weights.llm = None  # the sizes are the config's; no folder is read
     meta = build_meta(cfg.model)
     with open(os.path.join(os.path.dirname(__file__), "..", "ds_configs", "z3.json"), encoding="utf-8") as f:
-        assert json.load(f)["zero_optimization"]["stage3_max_reuse_distance"] == 1_000_000_000
+        assert json.load(f)["zero_optimization"]["stage3_max_live_parameters"] == 1_000_000_000
     params = count_params(meta, cfg.model.precision.llm)
     # The layer's partitioned tensors (its two RMSNorm weights stay whole: below the persistence threshold).
     first = [p for p in params if p.layer == "llm.model.layers.0" and p.numel >= PERSISTENCE_THRESHOLD]
     assert sum(p.numel for p in first) == 4 * 4096**2 + 3 * 4096 * 11008  # attention and MLP
     layer = sum(p.nbytes for p in first)
     z3 = plan(cfg, 1, 80, model=meta).stages[1]
-    assert z3.setting.name == "z3" and z3.gathered == 5 * layer
+    # Four whole bf16 decoder layers and the rest of 1e9 elements of a fifth: 1e9 elements of 2 bytes.
+    assert layer == 2 * sum(p.numel for p in first)
+    assert z3.setting.name == "z3" and z3.gathered == 2 * 1_000_000_000

@@ -2,9 +2,9 @@
 and the setting to use.
 
 A rank holds: the frozen weights (ZeRO-2 whole; ZeRO-3 a 1/N partition of each plus the small ones it
-keeps whole, and the layers it gathers for the step: the one running and the one prefetched, or where
-the forward turns into the backward, the last layers that run again within `stage3_max_reuse_distance`
-elements, which DeepSpeed keeps gathered (at 7B and 1e9: five decoder layers, 2 GB of bf16); with
+keeps whole, and the layers it gathers for the step: the one running and the one prefetched, or as many
+as DeepSpeed's prefetcher keeps gathered, up to `stage3_max_live_parameters` elements (at 1e9 and 7B: 2 GB
+of bf16, about five decoder layers); with
 parameter offload the partition lives in host memory instead), the trainable set and its AdamW state
 (`optimizer.py`), the activations of one micro-batch (`activations.py`), and transients: the logits in the
 LLM's dtype and the loss's gradient while the backward starts, and under gradient checkpointing one
@@ -32,9 +32,11 @@ RESERVE_BYTES = 1 * GIB  # CUDA context and library workspaces
 RESERVE_FRACTION = 0.05  # the caching allocator's fragmentation
 # ds_configs/z3*.json: parameters below this many elements stay whole on every rank.
 PERSISTENCE_THRESHOLD = 100_000
-# ds_configs/z3*.json's stage3_max_reuse_distance (DeepSpeed's default): a gathered parameter that is used
-# again within this many elements is kept, not partitioned again.
-REUSE_DISTANCE = 1_000_000_000
+# ds_configs/z3*.json's stage3_max_live_parameters (DeepSpeed's default). DeepSpeed's coordinator fetches the
+# running module whatever it holds, and prefetches the coming ones, stage3_prefetch_bucket_size elements at
+# each fetch, until this many elements are gathered (partitioned_param_coordinator.py); the ones kept for
+# reuse (stage3_max_reuse_distance) count towards it. A long model therefore holds about this many.
+MAX_LIVE_PARAMETERS = 1_000_000_000
 CHARS_PER_TOKEN = 3  # a conservative guess for prompt text when no tokenizer is at hand
 
 
@@ -120,24 +122,21 @@ def _frozen(params: list[Param], gpus: int, s: Setting) -> tuple[dict[tuple[str,
         else:
             resident[(p.part, p.dtype)] = resident.get((p.part, p.dtype), 0) + share
     layers: dict[str, tuple[int, int]] = {}  # layer -> (bytes, elements) gathered with it
-    llm_layers: set[str] = set()
     for p in params:
         if p.numel >= PERSISTENCE_THRESHOLD:
             nbytes, numel = layers.get(p.layer, (0, 0))
             layers[p.layer] = (nbytes + p.nbytes, numel + p.numel)
-            if p.part == "LLM":
-                llm_layers.add(p.layer)
-    running = sum(sorted((b for b, _ in layers.values()), reverse=True)[:2])  # running and prefetched
-    # At the turn from forward to backward, DeepSpeed's coordinator releases no parameter that runs again
-    # within REUSE_DISTANCE elements: the LLM's last layers up to that distance (the backward runs through
-    # the LLM alone; its largest layers stand for its last ones). A model smaller than the distance keeps
-    # its whole LLM gathered, as ZeRO-3 does with these settings.
-    kept, seen = 0, 0
-    for nbytes, numel in sorted((layers[name] for name in llm_layers), reverse=True):
-        if seen >= REUSE_DISTANCE:
+    largest = sorted(layers.values(), reverse=True)
+    running = sum(b for b, _ in largest[:2])  # the one running and the one prefetched
+    # Up to MAX_LIVE_PARAMETERS elements gathered at once; the largest layers stand for whichever are (an
+    # upper bound). A model smaller than that is gathered whole during the step.
+    live, room = 0, MAX_LIVE_PARAMETERS
+    for nbytes, numel in largest:
+        if room <= 0:
             break
-        kept, seen = kept + nbytes, seen + numel
-    return resident, max(running, kept), host
+        take = min(numel, room)
+        live, room = live + nbytes * take // numel, room - take
+    return resident, max(running, live), host
 
 
 def plan(cfg: Config, gpus: int, gpu_memory_gb: float, tokenizer=None, model: MiniGPT4 | None = None) -> Plan:
