@@ -337,14 +337,13 @@ def synthetic_val_for_own_data(cfg: Config, filled: list[str]) -> str | None:
         return not isinstance(shards, str) and bool(shards) and all(s in filled for s in shards)
 
     if cfg.data.kind == "align":
-        own, field = cfg.data.align_root not in filled, "data.val.align_root"
+        own, what, field = cfg.data.align_root not in filled, "data.align_root", "data.val.align_root"
         synthetic_val = bool(val.align_root) and val.align_root in filled
     else:
         own = any(src.is_annotations() or not ours(src.shards) for src in cfg.data.sources)
-        field, synthetic_val = "data.val.shards", ours(val.shards)
+        what, field, synthetic_val = "data.sources", "data.val.shards", ours(val.shards)
     if not (own and synthetic_val and val.enabled()):
         return None
-    what = "data.align_root" if cfg.data.kind == "align" else "data.sources"
     return (
         f"{field}: the recipe's synthetic held-out set, while {what} is yours: val/loss will measure "
         f"the synthetic data; set {field} to held-out data of yours, or turn validation off with "
